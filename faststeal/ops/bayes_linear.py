@@ -1,0 +1,153 @@
+"""``bayes_linear``: S weight samples of a mean-field Gaussian linear layer, drawn in-kernel,
+and ``gaussian_kl``, the KL of that posterior to a zero-mean Gaussian prior as a fused reduction."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, dispatch, rng
+from .reference import acc_dtype
+
+
+def _keys(seed: int) -> tuple[int, int]:
+    return rng.rng_key(seed, rng.STREAM_WEIGHT), rng.rng_key(seed, rng.STREAM_BIAS)
+
+
+@torch.library.custom_op("faststeal::bayes_linear", mutates_args=())
+def _bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
+                  b_mu: Optional[torch.Tensor], b_rho: Optional[torch.Tensor],
+                  samples: int, seed: int) -> torch.Tensor:
+    fn = dispatch.impl("bayes_linear", "fwd", x.device.type)
+    return fn(x, w_mu, w_rho, b_mu, b_rho, samples, *_keys(seed))
+
+
+@_bayes_linear.register_fake
+def _(x, w_mu, w_rho, b_mu, b_rho, samples, seed):
+    return x.new_empty(samples, x.shape[-2], w_mu.shape[0])
+
+
+@torch.library.custom_op("faststeal::bayes_linear_backward", mutates_args=())
+def _bayes_linear_backward(
+        grad_y: torch.Tensor, x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
+        b_mu: Optional[torch.Tensor], b_rho: Optional[torch.Tensor], samples: int, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = dispatch.impl("bayes_linear", "bwd", x.device.type)
+    dx, dmu, drho, dbmu, dbrho = fn(grad_y.contiguous(), x, w_mu, w_rho, b_mu, b_rho, samples,
+                                    *_keys(seed))
+    empty = w_mu.new_empty(0)
+    return dx, dmu, drho, (dbmu if dbmu is not None else empty), (dbrho if dbrho is not None else empty)
+
+
+@_bayes_linear_backward.register_fake
+def _(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, seed):
+    b = (lambda t: t.new_empty(t.shape)) if b_mu is not None else (lambda t: w_mu.new_empty(0))
+    return (x.new_empty(x.shape), w_mu.new_empty(w_mu.shape), w_rho.new_empty(w_rho.shape),
+            b(b_mu), b(b_rho))
+
+
+def _setup(ctx, inputs, output):
+    x, w_mu, w_rho, b_mu, b_rho, samples, seed = inputs
+    ctx.save_for_backward(x, w_mu, w_rho, b_mu, b_rho)
+    ctx.args = (samples, seed)
+
+
+def _backward(ctx, grad_y):
+    x, w_mu, w_rho, b_mu, b_rho = ctx.saved_tensors
+    dx, dmu, drho, dbmu, dbrho = _bayes_linear_backward(grad_y, x, w_mu, w_rho, b_mu, b_rho, *ctx.args)
+    has_b = b_mu is not None
+    return dx, dmu, drho, (dbmu if has_b else None), (dbrho if has_b else None), None, None
+
+
+_bayes_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
+                 b_mu: Optional[torch.Tensor] = None, b_rho: Optional[torch.Tensor] = None,
+                 seed: int = 0, samples: int = 1) -> torch.Tensor:
+    """S samples of a Bayesian linear layer without materialising the sampled weights.
+
+    w_s = w_mu + softplus(w_rho) * eps_s, b_s = b_mu + softplus(b_rho) * eps'_s, eps from the
+    counter-based RNG (:mod:`faststeal.ops.rng`, streams 1 and 2) so backward regenerates them.
+    x: (batch, in_features) shared, or (samples, batch, in_features); w_mu, w_rho:
+    (out_features, in_features); b_mu, b_rho: (out_features,) or both None.
+    Returns (samples, batch, out_features). Differentiable in x, mu and rho.
+    """
+    _checks.tensor("x", x, (2, 3))
+    _checks.tensor("w_mu", w_mu, (2,))
+    _checks.tensor("w_rho", w_rho, (2,))
+    _checks.same("w_mu", w_mu, "x", x)
+    _checks.same("w_rho", w_rho, "x", x)
+    if w_rho.shape != w_mu.shape:
+        raise ValueError(f"w_rho must have w_mu's shape {tuple(w_mu.shape)}, got "
+                         f"{_checks.describe(w_rho)}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    n, k = w_mu.shape
+    _checks.dim_eq("x", x, -1, k, "input features (w_mu is (N, K))")
+    if x.dim() == 3:
+        _checks.dim_eq("x", x, 0, samples, "samples")
+    if (b_mu is None) != (b_rho is None):
+        raise ValueError("b_mu and b_rho must both be given or both be None")
+    if b_mu is not None:
+        for name, t in (("b_mu", b_mu), ("b_rho", b_rho)):
+            _checks.tensor(name, t, (1,))
+            _checks.same(name, t, "x", x)
+            _checks.dim_eq(name, t, 0, n, "out features")
+        b_mu, b_rho = b_mu.contiguous(), b_rho.contiguous()
+    seed = _checks.seed("seed", seed)
+    return _bayes_linear(x.contiguous(), w_mu.contiguous(), w_rho.contiguous(), b_mu, b_rho,
+                         samples, seed)
+
+
+@torch.library.custom_op("faststeal::gaussian_kl", mutates_args=())
+def _gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float) -> torch.Tensor:
+    return dispatch.impl("gaussian_kl", "fwd", mu.device.type)(mu, rho, prior_sigma)
+
+
+@_gaussian_kl.register_fake
+def _(mu, rho, prior_sigma):
+    return mu.new_empty((), dtype=acc_dtype(mu.dtype))
+
+
+@torch.library.custom_op("faststeal::gaussian_kl_backward", mutates_args=())
+def _gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor,
+                          prior_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dmu, drho = dispatch.impl("gaussian_kl", "bwd", mu.device.type)(grad, mu, rho, prior_sigma)
+    return dmu, drho
+
+
+@_gaussian_kl_backward.register_fake
+def _(grad, mu, rho, prior_sigma):
+    return mu.new_empty(mu.shape), rho.new_empty(rho.shape)
+
+
+def _kl_setup(ctx, inputs, output):
+    mu, rho, prior_sigma = inputs
+    ctx.save_for_backward(mu, rho)
+    ctx.prior_sigma = prior_sigma
+
+
+def _kl_backward(ctx, grad):
+    mu, rho = ctx.saved_tensors
+    dmu, drho = _gaussian_kl_backward(grad, mu, rho, ctx.prior_sigma)
+    return dmu, drho, None
+
+
+_gaussian_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float = 1.0) -> torch.Tensor:
+    """Sum over elements of KL(N(mu, softplus(rho)^2) || N(0, prior_sigma^2)); float32 scalar.
+
+    mu, rho: tensors of one shape (any rank). Differentiable in mu and rho.
+    """
+    _checks.tensor("mu", mu, tuple(range(0, 9)))
+    _checks.tensor("rho", rho, tuple(range(0, 9)))
+    _checks.same("rho", rho, "mu", mu)
+    if rho.shape != mu.shape:
+        raise ValueError(f"rho must have mu's shape {tuple(mu.shape)}, got {_checks.describe(rho)}")
+    if isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float)) or prior_sigma <= 0:
+        raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
+    return _gaussian_kl(mu.contiguous(), rho.contiguous(), float(prior_sigma))

@@ -1,0 +1,91 @@
+"""``ensemble_linear``: S stacked linear layers with fused bias, activation and dropout."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, dispatch, rng
+from .reference import ACTIVATIONS
+
+
+@torch.library.custom_op("faststeal::ensemble_linear", mutates_args=())
+def _ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = dispatch.impl("ensemble_linear", "fwd", x.device.type)
+    key = rng.rng_key(seed, rng.STREAM_DROPOUT)
+    return fn(x, weight, bias, activation, dropout_p, key)
+
+
+@_ensemble_linear.register_fake
+def _(x, weight, bias, activation, dropout_p, seed):
+    y = x.new_empty(weight.shape[0], x.shape[-2], weight.shape[1])
+    z = y.new_empty(y.shape) if activation == "gelu" else y.new_empty(0)
+    return y, z
+
+
+@torch.library.custom_op("faststeal::ensemble_linear_backward", mutates_args=())
+def _ensemble_linear_backward(
+        grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+        y: torch.Tensor, z: torch.Tensor, activation: str, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fn = dispatch.impl("ensemble_linear", "bwd", x.device.type)
+    key = rng.rng_key(seed, rng.STREAM_DROPOUT)
+    dx, dw, db = fn(grad_y.contiguous(), x, weight, bias, y, z, activation, dropout_p, key)
+    return dx, dw, (db if db is not None else weight.new_empty(0))
+
+
+@_ensemble_linear_backward.register_fake
+def _(grad_y, x, weight, bias, y, z, activation, dropout_p, seed):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, activation, dropout_p, seed = inputs
+    y, z = output
+    ctx.save_for_backward(x, weight, bias, y, z)
+    ctx.args = (activation, dropout_p, seed)
+
+
+def _backward(ctx, grad_y, grad_z):
+    x, weight, bias, y, z = ctx.saved_tensors
+    dx, dw, db = _ensemble_linear_backward(grad_y, x, weight, bias, y, z, *ctx.args)
+    return dx, dw, (db if bias is not None else None), None, None, None
+
+
+_ensemble_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    activation: str = "none", dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """S linear layers at once: ``dropout(act(x @ weight[s]^T + bias[s]))``.
+
+    x: (members, batch, in_features), or (batch, in_features) shared by all members;
+    weight: (members, out_features, in_features); bias: (members, out_features) or None;
+    activation: ``"none"``, ``"relu"`` or ``"gelu"`` (exact); dropout_p in [0, 1); seed: the
+    counter-based RNG seed (see :mod:`faststeal.ops.rng`) — the same seed gives the same mask.
+    Returns (members, batch, out_features) in x's dtype. Differentiable in x, weight and bias.
+    """
+    _checks.tensor("x", x, (2, 3))
+    _checks.tensor("weight", weight, (3,))
+    _checks.same("weight", weight, "x", x)
+    s, n, k = weight.shape
+    _checks.dim_eq("x", x, -1, k, "input features (weight is (S, N, K))")
+    if x.dim() == 3:
+        _checks.dim_eq("x", x, 0, s, "members (weight is (S, N, K))")
+    if bias is not None:
+        _checks.tensor("bias", bias, (2,))
+        _checks.same("bias", bias, "x", x)
+        if tuple(bias.shape) != (s, n):
+            raise ValueError(f"bias must be (members, out_features) = {(s, n)}, "
+                             f"got {_checks.describe(bias)}")
+        bias = _checks.contiguous("bias", bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    dropout_p = _checks.probability("dropout_p", dropout_p)
+    seed = _checks.seed("seed", seed)
+    x = _checks.contiguous("x", x)
+    weight = _checks.contiguous("weight", weight)
+    return _ensemble_linear(x, weight, bias, activation, dropout_p, seed)[0]
