@@ -1,0 +1,110 @@
+"""The ``faststeal`` command: a thin layer over the Python API.
+
+    faststeal run [--preset quick|default|full] [--methods all|a,b] [--dataset ...] ...
+    faststeal report DIR     rebuild tables and figures from DIR/results.sqlite
+    faststeal info           versions, extension, CUDA/Triton, backend per op
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .experiment import ALL_METHODS, OUTPUT_MODES, PRESETS
+
+    p = argparse.ArgumentParser(prog="faststeal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) the stealing comparison")
+    r.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="budget/epochs/seeds bundle (default: %(default)s)")
+    r.add_argument("--methods", default=None,
+                   help=f"'all' or comma-separated subset of {','.join(ALL_METHODS)}")
+    r.add_argument("--dataset", default=None, help="victim dataset (default fashion-mnist)")
+    r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
+    r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
+    r.add_argument("--victim-arch", default=None)
+    r.add_argument("--surrogate-arch", default=None)
+    r.add_argument("--victim-epochs", type=int, default=None)
+    r.add_argument("--budget", type=int, default=None, help="query budget (images)")
+    r.add_argument("--output-mode", choices=OUTPUT_MODES, default=None)
+    r.add_argument("--topk", type=int, default=None)
+    r.add_argument("--temperature", type=float, default=None)
+    r.add_argument("--decimals", type=int, default=None)
+    r.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
+    r.add_argument("--epochs", type=int, default=None, help="surrogate training epochs")
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--lr", type=float, default=None)
+    r.add_argument("--member-sweep", default=None,
+                   help="comma-separated member counts for the Deep Ensemble sweep ('' = none)")
+    r.add_argument("--method-params", default=None,
+                   help='JSON of per-method hyperparameters, e.g. \'{"deep-ensemble": {"members": 8}}\'')
+    r.add_argument("--device", default=None, help="cpu or cuda[:N]")
+    r.add_argument("--out", default="runs/latest", help="run folder (resumes if it exists)")
+    r.add_argument("--cache-dir", default=None, help="victim checkpoint cache")
+    r.add_argument("--force", action="store_true",
+                   help="discard results in --out that belong to another configuration")
+    r.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="rebuild results files and figures from a run folder")
+    rep.add_argument("dir")
+    sub.add_parser("info", help="versions, extension, CUDA/Triton and the backend of each op")
+    return p
+
+
+def _run(args) -> int:
+    from .experiment import Config, run_comparison
+
+    overrides = dict(
+        dataset=args.dataset, pool_dataset=args.pool_dataset, data_root=args.data_root,
+        victim_arch=args.victim_arch, surrogate_arch=args.surrogate_arch,
+        victim_epochs=args.victim_epochs, budget=args.budget, output_mode=args.output_mode,
+        topk=args.topk, temperature=args.temperature, decimals=args.decimals, seeds=args.seeds,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+        out=args.out, cache_dir=args.cache_dir, methods=args.methods)
+    if args.member_sweep is not None:
+        try:
+            overrides["member_sweep"] = tuple(int(s) for s in args.member_sweep.split(",") if s)
+        except ValueError:
+            raise ValueError(f"--member-sweep must be comma-separated integers, got "
+                             f"{args.member_sweep!r}") from None
+    if args.method_params is not None:
+        try:
+            overrides["method_params"] = json.loads(args.method_params)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--method-params is not valid JSON: {exc}") from None
+    cfg = Config.from_preset(args.preset, **overrides)
+    cfg.force = args.force
+    cfg.progress = not args.no_progress
+    summary = run_comparison(cfg)
+    from .results.report import markdown
+
+    print(markdown(summary))
+    print(f"results written to {cfg.out}/ (results.json, results.csv, results.md, figures)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            from .info import collect, format_info
+
+            print(format_info(collect()))
+            return 0
+        if args.command == "report":
+            from .results.report import markdown, write_report
+
+            print(markdown(write_report(args.dir)))
+            return 0
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"faststeal: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The stealing comparison: config → cells (method × seed, member sweep) → results store.
+
+``run_comparison(Config(...))`` trains (or loads) the victim, spends the query budget once through
+the oracle (random queries from the attacker pool), then trains the baseline and every requested
+UQ method for every seed on exactly that queried set with the same epochs and batch size, and
+evaluates them on the held-out test set. Each finished cell is written to ``OUT/results.sqlite``
+at once; the exports (``results.json/csv/md`` and figures) are rebuilt after every cell, so a
+killed run loses at most the cell in progress and a rerun of the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+ALL_METHODS = ("baseline", "deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
+OUTPUT_MODES = ("label", "topk", "probs", "logits")
+
+# Presets. "default" is the main job (README's first command): the whole comparison on
+# Fashion-MNIST in under 10 minutes on a 2-core CPU (see docs/results.md for the measured time).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(budget=2000, seeds=1, epochs=3, victim_epochs=2, member_sweep=(1, 2),
+                  probe_size=256, record_every=10),
+    "default": dict(budget=10000, seeds=3, epochs=8, victim_epochs=4, member_sweep=(1, 2, 5, 10),
+                    probe_size=512, record_every=25),
+    "full": dict(budget=20000, seeds=5, epochs=20, victim_epochs=10, surrogate_arch="lenet",
+                 member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000, record_every=50),
+}
+
+
+@dataclass
+class Config:
+    """Everything that defines a comparison run (validated by :meth:`validate`)."""
+
+    dataset: str = "fashion-mnist"
+    pool_dataset: Optional[str] = None
+    data_root: Optional[str] = None
+    victim_arch: str = "cnn-wide"
+    surrogate_arch: str = "mlp"
+    victim_epochs: int = 4
+    victim_fraction: float = 0.5
+    budget: int = 10000
+    output_mode: str = "label"
+    topk: int = 3
+    temperature: float = 1.0
+    decimals: Optional[int] = None
+    methods: Sequence[str] = ALL_METHODS
+    seeds: int = 3
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    member_sweep: Sequence[int] = (1, 2, 5, 10)
+    sweep_method: str = "deep-ensemble"
+    sweep_seeds: int = 1
+    probe_size: int = 512
+    record_every: int = 25
+    split_seed: int = 0
+    method_params: dict = field(default_factory=dict)
+    device: str = "cpu"
+    out: str = "runs/latest"
+    cache_dir: Optional[str] = None
+    preset: Optional[str] = None
+    progress: bool = True
+    force: bool = False
+
+    @classmethod
+    def from_preset(cls, preset: Optional[str] = None, **overrides: Any) -> "Config":
+        """A config from a preset (``quick``, ``default``, ``full``) with explicit overrides."""
+        base: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+            base.update(PRESETS[preset])
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown config field(s): {sorted(unknown)}")
+        return cls(preset=preset, **base)
+
+    def validate(self) -> "Config":
+        """Raise ValueError/TypeError with the valid choices before anything runs."""
+        from .data import DATASETS
+        from .models import ARCHS
+
+        def choice(name, value, valid):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+
+        def pos_int(name, value, allow_zero=False):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                                 f"integer, got {value!r}")
+
+        choice("dataset", self.dataset, DATASETS)
+        if self.pool_dataset is not None:
+            choice("pool_dataset", self.pool_dataset, DATASETS)
+        choice("victim_arch", self.victim_arch, ARCHS)
+        choice("surrogate_arch", self.surrogate_arch, ARCHS)
+        choice("output_mode", self.output_mode, OUTPUT_MODES)
+        if isinstance(self.methods, str):
+            self.methods = parse_methods(self.methods)
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        for m in self.methods:
+            choice("method", m, ALL_METHODS)
+        if self.sweep_method not in ALL_METHODS:
+            choice("sweep_method", self.sweep_method, ALL_METHODS)
+        for name in ("budget", "seeds", "epochs", "batch_size", "victim_epochs", "probe_size",
+                     "record_every", "sweep_seeds", "topk"):
+            pos_int(name, getattr(self, name))
+        pos_int("split_seed", self.split_seed, allow_zero=True)
+        for s in self.member_sweep:
+            pos_int("member_sweep entry", s)
+        if not 0.0 < self.victim_fraction < 1.0:
+            raise ValueError(f"victim_fraction must be in (0, 1), got {self.victim_fraction}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        dev = str(self.device)
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {dev!r} requested but CUDA is not available; use --device cpu")
+        if not (dev == "cpu" or dev.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
+        for m, hp in self.method_params.items():
+            choice("method_params key", m, ALL_METHODS)
+            if not isinstance(hp, dict):
+                raise TypeError(f"method_params[{m!r}] must be a dict, got {type(hp).__name__}")
+        return self
+
+    def result_affecting(self) -> dict[str, Any]:
+        """The fields that change results (hashed into the store); not out/device/progress."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "progress", "force", "cache_dir", "preset", "device"):
+            d.pop(k)
+        d["methods"] = list(d["methods"])
+        d["member_sweep"] = list(d["member_sweep"])
+        return d
+
+
+def parse_methods(spec: str) -> tuple[str, ...]:
+    """``all`` or a comma-separated subset (``baseline`` is always included for the gains)."""
+    if spec.strip() == "all":
+        return ALL_METHODS
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    bad = [n for n in names if n not in ALL_METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; valid: {ALL_METHODS} or 'all'")
+    return names
+
+
+def _log(msg: str) -> None:
+    print(f"[faststeal] {msg}", flush=True)
+
+
+def run_comparison(config: Config) -> dict[str, Any]:
+    """Run (or resume) the comparison described by ``config``; returns the summary dict."""
+    from tqdm.auto import tqdm
+
+    from . import attack
+    from .data import make_splits
+    from .oracle import Oracle
+    from .results import ResultStore
+    from .results.report import write_report
+    from .victim import train_victim
+
+    config.validate()
+    t_start = time.perf_counter()
+    methods = list(config.methods)
+    if "baseline" not in methods:
+        methods.insert(0, "baseline")  # every gain is measured against it
+    os.makedirs(config.out, exist_ok=True)
+    store = ResultStore(config.out, config.result_affecting(), force=config.force)
+    timing: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        splits = make_splits(config.dataset, seed=config.split_seed,
+                             victim_fraction=config.victim_fraction,
+                             pool_dataset=config.pool_dataset, root=config.data_root)
+        timing["data_s"] = time.perf_counter() - t0
+        _log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
+             f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
+        if config.budget > len(splits.pool):
+            raise ValueError(f"budget ({config.budget}) is larger than the attacker pool "
+                             f"({len(splits.pool)} images)")
+        t0 = time.perf_counter()
+        vic = train_victim(splits, config.victim_arch, seed=config.split_seed,
+                           epochs=config.victim_epochs, device=config.device,
+                           cache_dir=config.cache_dir, progress=config.progress)
+        timing["victim_s"] = time.perf_counter() - t0
+        _log(f"victim {config.victim_arch}: test accuracy {100 * vic.test_accuracy:.2f}% "
+             f"({'trained' if vic.trained else 'loaded from cache'} in {timing['victim_s']:.1f}s)")
+        store.set_meta("victim", {"arch": config.victim_arch, "dataset": config.dataset,
+                                  "test_accuracy": vic.test_accuracy, "checkpoint": vic.cache_path})
+
+        dev = config.device
+        victim = vic.model.to(dev)
+        oracle = Oracle(victim, splits.pool.x, config.budget, output_mode=config.output_mode,
+                        k=config.topk, temperature=config.temperature, decimals=config.decimals,
+                        device=dev)
+        t0 = time.perf_counter()
+        idx = attack.random_queries(len(splits.pool), config.budget, config.split_seed + 1)
+        targets, _ = attack.query(oracle, idx, progress=config.progress)
+        timing["query_s"] = time.perf_counter() - t0
+        oracle.save_log(os.path.join(config.out, "query_log.json"))
+        store.set_meta("queries", {"used": oracle.used, "budget": oracle.budget,
+                                   "output_mode": config.output_mode})
+        _log(f"queried {oracle.used} images ({config.output_mode} answers)")
+
+        x = splits.pool.x[idx].to(dev)
+        targets = targets.to(dev)
+        test_x, test_y = splits.test.x.to(dev), splits.test.y.to(dev)
+        vprobs = attack.victim_outputs(victim, test_x)
+        vlabels = vprobs.argmax(-1)
+        g = torch.Generator().manual_seed(config.split_seed + 2)
+        probe = test_x[torch.randperm(len(test_x), generator=g)[:config.probe_size].to(dev)]
+        kl_probs = vprobs if config.output_mode in ("probs", "logits") else None
+
+        cells = [("main", m, s, None) for m in methods for s in range(config.seeds)]
+        sweep = [("sweep", config.sweep_method, s, k) for k in config.member_sweep
+                 for s in range(config.sweep_seeds)] if config.member_sweep else []
+        common = dict(test_x=test_x, test_y=test_y, victim_labels=vlabels, victim_probs=kl_probs,
+                      num_classes=splits.num_classes, epochs=config.epochs,
+                      batch_size=config.batch_size, lr=config.lr, device=dev,
+                      progress=config.progress)
+        todo = [c for c in cells + sweep if not store.has_cell(cell_id(*c))]
+        if len(todo) < len(cells) + len(sweep):
+            _log(f"resuming: {len(cells) + len(sweep) - len(todo)} finished cells kept, "
+                 f"{len(todo)} to run")
+        for kind, method, seed, members in tqdm(todo, desc="cells", unit="cell",
+                                                disable=not config.progress):
+            hp = dict(config.method_params.get(method, {}))
+            if members is not None:
+                hp["members"] = members
+            r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets, seed=seed,
+                                          probe=probe if kind == "main" else None,
+                                          record_every=config.record_every, hparams=hp, **common)
+            store.add_cell(cell_id(kind, method, seed, members), kind=kind, method=method,
+                           seed=seed, members=r["hparams"]["num_members"], metrics=r["metrics"],
+                           hparams=r["hparams"], seconds=r["seconds"], trace=r["trace"])
+            timing[f"{kind}:{method}:s{seed}" + (f":S{members}" if members else "")] = r["seconds"]
+            m = r["metrics"]
+            _log(f"{method} (seed {seed}{', S=' + str(members) if members else ''}): fidelity "
+                 f"{100 * m['fidelity']:.2f}%, accuracy {100 * m['accuracy']:.2f}%, "
+                 f"V {m['variance']:.2e} [{r['seconds']:.1f}s]")
+            write_report(config.out, store, with_figures=False)
+        timing["total_s"] = time.perf_counter() - t_start
+        store.set_meta("run", {"timing": timing, "machine": platform.platform(),
+                               "processor": platform.processor(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads(), "device": str(dev)})
+        summary = write_report(config.out, store)
+        summary["timing"] = timing
+        with open(os.path.join(config.out, "timing.json"), "w") as fh:
+            json.dump(timing, fh, indent=2)
+        return summary
+    finally:
+        store.close()
+
+
+def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
+    return f"{kind}/{method}/seed={seed}" + (f"/S={members}" if members is not None else "")

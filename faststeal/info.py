@@ -1,0 +1,47 @@
+"""``faststeal info``: versions, the compiled extension, CUDA/Triton, and each op's backend."""
+
+from __future__ import annotations
+
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    from . import __version__, _ext
+    from .ops import dispatch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:  # not installed / broken
+        triton_version = f"not available ({type(exc).__name__}: {exc})"
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return {
+        "faststeal": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton": triton_version,
+        "cpu_threads": torch.get_num_threads(),
+        "extension": "loaded" if _ext.C is not None else f"not loaded: {_ext.LOAD_ERROR}",
+        "extension_cuda_kernels": _ext.has_cuda_kernels(),
+        "requested_backend": dispatch.get_backend(),
+        "ops": dispatch.report(devices),
+    }
+
+
+def format_info(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if k != "ops":
+            lines.append(f"{k:24s} {v}")
+    lines.append("backend used by `auto` (per device and op):")
+    for dev, ops in info["ops"].items():
+        for op, backend in ops.items():
+            lines.append(f"  {dev:5s} {op:24s} {backend}")
+    return "\n".join(lines)
