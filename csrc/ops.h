@@ -48,8 +48,8 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& target);
 
 namespace detail {
-// y = x @ weight^T + bias for stacked weights (no activation, no dropout), shared with
-// bayes_linear; ``fn`` names the caller in error messages.
+// y = x @ weight^T + bias for validated, contiguous x (S,B,K) or (B,K), weight (S,N,K), bias
+// (S,N) or None; shared with bayes_linear.
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias);
 }  // namespace detail
 

@@ -203,8 +203,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
         dev = config.device
         victim = vic.model.to(dev)
         oracle = Oracle(victim, splits.pool.x, config.budget, output_mode=config.output_mode,
-                        k=config.topk, temperature=config.temperature, decimals=config.decimals,
-                        device=dev)
+                        k=config.topk if config.output_mode == "topk" else 1,
+                        temperature=config.temperature, decimals=config.decimals, device=dev)
         t0 = time.perf_counter()
         idx = attack.random_queries(len(splits.pool), config.budget, config.split_seed + 1)
         targets, _ = attack.query(oracle, idx, progress=config.progress)

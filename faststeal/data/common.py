@@ -54,6 +54,9 @@ class RawSplit:
             raise ValueError(f"images must be (N, C, H, W), got shape {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be ({self.images.shape[0]},), got {self.labels.shape}")
+        # raw arrays may be cached and shared between callers: never modify them in place
+        self.images.flags.writeable = False
+        self.labels.flags.writeable = False
 
     def to_unit(self) -> np.ndarray:
         """Images as float32 in [0, 1]."""

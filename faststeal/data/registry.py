@@ -153,7 +153,7 @@ def load_dataset(name: str = DEFAULT_DATASET, root: str | Path | None = None,
     out = []
     for raw, unit in ((raw_train, unit_train), (raw_test, None)):
         x = normalise(torch.from_numpy(unit if unit is not None else raw.to_unit()), mean, std)
-        y = torch.from_numpy(np.ascontiguousarray(raw.labels, dtype=np.int64))
+        y = torch.from_numpy(np.array(raw.labels, dtype=np.int64))  # copy: raw is read-only
         out.append(ArrayDataset(x, y, info.num_classes, name, mean, std))
     return out[0], out[1]
 

@@ -6,6 +6,8 @@ for every experiment (see :func:`faststeal.data.common.carve_test`).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .common import DatasetNotFoundError, RawSplit, carve_test
@@ -13,6 +15,7 @@ from .common import DatasetNotFoundError, RawSplit, carve_test
 TEST_FRACTION = 0.2
 
 
+@functools.lru_cache(maxsize=1)  # packaged, immutable data: parse once per process
 def load_digits_raw() -> tuple[RawSplit, RawSplit]:
     try:
         from sklearn.datasets import load_digits

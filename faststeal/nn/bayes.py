@@ -27,13 +27,14 @@ def _check_positive_int(name: str, v) -> int:
 
 
 def _check_prior(prior_sigma) -> float:
-    if isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float)) or prior_sigma <= 0:
+    if (isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float))
+            or prior_sigma <= 0):
         raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
     return float(prior_sigma)
 
 
 def _resolve_samples(x: torch.Tensor, stacked_rank: int, samples: Optional[int], layer: str) -> int:
-    """Sample count: ``samples`` (default 1) for a shared input, the member axis for a stacked one."""
+    """Sample count: ``samples`` (default 1) for a shared input, else the input's member axis."""
     if samples is not None:
         _check_positive_int("samples", samples)
     if x.dim() == stacked_rank:
@@ -54,7 +55,8 @@ class _BayesMixin:
 
     def kl(self) -> torch.Tensor:
         """KL(q || prior) summed over weights and biases (float32 scalar, differentiable)."""
-        return sum(ops.gaussian_kl(mu, rho, self.prior_sigma) for mu, rho in self._posterior_pairs())
+        return sum(ops.gaussian_kl(mu, rho, self.prior_sigma)
+                   for mu, rho in self._posterior_pairs())
 
     def _init(self, fan_in: int, rho_init: float) -> None:
         # Means like nn.Linear/nn.Conv2d (U(+-1/sqrt(fan_in))); all rho at rho_init
@@ -151,7 +153,8 @@ class BayesLinear(_BayesMixin, nn.Module):
 
 
 class BayesConv2d(_BayesMixin, nn.Module):
-    """Mean-field Gaussian conv layer: x (B, C, H, W) shared or (S, B, C, H, W) -> (S, B, C', H', W').
+    """Mean-field Gaussian conv layer: x (B, C, H, W) shared or (S, B, C, H, W)
+    -> (S, B, C', H', W').
 
     The S weight samples are materialised as (S, C', C, kh, kw) (conv weights are small) and run
     as one grouped convolution; noise from torch's default generator.
@@ -186,7 +189,8 @@ class BayesConv2d(_BayesMixin, nn.Module):
     def forward(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
         _check_rank(x, (4, 5), "(samples, batch, C, H, W) or shared (batch, C, H, W)")
         if x.shape[-3] != self.in_channels:
-            raise ValueError(f"x must have {self.in_channels} channels (dim -3), got {_describe(x)}")
+            raise ValueError(f"x must have {self.in_channels} channels (dim -3), "
+                             f"got {_describe(x)}")
         s = _resolve_samples(x, 5, samples, "BayesConv2d")
         w = self.w_mu + F.softplus(self.w_rho) * torch.randn(
             (s, *self.w_mu.shape), dtype=self.w_mu.dtype, device=self.w_mu.device)

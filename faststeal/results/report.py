@@ -75,7 +75,7 @@ def _fmt(s: Optional[dict], pct: bool = True) -> str:
         return "–"
     if pct:
         return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
-    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+    return f"{s['mean']:.3g} ± {s['std']:.2g}"
 
 
 def markdown(summary: dict[str, Any]) -> str:

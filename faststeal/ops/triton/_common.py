@@ -18,8 +18,6 @@ POISON = False
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64,
-             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def acc_tl(dtype: torch.dtype):
@@ -66,6 +64,12 @@ def key_arg(key: int) -> int:
     return key - (1 << 32) if key >= (1 << 31) else key
 
 
+def f32(v: float) -> float:
+    """``v`` rounded to float32: what a float kernel argument holds on the GPU (the interpreter
+    would keep the double), and what the reference's float32 dropout scale holds."""
+    return torch.tensor(float(v), dtype=torch.float32).item()
+
+
 def np2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -79,7 +83,8 @@ def log1p(u):
     """Accurate log(1 + u) for u >= 0 without a log1p instruction (not in Triton's core math):
     log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w (Goldberg 1991)."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    d = w - 1.0
+    return tl.where(d == 0.0, u, tl.log(w) * (u / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit

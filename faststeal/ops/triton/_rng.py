@@ -7,8 +7,9 @@ match the reference exactly; callers pass ``counter`` and ``key`` as uint32 tens
 import triton
 import triton.language as tl
 
-_TWO_POW_M24 = 5.9604644775390625e-08  # 2**-24, exact in float32
-_TWO_PI = 6.283185307179586
+# jit functions may only read constexpr globals
+_TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2**-24, exact in float32
+_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit

@@ -1,0 +1,379 @@
+"""Training-step and inference throughput of an S-member ensemble, the ways people run it today
+beside faststeal, in one run.
+
+Methods (same architecture, same per-member data, Adam, lr 1e-3):
+
+* ``loop``      a Python loop over S ``nn.Module`` s (the zoo's plain model), each with its own
+                ``torch.optim.Adam`` (default settings) — what TorchUncertainty, torchensemble and
+                bayesian-torch do;
+* ``vmap``      ``torch.func.stack_module_state`` + ``functional_call`` under ``torch.func.vmap``,
+                one default Adam over the stacked parameters;
+* ``vmap+compile`` the same function under ``torch.compile`` (compile time reported separately);
+* ``faststeal[reference]`` the zoo's ``StackedModel`` (stacked layers) with
+                ``faststeal.train_step`` (fused Adam, fused loss) on the pure-PyTorch reference ops;
+* ``faststeal`` the same on the fused kernels (``auto`` backend: C++ on CPU, Triton/CUDA on GPU);
+* ``faststeal+graph`` (CUDA only) the same step captured as one CUDA graph.
+
+Training: each member gets its own (B, 1, 28, 28) batch (independent shuffles); the loss is the sum
+of the members' mean cross-entropies. Inference: all members on one shared (B, 1, 28, 28) batch,
+eval mode, no grad. Throughput is member-samples per second (S·B / step time); GFLOP/s counts the
+step's matmul/conv FLOPs (torch.utils.flop_counter on one member, times S) against the GEMM rate
+measured in the same run; peak memory is the extra memory one step allocates.
+
+    python -m benchmarks.bench_train [--quick | --gpu-quick] [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common
+
+ARCHS = {"mlp": "mlp", "cnn": "lenet"}  # benchmark name -> zoo arch
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+LR = 1e-3
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # grid: (arch, S, B) cases; compile: the cases that also run torch.compile; t: min run time
+    "smoke": dict(grid=[("mlp", 2, 8), ("cnn", 2, 4)], compile=[], t=0.01, infer=True),
+    "cpu-quick": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024),
+                            ("cnn", 4, 128)], compile=[], t=0.3, infer=True),
+    "cpu": dict(grid=[("mlp", s, b) for s in (1, 4, 16, 64) for b in (32, 128, 1024)]
+                + [("cnn", s, b) for s in (1, 4, 16, 64) for b in (128, 1024) if s * b <= 16384],
+                compile=[("mlp", 16, 128)], t=0.5, infer=True),
+    "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
+                            ("cnn", 16, 128)],
+                      compile=[("mlp", 16, 128)], t=0.1, infer=True),
+    "gpu": dict(grid=[(a, s, b) for a in ("mlp", "cnn") for s in (1, 4, 16, 64)
+                      for b in (128, 1024)],
+                compile=[("mlp", 16, 128), ("mlp", 64, 128), ("cnn", 16, 128)], t=0.3,
+                infer=True),
+}
+
+METHODS = ("loop", "vmap", "vmap+compile", "faststeal[reference]", "faststeal", "faststeal+graph")
+
+
+# ----------------------------------------------------------------------------- models and data
+
+def _zoo():
+    from faststeal.models import zoo
+    return zoo
+
+
+def plain_models(arch: str, s: int, device) -> list[nn.Module]:
+    zoo = _zoo()
+    return [zoo.build_model(ARCHS[arch], INPUT_SHAPE, NUM_CLASSES).to(device) for _ in range(s)]
+
+
+def step_flops(arch: str, b: int, device) -> tuple[float, float]:
+    """(training-step FLOPs, forward FLOPs) of ONE member at batch b, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = plain_models(arch, 1, device)[0]
+    x = torch.randn(b, *INPUT_SHAPE, device=device)
+    y = torch.randint(0, NUM_CLASSES, (b,), device=device)
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(m(x), y).backward()
+    train = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x)
+    return float(train), float(fc.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- the methods
+
+class Runner:
+    """One method on one (arch, S, B) case: ``train()`` and ``infer()`` callables."""
+
+    train: Callable[[], Any]
+    infer: Optional[Callable[[], Any]] = None
+    setup_s: float = 0.0
+    note: str = ""
+
+
+def make_loop(arch, s, x, y, xs) -> Runner:
+    models = plain_models(arch, s, x.device)
+    opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in models]
+    r = Runner()
+
+    def train():
+        for i, (m, o) in enumerate(zip(models, opts)):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x[i]), y[i]).backward()
+            o.step()
+
+    def infer():
+        with torch.no_grad():
+            return torch.stack([m(xs) for m in models])
+
+    for m in models:
+        m.train()
+    r.train, r.note = train, "Adam() per member"
+    r.infer = lambda: _eval(models, infer)
+    return r
+
+
+def _eval(models, fn):
+    for m in models:
+        m.eval()
+    try:
+        return fn()
+    finally:
+        for m in models:
+            m.train()
+
+
+def _vmap_parts(arch, s, device):
+    from torch.func import functional_call, stack_module_state
+
+    models = plain_models(arch, s, device)
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def fmodel(p, b, xx):
+        return functional_call(base, (p, b), (xx,))
+
+    return params, buffers, fmodel
+
+
+def make_vmap(arch, s, x, y, xs, compile_: bool = False) -> Runner:
+    from torch.func import vmap
+
+    params, buffers, fmodel = _vmap_parts(arch, s, x.device)
+    opt = torch.optim.Adam(list(params.values()), lr=LR)
+    b = x.shape[1]
+
+    def loss_fn(p, bu, xx, yy):
+        logits = vmap(fmodel)(p, bu, xx)  # (S, B, C)
+        return F.cross_entropy(logits.flatten(0, 1), yy.flatten(), reduction="sum") / b
+
+    def infer_fn(p, bu, xx):
+        return vmap(fmodel, in_dims=(0, 0, None))(p, bu, xx)
+
+    r = Runner()
+    if compile_:
+        torch._dynamo.reset()  # each case compiles afresh (no recompile-limit fallback to eager)
+        loss_fn = torch.compile(loss_fn)
+        infer_fn = torch.compile(infer_fn)
+        t0 = time.perf_counter()
+        loss_fn(params, buffers, x, y).backward()  # compile forward + backward graphs
+        with torch.no_grad():
+            infer_fn(params, buffers, xs)
+        common.synchronize(x.device)
+        r.setup_s = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(params, buffers, x, y).backward()
+        opt.step()
+
+    def infer():
+        with torch.no_grad():
+            return infer_fn(params, buffers, xs)
+
+    r.train, r.infer, r.note = train, infer, "one Adam() over stacked params"
+    return r
+
+
+def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False) -> Runner:
+    from faststeal import ops
+    from faststeal.train_step import make_optimizer, make_train_step
+
+    zoo = _zoo()
+    model = zoo.build_model(ARCHS[arch], INPUT_SHAPE, NUM_CLASSES, members=s).to(x.device)
+    opt = make_optimizer(model.parameters(), lr=LR, capturable=cuda_graph)
+    step = make_train_step(model, opt, cuda_graph=cuda_graph)
+    r = Runner()
+
+    def train():
+        with ops.use_backend(backend):
+            return step(x, y)
+
+    def infer():
+        model.eval()
+        try:
+            with ops.use_backend(backend), torch.no_grad():
+                return model(xs)
+        finally:
+            model.train()
+
+    if cuda_graph:
+        t0 = time.perf_counter()
+        train()  # capture
+        common.synchronize(x.device)
+        r.setup_s = time.perf_counter() - t0
+    r.train, r.infer = train, (None if cuda_graph else infer)
+    r.note = f"fused Adam ({type(opt).__name__}, " + ("fused" if opt.defaults.get("fused")
+                                                      else "foreach") + "), backend " + backend
+    return r
+
+
+def make_runner(method: str, arch, s, x, y, xs) -> Runner:
+    if method == "loop":
+        return make_loop(arch, s, x, y, xs)
+    if method == "vmap":
+        return make_vmap(arch, s, x, y, xs)
+    if method == "vmap+compile":
+        return make_vmap(arch, s, x, y, xs, compile_=True)
+    if method == "faststeal[reference]":
+        return make_faststeal(arch, s, x, y, xs, "reference")
+    if method == "faststeal":
+        return make_faststeal(arch, s, x, y, xs, "auto")
+    if method == "faststeal+graph":
+        return make_faststeal(arch, s, x, y, xs, "auto", cuda_graph=True)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ----------------------------------------------------------------------------- running
+
+def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
+        deadline: Optional[common.Deadline] = None, log=print,
+        methods: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """Every (arch, S, B) case of ``preset`` with every method; returns {"rows", "gemm"}."""
+    device = torch.device(device)
+    cfg = PRESETS[preset]
+    deadline = deadline or common.Deadline(None)
+    if gemm is None:
+        gemm = common.gemm_rate(device, torch.float32, min_run_time=0.3)
+    methods = methods or METHODS
+    rows: list[dict[str, Any]] = []
+    for arch, s, b in cfg["grid"]:
+        case_methods = [m for m in methods
+                        if (m != "vmap+compile" or (arch, s, b) in cfg["compile"])
+                        and (m != "faststeal+graph" or device.type == "cuda")]
+        torch.manual_seed(0)
+        x = torch.randn(s, b, *INPUT_SHAPE, device=device)
+        y = torch.randint(0, NUM_CLASSES, (s, b), device=device)
+        xs = torch.randn(b, *INPUT_SHAPE, device=device)
+        try:
+            f_train, f_fwd = step_flops(arch, b, device)
+        except Exception as exc:  # zoo missing, ...
+            rows.append({"arch": arch, "S": s, "B": b, "method": "*",
+                         "error": common.short_error(exc)})
+            continue
+        results: dict[str, dict[str, Any]] = {}
+        runners: dict[str, Runner] = {}
+        for method in case_methods:
+            row: dict[str, Any] = {"arch": arch, "zoo_arch": ARCHS[arch], "S": s, "B": b,
+                                   "method": method}
+            results[method] = row
+            rows.append(row)
+            if deadline.expired():
+                row["error"] = "skipped: time budget spent"
+                continue
+            try:
+                r = make_runner(method, arch, s, x, y, xs)
+                row["note"] = r.note
+                if r.setup_s:
+                    row["setup_s"] = r.setup_s
+                runners[method] = r
+            except Exception as exc:
+                row["error"] = common.short_error(exc)
+        # every method of the case timed in interleaved rounds (robust to load drift)
+        train_t = common.bench_many({m: r.train for m, r in runners.items()}, device,
+                                    min_run_time=cfg["t"])
+        infer_t = common.bench_many({m: r.infer for m, r in runners.items()
+                                     if cfg.get("infer") and r.infer is not None}, device,
+                                    min_run_time=cfg["t"])
+        for method, r in runners.items():
+            row = results[method]
+            t = train_t[method]
+            if isinstance(t, BaseException):
+                row["error"] = common.short_error(t)
+                continue
+            row.update({f"train_{k}": v for k, v in t.as_dict().items()})
+            sec = t.median_ms * 1e-3
+            row["train_samples_per_s"] = s * b / sec
+            row["train_gflops"] = s * f_train / sec / 1e9
+            row["train_frac_gemm"] = row["train_gflops"] / gemm["gflops"]
+            try:
+                row["train_peak_bytes"] = common.peak_memory_bytes(r.train, device)
+            except Exception as exc:
+                row["train_peak_bytes"] = None
+                row["memory_error"] = common.short_error(exc)
+            ti = infer_t.get(method)
+            if isinstance(ti, common.Timing):
+                row.update({f"infer_{k}": v for k, v in ti.as_dict().items()})
+                row["infer_samples_per_s"] = s * b / (ti.median_ms * 1e-3)
+                row["infer_gflops"] = s * f_fwd / (ti.median_ms * 1e-3) / 1e9
+            elif ti is not None:
+                row["infer_error"] = common.short_error(ti)
+            log(f"  {arch} S={s:<3d} B={b:<5d} {method:22s} train {row['train_median_ms']:9.2f} "
+                f"ms ({row['train_gflops']:7.1f} GFLOP/s)" +
+                (f", infer {row['infer_median_ms']:8.2f} ms" if "infer_median_ms" in row else ""))
+        for method, row in results.items():
+            if "error" in row:
+                log(f"  {arch} S={s} B={b} {method}: {row['error']}")
+        del runners
+        for ref in ("loop", "vmap", "vmap+compile"):
+            ref_t = results.get(ref, {}).get("train_median_ms")
+            ref_i = results.get(ref, {}).get("infer_median_ms")
+            for row in results.values():
+                row[f"train_x_vs_{ref}"] = common.ratio(ref_t, row.get("train_median_ms"))
+                row[f"infer_x_vs_{ref}"] = common.ratio(ref_i, row.get("infer_median_ms"))
+        del x, y, xs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows, "gemm": gemm, "flops_note": "matmul/conv FLOPs, torch.utils.flop_counter"}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    g = result["gemm"]
+    out = [f"GEMM rate measured in this run: {common.fmt(g['gflops'])} GFLOP/s "
+           f"({g['dtype']} torch.mm, n={g['n']})."]
+    headers = ["model", "S", "B/member", "method", "train ms (p20–p80)", "member-samples/s",
+               "GFLOP/s", "% GEMM", "× loop", "× vmap", "× compile", "peak MB", "infer ms",
+               "infer member-samples/s", "infer × loop"]
+    body = []
+    for r in result["rows"]:
+        label = f"{r['arch']} ({r.get('zoo_arch', ARCHS.get(r['arch'], '?'))})"
+        if "error" in r:
+            body.append([label, r["S"], r["B"], r["method"], r["error"]] + [""] * 10)
+            continue
+        body.append([
+            label, r["S"], r["B"], r["method"] + (f" (setup {r['setup_s']:.0f} s)"
+                                                  if r.get("setup_s", 0) > 1 else ""),
+            f"{common.fmt(r['train_median_ms'])} ({common.fmt(r['train_p20_ms'])}–"
+            f"{common.fmt(r['train_p80_ms'])})",
+            common.fmt(r["train_samples_per_s"]), common.fmt(r["train_gflops"]),
+            f"{100 * r['train_frac_gemm']:.0f}%", common.fmt_x(r.get("train_x_vs_loop")),
+            common.fmt_x(r.get("train_x_vs_vmap")), common.fmt_x(r.get("train_x_vs_vmap+compile")),
+            common.fmt_mb(r.get("train_peak_bytes")), common.fmt(r.get("infer_median_ms")),
+            common.fmt(r.get("infer_samples_per_s")), common.fmt_x(r.get("infer_x_vs_loop"))])
+    out += ["", common.markdown_table(headers, body)]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {METHODS}")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    preset = args.preset or ("gpu" if dev.type == "cuda" else "cpu")
+    if args.quick and args.preset is None:
+        preset += "-quick"
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    res = run(dev, preset, methods=methods)
+    res["meta"] = common.env_metadata(dev)
+    print(markdown(res))
+    if args.json:
+        common.write_json(args.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

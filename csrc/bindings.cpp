@@ -1,0 +1,54 @@
+// faststeal._C: the C++ CPU kernels (csrc/cpu) and, when built with a CUDA toolkit, the CUDA
+// kernels (csrc/cuda, registered by bind_cuda). Entry points are named <op>_<fwd|bwd>_<device>
+// and follow the backend contract of faststeal/ops/reference.py; Python wrappers live in
+// faststeal/ops/cpp_backend.py and faststeal/ops/cuda_backend.py.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#ifdef WITH_CUDA
+namespace faststeal {
+void bind_cuda(pybind11::module_& m);  // csrc/cuda/bind_cuda.cpp
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  namespace c = faststeal::cpu;
+  m.doc() = "faststeal compiled kernels (C++ CPU; CUDA when WITH_CUDA)";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+
+  m.def("ensemble_linear_fwd_cpu", &c::ensemble_linear_fwd, "(y, z) = ensemble_linear forward",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
+        py::arg("dropout_p"), py::arg("key"));
+  m.def("ensemble_linear_bwd_cpu", &c::ensemble_linear_bwd,
+        "(dx, dweight, dbias or empty) = ensemble_linear backward", py::arg("grad_y"),
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("z"),
+        py::arg("activation"), py::arg("dropout_p"), py::arg("key"));
+  m.def("bayes_linear_fwd_cpu", &c::bayes_linear_fwd, "y = bayes_linear forward", py::arg("x"),
+        py::arg("w_mu"), py::arg("w_rho"), py::arg("b_mu"), py::arg("b_rho"), py::arg("samples"),
+        py::arg("key_w"), py::arg("key_b"));
+  m.def("bayes_linear_bwd_cpu", &c::bayes_linear_bwd,
+        "[dx, dw_mu, dw_rho, db_mu, db_rho] = bayes_linear backward (bias grads empty without "
+        "bias)",
+        py::arg("grad_y"), py::arg("x"), py::arg("w_mu"), py::arg("w_rho"), py::arg("b_mu"),
+        py::arg("b_rho"), py::arg("samples"), py::arg("key_w"), py::arg("key_b"));
+  m.def("gaussian_kl_fwd_cpu", &c::gaussian_kl_fwd, "sum of KL(q || prior), acc dtype scalar",
+        py::arg("mu"), py::arg("rho"), py::arg("prior_sigma"));
+  m.def("gaussian_kl_bwd_cpu", &c::gaussian_kl_bwd, "(dmu, drho)", py::arg("grad"), py::arg("mu"),
+        py::arg("rho"), py::arg("prior_sigma"));
+  m.def("member_stats_fwd_cpu", &c::member_stats_fwd,
+        "the 9 MemberStats fields of (S, B, C) logits", py::arg("logits"), py::arg("targets"));
+  m.def("ensemble_cross_entropy_fwd_cpu", &c::ensemble_cross_entropy_fwd,
+        "(S,) per-member mean cross-entropy", py::arg("logits"), py::arg("target"));
+  m.def("ensemble_cross_entropy_bwd_cpu", &c::ensemble_cross_entropy_bwd, "dlogits",
+        py::arg("grad"), py::arg("logits"), py::arg("target"));
+
+#ifdef WITH_CUDA
+  faststeal::bind_cuda(m);
+#endif
+}

@@ -1,0 +1,161 @@
+// bayes_linear on the CPU.
+//
+// eps is drawn from the counter RNG (stream keys from the host) inside the op: the
+// forward samples the S weight matrices into a buffer that lives only for the GEMM, the backward
+// regenerates the same eps (nothing random is stored between forward and backward) and reduces
+// dW_s into dmu / drho in one fused pass.
+#include <ATen/Parallel.h>
+
+#include "../common.h"
+#include "../ops.h"
+
+namespace faststeal {
+namespace cpu {
+namespace {
+
+// W[s,n,k] = mu[n,k] + softplus(rho[n,k]) * eps(key, (s*N + n)*K + k); optionally eps into E.
+template <typename T>
+void sample_weights(const T* mu, const T* rho, T* W, T* E, int64_t S, int64_t N, int64_t K,
+                    uint32_t key) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K * S, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<T> sp(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* m = mu + n * K;
+      const T* r = rho + n * K;
+      for (int64_t k = 0; k < K; ++k) sp[k] = softplus<T>(r[k]);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t off = (s * N + n) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          // eps is a float32 sample (the reference draws it in float32 and casts).
+          const T e = static_cast<T>(normal_host(key, static_cast<uint64_t>(off + k)));
+          if (E) E[off + k] = e;
+          W[off + k] = m[k] + sp[k] * e;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void sample_bias(const T* mu, const T* rho, T* b, int64_t S, int64_t N, uint32_t key) {
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t n = 0; n < N; ++n) {
+      const T e = static_cast<T>(normal_host(key, static_cast<uint64_t>(s * N + n)));
+      b[s * N + n] = mu[n] + softplus<T>(rho[n]) * e;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const at::Tensor& w_rho,
+                            const OptTensor& b_mu, const OptTensor& b_rho, int64_t samples,
+                            int64_t key_w, int64_t key_b) {
+  const Target t = cpu_target("bayes_linear_fwd_cpu");
+  const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
+  const uint32_t kw = check_key(t, key_w, "key_w");
+  const uint32_t kb = check_key(t, key_b, "key_b");
+  at::Tensor W = at::empty({d.S, d.N, d.K}, x.options());  // freed when the op returns
+  OptTensor b;
+  if (b_mu.has_value()) b = at::empty({d.S, d.N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_fwd_cpu", [&] {
+    sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
+                             W.data_ptr<scalar_t>(), nullptr, d.S, d.N, d.K, kw);
+    if (b.has_value()) {
+      sample_bias<scalar_t>(b_mu->data_ptr<scalar_t>(), b_rho->data_ptr<scalar_t>(),
+                            b->data_ptr<scalar_t>(), d.S, d.N, kb);
+    }
+  });
+  return detail::linear_forward(x, W, b);
+}
+
+std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                         const at::Tensor& w_mu, const at::Tensor& w_rho,
+                                         const OptTensor& b_mu, const OptTensor& b_rho,
+                                         int64_t samples, int64_t key_w, int64_t key_b) {
+  const Target t = cpu_target("bayes_linear_bwd_cpu");
+  const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
+  check_float(t, grad_y, "grad_y", {3});
+  check_like(t, grad_y, "grad_y", x, "x");
+  TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(2) == d.N, t.fn,
+              ": grad_y must be (samples, batch, out_features) = (", d.S, ", ", d.B, ", ", d.N,
+              "), got sizes ", grad_y.sizes());
+  const uint32_t kw = check_key(t, key_w, "key_w");
+  const uint32_t kb = check_key(t, key_b, "key_b");
+  const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
+
+  // Regenerate eps (E) and the sampled weights (W); after dx, W's buffer receives dW.
+  at::Tensor W = at::empty({S, N, K}, x.options());
+  at::Tensor E = at::empty({S, N, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+    sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
+                             W.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), S, N, K, kw);
+  });
+  at::Tensor dx;
+  if (d.shared) {
+    // dx = sum_s g_s @ W_s and dW_s = g_s^T @ x are single GEMMs over g as (B, S*N).
+    const at::Tensor g2 = grad_y.permute({1, 0, 2}).contiguous().view({B, S * N});
+    at::Tensor W2 = W.view({S * N, K});
+    dx = at::mm(g2, W2);
+    at::mm_out(W2, g2.t(), x);
+  } else {
+    dx = at::bmm(grad_y, W);
+    at::bmm_out(W, grad_y.transpose(1, 2), x);
+  }
+  at::Tensor dmu = at::empty_like(w_mu), drho = at::empty_like(w_rho);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+    const scalar_t* dW = W.data_ptr<scalar_t>();
+    const scalar_t* e = E.data_ptr<scalar_t>();
+    const scalar_t* rho = w_rho.data_ptr<scalar_t>();
+    scalar_t* dm = dmu.data_ptr<scalar_t>();
+    scalar_t* dr = drho.data_ptr<scalar_t>();
+    // dmu = sum_s dW_s; drho = sigmoid(rho) * sum_s dW_s * eps_s (w = mu + softplus(rho) eps).
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(K * S, 1)),
+                     [&](int64_t n0, int64_t n1) {
+      std::vector<double> am(K), ar(K);
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(am.begin(), am.end(), 0.0);
+        std::fill(ar.begin(), ar.end(), 0.0);
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t off = (s * N + n) * K;
+          for (int64_t k = 0; k < K; ++k) {
+            am[k] += static_cast<double>(dW[off + k]);
+            ar[k] += static_cast<double>(dW[off + k]) * static_cast<double>(e[off + k]);
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          dm[n * K + k] = static_cast<scalar_t>(am[k]);
+          dr[n * K + k] = static_cast<scalar_t>(ar[k]) * sigmoid<scalar_t>(rho[n * K + k]);
+        }
+      }
+    });
+  });
+  W.reset();
+  E.reset();
+
+  at::Tensor dbmu = x.new_empty({0}), dbrho = x.new_empty({0});
+  if (b_mu.has_value()) {
+    const at::Tensor gsum = grad_y.sum(1, false, at::kDouble).contiguous();  // (S, N)
+    dbmu = at::empty_like(*b_mu);
+    dbrho = at::empty_like(*b_rho);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+      const double* gs = gsum.data_ptr<double>();
+      const scalar_t* rho = b_rho->data_ptr<scalar_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        double m = 0.0, r = 0.0;
+        for (int64_t s = 0; s < S; ++s) {
+          const float e = normal_host(kb, static_cast<uint64_t>(s * N + n));
+          m += gs[s * N + n];
+          r += gs[s * N + n] * static_cast<double>(static_cast<scalar_t>(e));
+        }
+        dbmu.data_ptr<scalar_t>()[n] = static_cast<scalar_t>(m);
+        dbrho.data_ptr<scalar_t>()[n] = static_cast<scalar_t>(r) * sigmoid<scalar_t>(rho[n]);
+      }
+    });
+  }
+  return {dx, dmu, drho, dbmu, dbrho};
+}
+
+}  // namespace cpu
+}  // namespace faststeal

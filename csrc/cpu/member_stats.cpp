@@ -1,0 +1,229 @@
+// member_stats on the CPU: every across-member statistic of (S, B, C) logits in one pass over
+// the logits, parallel over batch rows, with no temporaries beyond an (S, C) scratch per thread.
+//
+// Numerics: logits are read as float32 (as the reference does); each member's softmax subtracts
+// its row max, so large or mean-shifted logits (e.g. +1e4) are exact to float32 rounding; the
+// variance across members is two-pass on the probabilities of a block of rows held in a
+// per-thread scratch (S x rows x C floats, <= 64 KiB for small C), never E[p^2] - E[p]^2.
+#include <cstring>
+
+#include <ATen/Parallel.h>
+
+#include "../common.h"
+#include "../ops.h"
+
+namespace faststeal {
+namespace cpu {
+namespace {
+
+// Rows per block: enough for long vector loops, few enough that the (S, rows, C) probabilities
+// stay in L1/L2. Every output is per row or an integer count, so results do not depend on it.
+inline int64_t rows_per_block(int64_t S, int64_t C) {
+  return std::max<int64_t>(1, std::min<int64_t>(64, 16384 / std::max<int64_t>(S * C, 1)));
+}
+
+struct Outs {
+  float* mean_probs;
+  float* variance;
+  float* entropy_of_mean;
+  float* mean_entropy;
+  float* mutual_info;
+  int64_t* pred;
+  float* disagreement;
+  float* correct;         // null without targets
+  int64_t* member_hits;   // (nblocks, S) counts, null without targets
+};
+
+// The float math below is branch-free so that GCC vectorizes the loops over a block without
+// -ffast-math: clamps work on the bit patterns (integer min/max) because a floating compare may
+// trap and blocks if-conversion under the default -ftrapping-math.
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// exp(x) for x <= 0 (max-subtracted logits): Cephes' expf polynomial after x = n ln2 + r,
+// |r| <= ln2/2; relative error ~2e-7. x is clamped to -87 (for x <= 0 a larger magnitude is a
+// larger bit pattern), so exp(-inf..-87) gives ~1.6e-38 instead of underflowing: an absolute
+// error below 2e-38.
+inline float exp_nonpos(float x) {
+  const uint32_t u = float_to_bits(x);
+  x = bits_to_float(u < 0xC2AE0000u ? u : 0xC2AE0000u);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2**22)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// log(x) for x > 0 (Cephes' logf, ~1 ulp); x below FLT_MIN (zero or subnormal) is treated as
+// FLT_MIN, which is what x * log(x) -> 0 needs.
+inline float log_pos(float x) {
+  uint32_t u = float_to_bits(x);
+  u = u > 0x00800000u ? u : 0x00800000u;
+  int32_t e = static_cast<int32_t>(u >> 23) - 127;
+  uint32_t mant = u & 0x007FFFFFu;
+  // m in [sqrt(1/2), sqrt(2)): mantissas above sqrt(2)'s (0x3504F3) are halved.
+  const uint32_t big = mant > 0x3504F3u ? 1u : 0u;
+  e += static_cast<int32_t>(big);
+  const float m = bits_to_float(mant | ((127u - big) << 23));
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float ef = static_cast<float>(e);
+  y += ef * -2.12194440e-4f;
+  y += -0.5f * z;
+  return (f + y) + ef * 0.693359375f;
+}
+
+// Statistics of batch rows [b0, b0 + R): P holds the (S, R, C) member probabilities, X one
+// member's (R, C) max-subtracted logits plus 2R scratch, H and member_pred (R) and (S, R).
+template <typename T>
+void stats_block(const T* logits, const int64_t* targets, const Outs& o, int64_t blk, int64_t rpb,
+                 int64_t S, int64_t B, int64_t C, float* P, float* X, float* H,
+                 int64_t* member_pred) {
+  const int64_t b0 = blk * rpb, R = std::min(B, b0 + rpb) - b0;
+  int64_t* hits = o.member_hits ? o.member_hits + blk * S : nullptr;
+  if (hits) std::fill(hits, hits + S, int64_t(0));
+  const float inv_s = 1.0f / static_cast<float>(S);
+  std::fill(H, H + R, 0.0f);
+  for (int64_t s = 0; s < S; ++s) {
+    const T* src = logits + (s * B + b0) * C;  // member s, rows b0.., contiguous (R, C)
+    float* p = P + s * R * C;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* row = src + r * C;
+      float m = static_cast<float>(row[0]);
+      for (int64_t c = 1; c < C; ++c) {
+        const float v = static_cast<float>(row[c]);
+        m = v > m ? v : m;
+      }
+      for (int64_t c = 0; c < C; ++c) X[r * C + c] = static_cast<float>(row[c]) - m;
+    }
+    for (int64_t i = 0; i < R * C; ++i) p[i] = exp_nonpos(X[i]);  // vectorized
+    float* sums = X + R * C;  // scratch (R)
+    float* pxs = sums + R;    // scratch (R)
+    for (int64_t r = 0; r < R; ++r) {
+      float* pr = p + r * C;
+      const float* xr = X + r * C;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < C; ++c) sum += pr[c];
+      const float inv = 1.0f / sum;
+      float px = 0.0f;
+      for (int64_t c = 0; c < C; ++c) {
+        pr[c] *= inv;
+        px += pr[c] * xr[c];
+      }
+      int64_t arg = 0;  // first index among ties (strict >)
+      for (int64_t c = 1; c < C; ++c) arg = pr[c] > pr[arg] ? c : arg;
+      member_pred[s * R + r] = arg;
+      sums[r] = sum;
+      pxs[r] = px;
+    }
+    // H[p_s] = -sum p log p with log p = (x - m) - log(sum).
+    for (int64_t r = 0; r < R; ++r) H[r] += log_pos(sums[r]) - pxs[r];
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    // Mean and two-pass variance across members, entropy of the mean, ensemble argmax.
+    float* mp = o.mean_probs + b * C;
+    for (int64_t c = 0; c < C; ++c) mp[c] = 0.0f;
+    for (int64_t s = 0; s < S; ++s) {
+      const float* pr = P + (s * R + r) * C;
+      for (int64_t c = 0; c < C; ++c) mp[c] += pr[c];
+    }
+    for (int64_t c = 0; c < C; ++c) mp[c] *= inv_s;
+    float* sq = X;  // scratch (C)
+    for (int64_t c = 0; c < C; ++c) sq[c] = 0.0f;
+    for (int64_t s = 0; s < S; ++s) {
+      const float* pr = P + (s * R + r) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = pr[c] - mp[c];
+        sq[c] += d * d;
+      }
+    }
+    float var_sum = 0.0f, eom = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      var_sum += sq[c];
+      eom -= mp[c] * log_pos(mp[c]);  // xlogy: 0 log 0 = 0
+    }
+    int64_t pred = 0;
+    for (int64_t c = 1; c < C; ++c) pred = mp[c] > mp[pred] ? c : pred;
+    const float me = H[r] * inv_s;
+    o.variance[b] = var_sum * inv_s / static_cast<float>(C);
+    o.entropy_of_mean[b] = eom;
+    o.mean_entropy[b] = me;
+    o.mutual_info[b] = eom - me;
+    o.pred[b] = pred;
+    int64_t disagree = 0;
+    for (int64_t s = 0; s < S; ++s) disagree += member_pred[s * R + r] != pred;
+    o.disagreement[b] = static_cast<float>(disagree) * inv_s;
+    if (targets) {
+      const int64_t tb = targets[b];
+      o.correct[b] = pred == tb ? 1.0f : 0.0f;
+      for (int64_t s = 0; s < S; ++s) hits[s] += member_pred[s * R + r] == tb;
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTensor& targets) {
+  const Target t = cpu_target("member_stats_fwd_cpu");
+  check_member_stats(t, logits, targets);
+  const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor mean_probs = at::empty({B, C}, f32);
+  at::Tensor variance = at::empty({B}, f32), eom = at::empty({B}, f32);
+  at::Tensor me = at::empty({B}, f32), mi = at::empty({B}, f32);
+  at::Tensor pred = at::empty({B}, logits.options().dtype(at::kLong));
+  at::Tensor disagreement = at::empty({B}, f32);
+  const bool has_t = targets.has_value();
+  at::Tensor correct = at::empty({has_t ? B : 0}, f32);
+  const int64_t rpb = rows_per_block(S, C);
+  const int64_t nblocks = (B + rpb - 1) / rpb;
+  at::Tensor hits = at::empty({has_t ? nblocks : 0, S}, logits.options().dtype(at::kLong));
+
+  Outs o{mean_probs.data_ptr<float>(), variance.data_ptr<float>(), eom.data_ptr<float>(),
+         me.data_ptr<float>(), mi.data_ptr<float>(), pred.data_ptr<int64_t>(),
+         disagreement.data_ptr<float>(), has_t ? correct.data_ptr<float>() : nullptr,
+         has_t ? hits.data_ptr<int64_t>() : nullptr};
+  const int64_t* tg = has_t ? targets->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "member_stats_fwd_cpu", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<float> P(S * rpb * C), X(rpb * C + 2 * rpb), H(rpb);
+      std::vector<int64_t> member_pred(S * rpb);
+      for (int64_t k = k0; k < k1; ++k) {
+        stats_block<scalar_t>(lp, tg, o, k, rpb, S, B, C, P.data(), X.data(), H.data(),
+                              member_pred.data());
+      }
+    });
+  });
+  at::Tensor member_correct = at::empty({0}, f32);
+  if (has_t) member_correct = hits.sum(0).to(at::kFloat).div_(static_cast<double>(B));
+  return {mean_probs, variance, eom, me, mi, pred, disagreement, correct, member_correct};
+}
+
+}  // namespace cpu
+}  // namespace faststeal

@@ -1,0 +1,315 @@
+"""The active-stealing loop and its checkpoint protocol.
+
+Loop (:func:`run_active`): query a random *seed set* (``seed_fraction`` of the budget), then
+repeat rounds of **train → select → query** until the oracle's budget is spent:
+
+1. train the strategy's *running surrogate* on everything queried so far (warm start: it keeps its
+   weights from the previous round and trains ``round_epochs`` more epochs; cold: rebuilt from the
+   same initialisation and trained ``epochs`` epochs);
+2. the strategy (:mod:`faststeal.query`) picks ``k = min(round_size, remaining budget, images to
+   the next checkpoint)`` not-yet-queried pool images, scoring the pool with the running surrogate;
+3. the oracle answers them.
+
+Budget. The budget is the oracle's (``oracle.budget``); a round never asks for more images than
+``oracle.remaining`` and never re-asks an answered image, so no strategy can query past it (the
+oracle would refuse a batch that did — a test checks this for every strategy over random budgets,
+seed and round sizes). A defence that refuses to answer (:class:`faststeal.defenses.QueryRefusedError`)
+ends the loop early; the result records where.
+
+Checkpoints (the protocol of mebench's retrain-from-scratch evaluation). At each budget
+checkpoint (e.g. 1k, 2k, 5k ...), two surrogates are evaluated on the test set:
+
+* ``retrained`` — a fresh surrogate built with the SAME seed (hence the same initialisation and
+  data order generator for every strategy) and trained ``epochs`` epochs on exactly the queried
+  set. Strategies are then compared on the quality of their queries alone; with ``random`` this is
+  the strong, equally trained baseline.
+* ``running`` — the strategy's own running surrogate (what an attacker running the loop has).
+
+The seed set is the same for every strategy with the same ``seed`` (it is drawn before the
+strategy acts), so curves differ only from the first selected round on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .query import Strategy, make_strategy
+
+MethodFactory = Callable[[int], Any]
+
+
+@dataclass
+class ActiveConfig:
+    """Settings of one active-stealing run (validated by :meth:`validate`).
+
+    strategy / strategy_params: see :class:`faststeal.query.Strategy`.
+    checkpoints: budgets at which surrogates are evaluated (ascending; the last is the budget the
+        loop spends; default: the oracle's whole budget).
+    seed_fraction / seed_size: size of the random seed set (``seed_size`` wins when given);
+        clipped to the first checkpoint.
+    round_size: images per selection round (default: the seed set's size).
+    method / arch / hparams: the surrogate (a :data:`faststeal.methods.METHODS` or
+        :data:`faststeal.methods.diverse.DIVERSE_METHODS` name); eval_method: the retrained
+        surrogate's method (default: ``method``).
+    epochs: training epochs of the retrained surrogate (and of a cold-started running one);
+        round_epochs: epochs the warm-started running surrogate trains per round.
+    seed: one seed for the seed set, the selection RNG, and every surrogate's initialisation.
+    """
+
+    strategy: str = "random"
+    strategy_params: dict = field(default_factory=dict)
+    checkpoints: Optional[Sequence[int]] = None
+    seed_fraction: float = 0.1
+    seed_size: Optional[int] = None
+    round_size: Optional[int] = None
+    method: str = "deep-ensemble"
+    eval_method: Optional[str] = None
+    arch: str = "mlp"
+    hparams: dict = field(default_factory=dict)
+    epochs: int = 5
+    round_epochs: int = 2
+    warm_start: bool = True
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+    def validate(self, budget: int) -> "ActiveConfig":
+        def pos_int(name: str, v: Any) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        make_strategy(self.strategy, **self.strategy_params)  # raises on a bad strategy
+        for name in ("epochs", "round_epochs", "batch_size"):
+            pos_int(name, getattr(self, name))
+        if self.checkpoints is not None:
+            cps = [int(c) for c in self.checkpoints]
+            if not cps:
+                raise ValueError("checkpoints must name at least one budget")
+            for c in cps:
+                pos_int("checkpoint", c)
+            if sorted(set(cps)) != cps:
+                raise ValueError(f"checkpoints must be strictly ascending, got {cps}")
+            if cps[-1] > budget:
+                raise ValueError(f"the last checkpoint ({cps[-1]}) exceeds the oracle's budget "
+                                 f"({budget})")
+        if not 0.0 < self.seed_fraction <= 1.0:
+            raise ValueError(f"seed_fraction must be in (0, 1], got {self.seed_fraction}")
+        if self.seed_size is not None:
+            pos_int("seed_size", self.seed_size)
+        if self.round_size is not None:
+            pos_int("round_size", self.round_size)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        return self
+
+    def plan(self, budget: int) -> tuple[list[int], int, int]:
+        """(checkpoints, seed set size, round size) for an oracle with ``budget``."""
+        cps = [int(c) for c in self.checkpoints] if self.checkpoints is not None else [budget]
+        seed_n = self.seed_size if self.seed_size is not None else max(
+            1, int(round(self.seed_fraction * cps[-1])))
+        seed_n = min(seed_n, cps[0])
+        round_n = self.round_size if self.round_size is not None else seed_n
+        return cps, seed_n, round_n
+
+
+def make_method(name: str, arch: str, input_shape: tuple, num_classes: int, *, seed: int,
+                device: Any, **hparams: Any) -> Any:
+    """Build a surrogate by name from the UQ methods or the diversity-keeping variants."""
+    from .methods import METHODS, build_method
+    from .methods.diverse import DIVERSE_METHODS
+
+    if name in DIVERSE_METHODS and name not in METHODS:
+        return DIVERSE_METHODS[name](arch, input_shape, num_classes, seed=seed, device=device,
+                                     **hparams)
+    return build_method(name, arch, input_shape, num_classes, seed=seed, device=device, **hparams)
+
+
+def evaluate_surrogate(method: Any, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
+                       victim_probs: Optional[Tensor] = None) -> dict[str, float]:
+    """:func:`faststeal.metrics.evaluate` of a fitted surrogate on the test set."""
+    members = method.predict_members(test_x)
+    return metrics.evaluate(members, victim_labels.to(members.device), test_y.to(members.device),
+                            mean_probs=method.predict_proba(test_x),
+                            victim_probs=None if victim_probs is None
+                            else victim_probs.to(members.device))
+
+
+def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labels: Tensor,
+               test_y: Tensor, victim_probs: Optional[Tensor] = None, device: Any = "cpu",
+               method_factory: Optional[MethodFactory] = None,
+               eval_factory: Optional[MethodFactory] = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Run one strategy's active loop against ``oracle`` and evaluate it at every checkpoint.
+
+    oracle: a :class:`faststeal.oracle.Oracle` (or a defence wrapper of one) whose ``pool_x`` is
+        the attacker's pool; it must not have been queried before (its budget is the loop's).
+    test_x / victim_labels / test_y (/ victim_probs): the experimenter's evaluation set.
+    method_factory(seed) / eval_factory(seed): override how the running / retrained surrogates are
+        built (default: :func:`make_method` from ``config``).
+
+    Returns a JSON-ready dict: ``config``, ``strategy``, ``checkpoints`` (per checkpoint:
+    ``budget``, ``used``, ``retrained`` and ``running`` metrics, seconds), ``rounds`` (per round:
+    ``used`` before it, ``k``, selection seconds split into forward/stats/features/select, the
+    running surrogate's training seconds, the number of candidates scored), ``queried`` (pool
+    indices in query order), ``used``, ``refused_at`` (oracle.used when a defence refused, else
+    None) and ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    from .defenses import QueryRefusedError
+
+    if oracle.used != 0:
+        raise ValueError(f"the oracle has already charged {oracle.used} images; run_active needs "
+                         "a fresh oracle (its budget is the loop's)")
+    budget = int(oracle.budget)
+    config.validate(budget)
+    cps, seed_n, round_n = config.plan(budget)
+    strategy: Strategy = make_strategy(config.strategy, **config.strategy_params)
+    pool_x: Tensor = oracle.pool_x
+    n_pool = int(pool_x.shape[0])
+    if cps[-1] > n_pool:
+        raise ValueError(f"the budget to spend ({cps[-1]}) exceeds the pool ({n_pool} images)")
+    input_shape = tuple(pool_x.shape[1:])
+
+    def num_classes() -> int:  # known to the oracle after its first answer
+        c = oracle_num_classes(oracle)
+        return c if c is not None else int(victim_labels.max().item()) + 1
+
+    def default_factory(name: str) -> MethodFactory:
+        return lambda seed: make_method(name, config.arch, input_shape, num_classes(), seed=seed,
+                                        device=device, **config.hparams)
+
+    method_factory = method_factory or default_factory(config.method)
+    eval_factory = eval_factory or default_factory(config.eval_method or config.method)
+    fit_kw = dict(batch_size=config.batch_size, lr=config.lr, progress=False)
+    t_start = time.perf_counter()
+    gen = torch.Generator().manual_seed(config.seed)
+
+    queried: list[Tensor] = []
+    targets: list[Tensor] = []
+    labeled_mask = torch.zeros(n_pool, dtype=torch.bool)
+    rounds: list[dict[str, Any]] = []
+    checkpoints: list[dict[str, Any]] = []
+    refused_at: Optional[int] = None
+
+    def ask(idx: Tensor) -> bool:
+        """Query ``idx``; False if a defence refused (nothing is recorded then)."""
+        nonlocal refused_at
+        if int(idx.numel()) > oracle.remaining:  # defensive: the plan never does this
+            raise RuntimeError(f"internal error: {idx.numel()} images asked with "
+                               f"{oracle.remaining} left")
+        try:
+            answers = oracle.query(idx)
+        except QueryRefusedError:
+            refused_at = int(oracle.used)
+            return False
+        queried.append(answers.indices.clone())
+        targets.append(oracle.targets(answers))
+        labeled_mask[answers.indices] = True
+        return True
+
+    def current() -> tuple[Tensor, Tensor]:
+        idx = torch.cat(queried)
+        return pool_x[idx], torch.cat(targets)
+
+    bar = tqdm(total=cps[-1], desc=f"active:{strategy.name}", unit="q", disable=not progress,
+               leave=False)
+    # the seed set: the same for every strategy given the seed
+    seed_idx = torch.randperm(n_pool, generator=torch.Generator().manual_seed(
+        config.seed * 7919 + 1))[:seed_n]
+    ok = ask(seed_idx)
+    bar.update(int(seed_idx.numel()) if ok else 0)
+    running = None
+    cp_iter = iter(cps)
+    next_cp = next(cp_iter)
+    while ok:
+        used = int(labeled_mask.sum())
+        x_l, y_l = current()
+        # 1. the running surrogate on everything queried so far
+        t0 = time.perf_counter()
+        if running is None or not config.warm_start:
+            running = method_factory(config.seed)
+            running.fit(x_l, y_l, epochs=config.epochs, **fit_kw)
+        else:
+            running.fit(x_l, y_l, epochs=config.round_epochs, **fit_kw)
+        train_s = time.perf_counter() - t0
+        if used == next_cp:
+            checkpoints.append(_checkpoint(used, running, eval_factory, config, x_l, y_l,
+                                           test_x, victim_labels, test_y, victim_probs,
+                                           t_start))
+            bar.set_postfix(fid=f"{checkpoints[-1]['retrained']['fidelity']:.3f}",
+                            refresh=False)
+            next_cp = next(cp_iter, None)
+            if next_cp is None:
+                break
+        # 2. select (never more than the budget left, never past the next checkpoint)
+        k = min(round_n, int(oracle.remaining), next_cp - used)
+        if k <= 0:
+            break
+        unlabeled = torch.nonzero(~labeled_mask).flatten()
+        picks, secs = strategy.select(running, pool_x, unlabeled,
+                                      torch.nonzero(labeled_mask).flatten(), k, gen)
+        rounds.append({"round": len(rounds), "used": used, "k": int(picks.numel()),
+                       "train_seconds": train_s,
+                       "candidates": int(unlabeled.numel()) if strategy.candidates is None
+                       else min(strategy.candidates, int(unlabeled.numel())),
+                       **{f"{key}_seconds": v for key, v in secs.items()}})
+        # 3. query
+        ok = ask(picks)
+        bar.update(int(picks.numel()) if ok else 0)
+    bar.close()
+    if refused_at is not None and running is not None and (
+            not checkpoints or checkpoints[-1]["used"] < int(labeled_mask.sum())):
+        # a defence stopped the loop: evaluate what the attacker has at that point
+        x_l, y_l = current()
+        checkpoints.append(_checkpoint(int(labeled_mask.sum()), running, eval_factory, config,
+                                       x_l, y_l, test_x, victim_labels, test_y, victim_probs,
+                                       t_start))
+        checkpoints[-1]["refused"] = True
+    all_q = torch.cat(queried) if queried else torch.empty(0, dtype=torch.int64)
+    return {"strategy": strategy.params(), "config": _jsonable(asdict(config)),
+            "checkpoints": checkpoints, "rounds": rounds, "queried": all_q.tolist(),
+            "used": int(oracle.used), "budget": budget, "refused_at": refused_at,
+            "seconds": time.perf_counter() - t_start}
+
+
+def oracle_num_classes(oracle: Any) -> Optional[int]:
+    try:
+        return int(oracle.num_classes)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _checkpoint(used: int, running: Any, eval_factory: MethodFactory, config: ActiveConfig,
+                x_l: Tensor, y_l: Tensor, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
+                victim_probs: Optional[Tensor], t_start: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    run_m = evaluate_surrogate(running, test_x, victim_labels, test_y, victim_probs)
+    if not config.warm_start and config.eval_method in (None, config.method):
+        ret_m, ret_s = run_m, 0.0  # cold running surrogate == the retrained one
+    else:
+        t1 = time.perf_counter()
+        fresh = eval_factory(config.seed)
+        fresh.fit(x_l, y_l, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                  progress=False)
+        ret_m = evaluate_surrogate(fresh, test_x, victim_labels, test_y, victim_probs)
+        ret_s = time.perf_counter() - t1
+    return {"budget": used, "used": used, "retrained": ret_m, "running": run_m,
+            "retrain_seconds": ret_s, "seconds": time.perf_counter() - t0,
+            "elapsed": time.perf_counter() - t_start}
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    return d

@@ -1,0 +1,405 @@
+"""The one interface every UQ surrogate implements, and the shared batched training loop.
+
+A method is a stack of S members with a leading member axis: :meth:`Method.predict_members`
+returns (S, B, C) logits and the training step updates all members with ONE optimizer step over
+the stacked parameters. The loop here owns everything the methods share — input checks, data on
+the device, per-member index orders, seeding, the progress bar, the diversity trace — and calls a
+few hooks (``_build``, ``_train_loss``, ``_make_optimizer``, ``_on_step``, ``_on_epoch_end``,
+``_finalize``, ``_predict_chunk``, ``_trace_members``, ``_extra_state``) that each method fills in.
+
+Randomness. Everything random is a function of ``seed``: initialisation runs under
+``torch.manual_seed(sub-seed 0)``; data orders come from a CPU :class:`torch.Generator` (so they
+are the same on every device); the stochastic layers (dropout masks, Bayesian weight noise) draw
+from torch's global RNG, which ``fit`` seeds for its duration inside :func:`torch.random.fork_rng`
+(the caller's RNG state is restored afterwards); prediction-time sampling re-seeds a fixed
+``prediction seed`` for every chunk, so the S members of a stochastic method are the same S
+networks on every call and ``predict_members`` is a deterministic function of the inputs.
+
+Diversity trace (the paper's curve). When ``fit`` gets a ``probe`` set it records, at iteration 0,
+every ``record_every`` optimizer steps and once more after training has finished,
+``{"iteration", "epoch", "members", "variance", "mutual_info", "disagreement", "loss"}`` where
+``variance`` = mean_x mean_c Var_s p_s(c|x) (population variance), ``mutual_info`` = mean_x BALD,
+``disagreement`` = mean_x fraction of members disagreeing with the ensemble argmax (all from
+:func:`faststeal.ops.member_stats` on the members the method would predict with at that moment)
+and ``loss`` the training loss of the latest step (None at iteration 0). The last entry always
+describes the prediction-time members (for SWAG and Laplace: the posterior samples).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from typing import Any, ClassVar, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+# Sub-seed streams derived from the method seed.
+STREAM_INIT, STREAM_ORDER, STREAM_TRAIN_NOISE, STREAM_PREDICT, STREAM_BN = 0, 1, 2, 3, 4
+
+
+def subseed(seed: int, stream: int) -> int:
+    """A distinct non-negative 63-bit seed per (seed, stream)."""
+    return (seed * 1_000_003 + stream * 7_919 + 17) % (2**63)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global RNG (CPU, and ``device`` if CUDA) seeded; restore after."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    v = float(value)
+    bad_low = v <= low if low_open else v < low
+    bad_high = v >= high if high_open else v > high
+    if math.isnan(v) or bad_low or bad_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+def make_optimizer(kind: str, params, lr: float, device: torch.device,
+                   **kw) -> torch.optim.Optimizer:
+    """One Adam/SGD over all stacked parameters: fused on CUDA, multi-tensor (foreach) elsewhere."""
+    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]
+    params = list(params)
+    if device.type == "cuda":
+        try:
+            return cls(params, lr=lr, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):  # e.g. an older torch without fused SGD
+            pass
+    return cls(params, lr=lr, foreach=True, **kw)
+
+
+class Method(abc.ABC):
+    """A UQ surrogate: S stacked members trained as one batched computation.
+
+    ``Method(arch, input_shape, num_classes, *, seed=0, device="cpu", **hparams)``; ``arch`` is one
+    of :data:`faststeal.models.zoo.ARCHS`, ``input_shape`` is (channels, height, width). Unknown
+    hyperparameters raise ``TypeError`` naming them; bad values raise ``ValueError``. Defaults
+    live in each subclass's ``DEFAULTS`` and are documented (with their source) in its module.
+    """
+
+    name: ClassVar[str] = ""
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: hyperparameters shared by every method
+    COMMON_DEFAULTS: ClassVar[dict[str, Any]] = {"weight_decay": 0.0}
+
+    def __init__(self, arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
+                 device="cpu", **hparams: Any) -> None:
+        from ..models import zoo
+
+        if not isinstance(arch, str) or arch not in zoo.ARCHS:
+            raise ValueError(f"arch must be one of {tuple(zoo.ARCHS)}, got {arch!r}")
+        if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
+                or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                       for d in input_shape)):
+            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, "
+                             f"got {input_shape!r}")
+        _check_positive_int("num_classes", num_classes, 2)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        defaults = {**self.COMMON_DEFAULTS, **self.DEFAULTS}
+        unknown = sorted(set(hparams) - set(defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown hyperparameter(s) {unknown}; "
+                            f"valid: {sorted(defaults)}")
+        self.arch = arch
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.seed = seed
+        self.device = torch.device(device)
+        self._hp: dict[str, Any] = {**defaults, **hparams}
+        self._hp["weight_decay"] = _check_float("weight_decay", self._hp["weight_decay"], 0.0)
+        self._validate_hparams(self._hp)
+        self._resolved: dict[str, Any] = {}
+        self.trace: list[dict] = []
+        self.fitted = False
+        self._last_loss: Optional[Tensor] = None
+        with seeded(subseed(seed, STREAM_INIT), self.device):
+            self.model = self._build().to(self.device)
+
+    # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
+    def _validate_hparams(self, hp: dict[str, Any]) -> None:
+        """Check (and normalise in place) the method's own hyperparameters; ValueError if bad."""
+
+    @abc.abstractmethod
+    def _build(self) -> torch.nn.Module:
+        """The training model (a StackedModel); called under the init seed."""
+
+    @property
+    @abc.abstractmethod
+    def num_members(self) -> int:
+        """S, the number of members :meth:`predict_members` returns."""
+
+    def _data_members(self) -> int:
+        """How many independent index orders the loop draws: 1 (shared batch) or S."""
+        return 1
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return make_optimizer("adam", self.model.parameters(), lr, self.device,
+                              weight_decay=self._hp["weight_decay"])
+
+    def _train_loss(self, xb: Tensor, yb: Tensor, n_train: int) -> Tensor:
+        """Scalar training loss: the SUM over members of each member's mean cross-entropy.
+
+        xb: (B, C, H, W) shared, or (S, B, C, H, W) with ``_data_members() == S``; yb: the matching
+        labels (B,) / (S, B) or soft labels (B, K) / (S, B, K).
+        """
+        logits = self.model(xb)
+        return member_loss_sum(logits, yb)
+
+    def _on_train_start(self, x: Tensor, y: Tensor, epochs: int, steps_per_epoch: int,
+                        batch_size: int, lr: float) -> None:
+        """Reset per-fit state (SWAG moments, Laplace posterior)."""
+
+    def _on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """E.g. a learning-rate schedule."""
+
+    def _on_step(self, iteration: int, epoch: int, step_in_epoch: int) -> None:
+        """After each optimizer step (``iteration`` counts from 1)."""
+
+    def _on_epoch_end(self, epoch: int, iteration: int) -> None:
+        """After the last step of ``epoch`` (0-based)."""
+
+    def _finalize(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        """After training: build the prediction-time members (SWAG samples, Laplace posterior)."""
+
+    def _predict_chunk(self, xb: Tensor) -> Tensor:
+        """(S, B, C) logits for one chunk; called in eval mode, under no_grad, seeded."""
+        return self.model(xb)
+
+    def _trace_members(self, probe: Tensor) -> Tensor:
+        """The members whose diversity the trace records at this moment of training."""
+        return self.predict_members(probe)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ public API
+    def hparams(self) -> dict[str, Any]:
+        """Resolved hyperparameters (defaults filled in, values derived during fit added)."""
+        return {"method": self.name, "arch": self.arch, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "seed": self.seed, "members": self.num_members,
+                **self._hp, **self._resolved}
+
+    def fit(self, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128, lr: float = 1e-3,
+            probe: Optional[Tensor] = None, record_every: int = 50,
+            progress: bool = True) -> "Method":
+        """Train all members at once on (x, y).
+
+        x: (N, C, H, W) float; y: (N,) int64 labels in [0, num_classes) or (N, num_classes)
+        probabilities (soft labels from a probability-output victim); epochs >= 1; batch_size:
+        rows per member per step (a last batch of one row is skipped that epoch, BatchNorm needs
+        two); lr: the Adam learning rate (SWAG derives its SGD rate from it); probe: (P, C, H, W)
+        inputs for the diversity trace, recorded every ``record_every`` steps. Training continues
+        from the current weights; the trace and the posterior (SWAG/Laplace) are rebuilt.
+        """
+        _check_positive_int("epochs", epochs)
+        _check_positive_int("batch_size", batch_size)
+        lr = _check_float("lr", lr, 0.0, low_open=True)
+        _check_positive_int("record_every", record_every)
+        x = self._check_inputs("x", x)
+        y = self._check_targets(y, x.shape[0])
+        if probe is not None:
+            probe = self._check_inputs("probe", probe)
+        n = x.shape[0]
+        steps = math.ceil(n / batch_size)
+        if steps > 1 and n - (steps - 1) * batch_size == 1:
+            steps -= 1  # never a one-row batch (BatchNorm in train mode cannot take it)
+        total = steps * epochs
+        s_data = self._data_members()
+        order_gen = torch.Generator().manual_seed(subseed(self.seed, STREAM_ORDER))
+
+        self.trace = []
+        self.fitted = False
+        self._last_loss = None
+        with seeded(subseed(self.seed, STREAM_TRAIN_NOISE), self.device):
+            self.model.train()
+            self._on_train_start(x, y, epochs, steps, batch_size, lr)
+            optimizer = self._make_optimizer(lr)
+            pool = self._index_pool(order_gen, n, s_data)  # (s_data, n) or None
+            if probe is not None:
+                self._record(probe, 0, steps)
+            bar = _progress(total, progress, self.name)
+            it = 0
+            for epoch in range(epochs):
+                self._on_epoch_start(epoch, optimizer)
+                order = self._epoch_order(order_gen, n, s_data, pool).to(self.device)
+                for step in range(steps):
+                    idx = order[:, step * batch_size:(step + 1) * batch_size]
+                    if s_data == 1:
+                        xb, yb = x[idx[0]], y[idx[0]]
+                    else:
+                        xb, yb = x[idx], y[idx]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = self._train_loss(xb, yb, n)
+                    loss.backward()
+                    optimizer.step()
+                    self._last_loss = loss.detach()
+                    it += 1
+                    self._on_step(it, epoch, step)
+                    if step == steps - 1:
+                        self._on_epoch_end(epoch, it)
+                    if probe is not None and it % record_every == 0:
+                        self._record(probe, it, steps)
+                        bar.set_postfix(loss=f"{self.trace[-1]['loss']:.3f}",
+                                        V=f"{self.trace[-1]['variance']:.2e}", refresh=False)
+                    bar.update(1)
+            bar.close()
+            self._finalize(x, y, batch_size)
+            self.model.eval()
+        self.fitted = True
+        if probe is not None:
+            if self.trace and self.trace[-1]["iteration"] == it:
+                self.trace.pop()  # the final entry describes the prediction-time members
+            self._record(probe, it, steps)
+        return self
+
+    @torch.no_grad()
+    def predict_members(self, x: Tensor, batch_size: int = 1024) -> Tensor:
+        """(S, B, C) member logits (eval mode, no grad, fixed sampling seed) on ``self.device``."""
+        x = self._check_inputs("x", x)
+        _check_positive_int("batch_size", batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = []
+            for start in range(0, x.shape[0], batch_size):
+                with seeded(subseed(self.seed, STREAM_PREDICT), self.device):
+                    outs.append(self._predict_chunk(x[start:start + batch_size]))
+            if not outs:
+                return x.new_empty(self.num_members, 0, self.num_classes)
+            return torch.cat(outs, dim=1)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def predict_proba(self, x: Tensor, batch_size: int = 1024) -> Tensor:
+        """(B, C) predictive probabilities: the mean over members of softmax(member logits)."""
+        return torch.softmax(self.predict_members(x, batch_size).float(), dim=-1).mean(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to predict again: weights, posterior, trace, hyperparameters."""
+        return {"method": self.name, "arch": self.arch, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "seed": self.seed, "hparams": dict(self._hp),
+                "resolved": dict(self._resolved), "fitted": self.fitted,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "extra": self._extra_state(), "trace": [dict(t) for t in self.trace]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` saved by an instance built with the same arguments."""
+        if not isinstance(state, dict) or "method" not in state:
+            raise TypeError("state must be a dict produced by Method.state_dict()")
+        mine = {"method": self.name, "arch": self.arch, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "hparams": dict(self._hp)}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"state was saved with {key}={state.get(key)!r}, "
+                                 f"this {type(self).__name__} has {key}={value!r}")
+        self.model.load_state_dict(state["model"])
+        self._resolved = dict(state.get("resolved", {}))
+        self.fitted = bool(state.get("fitted", False))
+        self.trace = [dict(t) for t in state.get("trace", [])]
+        self._load_extra_state(state.get("extra", {}))
+
+    # ------------------------------------------------------------------ internals
+    def _check_inputs(self, name: str, x: Tensor) -> Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{name} must be (N, {', '.join(map(str, self.input_shape))}), got "
+                             f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+        return x.to(self.device, torch.float32)
+
+    def _check_targets(self, y: Tensor, n: int) -> Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        c = self.num_classes
+        if y.dtype.is_floating_point:
+            if tuple(y.shape) != (n, c):
+                raise ValueError(f"soft labels y must be (N, num_classes) = {(n, c)}, got shape "
+                                 f"{tuple(y.shape)}")
+            if y.numel() and (bool((y < 0).any()) or
+                              not torch.allclose(y.sum(-1), torch.ones_like(y[:, 0]), atol=1e-3)):
+                raise ValueError("soft labels y must be non-negative rows that sum to 1")
+            return y.to(self.device, torch.float32)
+        if y.dtype == torch.bool or tuple(y.shape) != (n,):
+            raise ValueError(f"y must be (N,) = ({n},) integer labels or (N, {c}) probabilities, "
+                             f"got shape {tuple(y.shape)}, dtype {y.dtype}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+            raise ValueError(f"labels y must lie in [0, {c}), got range [{int(y.min())}, "
+                             f"{int(y.max())}]")
+        return y.to(self.device, torch.int64)
+
+    def _index_pool(self, gen: torch.Generator, n: int, s_data: int) -> Optional[Tensor]:
+        """Per-member training sets as index rows (bootstrap); None = every member sees all data."""
+        return None
+
+    @staticmethod
+    def _epoch_order(gen: torch.Generator, n: int, s_data: int, pool: Optional[Tensor]) -> Tensor:
+        """(s_data, n) indices: an independent random permutation per row (of the pool rows)."""
+        perm = torch.argsort(torch.rand(s_data, n, generator=gen), dim=1)
+        return perm if pool is None else torch.gather(pool, 1, perm)
+
+    def _record(self, probe: Tensor, iteration: int, steps_per_epoch: int) -> None:
+        logits = self._trace_members(probe)
+        st = ops.member_stats(logits)
+        values = [st.variance.mean(), st.mutual_info.mean(), st.disagreement.mean()]
+        if self._last_loss is not None:
+            values.append(self._last_loss.to(st.variance.device, torch.float32))
+        values = torch.stack(values).tolist()  # the one host sync of a record point
+        self.trace.append({"iteration": iteration, "epoch": iteration / steps_per_epoch,
+                           "members": int(logits.shape[0]), "variance": values[0],
+                           "mutual_info": values[1], "disagreement": values[2],
+                           "loss": values[3] if len(values) > 3 else None})
+
+
+def member_loss_sum(logits: Tensor, target: Tensor) -> Tensor:
+    """Scalar training loss: sum over members of each member's mean cross-entropy.
+
+    logits: (S, B, C). ``target`` is shared by the members — (B,) labels or (B, C)
+    probabilities — or per member — (S, B) labels or (S, B, C) probabilities (Deep Ensemble's
+    own data orders). Per-member targets go through :func:`ops.ensemble_cross_entropy` as one
+    (1, S*B, C) problem: its mean is (1/S) sum_s loss_s, so S times it is exactly the sum and
+    each member still gets only its own gradient (never a loss on the averaged output).
+    """
+    s, b, c = logits.shape
+    hard = not target.dtype.is_floating_point
+    if target.dim() == (1 if hard else 2):
+        return ops.ensemble_cross_entropy(logits, target).sum()
+    flat_t = target.reshape(s * b) if hard else target.reshape(s * b, c)
+    return ops.ensemble_cross_entropy(logits.reshape(1, s * b, c), flat_t)[0] * s
+
+
+def _progress(total: int, enabled: bool, name: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, desc=name, leave=False, dynamic_ncols=True)

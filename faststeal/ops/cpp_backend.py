@@ -1,0 +1,95 @@
+"""The ``cpp`` backend: the C++ CPU kernels of ``faststeal._C`` (``csrc/cpu``).
+
+Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32 and
+float64. The kernels are compiled for those two dtypes only; float16/bfloat16 CPU tensors (rare
+on CPU, and slower than float32 there) are passed to the reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from . import reference
+from .reference import MemberStats
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    """None when the C++ CPU kernels can run on ``device_type``, else why not."""
+    reason = _ext.unavailable_reason()
+    if reason:
+        return reason
+    if device_type != "cpu":
+        return f"the cpp backend runs on CPU tensors only, not {device_type}"
+    return None
+
+
+def _native(t: torch.Tensor) -> bool:
+    return t.dtype in _DTYPES
+
+
+def ensemble_linear_fwd(x, weight, bias, activation, dropout_p, key):
+    if not _native(x):
+        return reference.ensemble_linear_fwd(x, weight, bias, activation, dropout_p, key)
+    return _ext.C.ensemble_linear_fwd_cpu(x, weight, bias, activation, float(dropout_p), int(key))
+
+
+def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key):
+    if not _native(x):
+        return reference.ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation,
+                                             dropout_p, key)
+    dx, dw, db = _ext.C.ensemble_linear_bwd_cpu(grad_y, x, weight, bias, y, z, activation,
+                                                float(dropout_p), int(key))
+    return dx, dw, (db if bias is not None else None)
+
+
+def bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
+    if not _native(x):
+        return reference.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b)
+    return _ext.C.bayes_linear_fwd_cpu(x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w),
+                                       int(key_b))
+
+
+def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
+    if not _native(x):
+        return reference.bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w,
+                                          key_b)
+    dx, dmu, drho, dbmu, dbrho = _ext.C.bayes_linear_bwd_cpu(
+        grad_y, x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w), int(key_b))
+    if b_mu is None:
+        dbmu = dbrho = None
+    return dx, dmu, drho, dbmu, dbrho
+
+
+def gaussian_kl_fwd(mu, rho, prior_sigma):
+    if not _native(mu):
+        return reference.gaussian_kl_fwd(mu, rho, prior_sigma)
+    return _ext.C.gaussian_kl_fwd_cpu(mu, rho, float(prior_sigma))
+
+
+def gaussian_kl_bwd(grad, mu, rho, prior_sigma):
+    if not _native(mu):
+        return reference.gaussian_kl_bwd(grad, mu, rho, prior_sigma)
+    return tuple(_ext.C.gaussian_kl_bwd_cpu(grad, mu, rho, float(prior_sigma)))
+
+
+def member_stats_fwd(logits, targets):
+    if not _native(logits):
+        return reference.member_stats_fwd(logits, targets)
+    return MemberStats(*_ext.C.member_stats_fwd_cpu(logits, targets))
+
+
+def ensemble_cross_entropy_fwd(logits, target):
+    if not _native(logits):
+        return reference.ensemble_cross_entropy_fwd(logits, target)
+    return _ext.C.ensemble_cross_entropy_fwd_cpu(logits, target)
+
+
+def ensemble_cross_entropy_bwd(grad, logits, target):
+    if not _native(logits):
+        return reference.ensemble_cross_entropy_bwd(grad, logits, target)
+    return _ext.C.ensemble_cross_entropy_bwd_cpu(grad, logits, target)

@@ -1,0 +1,49 @@
+"""The command line: errors on bad configuration, info, report."""
+
+import subprocess
+import sys
+
+import pytest
+
+from faststeal.cli import main
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--dataset", "imagenet"], "dataset must be one of"),
+    (["--budget", "0"], "budget must be a positive integer"),
+    (["--methods", "swag,foo"], "unknown method"),
+    (["--victim-arch", "vgg"], "victim_arch must be one of"),
+    (["--member-sweep", "1,x"], "--member-sweep must be"),
+    (["--method-params", "{bad"], "--method-params is not valid JSON"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_run_rejects_bad_configuration(args, match, capsys, tmp_path):
+    rc = main(["run", "--out", str(tmp_path / "o"), *args])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+def test_bad_output_mode_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--output-mode", "soft"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_info_lists_backends_per_op(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "triton", "extension", "member_stats", "ensemble_linear"):
+        assert key in out
+
+
+def test_report_on_missing_folder(capsys, tmp_path):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "results.sqlite" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "faststeal", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "backend used by `auto`" in r.stdout

@@ -1,0 +1,82 @@
+"""End-to-end comparison on the offline `digits` dataset, and configuration validation."""
+
+import json
+import os
+
+import pytest
+
+import faststeal
+from faststeal.experiment import Config, parse_methods
+
+TINY = dict(dataset="digits", victim_arch="lenet", surrogate_arch="mlp", victim_epochs=15,
+            budget=500, seeds=1, epochs=6, member_sweep=(1, 2), probe_size=64, record_every=5,
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = Config(**TINY, out=str(out), cache_dir=str(out / "cache"))
+    summary = faststeal.run_comparison(cfg)
+    return out, summary
+
+
+def test_all_methods_far_above_chance(digits_run):
+    out, summary = digits_run
+    assert summary["victim"]["test_accuracy"] > 0.8
+    assert set(summary["methods"]) == {"baseline", "deep-ensemble", "mc-dropout", "bbb", "swag",
+                                       "laplace"}
+    for name, m in summary["methods"].items():
+        # chance is 10% on 10 classes
+        assert m["fidelity"]["mean"] > 0.5, (name, m["fidelity"])
+        assert m["fidelity"]["n"] == 1
+    assert summary["methods"]["deep-ensemble"]["members"] > 1
+    assert summary["methods"]["baseline"]["gain_over_baseline"]["mean"] == 0.0
+    assert set(summary["member_sweep"]["deep-ensemble"]) == {"1", "2"}
+
+
+def test_result_files_written(digits_run):
+    out, _ = digits_run
+    for f in ("results.sqlite", "results.json", "results.csv", "results.md", "query_log.json",
+              "variance_curve.png", "fidelity.png", "fidelity_vs_members.png", "timing.json"):
+        assert os.path.getsize(out / f) > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert res["queries"]["used"] == 500
+    log = json.loads((out / "query_log.json").read_text())
+    assert sum(entry["charged"] for entry in log["queries"]) == 500 == log["used"]
+
+
+def test_rerun_resumes_without_retraining(digits_run, capsys):
+    out, summary = digits_run
+    cfg = Config(**TINY, out=str(out), cache_dir=str(out / "cache"))
+    again = faststeal.run_comparison(cfg)
+    assert "resuming" in capsys.readouterr().out
+    assert again["methods"]["swag"]["fidelity"] == summary["methods"]["swag"]["fidelity"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dataset", "imagenet", "dataset must be one of"),
+    ("victim_arch", "vgg", "victim_arch must be one of"),
+    ("output_mode", "soft", "output_mode must be one of"),
+    ("budget", 0, "budget must be a positive integer"),
+    ("budget", -5, "budget must be a positive integer"),
+    ("methods", ("baseline", "dropconnect"), "method must be one of"),
+    ("victim_fraction", 1.5, "victim_fraction"),
+])
+def test_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config(**{field: value}).validate()
+
+
+def test_budget_larger_than_pool_rejected_before_training(tmp_path):
+    cfg = Config(**{**TINY, "budget": 10**6}, out=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="larger than the attacker pool"):
+        faststeal.run_comparison(cfg)
+    assert not os.path.exists(tmp_path / "c")  # failed before the victim was trained
+
+
+def test_parse_methods():
+    assert parse_methods("all")[0] == "baseline" and len(parse_methods("all")) == 6
+    assert parse_methods("swag, laplace") == ("swag", "laplace")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("swag,foo")
