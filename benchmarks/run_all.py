@@ -231,10 +231,21 @@ def main(argv=None) -> int:
         log(f"[run_all] copy {ceil['copy']['gbps']:.1f} GB/s; GEMM " + ", ".join(
             f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in ceil["gemm"].items()))
     save()
+    def share(section: str) -> common.Deadline:
+        # each section gets its share of the time left, so a slow (loaded) machine still
+        # reaches the training targets instead of spending the whole budget on the ops grid
+        left = deadline.left()
+        if left == float("inf"):
+            return common.Deadline(None)
+        weights = {"ops": 0.3, "train": 0.5, "e2e": 0.2}
+        rest = sections[sections.index(section):]
+        return common.Deadline(max(0.0, left * weights[section] / sum(weights[x] for x in rest)))
+
     if "ops" in sections:
         log(f"[run_all] ops ({ops_preset})")
         try:
-            res["ops"] = bench_ops.run(device, ops_preset, ceil=ceil, deadline=deadline, log=log)
+            res["ops"] = bench_ops.run(device, ops_preset, ceil=ceil, deadline=share("ops"),
+                                       log=log)
         except Exception as exc:
             res["errors"]["ops"] = common.short_error(exc, 400)
             log(f"[run_all] ops failed: {res['errors']['ops']}")
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
         try:
             res["train"] = bench_train.run(device, train_preset,
                                            gemm=ceil["gemm"]["float32"] if ceil else None,
-                                           deadline=deadline, log=log)
+                                           deadline=share("train"), log=log)
         except Exception as exc:
             res["errors"]["train"] = common.short_error(exc, 400)
             log(f"[run_all] train failed: {res['errors']['train']}")

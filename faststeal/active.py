@@ -31,6 +31,7 @@ strategy acts), so curves differ only from the first selected round on.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -58,6 +59,9 @@ class ActiveConfig:
         :data:`faststeal.methods.diverse.DIVERSE_METHODS` name); eval_method: the retrained
         surrogate's method (default: ``method``).
     epochs: training epochs of the retrained surrogate (and of a cold-started running one);
+        min_steps: but at least this many optimizer steps (more epochs on small sets, so that
+        a 500-image checkpoint is not judged on a barely trained surrogate; the same for every
+        strategy at a checkpoint since the set sizes are equal);
         round_epochs: epochs the warm-started running surrogate trains per round.
     seed: one seed for the seed set, the selection RNG, and every surrogate's initialisation.
     """
@@ -73,6 +77,7 @@ class ActiveConfig:
     arch: str = "mlp"
     hparams: dict = field(default_factory=dict)
     epochs: int = 5
+    min_steps: int = 0
     round_epochs: int = 2
     warm_start: bool = True
     batch_size: int = 128
@@ -104,11 +109,19 @@ class ActiveConfig:
             pos_int("seed_size", self.seed_size)
         if self.round_size is not None:
             pos_int("round_size", self.round_size)
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) \
+                or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an int >= 0, got {self.min_steps!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         return self
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs of a from-scratch fit on ``n`` images: ``epochs``, raised to ``min_steps``."""
+        steps_per_epoch = max(1, math.ceil(n / self.batch_size))
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
     def plan(self, budget: int) -> tuple[list[int], int, int]:
         """(checkpoints, seed set size, round size) for an oracle with ``budget``."""
@@ -237,7 +250,7 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
         t0 = time.perf_counter()
         if running is None or not config.warm_start:
             running = method_factory(config.seed)
-            running.fit(x_l, y_l, epochs=config.epochs, **fit_kw)
+            running.fit(x_l, y_l, epochs=config.epochs_for(used), **fit_kw)
         else:
             running.fit(x_l, y_l, epochs=config.round_epochs, **fit_kw)
         train_s = time.perf_counter() - t0
@@ -298,11 +311,12 @@ def _checkpoint(used: int, running: Any, eval_factory: MethodFactory, config: Ac
     else:
         t1 = time.perf_counter()
         fresh = eval_factory(config.seed)
-        fresh.fit(x_l, y_l, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                  progress=False)
+        fresh.fit(x_l, y_l, epochs=config.epochs_for(int(x_l.shape[0])),
+                  batch_size=config.batch_size, lr=config.lr, progress=False)
         ret_m = evaluate_surrogate(fresh, test_x, victim_labels, test_y, victim_probs)
         ret_s = time.perf_counter() - t1
-    return {"budget": used, "used": used, "retrained": ret_m, "running": run_m,
+    return {"budget": used, "used": used, "epochs": config.epochs_for(int(x_l.shape[0])),
+            "retrained": ret_m, "running": run_m,
             "retrain_seconds": ret_s, "seconds": time.perf_counter() - t0,
             "elapsed": time.perf_counter() - t_start}
 

@@ -44,13 +44,13 @@ XT, YT = make_data(200, 2)
 PROBE = XT[:64]
 
 # Smaller prediction-time S than the defaults, to keep the file fast; S > 1 everywhere but the
-# baseline. SWAG collects every 2 steps from step 15 of 20: snapshots 15, 17, 19.
+# baseline. SWAG collects every 2 steps from step 10 of 20: snapshots 10, 12, ..., 20.
 TEST_HP = {
     "baseline": {},
     "deep-ensemble": {"members": 3},
     "mc-dropout": {"samples": 6},
     "bbb": {"samples": 6},
-    "swag": {"samples": 6, "rank": 4, "collect_every": 2},
+    "swag": {"samples": 6, "rank": 4, "collect_every": 2, "swa_start": 0.5},
     "laplace": {"samples": 6},
 }
 EXPECTED_S = {"baseline": 1, "deep-ensemble": 3, "mc-dropout": 6, "bbb": 6, "swag": 6, "laplace": 6}
@@ -163,8 +163,10 @@ class TestMethodContract:
             assert tr[-1]["variance"] > 0.0
         if name == "laplace":  # the MAP network alone until the posterior exists
             assert all(t["variance"] == 0.0 and t["members"] == 1 for t in tr[:-1])
-        if name == "swag":  # one network until the first snapshot (step 15)
-            assert all(t["members"] == 1 and t["variance"] == 0.0 for t in tr[:3])
+        if name == "swag":  # one network until the first snapshot (step 10), then samples
+            assert m.collected_at == [10, 12, 14, 16, 18, 20]
+            assert all(t["members"] == 1 and t["variance"] == 0.0 for t in tr[:2])
+            assert tr[2]["members"] == EXPECTED_S["swag"] and tr[2]["variance"] < 1e-12
             assert tr[3]["members"] == EXPECTED_S["swag"] and tr[3]["variance"] > 0.0
 
     def test_trace_matches_hand_computed_statistics(self, name, monkeypatch):
@@ -214,6 +216,7 @@ def test_build_method_rejects_unknown_names():
     ("bbb", {"train_samples": 0}, ValueError, "train_samples"),
     ("swag", {"swa_start": 1.0}, ValueError, "swa_start"),
     ("swag", {"rank": 0}, ValueError, "rank"),
+    ("swag", {"collect_every": "often"}, ValueError, "collect_every"),
     ("laplace", {"hessian": "full"}, ValueError, "hessian"),
     ("laplace", {"predictive": "glm"}, ValueError, "predictive"),
     ("laplace", {"prior_precision": -1.0}, ValueError, "prior_precision"),
@@ -368,7 +371,7 @@ def test_swag_moments_match_recorded_iterates():
     m = make("swag", rank=3, collect_every=1, swa_start=0.5, record_iterates=True)
     m.fit(X[:64], Y[:64], epochs=2, batch_size=16, lr=1e-2, progress=False)  # 8 steps
     # collection from step ceil(0.5 * 8) = 4 on, every step: 4, 5, 6, 7, 8
-    assert m.n_collected == 5 and len(m.iterates) == 5
+    assert m.n_collected == 5 and len(m.iterates) == 5 and m.collected_at == [4, 5, 6, 7, 8]
     it = torch.stack(m.iterates).double()
     torch.testing.assert_close(it[-1].float(), torch.cat(
         [p.detach().reshape(-1) for _, p in m.model.named_parameters()]))
@@ -386,6 +389,20 @@ def test_swag_moments_match_recorded_iterates():
     for s in range(6):
         torch.testing.assert_close(torch.cat([p[s].reshape(-1) for p in stack.parameters()]),
                                    flat[s])
+
+
+@pytest.mark.parametrize("epochs, rank, collect_every, resolved, expected", [
+    (2, 3, None, 1, [6, 7, 8]),  # short run: per step, about K + 1 snapshots
+    (8, 3, None, 2, [24, 26, 28, 30, 32]),  # window of 9 steps // (K + 1) = every 2 steps
+    (8, 2, None, "epoch", [24, 28, 32]),  # 3 collection epochs >= K + 1: the paper's schedule
+    (2, 3, "epoch", "epoch", [8]),
+    (2, 3, 3, 3, [8]),  # every 3 steps counted back from the last one, from step 6 on
+])
+def test_swag_collection_schedule(epochs, rank, collect_every, resolved, expected):
+    m = make("swag", rank=rank, collect_every=collect_every, swa_start=0.75)
+    m.fit(X[:64], Y[:64], epochs=epochs, batch_size=16, lr=1e-3, progress=False)  # 4 steps/epoch
+    assert m.hparams()["collect_every_resolved"] == resolved
+    assert m.collected_at == expected and m.n_collected == len(expected)
 
 
 def test_swag_samples_have_the_swag_covariance():

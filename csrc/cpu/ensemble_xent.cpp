@@ -13,14 +13,16 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 256;
 
-// log-sum-exp of one row of C values, in acc precision.
+// Max and log(sum(exp(x - max))) of one row, in acc precision. Losses and probabilities are
+// formed from (x - max) - log(sum), never from max + log(sum), so mean-shifted logits (e.g.
+// +1e4) keep full precision.
 template <typename T>
-inline T row_lse(const T* x, int64_t C) {
-  T m = x[0];
+inline void row_max_logsum(const T* x, int64_t C, T& m, T& logsum) {
+  m = x[0];
   for (int64_t c = 1; c < C; ++c) m = x[c] > m ? x[c] : m;
   T sum = T(0);
   for (int64_t c = 0; c < C; ++c) sum += std::exp(x[c] - m);
-  return m + std::log(sum);
+  logsum = std::log(sum);
 }
 
 inline void check_label(const Target& t, int64_t label, int64_t b, int64_t C) {
@@ -46,16 +48,17 @@ at::Tensor ensemble_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor
         double acc = 0.0;
         for (int64_t b = chunk * kRowsPerChunk; b < b1; ++b) {
           const scalar_t* row = x + (s * B + b) * C;
-          const scalar_t lse = row_lse(row, C);
+          scalar_t m, ls;
+          row_max_logsum(row, C, m, ls);
           if (soft) {
             const scalar_t* tr = target.data_ptr<scalar_t>() + b * C;
             scalar_t l = scalar_t(0);
-            for (int64_t c = 0; c < C; ++c) l += tr[c] * (lse - row[c]);
+            for (int64_t c = 0; c < C; ++c) l += tr[c] * ((m - row[c]) + ls);
             acc += static_cast<double>(l);
           } else {
             const int64_t label = target.data_ptr<int64_t>()[b];
             check_label(t, label, b, C);
-            acc += static_cast<double>(lse - row[label]);
+            acc += static_cast<double>((m - row[label]) + ls);
           }
         }
         partial[k] = acc;
@@ -89,18 +92,21 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
         const int64_t s = r / B, b = r % B;
         const scalar_t* row = x + r * C;
         scalar_t* drow = dx + r * C;
-        const scalar_t lse = row_lse(row, C);
+        scalar_t m, ls;
+        row_max_logsum(row, C, m, ls);
         const scalar_t w = static_cast<scalar_t>(gp[s] / static_cast<double>(B));
         if (soft) {
           const scalar_t* tr = target.data_ptr<scalar_t>() + b * C;
           scalar_t tsum = scalar_t(0);
           for (int64_t c = 0; c < C; ++c) tsum += tr[c];
-          for (int64_t c = 0; c < C; ++c) drow[c] = (std::exp(row[c] - lse) * tsum - tr[c]) * w;
+          for (int64_t c = 0; c < C; ++c) {
+            drow[c] = (std::exp((row[c] - m) - ls) * tsum - tr[c]) * w;
+          }
         } else {
           const int64_t label = target.data_ptr<int64_t>()[b];
           check_label(t, label, b, C);
-          for (int64_t c = 0; c < C; ++c) drow[c] = std::exp(row[c] - lse) * w;
-          drow[label] = (std::exp(row[label] - lse) - scalar_t(1)) * w;
+          for (int64_t c = 0; c < C; ++c) drow[c] = std::exp((row[c] - m) - ls) * w;
+          drow[label] = (std::exp((row[label] - m) - ls) - scalar_t(1)) * w;
         }
       }
     });

@@ -14,6 +14,10 @@ from torch's global RNG, which ``fit`` seeds for its duration inside :func:`torc
 (the caller's RNG state is restored afterwards); prediction-time sampling re-seeds a fixed
 ``prediction seed`` for every chunk, so the S members of a stochastic method are the same S
 networks on every call and ``predict_members`` is a deterministic function of the inputs.
+On CUDA, convolutional architectures are bit-reproducible only with
+``torch.use_deterministic_algorithms(True)`` (cuDNN's backward uses atomics); the methods do not
+flip that global switch — the caller (experiment, CLI) does. MLPs reran bit-identically on an
+H200 without it.
 
 Diversity trace (the paper's curve). When ``fit`` gets a ``probe`` set it records, at iteration 0,
 every ``record_every`` optimizer steps and once more after training has finished,

@@ -40,6 +40,20 @@ Predictive (``predictive``):
 Diversity trace V(t): during training the method is the MAP network alone (S = 1, V = 0); the
 final entry is the posterior's (the MC samples). Trace values before the end therefore measure
 the MAP network, not a posterior, by construction of the method.
+
+Caveat (measured, inherent to the method): when the unregularised MAP is almost certain on every
+training point, Lambda_n ~ 0, the GGN vanishes and the evidence-optimal posterior is close to
+the prior; with large penultimate features the MC members then scatter widely. On a synthetic,
+perfectly separable task (random prototypes + noise, MLP) the MC predictive fell to 0.48-0.64
+accuracy against 1.0 for the MAP. On 3k Fashion-MNIST queries (10 epochs, MLP) the MAP is not
+saturated and the approximation behaves: delta ~ 38, accuracy 0.818 (MC) / 0.822 (probit)
+against 0.824 for the baseline. Where it bites, fix ``prior_precision`` or train the MAP with
+``weight_decay`` (the prior Laplace Redux's networks are trained with).
+
+Reproducibility: posterior samples are drawn in the eigenbases of G and A; on CUDA, a
+convolutional MAP is bit-reproducible only under ``torch.use_deterministic_algorithms(True)``,
+and tiny MAP differences can rotate near-degenerate eigenvectors, giving different (equally
+distributed) samples.
 """
 
 from __future__ import annotations

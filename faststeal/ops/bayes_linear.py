@@ -36,8 +36,9 @@ def _bayes_linear_backward(
     fn = dispatch.impl("bayes_linear", "bwd", x.device.type)
     dx, dmu, drho, dbmu, dbrho = fn(grad_y.contiguous(), x, w_mu, w_rho, b_mu, b_rho, samples,
                                     *_keys(seed))
-    empty = w_mu.new_empty(0)
-    return dx, dmu, drho, (dbmu if dbmu is not None else empty), (dbrho if dbrho is not None else empty)
+    # two distinct empty tensors: torch.library forbids outputs that alias each other
+    return (dx, dmu, drho, dbmu if dbmu is not None else w_mu.new_empty(0),
+            dbrho if dbrho is not None else w_mu.new_empty(0))
 
 
 @_bayes_linear_backward.register_fake

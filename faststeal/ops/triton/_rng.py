@@ -45,4 +45,5 @@ def standard_normal(index, key):
     b2 = random_bits(c + 1, key) >> 8
     u1 = (b1 + 1).to(tl.float32) * _TWO_POW_M24  # in (0, 1]: log(u1) is finite
     u2 = b2.to(tl.float32) * _TWO_POW_M24
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(_TWO_PI * u2)
+    # constexpr on the right: the interpreter cannot multiply constexpr * tensor
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * _TWO_PI)

@@ -219,7 +219,8 @@ def _check(op, x, weight, bias, activation):
         if t is not None:
             C.check_dtype(op, name, t)
     if activation not in _ACT:
-        raise ValueError(f"triton {op}: activation must be one of {tuple(_ACT)}, got {activation!r}")
+        raise ValueError(f"triton {op}: activation must be one of {tuple(_ACT)}, "
+                         f"got {activation!r}")
 
 
 def ensemble_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias, activation: str,

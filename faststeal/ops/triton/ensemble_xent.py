@@ -1,8 +1,8 @@
 """Triton ``ensemble_cross_entropy``: per-member mean cross-entropy of (S, B, C) logits.
 
 Forward: one program per (row block, member) streams the classes in chunks with an online
-log-sum-exp; soft targets accumulate ``sum_c t (x - m)`` with the running max ``m`` rescaled as it
-grows, so shifted logits do not cancel catastrophically; each program writes a partial sum and a
+log-sum-exp; soft targets accumulate ``sum_c t (x - ref)`` against the row's first logit, so
+shifted logits do not cancel catastrophically; each program writes a partial sum and a
 second tiny kernel reduces the partials per member (deterministic, no atomics). Backward: the same
 online pass for (m, sum exp), then ``(softmax * sum(t) - t) * grad[s] / B`` written chunk by chunk.
 Hard labels outside [0, C) give NaN (the reference raises) rather than reading out of bounds.
@@ -20,8 +20,12 @@ from . import _common as C
 @triton.jit
 def _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C, SOFT: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Online (max, sum exp(x - max)) per row and, for soft targets, (sum t, sum t (x - max))."""
+    """Online (max, sum exp(x - max)) per row and, for soft targets, sum t and sum t (x - ref)
+    with ref the row's first logit (same scale as the row, so no catastrophic cancellation for
+    shifted logits, and nothing to rebase when the max moves)."""
     cols = tl.arange(0, BLOCK_C)
+    ref = tl.load(logits_ptr + row_off, mask=r_mask, other=0.0).to(ACC)
+    ref = tl.where(tl.abs(ref) < float("inf"), ref, 0.0)
     m = tl.full((BLOCK_B,), -float("inf"), ACC)
     ssum = tl.zeros((BLOCK_B,), ACC)
     tsum = tl.zeros((BLOCK_B,), ACC)
@@ -36,12 +40,13 @@ def _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C, SOFT: tl.cons
         ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         if SOFT:
             t = tl.load(tgt_ptr + t_off[:, None] + cur[None, :], mask=mask, other=0.0).to(ACC)
-            # rebase sum t (x - m) onto the new max (nothing to rebase before the first chunk)
-            tx += tsum * tl.where(m == -float("inf"), 0.0, m - m_new)
-            tx += tl.sum(t * tl.where(mask, x - m_new[:, None], 0.0), axis=1)
+            # tsum / tx are only read after the loop: an earlier version that rebased tx on the
+            # running max (reading tsum inside the loop) passed under the interpreter but gave
+            # wrong multi-chunk losses on H200 with Triton 3.6
+            tx += tl.sum(t * tl.where(mask, x - ref[:, None], 0.0), axis=1)
             tsum += tl.sum(t, axis=1)
         m = m_new
-    return m, ssum, tsum, tx
+    return m, ssum, tsum, tx, ref
 
 
 @triton.jit
@@ -54,12 +59,12 @@ def _xent_fwd_partial_kernel(logits_ptr, tgt_ptr, part_ptr, B, C, n_blocks,
     r_mask = rows < B
     row_off = (s * B + rows) * C
     t_off = rows.to(tl.int64) * C
-    m, ssum, tsum, tx = _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C, SOFT,
-                                       ACC, BLOCK_B, BLOCK_C)
+    m, ssum, tsum, tx, ref = _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C,
+                                            SOFT, ACC, BLOCK_B, BLOCK_C)
     log_s = tl.log(tl.where(r_mask, ssum, 1.0))
     if SOFT:
-        # -sum_c t (x - lse) = sum(t) * log(sum exp(x - m)) - sum_c t (x - m)
-        loss = tsum * log_s - tx
+        # -sum_c t (x - lse) = sum(t) (lse - ref) - sum_c t (x - ref), lse - ref = log_s + m - ref
+        loss = tsum * (log_s + (m - ref)) - tx
     else:
         label = tl.load(tgt_ptr + rows, mask=r_mask, other=0)
         ok = (label >= 0) & (label < C)
@@ -89,8 +94,8 @@ def _xent_bwd_kernel(grad_ptr, logits_ptr, tgt_ptr, dlogits_ptr, B, C, b_ptr,
     r_mask = rows < B
     row_off = (s * B + rows) * C
     t_off = rows.to(tl.int64) * C
-    m, ssum, tsum, tx = _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C, SOFT,
-                                       ACC, BLOCK_B, BLOCK_C)
+    m, ssum, tsum, tx, ref = _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C,
+                                            SOFT, ACC, BLOCK_B, BLOCK_C)
     coef = tl.load(grad_ptr + s).to(ACC) / tl.load(b_ptr)
     inv_s = 1.0 / tl.where(r_mask, ssum, 1.0)
     if not SOFT:

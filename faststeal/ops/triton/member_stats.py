@@ -100,7 +100,8 @@ def _blocks(b: int, c: int) -> tuple[int, int, int]:
     return block_b, block_c, (4 if block_b * block_c <= 2048 else 8)
 
 
-def member_stats_fwd(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> reference.MemberStats:
+def member_stats_fwd(logits: torch.Tensor,
+                     targets: Optional[torch.Tensor]) -> reference.MemberStats:
     """logits: (S, B, C) any float dtype (computed in float32); targets: (B,) int64 or None."""
     C.check_device("member_stats_fwd", ("logits", logits), ("targets", targets))
     C.check_dtype("member_stats_fwd", "logits", logits)

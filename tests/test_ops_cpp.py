@@ -1,0 +1,521 @@
+"""The C++ CPU kernels (``faststeal._C``, the ``cpp`` backend) against the pure-PyTorch reference.
+
+Every forward and backward output is compared on a grid of member counts and awkward shapes;
+dropout masks must be bit-identical; the public ops are gradchecked in float64 and opchecked
+under the cpp backend; every TORCH_CHECK of the entry points has a test. Outputs are poisoned
+(NaN / sentinel) before the kernels run, so an element a kernel forgets to write shows up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faststeal import _ext
+from faststeal.ops import reference as R
+from faststeal.ops import rng, use_backend
+from tolerances import tol
+
+pytestmark = pytest.mark.skipif(
+    _ext.C is None, reason=f"faststeal._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}")
+
+if _ext.C is not None:
+    from faststeal.ops import cpp_backend as P
+
+# (S, B, K, N): member counts 1, 2, 5, 16 and awkward sizes; one B = 1025 case.
+LINEAR_SHAPES = [(1, 1, 1, 1), (2, 3, 97, 123), (5, 97, 123, 3), (16, 123, 3, 97),
+                 (5, 1025, 97, 3)]
+# (S, B, C)
+STATS_SHAPES = [(1, 1, 1), (2, 3, 97), (5, 97, 3), (16, 123, 10), (16, 1025, 3), (5, 3, 123)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    if _ext.C is None:
+        yield
+        return
+    _ext.C._set_poison_outputs(True)
+    yield
+    _ext.C._set_poison_outputs(False)
+
+
+def assert_close(actual, expected, dtype=torch.float32, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(actual, expected, **tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+def linear_inputs(S, B, K, N, shared, bias, dtype=torch.float32):
+    x = torch.randn(B, K, dtype=dtype) if shared else torch.randn(S, B, K, dtype=dtype)
+    w = torch.randn(S, N, K, dtype=dtype) / K**0.5
+    b = torch.randn(S, N, dtype=dtype) if bias else None
+    return x, w, b
+
+
+# ---------------------------------------------------------------------------------------------
+# ensemble_linear
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("S,B,K,N", LINEAR_SHAPES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_ensemble_linear_matches_reference(seed_all, S, B, K, N, activation, dropout_p, shared,
+                                           bias):
+    x, w, b = linear_inputs(S, B, K, N, shared, bias)
+    key = rng.rng_key(seed_all, rng.STREAM_DROPOUT)
+    y, z = P.ensemble_linear_fwd(x, w, b, activation, dropout_p, key)
+    y_ref, z_ref = R.ensemble_linear_fwd(x, w, b, activation, dropout_p, key)
+    assert_close(y, y_ref, what="y")
+    assert_close(z, z_ref, what="z")
+    # Same zeros: the dropout mask is bit-identical (and relu zeros agree).
+    assert torch.equal(y == 0, y_ref == 0)
+
+    g = torch.randn_like(y_ref)
+    got = P.ensemble_linear_bwd(g, x, w, b, y, z, activation, dropout_p, key)
+    want = R.ensemble_linear_bwd(g, x, w, b, y_ref, z_ref, activation, dropout_p, key)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        if e is None:
+            assert a is None, name
+        else:
+            assert_close(a, e, what=name)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_ensemble_linear_float64_matches_reference(seed_all, shared, activation):
+    x, w, b = linear_inputs(5, 97, 123, 33, shared, True, torch.float64)
+    key = rng.rng_key(3, rng.STREAM_DROPOUT)
+    y, z = P.ensemble_linear_fwd(x, w, b, activation, 0.25, key)
+    y_ref, z_ref = R.ensemble_linear_fwd(x, w, b, activation, 0.25, key)
+    assert_close(y, y_ref, torch.float64, "y")
+    assert_close(z, z_ref, torch.float64, "z")
+    g = torch.randn_like(y_ref)
+    got = P.ensemble_linear_bwd(g, x, w, b, y, z, activation, 0.25, key)
+    want = R.ensemble_linear_bwd(g, x, w, b, y_ref, z_ref, activation, 0.25, key)
+    # reference._activation_grad evaluates the gelu derivative in float32 even for float64
+    # inputs, so the reference itself is only float32-accurate there (gradcheck below checks the
+    # C++ float64 gelu gradient against finite differences instead).
+    dtype = torch.float32 if activation == "gelu" else torch.float64
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert_close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_dropout_mask_bit_identical_to_rng(seed_all, shared):
+    S, B, K, N, p = 5, 97, 31, 123, 0.4
+    x, w, b = linear_inputs(S, B, K, N, shared, True)
+    key = rng.rng_key(987654321, rng.STREAM_DROPOUT)
+    y, _ = P.ensemble_linear_fwd(x, w, b, "none", p, key)
+    keep = rng.dropout_keep(key, torch.arange(S * B * N), p).view(S, B, N)
+    assert torch.equal(y != 0, keep)
+    y_nodrop, _ = P.ensemble_linear_fwd(x, w, b, "none", 0.0, key)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert_close(y, torch.where(keep, y_nodrop * scale, torch.zeros(())), what="scaled y")
+    # Backward regenerates the same mask from the key: dropped elements get no gradient.
+    g = torch.ones(S, B, N)
+    dx, dw, db = P.ensemble_linear_bwd(g, x, w, b, y, torch.empty(0), "none", p, key)
+    assert_close(db, keep.float().sum(1) * scale, what="dbias = kept count * scale")
+
+
+def test_ensemble_linear_deterministic(seed_all):
+    x, w, b = linear_inputs(5, 300, 40, 50, False, True)
+    key = rng.rng_key(5, 0)
+    y1, z1 = P.ensemble_linear_fwd(x, w, b, "gelu", 0.2, key)
+    y2, z2 = P.ensemble_linear_fwd(x, w, b, "gelu", 0.2, key)
+    assert torch.equal(y1, y2) and torch.equal(z1, z2)
+    g = torch.randn_like(y1)
+    a = P.ensemble_linear_bwd(g, x, w, b, y1, z1, "gelu", 0.2, key)
+    c = P.ensemble_linear_bwd(g, x, w, b, y1, z1, "gelu", 0.2, key)
+    assert all(torch.equal(u, v) for u, v in zip(a, c))
+
+
+def test_ensemble_linear_other_seed_other_mask(seed_all):
+    x, w, b = linear_inputs(2, 64, 8, 64, False, True)
+    y1, _ = P.ensemble_linear_fwd(x, w, b, "none", 0.5, rng.rng_key(1, 0))
+    y2, _ = P.ensemble_linear_fwd(x, w, b, "none", 0.5, rng.rng_key(2, 0))
+    assert not torch.equal(y1 == 0, y2 == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bayes_linear and gaussian_kl
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("S,B,K,N", LINEAR_SHAPES)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "stacked"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_bayes_linear_matches_reference(seed_all, S, B, K, N, shared, bias):
+    x = torch.randn(B, K) if shared else torch.randn(S, B, K)
+    w_mu = torch.randn(N, K) / K**0.5
+    w_rho = torch.randn(N, K) - 3.0
+    b_mu = torch.randn(N) if bias else None
+    b_rho = torch.randn(N) - 3.0 if bias else None
+    kw, kb = rng.rng_key(seed_all, rng.STREAM_WEIGHT), rng.rng_key(seed_all, rng.STREAM_BIAS)
+    y = P.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, S, kw, kb)
+    assert_close(y, R.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, S, kw, kb), what="y")
+    g = torch.randn(S, B, N)
+    got = P.bayes_linear_bwd(g, x, w_mu, w_rho, b_mu, b_rho, S, kw, kb)
+    want = R.bayes_linear_bwd(g, x, w_mu, w_rho, b_mu, b_rho, S, kw, kb)
+    for name, a, e in zip(("dx", "dw_mu", "dw_rho", "db_mu", "db_rho"), got, want):
+        if e is None:
+            assert a is None, name
+        else:
+            assert_close(a, e, what=name)
+
+
+def test_bayes_linear_float64_and_samples_differ(seed_all):
+    S, B, K, N = 5, 17, 23, 11
+    x = torch.randn(B, K, dtype=torch.float64)
+    w_mu, w_rho = torch.randn(N, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64)
+    b_mu, b_rho = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    kw, kb = rng.rng_key(9, 1), rng.rng_key(9, 2)
+    y = P.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, S, kw, kb)
+    # eps is a float32 sample in every backend (rng.py: "Gaussian samples agree to float32
+    # rounding"), so float64 results agree with the reference to float32 accuracy.
+    assert_close(y, R.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, S, kw, kb), torch.float32)
+    assert y.dtype == torch.float64
+    assert not torch.allclose(y[0], y[1])  # the samples are different draws
+    assert torch.equal(y, P.bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, S, kw, kb))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 97), (123, 97), (1025,), (2, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_kl_matches_reference(seed_all, shape, dtype):
+    mu = torch.randn(shape, dtype=dtype)
+    rho = torch.randn(shape, dtype=dtype) * 3 - 2  # covers the softplus threshold region too
+    rho.view(-1)[0] = 25.0
+    for sigma in (0.1, 1.0):
+        out = P.gaussian_kl_fwd(mu, rho, sigma)
+        ref = R.gaussian_kl_fwd(mu, rho, sigma)
+        assert out.dtype == ref.dtype and out.shape == ()
+        assert_close(out, ref, dtype, "kl")
+        grad = torch.tensor(1.7, dtype=R.acc_dtype(dtype))
+        for name, a, e in zip(("dmu", "drho"), P.gaussian_kl_bwd(grad, mu, rho, sigma),
+                              R.gaussian_kl_bwd(grad, mu, rho, sigma)):
+            assert_close(a, e, dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# member_stats
+# ---------------------------------------------------------------------------------------------
+
+def compare_stats(got, want, what=""):
+    for name, a, e in zip(R.MemberStats._fields, got, want):
+        assert a.dtype == e.dtype, f"{what}{name}: dtype {a.dtype} != {e.dtype}"
+        if name == "pred":
+            assert torch.equal(a, e), f"{what}pred differs"
+        else:
+            assert_close(a, e, what=what + name)
+
+
+@pytest.mark.parametrize("S,B,C", STATS_SHAPES)
+@pytest.mark.parametrize("with_targets", [True, False], ids=["targets", "notargets"])
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["plain", "shifted"])
+def test_member_stats_matches_reference(seed_all, S, B, C, with_targets, offset):
+    logits = torch.randn(S, B, C) * 3 + offset
+    targets = torch.randint(0, C, (B,)) if with_targets else None
+    compare_stats(P.member_stats_fwd(logits, targets), R.member_stats_fwd(logits, targets))
+
+
+def test_member_stats_float64_input(seed_all):
+    logits = torch.randn(5, 97, 10, dtype=torch.float64) * 4
+    targets = torch.randint(0, 10, (97,))
+    compare_stats(P.member_stats_fwd(logits, targets), R.member_stats_fwd(logits, targets))
+
+
+def test_member_stats_variance_is_two_pass_stable(seed_all):
+    # Members that nearly agree, behind a large offset: the variance (~1e-8) is far below the
+    # rounding error of a one-pass E[p^2] - E[p]^2 in float32 (~1e-9 * 10). Compare relatively
+    # against a float64 two-pass on the same float32 logits.
+    S, B, C = 16, 64, 10
+    base = torch.randn(1, B, C) * 2 + 100.0
+    logits = (base + 1e-3 * torch.randn(S, B, C)).float()
+    p = torch.softmax(logits.double(), -1)
+    var64 = ((p - p.mean(0)) ** 2).mean(0).mean(-1)
+    got = P.member_stats_fwd(logits, None).variance.double()
+    assert (var64 > 1e-11).all()
+    rel = ((got - var64).abs() / var64).max().item()
+    assert rel < 1e-2, f"variance relative error {rel:.3g}"
+
+
+def test_member_stats_ties_pick_first_index():
+    S, B, C = 3, 4, 7
+    logits = torch.zeros(S, B, C)
+    logits[:, 1, 2] = logits[:, 1, 5] = 1.0   # tie between classes 2 and 5
+    logits[0, 2, 4] = 5.0                     # member 0 prefers 4, others tie everywhere
+    out = P.member_stats_fwd(logits, torch.tensor([0, 2, 4, 1]))
+    ref = R.member_stats_fwd(logits, torch.tensor([0, 2, 4, 1]))
+    assert out.pred.tolist() == [0, 2, 4, 0] == ref.pred.tolist()
+    compare_stats(out, ref)
+
+
+def test_member_stats_uniform_logits_have_max_entropy():
+    out = P.member_stats_fwd(torch.full((4, 2, 8), 7.5), None)
+    expected = torch.log(torch.tensor(8.0))
+    assert_close(out.entropy_of_mean, expected.expand(2), what="H[mean]")
+    assert_close(out.mutual_info, torch.zeros(2), what="MI")
+    assert out.correct.numel() == 0 and out.member_correct.numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ensemble_cross_entropy
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("S,B,C", STATS_SHAPES)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["plain", "shifted"])
+def test_ensemble_xent_matches_reference(seed_all, S, B, C, soft, offset):
+    logits = torch.randn(S, B, C) * 3 + offset
+    target = torch.softmax(torch.randn(B, C), -1) if soft else torch.randint(0, C, (B,))
+    out = P.ensemble_cross_entropy_fwd(logits, target)
+    assert_close(out, R.ensemble_cross_entropy_fwd(logits, target), what="loss")
+    grad = torch.randn(S)
+    assert_close(P.ensemble_cross_entropy_bwd(grad, logits, target),
+                 R.ensemble_cross_entropy_bwd(grad, logits, target), what="dlogits")
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_ensemble_xent_float64(seed_all, soft):
+    logits = torch.randn(5, 97, 10, dtype=torch.float64)
+    target = (torch.softmax(torch.randn(97, 10, dtype=torch.float64), -1) if soft
+              else torch.randint(0, 10, (97,)))
+    out = P.ensemble_cross_entropy_fwd(logits, target)
+    assert out.dtype == torch.float64
+    assert_close(out, R.ensemble_cross_entropy_fwd(logits, target), torch.float64)
+    grad = torch.randn(5, dtype=torch.float64)
+    assert_close(P.ensemble_cross_entropy_bwd(grad, logits, target),
+                 R.ensemble_cross_entropy_bwd(grad, logits, target), torch.float64)
+
+
+def test_ensemble_xent_rejects_out_of_range_label():
+    logits = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"target\[1\] = 4 is not a class index in \[0, 4\)"):
+        _ext.C.ensemble_cross_entropy_fwd_cpu(logits, torch.tensor([0, 4, 1]))
+    with pytest.raises(RuntimeError, match=r"target\[0\] = -1"):
+        _ext.C.ensemble_cross_entropy_bwd_cpu(torch.ones(2), logits, torch.tensor([-1, 0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops under the cpp backend: gradcheck (float64) and opcheck
+# ---------------------------------------------------------------------------------------------
+
+def _f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_gradcheck_ensemble_linear(seed_all, activation, shared):
+    from faststeal.ops import ensemble_linear
+    x = _f64(4, 3) if shared else _f64(2, 4, 3)
+    w, b = _f64(2, 5, 3), _f64(2, 5)
+    with use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: ensemble_linear(x, w, b, activation, 0.3, seed=11), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda x, w: ensemble_linear(x, w, None, activation, 0.0, seed=0), (x, w))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_gradcheck_bayes_linear(seed_all, shared):
+    from faststeal.ops import bayes_linear
+    x = _f64(4, 3) if shared else _f64(3, 4, 3)
+    w_mu, w_rho, b_mu, b_rho = _f64(5, 3), _f64(5, 3), _f64(5), _f64(5)
+    with use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda *a: bayes_linear(*a, seed=4, samples=3), (x, w_mu, w_rho, b_mu, b_rho))
+
+
+def test_gradcheck_gaussian_kl_and_xent(seed_all):
+    from faststeal.ops import ensemble_cross_entropy, gaussian_kl
+    mu, rho = _f64(3, 4), _f64(3, 4)
+    logits = _f64(2, 5, 4)
+    soft = torch.softmax(torch.randn(5, 4, dtype=torch.float64), -1)
+    with use_backend("cpp"):
+        assert torch.autograd.gradcheck(lambda m, r: gaussian_kl(m, r, 0.7), (mu, rho))
+        assert torch.autograd.gradcheck(
+            lambda lg: ensemble_cross_entropy(lg, torch.tensor([0, 3, 1, 1, 2])), (logits,))
+        assert torch.autograd.gradcheck(lambda lg: ensemble_cross_entropy(lg, soft), (logits,))
+
+
+def test_public_ops_use_cpp_backend(seed_all, monkeypatch):
+    """The public ops really reach the C++ kernels under use_backend('cpp')."""
+    from faststeal.ops import dispatch, member_stats
+    calls = []
+    real = _ext.C.member_stats_fwd_cpu
+    monkeypatch.setattr(P, "_ext", type("E", (), {"C": type("C", (), {
+        "member_stats_fwd_cpu": staticmethod(lambda *a: calls.append(1) or real(*a))})})())
+    with use_backend("cpp"):
+        assert dispatch.resolve("member_stats", "cpu") == "cpp"
+        member_stats(torch.randn(2, 3, 4))
+    assert calls == [1]
+
+
+def _opcheck_cases():
+    f = torch.float64
+    x, w, b = torch.randn(2, 4, 3, dtype=f), torch.randn(2, 5, 3, dtype=f), torch.randn(2, 5, dtype=f)
+    mu, rho = torch.randn(5, 3, dtype=f), torch.randn(5, 3, dtype=f)
+    logits = torch.randn(2, 4, 3, dtype=f)
+    labels = torch.tensor([0, 2, 1, 1])
+    y = torch.randn(2, 4, 5, dtype=f)
+    ops = torch.ops.faststeal
+    return [
+        ("ensemble_linear", ops.ensemble_linear.default, (x, w, b, "gelu", 0.2, 3)),
+        ("ensemble_linear_shared", ops.ensemble_linear.default, (x[0], w, None, "relu", 0.0, 3)),
+        ("ensemble_linear_backward", ops.ensemble_linear_backward.default,
+         (y, x, w, b, y, y, "gelu", 0.2, 3)),
+        ("bayes_linear", ops.bayes_linear.default, (x[0], mu, rho, b[0], b[1], 2, 7)),
+        ("bayes_linear_backward", ops.bayes_linear_backward.default,
+         (y, x, mu, rho, b[0], b[1], 2, 7)),
+        ("gaussian_kl", ops.gaussian_kl.default, (mu, rho, 0.5)),
+        ("gaussian_kl_backward", ops.gaussian_kl_backward.default,
+         (torch.tensor(1.5, dtype=f), mu, rho, 0.5)),
+        ("member_stats", ops.member_stats.default, (logits, labels)),
+        ("member_stats_notargets", ops.member_stats.default, (logits, None)),
+        ("ensemble_cross_entropy", ops.ensemble_cross_entropy.default, (logits, labels)),
+        ("ensemble_cross_entropy_backward", ops.ensemble_cross_entropy_backward.default,
+         (torch.randn(2, dtype=f), logits, labels)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_opcheck_under_cpp_backend(seed_all, case):
+    import faststeal.ops  # noqa: F401  (registers torch.ops.faststeal)
+    name, op, args = _opcheck_cases()[case]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 and "backward" not in name and name != "member_stats" and
+                 not name.startswith("member_stats") else a for a in args)
+    with use_backend("cpp"):
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation of the entry points (TORCH_CHECK messages name the argument)
+# ---------------------------------------------------------------------------------------------
+
+def _lin(S=2, B=3, K=4, N=5):
+    return torch.randn(S, B, K), torch.randn(S, N, K), torch.randn(S, N)
+
+
+def test_check_ensemble_linear_fwd():
+    fwd = _ext.C.ensemble_linear_fwd_cpu
+    x, w, b = _lin()
+    with pytest.raises(RuntimeError, match=r"ensemble_linear_fwd_cpu: x must be 2-D or 3-D, got 4-D"):
+        fwd(x[None], w, b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"weight must be 3-D, got 2-D"):
+        fwd(x, w[0], b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x has 3 members \(dim 0 of sizes \[3, 3, 4\]\) but "
+                                           r"weight \(S, N, K\) has 2"):
+        fwd(torch.randn(3, 3, 4), w, b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x has 6 input features .* but weight \(S, N, K\) has 4"):
+        fwd(torch.randn(2, 3, 6), w, b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"bias must be \(members, out_features\) = \(2, 5\), "
+                                           r"got sizes \[2, 4\]"):
+        fwd(x, w, torch.randn(2, 4), "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x has dtype Half, expected one of Float, Double"):
+        fwd(x.half(), w.half(), b.half(), "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"weight has dtype Double but x has dtype Float"):
+        fwd(x, w.double(), b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x must be contiguous, got sizes \[2, 3, 4\]"):
+        fwd(torch.randn(2, 4, 3).transpose(1, 2), w, b, "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"activation must be 'none', 'relu' or 'gelu', got 'tanh'"):
+        fwd(x, w, b, "tanh", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
+        fwd(x, w, b, "none", 1.5, 0)
+    with pytest.raises(RuntimeError, match=r"key must be a 32-bit key"):
+        fwd(x, w, b, "none", 0.1, 2**32)
+    with pytest.raises(RuntimeError, match=r"x must be a CPU tensor, got device meta"):
+        fwd(x.to("meta"), w, b, "none", 0.0, 0)
+
+
+def test_check_ensemble_linear_bwd():
+    bwd = _ext.C.ensemble_linear_bwd_cpu
+    x, w, b = _lin()
+    y = torch.randn(2, 3, 5)
+    with pytest.raises(RuntimeError, match=r"grad_y must be \(members, batch, out_features\) = "
+                                           r"\(2, 3, 5\), got sizes \[2, 3, 4\]"):
+        bwd(torch.randn(2, 3, 4), x, w, b, y, y, "relu", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"z must be 3-D, got 1-D"):
+        bwd(y, x, w, b, y, torch.empty(0), "gelu", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"y must be contiguous"):
+        bwd(y, x, w, b, torch.randn(5, 3, 2).permute(2, 1, 0), y, "relu", 0.0, 0)
+
+
+def test_check_bayes_linear():
+    fwd, bwd = _ext.C.bayes_linear_fwd_cpu, _ext.C.bayes_linear_bwd_cpu
+    x, mu = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match=r"bayes_linear_fwd_cpu: w_rho must have w_mu's sizes"):
+        fwd(x, mu, torch.randn(5, 3), None, None, 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"x has 3 members .* but samples is 2"):
+        fwd(torch.randn(3, 3, 4), mu, mu, None, None, 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"x has 7 input features .* w_mu \(N, K\) has 4"):
+        fwd(torch.randn(3, 7), mu, mu, None, None, 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"b_mu and b_rho must both be given or both be None"):
+        fwd(x, mu, mu, torch.randn(5), None, 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"b_rho has 4 out features"):
+        fwd(x, mu, mu, torch.randn(5), torch.randn(4), 2, 1, 2)
+    with pytest.raises(RuntimeError, match=r"samples must be >= 1, got 0"):
+        fwd(x, mu, mu, None, None, 0, 1, 2)
+    with pytest.raises(RuntimeError, match=r"key_b must be a 32-bit key"):
+        fwd(x, mu, mu, None, None, 2, 1, -1)
+    with pytest.raises(RuntimeError, match=r"bayes_linear_bwd_cpu: grad_y must be \(samples, batch, "
+                                           r"out_features\) = \(2, 3, 5\)"):
+        bwd(torch.randn(2, 3, 4), x, mu, mu, None, None, 2, 1, 2)
+
+
+def test_check_gaussian_kl():
+    with pytest.raises(RuntimeError, match=r"gaussian_kl_fwd_cpu: rho must have mu's sizes \[3\]"):
+        _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(4), 1.0)
+    with pytest.raises(RuntimeError, match=r"prior_sigma must be positive, got -1"):
+        _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(3), -1.0)
+    with pytest.raises(RuntimeError, match=r"rho has dtype Double but mu has dtype Float"):
+        _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(3).double(), 1.0)
+    with pytest.raises(RuntimeError, match=r"gaussian_kl_bwd_cpu: grad must be a scalar"):
+        _ext.C.gaussian_kl_bwd_cpu(torch.ones(2), torch.randn(3), torch.randn(3), 1.0)
+
+
+def test_check_member_stats():
+    fn = _ext.C.member_stats_fwd_cpu
+    with pytest.raises(RuntimeError, match=r"member_stats_fwd_cpu: logits must be 3-D, got 2-D"):
+        fn(torch.randn(3, 4), None)
+    with pytest.raises(RuntimeError, match=r"logits \(members, batch, classes\) must be non-empty"):
+        fn(torch.randn(2, 0, 4), None)
+    with pytest.raises(RuntimeError, match=r"targets has 2 rows but logits \(S, B, C\) has 3"):
+        fn(torch.randn(2, 3, 4), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"targets must be int64 class labels, got Int"):
+        fn(torch.randn(2, 3, 4), torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"logits must be contiguous"):
+        fn(torch.randn(2, 4, 3).transpose(1, 2), None)
+
+
+def test_check_ensemble_cross_entropy():
+    fwd, bwd = _ext.C.ensemble_cross_entropy_fwd_cpu, _ext.C.ensemble_cross_entropy_bwd_cpu
+    logits = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"hard target must be \(batch,\) = \(3,\)"):
+        fwd(logits, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"soft target must be \(batch, classes\) = \(3, 4\)"):
+        fwd(logits, torch.rand(3, 5))
+    with pytest.raises(RuntimeError, match=r"soft target has dtype Double but logits has dtype Float"):
+        fwd(logits, torch.rand(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"target must be int64 labels or float probabilities, "
+                                           r"got dtype Int"):
+        fwd(logits, torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"ensemble_cross_entropy_bwd_cpu: grad must be "
+                                           r"\(members,\) = \(2,\)"):
+        bwd(torch.ones(3), logits, torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend module behaviour
+# ---------------------------------------------------------------------------------------------
+
+def test_unavailable_reason():
+    assert P.unavailable_reason("cpu") is None
+    assert "CPU tensors only" in P.unavailable_reason("cuda")
+
+
+def test_half_precision_cpu_falls_back_to_reference(seed_all):
+    x, w, b = (t.half() for t in linear_inputs(2, 3, 4, 5, False, True))
+    y, _ = P.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, R.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)[0])
