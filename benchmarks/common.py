@@ -39,6 +39,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: Optional[int] = None
+    min_ms: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,7 +79,7 @@ def bench(fn: Callable[[], Any], device, *, min_run_time: float = 0.5, min_runs:
     m = timer.blocked_autorange(min_run_time=max(min_run_time, min_runs * first))
     times = [t * 1e3 for t in m.times]
     return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8),
-                  len(times) * m.number_per_run)
+                  len(times) * m.number_per_run, min(times))
 
 
 def bench_many(fns: dict[str, Callable[[], Any]], device, *, min_run_time: float = 0.5,
@@ -130,7 +131,7 @@ def bench_many(fns: dict[str, Callable[[], Any]], device, *, min_run_time: float
     for name, ts in samples.items():
         if name not in out:
             out[name] = Timing(_quantile(ts, 0.5), _quantile(ts, 0.2), _quantile(ts, 0.8),
-                               counts[name])
+                               counts[name], min(ts))
     return out
 
 
@@ -163,7 +164,8 @@ def _bench_cuda_events(fn: Callable[[], Any], device: torch.device, rep_ms: int)
         end.record()
         synchronize(device)
         times.append(start.elapsed_time(end))
-    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), n)
+    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), n,
+                  min(times))
 
 
 # ----------------------------------------------------------------------------- memory

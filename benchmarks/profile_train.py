@@ -81,8 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--methods", default="loop,vmap,faststeal[reference],faststeal,fit")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--tables", action="store_true", help="print the full profiler tables")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     s, b = args.members, args.batch
     torch.manual_seed(0)

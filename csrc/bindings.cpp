@@ -4,6 +4,7 @@
 // faststeal/ops/cpp_backend.py and faststeal/ops/cuda_backend.py.
 #include <torch/extension.h>
 
+#include "common.h"
 #include "ops.h"
 
 #ifdef WITH_CUDA
@@ -22,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = false;
 #endif
 
+  m.def("_set_poison_outputs", &faststeal::set_poison_outputs,
+        "testing aid: fill outputs with NaN / a sentinel before the kernels write them",
+        py::arg("on"));
   m.def("ensemble_linear_fwd_cpu", &c::ensemble_linear_fwd, "(y, z) = ensemble_linear forward",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
         py::arg("dropout_p"), py::arg("key"));

@@ -129,6 +129,13 @@ void check_device(const Target& t, const at::Tensor& x, const char* name);
 void check_size(const Target& t, const at::Tensor& x, const char* name, int64_t dim,
                 int64_t expected, const char* what);
 
+// Output allocation. With poisoning on (the tests switch it on through
+// faststeal._C._set_poison_outputs), floating outputs start as NaN and integer ones as a
+// sentinel, so an element a kernel forgets to write shows up instead of passing by luck.
+void set_poison_outputs(bool on);
+at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& options);
+at::Tensor alloc_like(const at::Tensor& t);
+
 Act parse_activation(const Target& t, const std::string& activation);
 uint32_t check_key(const Target& t, int64_t key, const char* name);
 uint32_t dropout_threshold(const Target& t, double p);

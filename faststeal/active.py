@@ -13,8 +13,8 @@ repeat rounds of **train → select → query** until the oracle's budget is spe
 Budget. The budget is the oracle's (``oracle.budget``); a round never asks for more images than
 ``oracle.remaining`` and never re-asks an answered image, so no strategy can query past it (the
 oracle would refuse a batch that did — a test checks this for every strategy over random budgets,
-seed and round sizes). A defence that refuses to answer (:class:`faststeal.defenses.QueryRefusedError`)
-ends the loop early; the result records where.
+seed and round sizes). A defence that refuses to answer
+(:class:`faststeal.defenses.QueryRefusedError`) ends the loop early; the result records where.
 
 Checkpoints (the protocol of mebench's retrain-from-scratch evaluation). At each budget
 checkpoint (e.g. 1k, 2k, 5k ...), two surrogates are evaluated on the test set:
@@ -272,7 +272,8 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
                                       torch.nonzero(labeled_mask).flatten(), k, gen)
         rounds.append({"round": len(rounds), "used": used, "k": int(picks.numel()),
                        "train_seconds": train_s,
-                       "candidates": int(unlabeled.numel()) if strategy.candidates is None
+                       "candidates": 0 if not strategy.needs_surrogate
+                       else int(unlabeled.numel()) if strategy.candidates is None
                        else min(strategy.candidates, int(unlabeled.numel())),
                        **{f"{key}_seconds": v for key, v in secs.items()}})
         # 3. query

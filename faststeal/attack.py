@@ -8,6 +8,7 @@ registry datasets and the zoo victims.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -65,23 +66,61 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        victim_probs: Optional[torch.Tensor], num_classes: int, seed: int,
                        epochs: int, batch_size: int, lr: float, device: str,
                        probe: Optional[torch.Tensor] = None, record_every: int = 50,
-                       hparams: Optional[dict] = None, progress: bool = True) -> dict[str, Any]:
-    """Train one method on the queried set and evaluate it on the test set."""
+                       hparams: Optional[dict] = None, progress: bool = True,
+                       gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       ) -> dict[str, Any]:
+    """Train one method on the queried set and evaluate it on the test set.
+
+    ``gather`` combines member predictions across ranks when the members are sharded
+    (:mod:`faststeal.distributed`); metrics are then computed on all members.
+    """
     t0 = time.perf_counter()
     m = build_method(method, arch, tuple(x.shape[1:]), num_classes, seed=seed, device=device,
                      **(hparams or {}))
-    m.fit(x, targets, epochs=epochs, batch_size=batch_size, lr=lr, probe=probe,
-          record_every=record_every, progress=progress)
+    if gather is not None:
+        m.gather_members = gather
+    try:
+        m.fit(x, targets, epochs=epochs, batch_size=batch_size, lr=lr, probe=probe,
+              record_every=record_every, progress=progress)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise RuntimeError(
+            f"{method}: out of GPU memory with {m.num_members} members and batch size "
+            f"{batch_size} per member; lower --batch-size, use fewer members "
+            f"(--method-params '{{\"{method}\": {{\"members\": ...}}}}'), or shard the members "
+            f"over GPUs with --nproc N --shard-members") from exc
     train_s = time.perf_counter() - t0
     members = m.predict_members(test_x)
-    probs = m.predict_proba(test_x)
+    if gather is not None:
+        members = gather(members)
+        probs = None
+    else:
+        probs = m.predict_proba(test_x)
+    check_finite(method, members, m.trace)
     res = metrics.evaluate(members, victim_labels, test_y, mean_probs=probs,
                            victim_probs=victim_probs)
     res["train_seconds"] = train_s
     res["eval_seconds"] = time.perf_counter() - t0 - train_s
     hp = dict(m.hparams())
-    hp["num_members"] = m.num_members
+    hp["num_members"] = int(members.shape[0])
     return {"metrics": res, "trace": list(m.trace), "hparams": hp, "seconds": train_s}
+
+
+class NonFiniteError(FloatingPointError):
+    """A member produced NaN/Inf: the cell is stopped, never averaged over."""
+
+
+def check_finite(method: str, member_logits: torch.Tensor, trace: Sequence[dict]) -> None:
+    """Raise :class:`NonFiniteError` naming the method, the members and the first bad iteration."""
+    bad_loss = [t["iteration"] for t in trace
+                if t.get("loss") is not None and not math.isfinite(t["loss"])]
+    finite = torch.isfinite(member_logits.reshape(member_logits.shape[0], -1)).all(1)
+    bad_members = (~finite).nonzero().flatten().tolist()
+    if bad_members or bad_loss:
+        where = (f"first non-finite training loss at iteration {bad_loss[0]}" if bad_loss
+                 else "training loss finite at every record point")
+        raise NonFiniteError(
+            f"{method}: member(s) {bad_members or 'none'} of {member_logits.shape[0]} produced "
+            f"non-finite outputs ({where}); lower the learning rate or check the targets")
 
 
 def _as_xy(name: str, data: TensorOrDataset) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

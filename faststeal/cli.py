@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method-params", default=None,
                    help='JSON of per-method hyperparameters, e.g. \'{"deep-ensemble": {"members": 8}}\'')
     r.add_argument("--device", default=None, help="cpu or cuda[:N]")
+    r.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine (re-launches under torch.distributed.run); "
+                        "grid cells are dealt to ranks")
+    r.add_argument("--shard-members", action="store_true",
+                   help="with several processes: split each Deep Ensemble's members over ranks")
     r.add_argument("--out", default="runs/latest", help="run folder (resumes if it exists)")
     r.add_argument("--cache-dir", default=None, help="victim checkpoint cache")
     r.add_argument("--force", action="store_true",
@@ -55,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args) -> int:
+def _run(args, argv: Optional[Sequence[str]] = None) -> int:
     from .experiment import Config, run_comparison
 
     overrides = dict(
@@ -79,11 +85,27 @@ def _run(args) -> int:
     cfg = Config.from_preset(args.preset, **overrides)
     cfg.force = args.force
     cfg.progress = not args.no_progress
-    summary = run_comparison(cfg)
-    from .results.report import markdown
+    cfg.shard_members = args.shard_members
+    cfg.validate()
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        from .distributed import relaunch_with_torchrun
 
-    print(markdown(summary))
-    print(f"results written to {cfg.out}/ (results.json, results.csv, results.md, figures)")
+        argv = list(sys.argv[1:]) if argv is None else list(argv)
+        rest, skip = [], False
+        for a in argv:  # drop "--nproc N" / "--nproc=N": the children are the N processes
+            if skip:
+                skip = False
+            elif a == "--nproc":
+                skip = True
+            elif not a.startswith("--nproc="):
+                rest.append(a)
+        return relaunch_with_torchrun(args.nproc, rest)
+    summary = run_comparison(cfg)
+    if summary:  # rank 0 (or the only process)
+        from .results.report import markdown
+
+        print(markdown(summary))
+        print(f"results written to {cfg.out}/ (results.json, results.csv, results.md, figures)")
     return 0
 
 
@@ -100,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(markdown(write_report(args.dir)))
             return 0
-        return _run(args)
+        return _run(args, argv)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"faststeal: error: {exc}", file=sys.stderr)
         return 2

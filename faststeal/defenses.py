@@ -1,54 +1,42 @@
 """Oracle defences: what a deployed victim can do against model stealing.
 
 Two kinds, both usable by the comparison (:mod:`faststeal.experiment`) and the active loop
-(:mod:`faststeal.active`):
+(:mod:`faststeal.active`); :func:`build_defense` gives either from a name and its parameters.
 
 **Output perturbations** wrap the victim: :class:`DefendedVictim` (an ``nn.Module``) runs the
-victim, turns its output into probabilities and post-processes them; the :class:`~faststeal.oracle.Oracle`
-is then built with ``victim_outputs="probs"`` (so ``output_mode="logits"`` is refused: a defended
-API reveals no logits). What the attacker sees still depends on the oracle's ``output_mode``:
-with hard labels (``label``) only the argmax of the defended output reaches the attacker, so
-argmax-preserving defences (top-1, rounding, reverse sigmoid on confident inputs) change nothing
-there; they act on ``probs`` and ``topk`` answers.
+victim, turns its output into probabilities and post-processes them; the
+:class:`~faststeal.oracle.Oracle` is then built with ``victim_outputs="probs"`` (so
+``output_mode="logits"`` is refused: a defended API reveals no logits). What the attacker sees
+still depends on the oracle's ``output_mode``: with hard labels (``label``) only the argmax of the
+defended output reaches the attacker, so argmax-preserving defences (top-1, rounding, reverse
+sigmoid on confident inputs) change nothing there; they act on ``probs`` and ``topk`` answers.
 
-=====================  ===================================================  ===========================
-name                   what the victim returns                              parameters (default)
-=====================  ===================================================  ===========================
-``top1``               one-hot of the argmax (probability 1 on the top      —
-                       class, 0 elsewhere; Orekondy et al. 2019, Tramèr
-                       et al. 2016)
-``rounding``           probabilities rounded to ``decimals`` digits (not    ``decimals`` (1)
-                       renormalised; knockoffnets' / Tramèr's rounding)
-``noise``              ``normalise(clip(p + N(0, sigma²), 0))``: Gaussian    ``sigma`` (0.1), ``seed`` (0)
-                       noise in probability space, clipped at 0 and
-                       renormalised (seeded, so the same query stream gets
-                       the same answers)
-``reverse-sigmoid``    ``normalise(clip(p − beta·(σ(gamma·logit p) − ½),      ``beta`` (1.0), ``gamma`` (0.1)
-                       0, 1))`` (Lee et al. 2019; IBM ART's ReverseSigmoid,
-                       same defaults). Keeps the argmax when the top
-                       probability exceeds ½; below that the perturbation
-                       can lift a near-zero class above the top one
-=====================  ===================================================  ===========================
+* ``top1`` — one-hot of the argmax: probability 1 on the top class, 0 elsewhere (the "argmax"
+  output of Tramèr et al. 2016 / Orekondy et al. 2019). No parameters.
+* ``rounding`` — probabilities rounded to ``decimals`` digits (default 1), not renormalised
+  (knockoffnets' / Tramèr et al.'s rounding; the oracle's training targets renormalise).
+* ``noise`` — ``normalise(clip(p + N(0, sigma²), 0))``: Gaussian noise in probability space,
+  clipped at 0 and renormalised. ``sigma`` (default 0.1), ``seed`` (default 0: the same query
+  stream gets the same answers).
+* ``reverse-sigmoid`` — ``normalise(clip(p − beta·(sigmoid(gamma·logit p) − ½), 0, 1))``
+  (Lee et al. 2019; IBM ART's ``ReverseSigmoid``, same defaults ``beta`` = 1.0, ``gamma`` = 0.1).
+  Keeps the argmax when the top probability exceeds ½; below that the perturbation can lift a
+  near-zero class above the top one (a test shows such a case).
 
-**Detection** wraps the oracle: :class:`PradaOracle` runs :class:`PradaDetector` (Juuti et al.
-2019, "PRADA: Protecting against DNN Model Stealing Attacks") on the stream of newly charged
-images and, once it flags the stream, refuses this and every later query with
-:class:`QueryRefusedError` (the account is blocked; the batch that triggered detection is charged
-but not answered). PRADA keeps, per predicted class c, a growing set G_c of past queries and a
-threshold T_c; each query's minimum L2 distance d to G_c (its class's set) joins the distance set
-D, and the query joins G_c when d > T_c (then T_c = max(T_c, mean − std of the distances that
-admitted members)). When |D| >= ``min_queries``, the Shapiro–Wilk statistic W(D) is compared with
-``delta``: W < delta means the distances are not normally distributed (natural queries give a
-roughly normal D; synthetic, perturbation-based streams do not) and the stream is flagged.
-
-=====================  ===================================================  ===========================
-``prada``              refuses once W(D) < delta                            ``delta`` (0.9),
-                                                                            ``min_queries`` (100),
-                                                                            ``check_every`` (1)
-=====================  ===================================================  ===========================
-
-``delta``: Juuti et al. tune it per victim (0.87–0.96 in their paper); 0.9 is our choice — it lets
-the natural Fashion-MNIST pool (in random order) through, see docs/studies.md.
+**Detection** wraps the oracle: ``prada`` — :class:`PradaOracle` runs :class:`PradaDetector`
+(Juuti et al. 2019, "PRADA: Protecting against DNN Model Stealing Attacks") on the stream of newly
+charged images and, once it flags the stream, refuses this and every later query with
+:class:`QueryRefusedError` (the client is blocked; the batch that triggered detection is charged
+but not answered). Per predicted class c, PRADA keeps a growing set G_c of past queries and a
+threshold T_c; each query's minimum L2 distance d to G_c joins the distance set D, and the query
+joins G_c when d > T_c (then T_c = max(T_c, mean − std of the distances that admitted members)).
+The Shapiro–Wilk statistic W of D (classes with >= ``min_class`` distances, 3-sigma outliers
+dropped, tested every ``check_every`` queries once more than ``min_queries`` distances remain) is
+compared with ``delta``: W < delta means the distances are not normally distributed (natural
+queries give a roughly normal D; synthetic, perturbation-based streams do not). Parameters:
+``delta`` (default 0.9), ``min_queries`` (100), ``check_every`` (10), ``min_class`` (10).
+Juuti et al. choose delta per victim; 0.9 is our choice: it lets the natural Fashion-MNIST pool
+(in random order) through, see docs/studies.md.
 
 Fidelity under a defence is measured against the UNDEFENDED victim's labels (what the attacker
 wants to copy); the defence only changes what the attacker is told.
@@ -313,7 +301,7 @@ class PradaDetector:
 
     def observe(self, x: Tensor, labels: Tensor) -> bool:
         flat = x.detach().reshape(x.shape[0], -1).float().cpu()
-        for v, c in zip(flat, labels.detach().cpu().tolist()):
+        for v, c in zip(flat, labels.detach().cpu().tolist(), strict=True):
             c = int(c)
             if c not in self._growing:
                 self._growing[c] = [v]

@@ -63,6 +63,7 @@ class Config:
     record_every: int = 25
     split_seed: int = 0
     method_params: dict = field(default_factory=dict)
+    shard_members: bool = False
     device: str = "cpu"
     out: str = "runs/latest"
     cache_dir: Optional[str] = None
@@ -138,7 +139,7 @@ class Config:
     def result_affecting(self) -> dict[str, Any]:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
-        for k in ("out", "progress", "force", "cache_dir", "preset", "device"):
+        for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members"):
             d.pop(k)
         d["methods"] = list(d["methods"])
         d["member_sweep"] = list(d["member_sweep"])
@@ -172,12 +173,28 @@ def run_comparison(config: Config) -> dict[str, Any]:
     from .victim import train_victim
 
     config.validate()
+    from . import distributed
+
+    ctx = distributed.init(config.device)
+    dev = config.device
+    if ctx.enabled and dev == "cuda":
+        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if str(dev).startswith("cuda"):
+        # bit-reproducible convolutions (cuDNN backward uses atomics otherwise)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    log = _log if ctx.is_main else (lambda msg: None)
+    progress = config.progress and ctx.is_main
     t_start = time.perf_counter()
     methods = list(config.methods)
     if "baseline" not in methods:
         methods.insert(0, "baseline")  # every gain is measured against it
     os.makedirs(config.out, exist_ok=True)
-    store = ResultStore(config.out, config.result_affecting(), force=config.force)
+    if ctx.is_main:
+        store = ResultStore(config.out, config.result_affecting(), force=config.force)
+    distributed.barrier(ctx)
+    if not ctx.is_main:
+        store = ResultStore(config.out, config.result_affecting())
     timing: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -185,37 +202,44 @@ def run_comparison(config: Config) -> dict[str, Any]:
                              victim_fraction=config.victim_fraction,
                              pool_dataset=config.pool_dataset, root=config.data_root)
         timing["data_s"] = time.perf_counter() - t0
-        _log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
-             f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
+        log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
+            f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
         if config.budget > len(splits.pool):
             raise ValueError(f"budget ({config.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
         t0 = time.perf_counter()
-        vic = train_victim(splits, config.victim_arch, seed=config.split_seed,
-                           epochs=config.victim_epochs, device=config.device,
-                           cache_dir=config.cache_dir, progress=config.progress)
+        vic = None
+        for turn in (0, 1):  # rank 0 trains (or loads) first; the others load its checkpoint
+            if (turn == 0) == ctx.is_main:
+                vic = train_victim(splits, config.victim_arch, seed=config.split_seed,
+                                   epochs=config.victim_epochs, device=dev,
+                                   cache_dir=config.cache_dir, progress=progress)
+            distributed.barrier(ctx)
         timing["victim_s"] = time.perf_counter() - t0
-        _log(f"victim {config.victim_arch}: test accuracy {100 * vic.test_accuracy:.2f}% "
-             f"({'trained' if vic.trained else 'loaded from cache'} in {timing['victim_s']:.1f}s)")
-        store.set_meta("victim", {"arch": config.victim_arch, "dataset": config.dataset,
-                                  "test_accuracy": vic.test_accuracy, "checkpoint": vic.cache_path})
-
-        dev = config.device
+        log(f"victim {config.victim_arch}: test accuracy {100 * vic.test_accuracy:.2f}% "
+            f"({'trained' if vic.trained else 'loaded from cache'} in {timing['victim_s']:.1f}s)")
         victim = vic.model.to(dev)
-        oracle = Oracle(victim, splits.pool.x, config.budget, output_mode=config.output_mode,
-                        k=config.topk if config.output_mode == "topk" else 1,
-                        temperature=config.temperature, decimals=config.decimals, device=dev)
+
+        # The oracle is asked once, by rank 0; the answers are broadcast (budget counted once).
         t0 = time.perf_counter()
         idx = attack.random_queries(len(splits.pool), config.budget, config.split_seed + 1)
-        targets, _ = attack.query(oracle, idx, progress=config.progress)
+        targets = None
+        if ctx.is_main:
+            store.set_meta("victim", {"arch": config.victim_arch, "dataset": config.dataset,
+                                      "test_accuracy": vic.test_accuracy,
+                                      "checkpoint": vic.cache_path})
+            oracle = Oracle(victim, splits.pool.x, config.budget, output_mode=config.output_mode,
+                            k=config.topk if config.output_mode == "topk" else 1,
+                            temperature=config.temperature, decimals=config.decimals, device=dev)
+            targets, _ = attack.query(oracle, idx, progress=progress)
+            oracle.save_log(os.path.join(config.out, "query_log.json"))
+            store.set_meta("queries", {"used": oracle.used, "budget": oracle.budget,
+                                       "output_mode": config.output_mode})
+            log(f"queried {oracle.used} images ({config.output_mode} answers)")
+        targets = distributed.broadcast_tensor(ctx, targets).to(dev)
         timing["query_s"] = time.perf_counter() - t0
-        oracle.save_log(os.path.join(config.out, "query_log.json"))
-        store.set_meta("queries", {"used": oracle.used, "budget": oracle.budget,
-                                   "output_mode": config.output_mode})
-        _log(f"queried {oracle.used} images ({config.output_mode} answers)")
 
         x = splits.pool.x[idx].to(dev)
-        targets = targets.to(dev)
         test_x, test_y = splits.test.x.to(dev), splits.test.y.to(dev)
         vprobs = attack.victim_outputs(victim, test_x)
         vlabels = vprobs.argmax(-1)
@@ -228,40 +252,59 @@ def run_comparison(config: Config) -> dict[str, Any]:
                  for s in range(config.sweep_seeds)] if config.member_sweep else []
         common = dict(test_x=test_x, test_y=test_y, victim_labels=vlabels, victim_probs=kl_probs,
                       num_classes=splits.num_classes, epochs=config.epochs,
-                      batch_size=config.batch_size, lr=config.lr, device=dev,
-                      progress=config.progress)
+                      batch_size=config.batch_size, lr=config.lr, device=dev, progress=progress)
         todo = [c for c in cells + sweep if not store.has_cell(cell_id(*c))]
+        distributed.barrier(ctx)  # every rank sees the same todo list before anyone writes
         if len(todo) < len(cells) + len(sweep):
-            _log(f"resuming: {len(cells) + len(sweep) - len(todo)} finished cells kept, "
-                 f"{len(todo)} to run")
-        for kind, method, seed, members in tqdm(todo, desc="cells", unit="cell",
-                                                disable=not config.progress):
+            log(f"resuming: {len(cells) + len(sweep) - len(todo)} finished cells kept, "
+                f"{len(todo)} to run")
+        shardable = {"deep-ensemble"} if (config.shard_members and ctx.enabled) else set()
+        collective = [c for c in todo if c[1] in shardable]
+        mine = [c for c in todo if c[1] not in shardable]
+        mine = collective + distributed.my_cells(ctx, mine)
+        for kind, method, seed, members in tqdm(mine, desc="cells", unit="cell",
+                                                disable=not progress):
             hp = dict(config.method_params.get(method, {}))
             if members is not None:
                 hp["members"] = members
+            gather = None
+            if method in shardable:
+                total = hp.get("members", 5)
+                hp["member_range"] = distributed.member_shard(ctx, total)
+                gather = lambda t: distributed.all_gather_members(ctx, t)  # noqa: E731
             r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets, seed=seed,
                                           probe=probe if kind == "main" else None,
-                                          record_every=config.record_every, hparams=hp, **common)
+                                          record_every=config.record_every, hparams=hp,
+                                          gather=gather, **common)
+            if gather is not None and not ctx.is_main:
+                continue  # rank 0 writes the collective cell
             store.add_cell(cell_id(kind, method, seed, members), kind=kind, method=method,
                            seed=seed, members=r["hparams"]["num_members"], metrics=r["metrics"],
                            hparams=r["hparams"], seconds=r["seconds"], trace=r["trace"])
             timing[f"{kind}:{method}:s{seed}" + (f":S{members}" if members else "")] = r["seconds"]
             m = r["metrics"]
-            _log(f"{method} (seed {seed}{', S=' + str(members) if members else ''}): fidelity "
+            _log(f"{method} (seed {seed}{', S=' + str(members) if members else ''}"
+                 f"{', rank ' + str(ctx.rank) if ctx.enabled else ''}): fidelity "
                  f"{100 * m['fidelity']:.2f}%, accuracy {100 * m['accuracy']:.2f}%, "
                  f"V {m['variance']:.2e} [{r['seconds']:.1f}s]")
-            write_report(config.out, store, with_figures=False)
+            if ctx.is_main:
+                write_report(config.out, store, with_figures=False)
+        distributed.barrier(ctx)
         timing["total_s"] = time.perf_counter() - t_start
-        store.set_meta("run", {"timing": timing, "machine": platform.platform(),
-                               "processor": platform.processor(), "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "device": str(dev)})
-        summary = write_report(config.out, store)
-        summary["timing"] = timing
-        with open(os.path.join(config.out, "timing.json"), "w") as fh:
-            json.dump(timing, fh, indent=2)
+        summary = {}
+        if ctx.is_main:
+            store.set_meta("run", {"timing": timing, "machine": platform.platform(),
+                                   "processor": platform.processor(), "torch": torch.__version__,
+                                   "threads": torch.get_num_threads(), "device": str(dev),
+                                   "world_size": ctx.world_size})
+            summary = write_report(config.out, store)
+            summary["timing"] = timing
+            with open(os.path.join(config.out, "timing.json"), "w") as fh:
+                json.dump(timing, fh, indent=2)
         return summary
     finally:
         store.close()
+        distributed.shutdown(ctx)
 
 
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:

@@ -43,8 +43,18 @@ import torch
 
 from .query import STRATEGIES
 
-DIVERSITY_VARIANTS = ("deep-ensemble", "bootstrap-ensemble", "hetero-ensemble",
-                      "hparam-ensemble", "ncl-ensemble", "repulsive-ensemble")
+DIVERSITY_VARIANTS = ("deep-ensemble", "shared-batch-de", "bootstrap-ensemble", "hetero-ensemble",
+                      "hparam-ensemble", "ncl-ensemble", "ncl-strong", "repulsive-ensemble")
+#: label -> hyperparameters (``method`` picks the class when the label is not a method name).
+#: ``shared-batch-de`` is the control for the penalised variants: NCL at strength 0, i.e. a Deep
+#: Ensemble whose members share every batch (the penalties need the same inputs per member).
+DIVERSITY_PARAMS: dict[str, dict[str, Any]] = {
+    "shared-batch-de": {"method": "ncl-ensemble", "strength": 0.0},
+    "hetero-ensemble": {"archs": ["mlp", "lenet"]},
+    "ncl-ensemble": {"strength": 2.0},
+    "ncl-strong": {"method": "ncl-ensemble", "strength": 8.0},
+    "repulsive-ensemble": {"strength": 0.2},
+}
 DEFENSE_METHODS = ("baseline", "deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
 DEFENSE_SETTINGS: dict[str, dict[str, Any]] = {
     "none": {}, "top1": {}, "rounding": {"decimals": 1}, "noise": {"sigma": 0.1},
@@ -86,7 +96,7 @@ def _save_fig(fig: Any, path: Path) -> Path:
 
 
 class CellStore:
-    """One JSON per finished cell under ``root/cells``; settings pinned in ``root/settings.json``."""
+    """One JSON per finished cell under ``root/cells``; settings pinned in ``settings.json``."""
 
     def __init__(self, root: Path, settings: dict[str, Any], force: bool = False) -> None:
         self.root = root
@@ -285,7 +295,9 @@ def run_active_study(out: str | os.PathLike, *, strategies: Sequence[str] = STRA
         res["strategy_params"] = res.pop("strategy")
         store.put(f"{strategy}_seed{seed}", {**res, "strategy": strategy, "seed": seed})
         bar.update(1)
-        bar.set_postfix(strategy=strategy, seed=seed, fid=f"{res['checkpoints'][-1]['retrained']['fidelity']:.3f}")
+        if res["checkpoints"]:
+            last = res["checkpoints"][-1]["retrained"]["fidelity"]
+            bar.set_postfix(strategy=strategy, seed=seed, fid=f"{last:.3f}")
         _active_summary(root, store, setup, settings, with_figures=False)
     bar.close()
     bench = scoring_benchmark(members if method != "baseline" else 1, len(pool_x),
@@ -330,7 +342,8 @@ def _active_summary(root: Path, store: CellStore, setup: Setup, settings: dict[s
             continue
         cost[s] = {k: float(np.mean([r.get(f"{k}_seconds", 0.0) for r in rounds]))
                    for k in ("forward", "stats", "features", "select", "total", "train")}
-        cost[s]["candidates"] = float(np.mean([r["candidates"] for r in rounds]))
+        cost[s]["candidates"] = 0.0 if s == "random" else float(np.mean([r["candidates"]
+                                                                         for r in rounds]))
         cost[s]["rounds_per_run"] = len(rounds) / max(1, sum(c["strategy"] == s for c in cells))
     summary = {"study": "active", "settings": settings, "setup": setup.info, "fidelity": table,
                "cost_per_round": cost, "cells": len(cells),
@@ -364,7 +377,8 @@ def _active_markdown(s: dict[str, Any]) -> str:
                 r = rows[which][b]
                 txt = _fmt(r["mean"], r["std"])
                 if strat != "random" and r["paired"]:
-                    txt += f" (Δ {100 * r['delta_vs_random']:+.1f}, {r['wins_vs_random']}/{r['paired']})"
+                    txt += (f" (Δ {100 * r['delta_vs_random']:+.1f}, "
+                            f"{r['wins_vs_random']}/{r['paired']})")
                 cells.append(txt)
             lines.append(f"| {strat} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -377,7 +391,8 @@ def _active_markdown(s: dict[str, Any]) -> str:
                      f"{c['train']:.2f} |")
     if "member_stats_benchmark" in s:
         b = s["member_stats_benchmark"]
-        lines += ["", f"Fused `member_stats` on the whole pool {tuple(b['shape'])} on {b['device']} "
+        lines += ["", f"Fused `member_stats` on the whole pool {tuple(b['shape'])} on "
+                  f"{b['device']} "
                   f"(backend `{b['backend']}`): {1e3 * b['fused_seconds']:.2f} ms vs the eager "
                   f"reference {1e3 * b['reference_seconds']:.2f} ms ({b['speedup']:.1f}×)."]
     lines += ["", f"Machine: {info.get('gpu', info['processor'])}, torch {info['torch']}, "
@@ -429,8 +444,8 @@ def run_diversity_study(out: str | os.PathLike, *, variants: Sequence[str] = DIV
     from .attack import query as ask, random_queries
     from .oracle import Oracle
 
-    variant_params = {k: dict(v) for k, v in (variant_params or {}).items()}
-    variant_params.setdefault("hetero-ensemble", {"archs": ["mlp", "lenet"]})
+    variant_params = {k: dict(v) for k, v in {**DIVERSITY_PARAMS, **(variant_params or {})}.items()
+                      if k in variants}
     settings = dict(variants=list(variants), variant_params=variant_params, budget=budget,
                     seeds=seeds, members=members, arch=arch, epochs=epochs,
                     batch_size=batch_size, lr=lr, record_every=record_every,
@@ -451,15 +466,17 @@ def run_diversity_study(out: str | os.PathLike, *, variants: Sequence[str] = DIV
     bar = _bar(len(todo), "diversity study", progress)
     for variant, seed in todo:
         hp = {"members": members, **variant_params.get(variant, {})}
+        method = hp.pop("method", variant)
         t0 = time.perf_counter()
-        m = make_method(variant, arch, tuple(x.shape[1:]), setup.splits.num_classes, seed=seed,
+        m = make_method(method, arch, tuple(x.shape[1:]), setup.splits.num_classes, seed=seed,
                         device=device, **hp)
         m.fit(x, y, epochs=epochs, batch_size=batch_size, lr=lr, probe=probe,
               record_every=record_every, progress=False)
         _sync(device)
         train_s = time.perf_counter() - t0
         metrics = evaluate_surrogate(m, setup.test_x, setup.victim_labels, setup.test_y)
-        store.put(f"{variant}_seed{seed}", {"variant": variant, "seed": seed, "metrics": metrics,
+        store.put(f"{variant}_seed{seed}", {"variant": variant, "method": method, "seed": seed,
+                                            "metrics": metrics,
                                             "trace": m.trace, "hparams": m.hparams(),
                                             "train_seconds": train_s})
         bar.update(1)
@@ -485,7 +502,7 @@ def _diversity_summary(root: Path, store: CellStore, setup: Setup, settings: dic
         vfinal = [c["trace"][-1]["variance"] for c in cs]
         row["v_peak"] = _mean_std(vpeak)[:2]
         row["v_final_over_peak"] = _mean_std(f / p if p > 0 else float("nan")
-                                             for f, p in zip(vfinal, vpeak))[:2]
+                                             for f, p in zip(vfinal, vpeak, strict=True))[:2]
         paired = [c["metrics"]["fidelity"] - base[c["seed"]]["metrics"]["fidelity"]
                   for c in cs if c["seed"] in base]
         row["delta_fidelity_vs_de"] = _mean_std(paired)[:2]
@@ -508,7 +525,8 @@ def _diversity_summary(root: Path, store: CellStore, setup: Setup, settings: dic
 def _diversity_markdown(s: dict[str, Any]) -> str:
     st, info = s["settings"], s["setup"]
     lines = [f"# Diversity-keeping ensembles ({st['dataset']}, victim {st['victim_arch']} "
-             f"{100 * info['victim_test_accuracy']:.2f}%, {st['budget']} random {st['output_mode']} "
+             f"{100 * info['victim_test_accuracy']:.2f}%, {st['budget']} random "
+             f"{st['output_mode']} "
              f"queries, S={st['members']} {st['arch']} members, {st['epochs']} epochs)", "",
              f"Mean ± std over {st['seeds']} seeds (same seeds and queried set for every variant). "
              "Fidelity, mean member fidelity and ensemble gain in %; V = mean_x mean_c Var_s "
@@ -523,7 +541,8 @@ def _diversity_markdown(s: dict[str, Any]) -> str:
                  else f"{100 * d[0]:+.2f} ± {100 * d[1]:.2f} ({wins[0]}/{wins[1]})")
         lines.append(
             f"| {v} | {_fmt(*r['fidelity'], digits=2)} | {delta} | "
-            f"{_fmt(*r['mean_member_fidelity'], digits=2)} | {_fmt(*r['ensemble_gain'], digits=2)} | "
+            f"{_fmt(*r['mean_member_fidelity'], digits=2)} | "
+            f"{_fmt(*r['ensemble_gain'], digits=2)} | "
             f"{r['variance'][0]:.2e} | {r['v_ratio_vs_de'][0]:.2f} | "
             f"{r['v_final_over_peak'][0]:.2f} | {r['mutual_info'][0]:.3f} | "
             f"{100 * r['disagreement'][0]:.2f}% | {r['train_seconds'][0]:.1f} |")
@@ -536,7 +555,8 @@ def _diversity_markdown(s: dict[str, Any]) -> str:
 def _diversity_figure(root: Path, cells: list[dict], variants: list[str],
                       settings: dict[str, Any]) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2),
+                             gridspec_kw={"width_ratios": [1.6, 1], "wspace": 0.45})
     ax = axes[0]
     for v in variants:
         cs = [c for c in cells if c["variant"] == v]
@@ -564,7 +584,7 @@ def _diversity_figure(root: Path, cells: list[dict], variants: list[str],
     ax.set_yticks(range(len(variants)))
     ax.set_yticklabels(variants, fontsize=8)
     lo = min(means) - 3 * max(max(stds), 0.5)
-    ax.set_xlim(lo, max(m + s for m, s in zip(means, stds)) + 1)
+    ax.set_xlim(lo, max(m + s for m, s in zip(means, stds, strict=True)) + 1)
     ax.set_xlabel("fidelity (%)")
     ax.set_title("fidelity (mean ± std)")
     fig.suptitle(f"Diversity study, {settings['dataset']}, {settings['budget']} queries, "
@@ -607,9 +627,13 @@ def run_defense_study(out: str | os.PathLike, *,
                       dataset: str = "fashion-mnist", victim_arch: str = "lenet",
                       victim_epochs: Optional[int] = None, device: str = "cpu",
                       cache_dir: Optional[str] = None, max_test: Optional[int] = None,
-                      setup: Optional[Setup] = None, force: bool = False,
+                      setup: Optional[Setup] = None, force: bool = False, replay: bool = True,
                       progress: bool = True) -> dict[str, Any]:
-    """Every defence × method × seed on the same random query indices; writes ``OUT/defense/``."""
+    """Every defence × method × seed on the same random query indices; writes ``OUT/defense/``.
+
+    replay: also replay PRADA on the query streams of ``OUT/active`` (CPU work, ~2 s per
+    4,000-query stream), when that study's cells exist.
+    """
     from .attack import random_queries, train_and_evaluate
     from .defenses import build_defense, query_until_refused
     from .oracle import Oracle
@@ -664,7 +688,7 @@ def run_defense_study(out: str | os.PathLike, *,
             _defense_summary(root, store, setup, settings, with_figures=False, out=Path(out))
     bar.close()
     return _defense_summary(root, store, setup, settings, with_figures=True, out=Path(out),
-                            device=device, replay=True)
+                            device=device, replay=replay)
 
 
 def _defense_summary(root: Path, store: CellStore, setup: Setup, settings: dict[str, Any],
@@ -734,8 +758,10 @@ def _defense_markdown(s: dict[str, Any]) -> str:
         lines += ["", "## PRADA on the active study's query streams", "",
                   "| stream (strategy_seed) | flagged | after queries | min W | last W |",
                   "|---|---|---|---|---|"]
+        def fmt(v: Optional[float]) -> str:
+            return "—" if v is None else f"{v:.3f}"
+
         for k, r in s["prada_replay"].items():
-            fmt = (lambda v: "—" if v is None else f"{v:.3f}")
             lines.append(f"| {k} | {'yes' if r['flagged'] else 'no'} | "
                          f"{r['flagged_at'] if r['flagged_at'] is not None else '—'} | "
                          f"{fmt(r['min_w'])} | {fmt(r['last_w'])} |")
@@ -795,6 +821,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="active study: at least this many steps per from-scratch fit")
     p.add_argument("--candidates", type=int, default=None)
     p.add_argument("--budget", type=int, default=2000, help="diversity / defence studies")
+    p.add_argument("--defense-budget", type=int, default=None)
     p.add_argument("--variants", default=",".join(DIVERSITY_VARIANTS))
     p.add_argument("--methods", default=",".join(DEFENSE_METHODS))
     p.add_argument("--defense-seeds", type=int, default=2)
@@ -803,6 +830,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="smoke-test scale (minutes on a CPU)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--no-replay", action="store_true",
+                   help="defence study: skip the PRADA replay of the active study's streams")
+    p.add_argument("--defense-epochs", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
@@ -835,8 +865,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         timing["diversity_s"] = time.perf_counter() - t
     if a.study in ("defense", "all"):
         t = time.perf_counter()
-        run_defense_study(a.out, methods=a.methods.split(","), budget=a.budget,
-                          **{**common, "seeds": a.defense_seeds})
+        run_defense_study(a.out, methods=a.methods.split(","),
+                          budget=a.defense_budget or a.budget,
+                          replay=not a.no_replay,
+                          **{**common, "seeds": a.defense_seeds,
+                             "epochs": a.defense_epochs or a.epochs})
         timing["defense_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     atomic_json(Path(a.out) / f"timing_{a.study}.json", {**timing, **machine_info(a.device)})

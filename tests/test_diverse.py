@@ -169,7 +169,7 @@ def test_hparam_ensemble_assigns_log_spaced_rates_per_member():
     m.fit(x, y, epochs=1, batch_size=32, lr=1e-3, progress=False)
     lrs = sorted(m.hparams()["member_lr"])
     assert lrs[0] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(2e-3)
-    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)  # geometric spacing
     assert sorted(m.hparams()["member_weight_decay"])[-1] == pytest.approx(1e-3)
 

@@ -8,7 +8,7 @@ import pytest
 import faststeal
 from faststeal.experiment import Config, parse_methods
 
-TINY = dict(dataset="digits", victim_arch="lenet", surrogate_arch="mlp", victim_epochs=15,
+TINY = dict(dataset="digits", victim_arch="mlp", surrogate_arch="mlp", victim_epochs=15,
             budget=500, seeds=1, epochs=6, member_sweep=(1, 2), probe_size=64, record_every=5,
             progress=False)
 

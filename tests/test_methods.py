@@ -360,7 +360,7 @@ def test_bbb_initial_sigma_and_elbo_weighting():
     for m in (a, b):
         torch.manual_seed(11)  # same weight noise for both
         losses.append(m._train_loss(xb, yb, n_train=320))
-    kl = closed_form_kl(a.model, 0.1)
+    kl = closed_form_kl(a.model, a.hparams()["prior_sigma"])
     torch.testing.assert_close((losses[1] - losses[0]).double(), 2.0 * kl / 320,
                                rtol=1e-4, atol=1e-4)
 

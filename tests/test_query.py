@@ -323,3 +323,40 @@ def test_active_loop_with_a_real_deep_ensemble():
     assert [c["budget"] for c in res["checkpoints"]] == [15, 30]
     r = res["rounds"][0]
     assert r["forward_seconds"] > 0 and r["features_seconds"] > 0
+
+
+# ------------------------------------------------------------------ the study runner
+
+def _tiny_setup():
+    from types import SimpleNamespace
+
+    from faststeal.studies import Setup
+
+    victim, pool, test, vl = _problem(150, shape=(1, 6, 6))
+    splits = SimpleNamespace(pool=SimpleNamespace(x=pool), num_classes=3)
+    with torch.no_grad():
+        vp = victim(test).softmax(-1)
+    info = {"victim_test_accuracy": 1.0, "torch": torch.__version__, "processor": "test",
+            "device": "cpu"}
+    return Setup(splits, victim, 1.0, test, vl, vp, vl, test[:20], info)
+
+
+def test_active_study_writes_results_and_resumes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from faststeal.studies import read_cells, run_active_study
+
+    kw = dict(strategies=["random", "bald"], checkpoints=[15, 30], seeds=1, members=2,
+              epochs=1, round_size=10, setup=_tiny_setup(), progress=False)
+    s = run_active_study(tmp_path, **kw)
+    root = tmp_path / "active"
+    for f in ("results.json", "results.md", "fidelity_vs_budget.png", "settings.json"):
+        assert (root / f).exists(), f
+    assert not list(root.rglob("*.tmp*"))  # atomic writes leave no temporaries
+    assert {c["key"] for c in read_cells(root)} == {"random_seed0", "bald_seed0"}
+    assert s["fidelity"]["bald"]["retrained"]["30"]["paired"] == 1
+    assert "| bald |" in (root / "results.md").read_text()
+    mtime = (root / "cells" / "bald_seed0.json").stat().st_mtime_ns
+    run_active_study(tmp_path, **kw)  # resume: nothing recomputed
+    assert (root / "cells" / "bald_seed0.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="different settings"):
+        run_active_study(tmp_path, **{**kw, "epochs": 2})

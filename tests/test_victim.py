@@ -54,7 +54,7 @@ def count_training(monkeypatch):
 
 
 def run(splits, tmp_path, **kw):
-    kw = {"arch": "linear", "epochs": 3, "lr": 1e-2, "progress": False, "cache_dir": tmp_path,
+    kw = {"arch": "linear", "epochs": 3, "lr": 3e-2, "progress": False, "cache_dir": tmp_path,
           "model_fn": Builder(), **kw}
     return train_victim(splits, kw.pop("arch"), **kw)
 
@@ -78,7 +78,7 @@ def test_cache_key_covers_config_and_data(splits, tmp_path, count_training):
     base = run(splits, tmp_path).cache_path
     assert run(splits, tmp_path, epochs=2).cache_path != base
     assert run(splits, tmp_path, seed=1).cache_path != base
-    assert run(splits, tmp_path, lr=3e-2).cache_path != base
+    assert run(splits, tmp_path, lr=1e-2).cache_path != base
     changed = make_splits("digits", seed=0, max_test=200)
     changed.victim_train.x[0, 0, 0, 0] += 1.0  # same split config, different data
     assert run(changed, tmp_path).cache_path != base

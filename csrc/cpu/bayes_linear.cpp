@@ -56,9 +56,9 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
   const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
   const uint32_t kw = check_key(t, key_w, "key_w");
   const uint32_t kb = check_key(t, key_b, "key_b");
-  at::Tensor W = at::empty({d.S, d.N, d.K}, x.options());  // freed when the op returns
+  at::Tensor W = alloc({d.S, d.N, d.K}, x.options());  // freed when the op returns
   OptTensor b;
-  if (b_mu.has_value()) b = at::empty({d.S, d.N}, x.options());
+  if (b_mu.has_value()) b = alloc({d.S, d.N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_fwd_cpu", [&] {
     sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
                              W.data_ptr<scalar_t>(), nullptr, d.S, d.N, d.K, kw);
@@ -86,8 +86,8 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
   // Regenerate eps (E) and the sampled weights (W); after dx, W's buffer receives dW.
-  at::Tensor W = at::empty({S, N, K}, x.options());
-  at::Tensor E = at::empty({S, N, K}, x.options());
+  at::Tensor W = alloc({S, N, K}, x.options());
+  at::Tensor E = alloc({S, N, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
     sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
                              W.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), S, N, K, kw);
@@ -103,7 +103,7 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
     dx = at::bmm(grad_y, W);
     at::bmm_out(W, grad_y.transpose(1, 2), x);
   }
-  at::Tensor dmu = at::empty_like(w_mu), drho = at::empty_like(w_rho);
+  at::Tensor dmu = alloc_like(w_mu), drho = alloc_like(w_rho);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
     const scalar_t* dW = W.data_ptr<scalar_t>();
     const scalar_t* e = E.data_ptr<scalar_t>();
@@ -137,8 +137,8 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   at::Tensor dbmu = x.new_empty({0}), dbrho = x.new_empty({0});
   if (b_mu.has_value()) {
     const at::Tensor gsum = grad_y.sum(1, false, at::kDouble).contiguous();  // (S, N)
-    dbmu = at::empty_like(*b_mu);
-    dbrho = at::empty_like(*b_rho);
+    dbmu = alloc_like(*b_mu);
+    dbrho = alloc_like(*b_rho);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
       const double* gs = gsum.data_ptr<double>();
       const scalar_t* rho = b_rho->data_ptr<scalar_t>();

@@ -6,6 +6,7 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace faststeal {
 namespace cpu {
@@ -17,13 +18,14 @@ constexpr int64_t kRowsPerChunk = 256;    // batch rows per bias-reduction chunk
 
 template <typename T, Act A>
 inline T activate(T v) {
-  if constexpr (A == Act::kRelu) return v > T(0) ? v : T(0);
-  else if constexpr (A == Act::kGelu) return gelu<T>(v);
+  if constexpr (A == Act::kRelu) return relu_bits(v);
+  else if constexpr (A == Act::kGelu) return gelu_cpu(v);
   else return v;
 }
 
 // y = dropout(act(src + bias)) for rows [r0, r1) of the (S*B, N) output; src may alias y, and for
 // gelu z receives the pre-activation (src may alias z). Dropout counter = linear index of y.
+// The inner loop is branch-free (bit-mask relu, integer mask compare) so that it vectorizes.
 template <typename T, Act A, bool kDrop, bool kBias>
 void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t r1, int64_t B,
                    int64_t N, uint32_t key, uint32_t thr, T scale) {
@@ -37,7 +39,7 @@ void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t 
       if constexpr (A == Act::kGelu) z[off + n] = v;
       T a = activate<T, A>(v);
       if constexpr (kDrop) {
-        a = dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? a * scale : T(0);
+        a *= dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? scale : T(0);
       }
       y[off + n] = a;
     }
@@ -68,31 +70,30 @@ void dispatch_epilogue(Act act, bool drop, const T* src, T* z, T* y, const T* bi
 #undef FS_EPI
 }
 
-// dz = grad_y * act'(.) * mask * scale for batch rows [b0, b1) of member s, written at
-// dz + dz_row_stride * b (the stacked (S,B,N) or the shared (B,S,N) layout); the bias gradient of
-// those rows is accumulated in double into dbias_acc (N) when given.
-template <typename T, Act A, bool kDrop>
+// dz = grad_y * act'(.) * mask * scale for batch rows [b0, b1) of member s, written (kWrite) at
+// dz + dz_base + dz_row_stride * b (the stacked (S,B,N) or the shared (B,S,N) layout); with
+// kBias the bias gradient of those rows is accumulated in double into dbias_acc (N).
+template <typename T, Act A, bool kDrop, bool kWrite, bool kBias>
 void dz_rows(const T* g, const T* y, const T* z, T* dz, double* dbias_acc, int64_t s, int64_t b0,
              int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
              uint32_t key, uint32_t thr, T scale) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t off = (s * B + b) * N;  // index in grad_y / y / z (all (S,B,N))
     const uint32_t c0 = static_cast<uint32_t>(off);
-    T* out = dz ? dz + dz_base + dz_row_stride * b : nullptr;  // null: only reduce the bias
+    T* out = kWrite ? dz + dz_base + dz_row_stride * b : nullptr;
     for (int64_t n = 0; n < N; ++n) {
-      const T gv = g[off + n];
       T d;
       if constexpr (A == Act::kRelu) {
         // y > 0 iff z > 0 and the element was kept, so relu needs neither z nor the mask.
-        d = y[off + n] > T(0) ? gv * scale : T(0);
+        d = g[off + n] * (scale * positive_mask(y[off + n]));
       } else {
-        d = A == Act::kGelu ? gv * gelu_grad<T>(z[off + n]) : gv;
+        d = A == Act::kGelu ? g[off + n] * gelu_grad_cpu(z[off + n]) : g[off + n];
         if constexpr (kDrop) {
-          d = dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? d * scale : T(0);
+          d *= dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? scale : T(0);
         }
       }
-      if (out) out[n] = d;
-      if (dbias_acc) dbias_acc[n] += static_cast<double>(d);
+      if constexpr (kWrite) out[n] = d;
+      if constexpr (kBias) dbias_acc[n] += static_cast<double>(d);
     }
   }
 }
@@ -110,7 +111,12 @@ void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64
       double* acc = dbias_part ? dbias_part + (chunk * S + s) * N : nullptr;
       if (acc) std::fill(acc, acc + N, 0.0);
       const int64_t base = shared ? s * N : s * B * N;
-      dz_rows<T, A, kDrop>(g, y, z, dz, acc, s, b0, b1, B, N, base, row_stride, key, thr, scale);
+#define FS_DZ_ROWS(W, BI) \
+  dz_rows<T, A, kDrop, W, BI>(g, y, z, dz, acc, s, b0, b1, B, N, base, row_stride, key, thr, scale)
+      if (dz && acc) FS_DZ_ROWS(true, true);
+      else if (dz) FS_DZ_ROWS(true, false);
+      else if (acc) FS_DZ_ROWS(false, true);
+#undef FS_DZ_ROWS
     }
   });
 }
@@ -141,7 +147,7 @@ namespace detail {
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
   const int64_t S = weight.size(0), B = x.size(-2), N = weight.size(1);
-  at::Tensor y = at::empty({S, B, N}, x.options());
+  at::Tensor y = alloc({S, B, N}, x.options());
   if (bias.has_value()) {
     at::baddbmm_out(y, bias->unsqueeze(1), batched_x(x, S), weight.transpose(1, 2));
   } else {
@@ -169,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   }
   // One GEMM (MKL batched) into y, or into z for gelu, then one fused pass for bias +
   // activation + dropout (in place for relu/none).
-  at::Tensor y = at::empty({d.S, d.B, d.N}, x.options());
-  at::Tensor z = act == Act::kGelu ? at::empty({d.S, d.B, d.N}, x.options()) : x.new_empty({0});
+  at::Tensor y = alloc({d.S, d.B, d.N}, x.options());
+  at::Tensor z = act == Act::kGelu ? alloc({d.S, d.B, d.N}, x.options()) : x.new_empty({0});
   at::Tensor acc = act == Act::kGelu ? z : y;
   at::bmm_out(acc, batched_x(x, d.S), weight.transpose(1, 2));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ensemble_linear_fwd_cpu", [&] {
@@ -202,11 +208,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
   if (act == Act::kNone && !drop && !d.shared) {
     dz = grad_y;  // nothing to fuse: use the incoming gradient as is
   } else {
-    dz = d.shared ? at::empty({B, S, N}, x.options()) : at::empty({S, B, N}, x.options());
+    dz = d.shared ? alloc({B, S, N}, x.options()) : alloc({S, B, N}, x.options());
   }
   at::Tensor dbias_part;
   const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
-  if (bias.has_value()) dbias_part = at::empty({nchunks, S, N}, x.options().dtype(at::kDouble));
+  if (bias.has_value()) dbias_part = alloc({nchunks, S, N}, x.options().dtype(at::kDouble));
 
   const bool dz_is_grad = dz.is_same(grad_y);
   if (!dz_is_grad || bias.has_value()) {

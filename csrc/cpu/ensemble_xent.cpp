@@ -38,7 +38,7 @@ at::Tensor ensemble_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> partial(S * nchunks, 0.0);
-  at::Tensor out = at::empty({S}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  at::Tensor out = alloc({S}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ensemble_cross_entropy_fwd_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     at::parallel_for(0, S * nchunks, 1, [&](int64_t k0, int64_t k1) {
@@ -81,7 +81,7 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   check_grad_scalar_per_member(t, grad, S);
   const at::Tensor g = grad.to(at::kDouble).contiguous();
-  at::Tensor dlogits = at::empty_like(logits);
+  at::Tensor dlogits = alloc_like(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ensemble_cross_entropy_bwd_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* dx = dlogits.data_ptr<scalar_t>();

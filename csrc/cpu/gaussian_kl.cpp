@@ -20,7 +20,7 @@ at::Tensor gaussian_kl_fwd(const at::Tensor& mu, const at::Tensor& rho, double p
   const int64_t n = mu.numel();
   const int64_t nchunks = (n + kKlChunk - 1) / kKlChunk;
   std::vector<double> partial(nchunks, 0.0);
-  at::Tensor out = at::empty({}, mu.options().dtype(acc_dtype(mu.scalar_type())));
+  at::Tensor out = alloc({}, mu.options().dtype(acc_dtype(mu.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_fwd_cpu", [&] {
     using acc_t = scalar_t;  // CPU dtypes are float32/float64, their own accumulation type
     const scalar_t* m = mu.data_ptr<scalar_t>();
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad, const
   TORCH_CHECK(grad.numel() == 1, t.fn, ": grad must be a scalar, got sizes ", grad.sizes());
   check_device(t, grad, "grad");
   const double g = grad.item<double>();
-  at::Tensor dmu = at::empty_like(mu), drho = at::empty_like(rho);
+  at::Tensor dmu = alloc_like(mu), drho = alloc_like(rho);
   const int64_t n = mu.numel();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_bwd_cpu", [&] {
     const scalar_t* m = mu.data_ptr<scalar_t>();

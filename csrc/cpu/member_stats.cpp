@@ -5,12 +5,11 @@
 // its row max, so large or mean-shifted logits (e.g. +1e4) are exact to float32 rounding; the
 // variance across members is two-pass on the probabilities of a block of rows held in a
 // per-thread scratch (S x rows x C floats, <= 64 KiB for small C), never E[p^2] - E[p]^2.
-#include <cstring>
-
 #include <ATen/Parallel.h>
 
 #include "../common.h"
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace faststeal {
 namespace cpu {
@@ -33,69 +32,6 @@ struct Outs {
   float* correct;         // null without targets
   int64_t* member_hits;   // (nblocks, S) counts, null without targets
 };
-
-// The float math below is branch-free so that GCC vectorizes the loops over a block without
-// -ffast-math: clamps work on the bit patterns (integer min/max) because a floating compare may
-// trap and blocks if-conversion under the default -ftrapping-math.
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-// exp(x) for x <= 0 (max-subtracted logits): Cephes' expf polynomial after x = n ln2 + r,
-// |r| <= ln2/2; relative error ~2e-7. x is clamped to -87 (for x <= 0 a larger magnitude is a
-// larger bit pattern), so exp(-inf..-87) gives ~1.6e-38 instead of underflowing: an absolute
-// error below 2e-38.
-inline float exp_nonpos(float x) {
-  const uint32_t u = float_to_bits(x);
-  x = bits_to_float(u < 0xC2AE0000u ? u : 0xC2AE0000u);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2**22)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
-
-// log(x) for x > 0 (Cephes' logf, ~1 ulp); x below FLT_MIN (zero or subnormal) is treated as
-// FLT_MIN, which is what x * log(x) -> 0 needs.
-inline float log_pos(float x) {
-  uint32_t u = float_to_bits(x);
-  u = u > 0x00800000u ? u : 0x00800000u;
-  int32_t e = static_cast<int32_t>(u >> 23) - 127;
-  uint32_t mant = u & 0x007FFFFFu;
-  // m in [sqrt(1/2), sqrt(2)): mantissas above sqrt(2)'s (0x3504F3) are halved.
-  const uint32_t big = mant > 0x3504F3u ? 1u : 0u;
-  e += static_cast<int32_t>(big);
-  const float m = bits_to_float(mant | ((127u - big) << 23));
-  const float f = m - 1.0f;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  const float ef = static_cast<float>(e);
-  y += ef * -2.12194440e-4f;
-  y += -0.5f * z;
-  return (f + y) + ef * 0.693359375f;
-}
 
 // Statistics of batch rows [b0, b0 + R): P holds the (S, R, C) member probabilities, X one
 // member's (R, C) max-subtracted logits plus 2R scratch, H and member_pred (R) and (S, R).
@@ -193,16 +129,16 @@ std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTens
   check_member_stats(t, logits, targets);
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor mean_probs = at::empty({B, C}, f32);
-  at::Tensor variance = at::empty({B}, f32), eom = at::empty({B}, f32);
-  at::Tensor me = at::empty({B}, f32), mi = at::empty({B}, f32);
-  at::Tensor pred = at::empty({B}, logits.options().dtype(at::kLong));
-  at::Tensor disagreement = at::empty({B}, f32);
+  at::Tensor mean_probs = alloc({B, C}, f32);
+  at::Tensor variance = alloc({B}, f32), eom = alloc({B}, f32);
+  at::Tensor me = alloc({B}, f32), mi = alloc({B}, f32);
+  at::Tensor pred = alloc({B}, logits.options().dtype(at::kLong));
+  at::Tensor disagreement = alloc({B}, f32);
   const bool has_t = targets.has_value();
-  at::Tensor correct = at::empty({has_t ? B : 0}, f32);
+  at::Tensor correct = alloc({has_t ? B : 0}, f32);
   const int64_t rpb = rows_per_block(S, C);
   const int64_t nblocks = (B + rpb - 1) / rpb;
-  at::Tensor hits = at::empty({has_t ? nblocks : 0, S}, logits.options().dtype(at::kLong));
+  at::Tensor hits = alloc({has_t ? nblocks : 0, S}, logits.options().dtype(at::kLong));
 
   Outs o{mean_probs.data_ptr<float>(), variance.data_ptr<float>(), eom.data_ptr<float>(),
          me.data_ptr<float>(), mi.data_ptr<float>(), pred.data_ptr<int64_t>(),
@@ -220,7 +156,7 @@ std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTens
       }
     });
   });
-  at::Tensor member_correct = at::empty({0}, f32);
+  at::Tensor member_correct = alloc({0}, f32);
   if (has_t) member_correct = hits.sum(0).to(at::kFloat).div_(static_cast<double>(B));
   return {mean_probs, variance, eom, me, mi, pred, disagreement, correct, member_correct};
 }

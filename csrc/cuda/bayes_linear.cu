@@ -82,16 +82,16 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
   const uint32_t kw = check_key(t, key_w, "key_w");
   const uint32_t kb = check_key(t, key_b, "key_b");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor W = at::empty({d.S, d.N, d.K}, x.options());  // freed when the op returns
+  at::Tensor W = alloc({d.S, d.N, d.K}, x.options());  // freed when the op returns
   at::Tensor b;
   FS_DISPATCH_CUDA(x.scalar_type(), "bayes_linear_fwd_cuda", [&] {
     sample<scalar_t>(w_mu, w_rho, W, d.S, kw);
     if (b_mu.has_value()) {
-      b = at::empty({d.S, d.N}, x.options());
+      b = alloc({d.S, d.N}, x.options());
       sample<scalar_t>(*b_mu, *b_rho, b, d.S, kb);
     }
   });
-  at::Tensor y = at::empty({d.S, d.B, d.N}, x.options());
+  at::Tensor y = alloc({d.S, d.B, d.N}, x.options());
   if (b_mu.has_value()) at::baddbmm_out(y, b.unsqueeze(1), batched_x(x, d.S), W.transpose(1, 2));
   else at::bmm_out(y, batched_x(x, d.S), W.transpose(1, 2));
   return y;
@@ -113,9 +113,9 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
-  at::Tensor W = at::empty({S, N, K}, x.options());
+  at::Tensor W = alloc({S, N, K}, x.options());
   at::Tensor dx;
-  at::Tensor dmu = at::empty_like(w_mu), drho = at::empty_like(w_rho);
+  at::Tensor dmu = alloc_like(w_mu), drho = alloc_like(w_rho);
   FS_DISPATCH_CUDA(x.scalar_type(), "bayes_linear_bwd_cuda", [&] {
     sample<scalar_t>(w_mu, w_rho, W, S, kw);
     if (d.shared) {
@@ -136,8 +136,8 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   if (b_mu.has_value()) {
     const at::ScalarType acc = acc_dtype(x.scalar_type());
     const at::Tensor gsum = grad_y.sum(1, false, acc).contiguous();  // (S, N)
-    dbmu = at::empty_like(*b_mu);
-    dbrho = at::empty_like(*b_rho);
+    dbmu = alloc_like(*b_mu);
+    dbrho = alloc_like(*b_rho);
     FS_DISPATCH_CUDA(x.scalar_type(), "bayes_linear_bwd_cuda", [&] {
       using acc_t = typename Acc<scalar_t>::type;
       reduce<scalar_t, acc_t>(gsum, *b_rho, dbmu, dbrho, S, kb);

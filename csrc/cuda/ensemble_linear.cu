@@ -169,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
-  at::Tensor y = at::empty({S, B, N}, x.options());
-  at::Tensor z = act == Act::kGelu ? at::empty({S, B, N}, x.options()) : x.new_empty({0});
+  at::Tensor y = alloc({S, B, N}, x.options());
+  at::Tensor z = act == Act::kGelu ? alloc({S, B, N}, x.options()) : x.new_empty({0});
   if (!d.shared && act == Act::kNone && !drop) {
     // Nothing to fuse: cuBLAS applies the bias as beta * C.
     if (bias.has_value()) at::baddbmm_out(y, bias->unsqueeze(1), x, weight.transpose(1, 2));
@@ -214,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
   // dz in (S,B,N) for stacked x, (B,S,N) for shared x (then dx and all dW_s are single GEMMs).
   const bool passthrough = act == Act::kNone && !drop && !d.shared;
   at::Tensor dz = passthrough ? grad_y
-                              : (d.shared ? at::empty({B, S, N}, x.options())
-                                          : at::empty({S, B, N}, x.options()));
+                              : (d.shared ? alloc({B, S, N}, x.options())
+                                          : alloc({S, B, N}, x.options()));
   at::Tensor db = x.new_empty({0});
   if (!passthrough || bias.has_value()) {
     // Split the rows so that the grid has ~512 blocks; the split count depends on the shapes
@@ -226,8 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
     const int64_t rows_per_split = (B + nsplit - 1) / nsplit;
     at::Tensor part;
     if (bias.has_value()) {
-      part = at::empty({nsplit, S, N}, x.options().dtype(acc_dtype(x.scalar_type())));
-      db = at::empty({S, N}, x.options());
+      part = alloc({nsplit, S, N}, x.options().dtype(acc_dtype(x.scalar_type())));
+      db = alloc({S, N}, x.options());
     }
     FS_DISPATCH_CUDA(x.scalar_type(), "ensemble_linear_bwd_cuda", [&] {
       using acc_t = typename Acc<scalar_t>::type;

@@ -116,11 +116,11 @@ at::Tensor ensemble_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   const auto acc_opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
-  at::Tensor out = at::empty({S}, acc_opts);
+  at::Tensor out = alloc({S}, acc_opts);
   if (S == 0) return out;
   if (B == 0) return out.fill_(NAN);
   const int64_t nchunks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
-  at::Tensor part = at::empty({S, nchunks}, acc_opts);
+  at::Tensor part = alloc({S, nchunks}, acc_opts);
   FS_DISPATCH_CUDA(logits.scalar_type(), "ensemble_cross_entropy_fwd_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const dim3 grid(nchunks, S);
@@ -149,7 +149,7 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
   check_grad_scalar_per_member(t, grad, S);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor g = grad.to(acc_dtype(logits.scalar_type())).contiguous();
-  at::Tensor dlogits = at::empty_like(logits);
+  at::Tensor dlogits = alloc_like(logits);
   if (S * B == 0) return dlogits;
   FS_DISPATCH_CUDA(logits.scalar_type(), "ensemble_cross_entropy_bwd_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;

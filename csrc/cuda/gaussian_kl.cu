@@ -60,9 +60,9 @@ at::Tensor gaussian_kl_fwd(const at::Tensor& mu, const at::Tensor& rho, double p
   const c10::cuda::CUDAGuard guard(mu.device());
   const int64_t n = mu.numel();
   const auto acc_opts = mu.options().dtype(acc_dtype(mu.scalar_type()));
-  at::Tensor out = at::empty({}, acc_opts);
+  at::Tensor out = alloc({}, acc_opts);
   const int64_t nblocks = std::min<int64_t>(kMaxBlocks, blocks_for(n, kThreads * 4));
-  at::Tensor part = at::empty({nblocks}, acc_opts);
+  at::Tensor part = alloc({nblocks}, acc_opts);
   FS_DISPATCH_CUDA(mu.scalar_type(), "gaussian_kl_fwd_cuda", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     kl_partial_kernel<scalar_t><<<nblocks, kThreads, 0, stream()>>>(
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad, const
   check_device(t, grad, "grad");
   const c10::cuda::CUDAGuard guard(mu.device());
   const at::Tensor g = grad.reshape({}).to(acc_dtype(mu.scalar_type())).contiguous();
-  at::Tensor dmu = at::empty_like(mu), drho = at::empty_like(rho);
+  at::Tensor dmu = alloc_like(mu), drho = alloc_like(rho);
   const int64_t n = mu.numel();
   if (n == 0) return {dmu, drho};
   FS_DISPATCH_CUDA(mu.scalar_type(), "gaussian_kl_bwd_cuda", [&] {

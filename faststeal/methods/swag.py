@@ -19,7 +19,7 @@ running the stack in train mode (cumulative average, ``momentum=None``) over
 Defaults and their source:
 * SGD with ``momentum=0.9`` (the paper's optimiser). The SGD learning rate ``sgd_lr`` defaults to
   50x the ``lr`` given to :meth:`fit` — 0.05 at the usual Adam rate 1e-3, the paper's initial
-  rate for VGG-16 on CIFAR (its code's ``lr_init``); 10x under-fits our short runs (Fashion-MNIST,
+  rate for VGG-16 on CIFAR (its code's ``lr_init``); 10x under-fits our short runs (one seed,
   3k queries, 10 epochs: test accuracy 0.83 / 0.76 for MLP / LeNet at 10x, 0.85 / 0.83 at 50x).
   The paper's schedule: constant for the first half of the pre-collection phase, linear decay to
   ``swa_lr`` until 90% of it, then constant ``swa_lr`` while collecting. ``swa_lr`` defaults to

@@ -1,0 +1,126 @@
+// Branch-free float math for the CPU kernels, written so that GCC auto-vectorizes the loops that
+// use it without -ffast-math. Under the default -ftrapping-math GCC will not if-convert a
+// floating-point compare-and-select, so clamps, signs and relu masks work on the bit patterns
+// (integer compares and masks) instead.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace faststeal {
+namespace cpu {
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// exp(x) for x <= 0: Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2/2; relative error
+// ~2e-7. x is clamped to -87 (for x <= 0 a larger magnitude is a larger bit pattern), so
+// exp(-inf..-87) gives ~1.6e-38 instead of underflowing: an absolute error below 2e-38.
+inline float exp_nonpos(float x) {
+  const uint32_t u = float_to_bits(x);
+  x = bits_to_float(u < 0xC2AE0000u ? u : 0xC2AE0000u);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2**22)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// log(x) for x > 0 (Cephes' logf, ~1 ulp); x below FLT_MIN (zero or subnormal) is treated as
+// FLT_MIN, which is what x * log(x) -> 0 needs.
+inline float log_pos(float x) {
+  uint32_t u = float_to_bits(x);
+  u = u > 0x00800000u ? u : 0x00800000u;
+  int32_t e = static_cast<int32_t>(u >> 23) - 127;
+  const uint32_t mant = u & 0x007FFFFFu;
+  // m in [sqrt(1/2), sqrt(2)): mantissas above sqrt(2)'s (0x3504F3) are halved.
+  const uint32_t big = mant > 0x3504F3u ? 1u : 0u;
+  e += static_cast<int32_t>(big);
+  const float m = bits_to_float(mant | ((127u - big) << 23));
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float ef = static_cast<float>(e);
+  y += ef * -2.12194440e-4f;
+  y += -0.5f * z;
+  return (f + y) + ef * 0.693359375f;
+}
+
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the approximation ATen's own
+// vectorized float erf (and so the eager float32 GELU on CPU) uses.
+inline float erf_fast(float x) {
+  const uint32_t ux = float_to_bits(x);
+  const uint32_t sign = ux & 0x80000000u;
+  const float ax = bits_to_float(ux ^ sign);
+  const float t = 1.0f / (0.3275911f * ax + 1.0f);
+  float r = 1.061405429f;
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const float v = 1.0f - r * t * exp_nonpos(-ax * ax);
+  return bits_to_float(float_to_bits(v) ^ sign);
+}
+
+// Exact-erf GELU and its derivative: the fast float path, std::erf in double (gradcheck).
+inline float gelu_cpu(float z) { return 0.5f * z * (1.0f + erf_fast(z * 0.70710678118654752f)); }
+inline double gelu_cpu(double z) { return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752440)); }
+inline float gelu_grad_cpu(float z) {
+  const float cdf = 0.5f * (1.0f + erf_fast(z * 0.70710678118654752f));
+  return cdf + z * exp_nonpos(-0.5f * z * z) * 0.39894228040143267794f;
+}
+inline double gelu_grad_cpu(double z) {
+  const double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752440));
+  return cdf + z * std::exp(-0.5 * z * z) * 0.39894228040143267794;
+}
+
+// 1 for x > 0 (and +NaN), else 0, from the sign/magnitude bits.
+inline float positive_mask(float x) {
+  return static_cast<int32_t>(float_to_bits(x)) > 0 ? 1.0f : 0.0f;
+}
+inline double positive_mask(double x) {
+  int64_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b > 0 ? 1.0 : 0.0;
+}
+
+// relu by masking the bits: x for x > 0, +0 otherwise (no -inf * 0 NaNs).
+inline float relu_bits(float x) {
+  const int32_t b = static_cast<int32_t>(float_to_bits(x));
+  return bits_to_float(static_cast<uint32_t>(b & -static_cast<int32_t>(b > 0)));
+}
+inline double relu_bits(double x) {
+  int64_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  b &= -static_cast<int64_t>(b > 0);
+  double r;
+  std::memcpy(&r, &b, sizeof(r));
+  return r;
+}
+
+}  // namespace cpu
+}  // namespace faststeal
