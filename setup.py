@@ -27,12 +27,12 @@ if os.environ.get("FASTSTEAL_NO_EXT") != "1":
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         with_cuda = (CUDA_HOME is not None and bool(cuda_sources)
                      and os.environ.get("FASTSTEAL_NO_CUDA") != "1")
-        cxx = ["-O3", "-std=c++17", "-fopenmp"]
+        cxx = ["-O3", "-std=c++20", "-fopenmp"]
         if with_cuda:
             ext = CUDAExtension(
                 "faststeal._C", sources + cuda_sources,
                 define_macros=[("WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
                                                          "-lineinfo"]},
                 extra_link_args=["-fopenmp"])
         else:

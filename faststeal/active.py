@@ -64,6 +64,9 @@ class ActiveConfig:
         strategy at a checkpoint since the set sizes are equal);
         round_epochs: epochs the warm-started running surrogate trains per round.
     seed: one seed for the seed set, the selection RNG, and every surrogate's initialisation.
+    eval_seed_offset: the retrained surrogate is built with ``seed + eval_seed_offset`` (0: the
+        running surrogate's own initialisation; another value checks that a query set chosen by
+        one network also serves a differently initialised one).
     """
 
     strategy: str = "random"
@@ -83,6 +86,7 @@ class ActiveConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    eval_seed_offset: int = 0
 
     def validate(self, budget: int) -> "ActiveConfig":
         def pos_int(name: str, v: Any) -> None:
@@ -307,11 +311,12 @@ def _checkpoint(used: int, running: Any, eval_factory: MethodFactory, config: Ac
                 victim_probs: Optional[Tensor], t_start: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_m = evaluate_surrogate(running, test_x, victim_labels, test_y, victim_probs)
-    if not config.warm_start and config.eval_method in (None, config.method):
+    if (not config.warm_start and config.eval_method in (None, config.method)
+            and config.eval_seed_offset == 0):
         ret_m, ret_s = run_m, 0.0  # cold running surrogate == the retrained one
     else:
         t1 = time.perf_counter()
-        fresh = eval_factory(config.seed)
+        fresh = eval_factory(config.seed + config.eval_seed_offset)
         fresh.fit(x_l, y_l, epochs=config.epochs_for(int(x_l.shape[0])),
                   batch_size=config.batch_size, lr=config.lr, progress=False)
         ret_m = evaluate_surrogate(fresh, test_x, victim_labels, test_y, victim_probs)

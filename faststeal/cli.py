@@ -110,6 +110,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .results.store import StoreMismatchError
+
     args = _parser().parse_args(argv)
     try:
         if args.command == "info":
@@ -123,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(markdown(write_report(args.dir)))
             return 0
         return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
         print(f"faststeal: error: {exc}", file=sys.stderr)
         return 2
 

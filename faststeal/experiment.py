@@ -26,11 +26,11 @@ OUTPUT_MODES = ("label", "topk", "probs", "logits")
 # Presets. "default" is the main job (README's first command): the whole comparison on
 # Fashion-MNIST in under 10 minutes on a 2-core CPU (see docs/results.md for the measured time).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(budget=2000, seeds=1, epochs=3, victim_epochs=2, member_sweep=(1, 2),
+    "quick": dict(budget=2000, seeds=1, epochs=3, member_sweep=(1, 2),
                   probe_size=256, record_every=10),
-    "default": dict(budget=10000, seeds=3, epochs=8, victim_epochs=4, member_sweep=(1, 2, 5, 10),
+    "default": dict(budget=10000, seeds=3, epochs=8, member_sweep=(1, 2, 5, 10),
                     probe_size=512, record_every=25),
-    "full": dict(budget=20000, seeds=5, epochs=20, victim_epochs=10, surrogate_arch="lenet",
+    "full": dict(budget=20000, seeds=5, epochs=20, victim_arch="cnn-wide", surrogate_arch="lenet",
                  member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000, record_every=50),
 }
 
@@ -42,9 +42,9 @@ class Config:
     dataset: str = "fashion-mnist"
     pool_dataset: Optional[str] = None
     data_root: Optional[str] = None
-    victim_arch: str = "cnn-wide"
+    victim_arch: str = "lenet"
     surrogate_arch: str = "mlp"
-    victim_epochs: int = 4
+    victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
     victim_fraction: float = 0.5
     budget: int = 10000
     output_mode: str = "label"
@@ -113,9 +113,11 @@ class Config:
             choice("method", m, ALL_METHODS)
         if self.sweep_method not in ALL_METHODS:
             choice("sweep_method", self.sweep_method, ALL_METHODS)
-        for name in ("budget", "seeds", "epochs", "batch_size", "victim_epochs", "probe_size",
+        for name in ("budget", "seeds", "epochs", "batch_size", "probe_size",
                      "record_every", "sweep_seeds", "topk"):
             pos_int(name, getattr(self, name))
+        if self.victim_epochs is not None:
+            pos_int("victim_epochs", self.victim_epochs)
         pos_int("split_seed", self.split_seed, allow_zero=True)
         for s in self.member_sweep:
             pos_int("member_sweep entry", s)

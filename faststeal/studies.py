@@ -96,23 +96,44 @@ def _save_fig(fig: Any, path: Path) -> Path:
 
 
 class CellStore:
-    """One JSON per finished cell under ``root/cells``; settings pinned in ``settings.json``."""
+    """One JSON per finished cell under ``root/cells``; settings pinned in ``settings.json``.
 
-    def __init__(self, root: Path, settings: dict[str, Any], force: bool = False) -> None:
+    A rerun must have the same settings (their digest; ``victim_epochs`` is left out of it since
+    the victim is pinned by its checkpoint instead) and the same victim checkpoint (``victim``:
+    the file name of the cached victim). Otherwise ValueError, or with ``force`` the old cells
+    are discarded: cells computed against different victims are never mixed.
+    """
+
+    def __init__(self, root: Path, settings: dict[str, Any], force: bool = False,
+                 victim: Optional[str] = None) -> None:
         self.root = root
         self.cells_dir = root / "cells"
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=_json_default)
-                                .encode()).hexdigest()[:16]
+
+        def digest_of(d: dict[str, Any]) -> str:
+            return hashlib.sha256(json.dumps(d, sort_keys=True, default=_json_default)
+                                  .encode()).hexdigest()[:16]
+
+        digest = digest_of({k: v for k, v in settings.items() if k != "victim_epochs"})
+        # folders written before victims were pinned (victim_epochs was None there; their
+        # victim is recorded from this run on)
+        legacy = digest_of({**settings, "victim_epochs": None})
         meta = root / "settings.json"
         if meta.exists():
             old = json.loads(meta.read_text())
-            if old.get("digest") != digest:
+            problem = None
+            if old.get("digest") not in (digest, legacy):
+                problem = (f"different settings (digest {old.get('digest')} != {digest})")
+            elif victim and old.get("victim") and old["victim"] != victim:
+                problem = (f"another victim ({old['victim']}; this run's is {victim}: pin it "
+                           "with --victim-epochs)")
+            if problem:
                 if not force:
-                    raise ValueError(f"{root} holds cells of a study with different settings "
-                                     f"(digest {old.get('digest')} != {digest}); use another "
+                    raise ValueError(f"{root} holds cells of a study with {problem}; use another "
                                      "--out or force=True / --force to discard them")
                 shutil.rmtree(self.cells_dir, ignore_errors=True)
-        atomic_json(meta, {"digest": digest, "settings": settings})
+            elif not victim:
+                victim = old.get("victim")
+        atomic_json(meta, {"digest": digest, "victim": victim, "settings": settings})
         self.cells_dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -171,7 +192,9 @@ def prepare(dataset: str = "fashion-mnist", victim_arch: str = "lenet", split_se
     g = torch.Generator().manual_seed(split_seed + 2)
     probe = test_x[torch.randperm(len(test_x), generator=g)[:probe_size].to(device)]
     info = {"dataset": dataset, "victim_arch": victim_arch, "victim_test_accuracy":
-            vic.test_accuracy, "victim_trained_now": vic.trained, "split_seed": split_seed,
+            vic.test_accuracy, "victim_trained_now": vic.trained, "victim_checkpoint":
+            os.path.basename(vic.cache_path) if vic.cache_path else None,
+            "victim_epochs": victim_epochs, "split_seed": split_seed,
             "pool": len(splits.pool), "test": len(splits.test), "setup_seconds":
             time.perf_counter() - t0, **machine_info(device)}
     return Setup(splits, victim, vic.test_accuracy, test_x, test_y, vprobs, vprobs.argmax(-1),
@@ -255,7 +278,8 @@ def run_active_study(out: str | os.PathLike, *, strategies: Sequence[str] = STRA
                      epochs: int = 10, min_steps: int = 0, round_epochs: int = 2,
                      round_size: Optional[int] = None,
                      seed_fraction: float = 0.1, batch_size: int = 128, lr: float = 1e-3,
-                     candidates: Optional[int] = None, output_mode: str = "label",
+                     candidates: Optional[int] = None, eval_seed_offset: int = 0,
+                     output_mode: str = "label",
                      dataset: str = "fashion-mnist", victim_arch: str = "lenet",
                      victim_epochs: Optional[int] = None, device: str = "cpu",
                      cache_dir: Optional[str] = None, max_test: Optional[int] = None,
@@ -271,10 +295,12 @@ def run_active_study(out: str | os.PathLike, *, strategies: Sequence[str] = STRA
                     seed_fraction=seed_fraction, batch_size=batch_size, lr=lr,
                     candidates=candidates, output_mode=output_mode, dataset=dataset,
                     victim_arch=victim_arch, victim_epochs=victim_epochs, max_test=max_test)
-    root = Path(out) / "active"
-    store = CellStore(root, settings, force)
+    if eval_seed_offset:  # only when set, so earlier runs' settings digests stay valid
+        settings["eval_seed_offset"] = eval_seed_offset
     setup = setup or prepare(dataset, victim_arch, victim_epochs=victim_epochs, device=device,
                              cache_dir=cache_dir, max_test=max_test, progress=progress)
+    root = Path(out) / "active"
+    store = CellStore(root, settings, force, setup.info.get("victim_checkpoint"))
     pool_x = setup.splits.pool.x
     hp = {"members": members} if method != "baseline" else {}
     todo = [(s, k) for k in range(seeds) for s in strategies if not store.has(f"{s}_seed{k}")]
@@ -289,7 +315,7 @@ def run_active_study(out: str | os.PathLike, *, strategies: Sequence[str] = STRA
                            round_size=round_size, method=method, arch=arch, hparams=hp,
                            epochs=epochs, min_steps=min_steps, round_epochs=round_epochs,
                            batch_size=batch_size,
-                           lr=lr, seed=seed)
+                           lr=lr, seed=seed, eval_seed_offset=eval_seed_offset)
         res = run_active(oracle, cfg, test_x=setup.test_x, victim_labels=setup.victim_labels,
                          test_y=setup.test_y, device=device, progress=progress)
         res["strategy_params"] = res.pop("strategy")
@@ -366,8 +392,11 @@ def _active_markdown(s: dict[str, Any]) -> str:
              "Δ = paired difference to `random` (same seed: same seed set, same initialisation), "
              "wins = seeds where the strategy beat random.", ""]
     cps = [str(b) for b in st["checkpoints"]]
-    for which, title in (("retrained", "Retrained from the same initialisation on exactly the "
-                          "queried set (query quality alone)"),
+    off = st.get("eval_seed_offset", 0)
+    init = (f"another initialisation (seed + {off})" if off
+            else "the same initialisation")
+    for which, title in (("retrained", f"Retrained from {init} on exactly the queried set "
+                          "(query quality alone)"),
                          ("running", "The strategy's own running surrogate")):
         lines += [f"## {title}", "", "| strategy | " + " | ".join(cps) + " |",
                   "|---|" + "---|" * len(cps)]
@@ -411,9 +440,10 @@ def _active_figure(root: Path, table: dict, strategies: list[str], cps: list[int
             m = np.array([rows[str(b)]["mean"] for b in cps]) * 100
             sd = np.array([rows[str(b)]["std"] for b in cps]) * 100
             style = dict(lw=2.4, color="black") if s == "random" else dict(lw=1.4)
-            ax.plot(cps, m, marker="o", ms=3, label=s, **style)
-            ax.fill_between(cps, m - sd, m + sd, alpha=0.15, color=style.get("color"))
+            (line,) = ax.plot(cps, m, marker="o", ms=3, label=s, **style)
+            ax.fill_between(cps, m - sd, m + sd, alpha=0.12, color=line.get_color())
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(cps)
         ax.set_xticklabels([str(b) for b in cps])
         ax.set_xlabel("queries (budget)")
@@ -451,11 +481,11 @@ def run_diversity_study(out: str | os.PathLike, *, variants: Sequence[str] = DIV
                     batch_size=batch_size, lr=lr, record_every=record_every,
                     output_mode=output_mode, dataset=dataset, victim_arch=victim_arch,
                     victim_epochs=victim_epochs, max_test=max_test, probe_size=probe_size)
-    root = Path(out) / "diversity"
-    store = CellStore(root, settings, force)
     setup = setup or prepare(dataset, victim_arch, victim_epochs=victim_epochs, device=device,
                              cache_dir=cache_dir, max_test=max_test, probe_size=probe_size,
                              progress=progress)
+    root = Path(out) / "diversity"
+    store = CellStore(root, settings, force, setup.info.get("victim_checkpoint"))
     oracle = Oracle(setup.victim, setup.splits.pool.x, budget, output_mode=output_mode,
                     device=device)
     idx = random_queries(len(setup.splits.pool), budget, 1)
@@ -565,9 +595,9 @@ def _diversity_figure(root: Path, cells: list[dict], variants: list[str],
                          if len(c["trace"]) == len(its)])
         m, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
         style = dict(lw=2.4, color="black") if v == "deep-ensemble" else dict(lw=1.4)
-        ax.plot(its, m, label=v, **style)
-        ax.fill_between(its, np.maximum(m - sd, 1e-12), m + sd, alpha=0.15,
-                        color=style.get("color"))
+        (line,) = ax.plot(its, m, label=v, **style)
+        ax.fill_between(its, np.maximum(m - sd, 1e-12), m + sd, alpha=0.12,
+                        color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel("training iteration")
     ax.set_ylabel("prediction variance V (probe set)")
@@ -643,10 +673,10 @@ def run_defense_study(out: str | os.PathLike, *,
                     members=members, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                     output_mode=output_mode, dataset=dataset, victim_arch=victim_arch,
                     victim_epochs=victim_epochs, max_test=max_test)
-    root = Path(out) / "defense"
-    store = CellStore(root, settings, force)
     setup = setup or prepare(dataset, victim_arch, victim_epochs=victim_epochs, device=device,
                              cache_dir=cache_dir, max_test=max_test, progress=progress)
+    root = Path(out) / "defense"
+    store = CellStore(root, settings, force, setup.info.get("victim_checkpoint"))
     pool_x = setup.splits.pool.x
     idx_all = random_queries(len(pool_x), budget, 1)
     todo = [(d, m, k) for d in defenses for k in range(seeds) for m in methods
@@ -808,6 +838,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--victim-arch", default="lenet")
+    p.add_argument("--victim-epochs", type=int, default=None,
+                   help="pin the victim's training epochs (default: faststeal.victim's default)")
     p.add_argument("--arch", default="mlp", help="surrogate architecture")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--members", type=int, default=5)
@@ -820,6 +852,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--min-steps", type=int, default=0,
                    help="active study: at least this many steps per from-scratch fit")
     p.add_argument("--candidates", type=int, default=None)
+    p.add_argument("--eval-seed-offset", type=int, default=0,
+                   help="active study: initialise the retrained surrogate with seed + this")
     p.add_argument("--budget", type=int, default=2000, help="diversity / defence studies")
     p.add_argument("--defense-budget", type=int, default=None)
     p.add_argument("--variants", default=",".join(DIVERSITY_VARIANTS))
@@ -843,12 +877,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.members = min(a.members, 3)
     progress = not a.no_progress
     t0 = time.perf_counter()
-    setup = prepare(a.dataset, a.victim_arch, device=a.device, cache_dir=a.cache_dir,
-                    max_test=a.max_test, progress=progress)
+    setup = prepare(a.dataset, a.victim_arch, victim_epochs=a.victim_epochs, device=a.device,
+                    cache_dir=a.cache_dir, max_test=a.max_test, progress=progress)
     print(f"[studies] victim {a.victim_arch}: {100 * setup.victim_accuracy:.2f}% test accuracy; "
           f"setup {setup.info['setup_seconds']:.1f}s", flush=True)
     common = dict(seeds=a.seeds, members=a.members, arch=a.arch, epochs=a.epochs,
-                  dataset=a.dataset, victim_arch=a.victim_arch, device=a.device,
+                  dataset=a.dataset, victim_arch=a.victim_arch, victim_epochs=a.victim_epochs,
+                  device=a.device,
                   max_test=a.max_test, setup=setup, force=a.force, progress=progress)
     timing = {}
     if a.study in ("active", "all"):
@@ -856,7 +891,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_active_study(a.out, strategies=a.strategies.split(","),
                          checkpoints=[int(c) for c in a.checkpoints.split(",")],
                          round_size=a.round_size, round_epochs=a.round_epochs,
-                         min_steps=a.min_steps,
+                         min_steps=a.min_steps, eval_seed_offset=a.eval_seed_offset,
                          candidates=a.candidates, **common)
         timing["active_s"] = time.perf_counter() - t
     if a.study in ("diversity", "all"):

@@ -1,14 +1,15 @@
 """Train (or load from cache) the victim classifier of a stealing experiment.
 
 The victim is a plain zoo model (``faststeal.models.build_model``) trained with Adam (cosine
-learning-rate decay to 0, per step) and cross-entropy on ``splits.victim_train``. Checkpoints are cached under
-``<cache>/victims`` (``$FASTSTEAL_CACHE/victims``, default ``~/.cache/faststeal/victims``) in a
-file whose name carries a hash of everything that determines the weights: the victim's training
-data (a content digest, so a changed data folder never reuses a stale victim), the split
-seed/fraction, the architecture (name and module structure), the training seed, epochs, batch
-size and learning rate. A second call with the same inputs loads instead of retraining.
-Writes are atomic (temporary file + ``os.replace``); an unreadable or mismatched checkpoint is
-reported with a warning that names the file, and the victim is retrained and rewritten.
+learning-rate decay to 0, per step) and cross-entropy on ``splits.victim_train``. Checkpoints
+are cached under ``<cache>/victims`` (``$FASTSTEAL_CACHE/victims``, default
+``~/.cache/faststeal/victims``) in a file whose name carries a hash of everything that
+determines the weights: the victim's training data (a content digest, so a changed data folder
+never reuses a stale victim), the split seed/fraction, the architecture (name and module
+structure), the training seed, epochs, batch size, learning rate and schedule. A second call
+with the same inputs loads instead of retraining. Writes are atomic (temporary file +
+``os.replace``); an unreadable or mismatched checkpoint is reported with a warning that names
+the file, and the victim is retrained and rewritten.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from .data.registry import ArrayDataset
 from .data.splits import Splits
 
 # Default epochs (used when epochs=None). Measured on Fashion-MNIST, victim_fraction=0.5 (30k
-# images), seed 0, batch 128, Adam lr 1e-3, one CPU thread of a shared 2-core machine:
-#   lenet:    8 epochs -> 88.7% test accuracy, ~36 s of training (~4 s/epoch);
-#   cnn-wide: 6 epochs -> 89.7%, ~19 min on that contended thread (90-270 s/epoch); its
-#             accuracy swings between epochs (constant lr, BatchNorm): 87.6/80.2/86.0/89.7%
-#             after epochs 3-6.
-# mlp and resnet-small are not measured; their values are guesses in the same range.
-DEFAULT_EPOCHS: dict[str, int] = {"mlp": 10, "lenet": 8, "cnn-wide": 6, "resnet-small": 6}
+# images), seed 0, batch 128, Adam lr 1e-3 with the cosine decay below, one CPU thread of a
+# shared (contended) 2-core machine:
+#   lenet:    12 epochs -> 88.7% test accuracy, 100 s (10 -> 88.2%, 8 -> 87.4%, 5 -> 86.0%);
+#   cnn-wide:  3 epochs -> 89.4%, 640 s (4 -> 90.0%, 750 s).
+# (Constant lr instead: cnn-wide swung 87.6/80.2/86.0/89.7/81.5/86.9% over epochs 3-8.)
+# mlp and resnet-small are not measured; their values are guesses.
+DEFAULT_EPOCHS: dict[str, int] = {"mlp": 10, "lenet": 12, "cnn-wide": 3, "resnet-small": 6}
 FALLBACK_EPOCHS = 8
 _FORMAT = "faststeal-victim-v1"
 

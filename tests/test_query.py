@@ -360,3 +360,17 @@ def test_active_study_writes_results_and_resumes(tmp_path):
     assert (root / "cells" / "bald_seed0.json").stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="different settings"):
         run_active_study(tmp_path, **{**kw, "epochs": 2})
+
+
+def test_cell_store_pins_settings_and_victim(tmp_path):
+    from faststeal.studies import CellStore
+
+    st = {"budget": 10, "victim_epochs": None}
+    CellStore(tmp_path, st, victim="v1.pt").put("a", {"x": 1})
+    CellStore(tmp_path, {"budget": 10, "victim_epochs": 8}, victim="v1.pt")  # epochs: not digested
+    with pytest.raises(ValueError, match="another victim"):
+        CellStore(tmp_path, st, victim="v2.pt")
+    with pytest.raises(ValueError, match="different settings"):
+        CellStore(tmp_path, {"budget": 11, "victim_epochs": None}, victim="v1.pt")
+    store = CellStore(tmp_path, st, victim="v2.pt", force=True)  # discards the old cells
+    assert store.all() == []

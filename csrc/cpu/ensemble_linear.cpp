@@ -39,7 +39,7 @@ void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t 
       if constexpr (A == Act::kGelu) z[off + n] = v;
       T a = activate<T, A>(v);
       if constexpr (kDrop) {
-        a *= dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? scale : T(0);
+        a *= select_bits(dropout_keep(key, c0 + static_cast<uint32_t>(n), thr), scale);
       }
       y[off + n] = a;
     }
@@ -74,22 +74,26 @@ void dispatch_epilogue(Act act, bool drop, const T* src, T* z, T* y, const T* bi
 // dz + dz_base + dz_row_stride * b (the stacked (S,B,N) or the shared (B,S,N) layout); with
 // kBias the bias gradient of those rows is accumulated in double into dbias_acc (N).
 template <typename T, Act A, bool kDrop, bool kWrite, bool kBias>
-void dz_rows(const T* g, const T* y, const T* z, T* dz, double* dbias_acc, int64_t s, int64_t b0,
+void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ z,
+             T* __restrict__ dz, double* __restrict__ dbias_acc, int64_t s, int64_t b0,
              int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
              uint32_t key, uint32_t thr, T scale) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t off = (s * B + b) * N;  // index in grad_y / y / z (all (S,B,N))
     const uint32_t c0 = static_cast<uint32_t>(off);
-    T* out = kWrite ? dz + dz_base + dz_row_stride * b : nullptr;
+    T* __restrict__ out = kWrite ? dz + dz_base + dz_row_stride * b : nullptr;
+    const T* __restrict__ gr = g + off;
+    const T* __restrict__ yr = y + off;
+    const T* __restrict__ zr = A == Act::kGelu ? z + off : nullptr;
     for (int64_t n = 0; n < N; ++n) {
       T d;
       if constexpr (A == Act::kRelu) {
         // y > 0 iff z > 0 and the element was kept, so relu needs neither z nor the mask.
-        d = g[off + n] * (scale * positive_mask(y[off + n]));
+        d = gr[n] * select_bits(positive_bits(yr[n]), scale);
       } else {
-        d = A == Act::kGelu ? g[off + n] * gelu_grad_cpu(z[off + n]) : g[off + n];
+        d = A == Act::kGelu ? gr[n] * gelu_grad_cpu(zr[n]) : gr[n];
         if constexpr (kDrop) {
-          d *= dropout_keep(key, c0 + static_cast<uint32_t>(n), thr) ? scale : T(0);
+          d *= select_bits(dropout_keep(key, c0 + static_cast<uint32_t>(n), thr), scale);
         }
       }
       if constexpr (kWrite) out[n] = d;

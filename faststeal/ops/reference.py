@@ -108,7 +108,7 @@ def _activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return (z > 0).to(z.dtype)
     if activation == "gelu":
-        zf = z.float()
+        zf = z.to(acc_dtype(z.dtype))
         cdf = 0.5 * (1.0 + torch.erf(zf * 0.7071067811865476))
         pdf = torch.exp(-0.5 * zf * zf) * 0.3989422804014327
         return (cdf + zf * pdf).to(z.dtype)
