@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated member counts for the Deep Ensemble sweep ('' = none)")
     r.add_argument("--method-params", default=None,
                    help='JSON of per-method hyperparameters, e.g. \'{"deep-ensemble": {"members": 8}}\'')
+    r.add_argument("--defense", default=None,
+                   help="defended victim: top1, rounding, noise, reverse-sigmoid, prada")
+    r.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="defence parameter (repeatable), e.g. --defense-param decimals=2")
     r.add_argument("--device", default=None, help="cpu or cuda[:N]")
     r.add_argument("--nproc", type=int, default=None,
                    help="processes on this machine (re-launches under torch.distributed.run); "
@@ -82,6 +86,18 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
             overrides["method_params"] = json.loads(args.method_params)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--method-params is not valid JSON: {exc}") from None
+    if args.defense is not None:
+        overrides["defense"] = args.defense
+        params = {}
+        for item in args.defense_param:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--defense-param must be KEY=VALUE, got {item!r}")
+            try:
+                params[key] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key] = value
+        overrides["defense_params"] = params
     cfg = Config.from_preset(args.preset, **overrides)
     cfg.force = args.force
     cfg.progress = not args.no_progress

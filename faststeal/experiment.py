@@ -64,6 +64,8 @@ class Config:
     split_seed: int = 0
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
+    defense: Optional[str] = None
+    defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
     out: str = "runs/latest"
     cache_dir: Optional[str] = None
@@ -109,8 +111,20 @@ class Config:
             self.methods = parse_methods(self.methods)
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        from .methods import METHODS
+
         for m in self.methods:
-            choice("method", m, ALL_METHODS)
+            choice("method", m, tuple(METHODS))
+        if self.defense is not None:
+            from .defenses import DEFENSES, OUTPUT_DEFENSES, build_defense
+
+            choice("defense", self.defense, DEFENSES)
+            if not isinstance(self.defense_params, dict):
+                raise TypeError("defense_params must be a dict")
+            build_defense(self.defense, **self.defense_params)  # validates the parameters
+            if self.defense in OUTPUT_DEFENSES and self.output_mode == "logits":
+                raise ValueError(f"defense {self.defense!r} post-processes probabilities; use "
+                                 "output_mode 'probs', 'topk' or 'label', not 'logits'")
         if self.sweep_method not in ALL_METHODS:
             choice("sweep_method", self.sweep_method, ALL_METHODS)
         for name in ("budget", "seeds", "epochs", "batch_size", "probe_size",
@@ -133,7 +147,7 @@ class Config:
         if not (dev == "cpu" or dev.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
         for m, hp in self.method_params.items():
-            choice("method_params key", m, ALL_METHODS)
+            choice("method_params key", m, tuple(METHODS))
             if not isinstance(hp, dict):
                 raise TypeError(f"method_params[{m!r}] must be a dict, got {type(hp).__name__}")
         return self
@@ -143,6 +157,9 @@ class Config:
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members"):
             d.pop(k)
+        if d["defense"] is None:  # keep hashes of runs without a defence unchanged
+            d.pop("defense")
+            d.pop("defense_params")
         d["methods"] = list(d["methods"])
         d["member_sweep"] = list(d["member_sweep"])
         return d
@@ -230,15 +247,30 @@ def run_comparison(config: Config) -> dict[str, Any]:
             store.set_meta("victim", {"arch": config.victim_arch, "dataset": config.dataset,
                                       "test_accuracy": vic.test_accuracy,
                                       "checkpoint": vic.cache_path})
-            oracle = Oracle(victim, splits.pool.x, config.budget, output_mode=config.output_mode,
-                            k=config.topk if config.output_mode == "topk" else 1,
-                            temperature=config.temperature, decimals=config.decimals, device=dev)
-            targets, _ = attack.query(oracle, idx, progress=progress)
+            # Fidelity is always measured against the undefended victim; the attacker sees the
+            # defended one (faststeal.defenses).
+            from .defenses import build_defense, query_until_refused
+
+            defense = build_defense(config.defense, **config.defense_params)
+            served, kind = defense.wrap_victim(victim)
+            oracle = defense.wrap_oracle(Oracle(
+                served, splits.pool.x, config.budget, output_mode=config.output_mode,
+                k=config.topk if config.output_mode == "topk" else 1,
+                temperature=config.temperature, decimals=config.decimals, device=dev,
+                victim_outputs=kind))
+            answered, targets, refused = query_until_refused(oracle, idx)
+            if refused:
+                log(f"defense {config.defense!r} refused after {len(answered)} answered queries; "
+                    "training on what was answered")
+            idx = answered
             oracle.save_log(os.path.join(config.out, "query_log.json"))
             store.set_meta("queries", {"used": oracle.used, "budget": oracle.budget,
-                                       "output_mode": config.output_mode})
+                                       "output_mode": config.output_mode,
+                                       "defense": config.defense, "refused": refused,
+                                       "defense_params": defense.params()})
             log(f"queried {oracle.used} images ({config.output_mode} answers)")
         targets = distributed.broadcast_tensor(ctx, targets).to(dev)
+        idx = distributed.broadcast_tensor(ctx, idx if ctx.is_main else None).cpu()
         timing["query_s"] = time.perf_counter() - t0
 
         x = splits.pool.x[idx].to(dev)

@@ -80,3 +80,24 @@ def test_parse_methods():
     assert parse_methods("swag, laplace") == ("swag", "laplace")
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("swag,foo")
+
+
+def test_defended_victim_comparison(tmp_path):
+    """A defended victim: the attacker trains on rounded probabilities, fidelity is measured
+    against the undefended victim, and the defence is recorded with its parameters."""
+    cfg = Config(**{**TINY, "methods": ("baseline",), "member_sweep": (), "output_mode": "probs",
+                    "defense": "rounding", "defense_params": {"decimals": 1}},
+                 out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    summary = faststeal.run_comparison(cfg)
+    q = summary["queries"]
+    assert q["defense"] == "rounding" and q["defense_params"]["decimals"] == 1
+    assert q["refused"] is False and q["used"] == 500
+    assert summary["methods"]["baseline"]["fidelity"]["mean"] > 0.5
+    assert "kl" in summary["methods"]["baseline"]
+
+
+def test_defense_validation():
+    with pytest.raises(ValueError, match="defense must be one of"):
+        Config(defense="firewall").validate()
+    with pytest.raises(ValueError, match="not 'logits'"):
+        Config(defense="top1", output_mode="logits").validate()

@@ -29,6 +29,11 @@ METHODS: dict[str, type[Method]] = {
 #: the five UQ methods of the comparison (everything but the baseline)
 UQ_METHODS = tuple(name for name in METHODS if name != "baseline")
 
+# Diversity-keeping Deep Ensemble variants (studies beyond the paper; not part of "all").
+from .diverse import DIVERSE_METHODS  # noqa: E402
+
+METHODS.update(DIVERSE_METHODS)
+
 
 def build_method(name: str, arch: str, input_shape: tuple, num_classes: int,
                  **kwargs: Any) -> Method:
