@@ -301,6 +301,17 @@ def run_comparison(config: Config) -> dict[str, Any]:
             hp = dict(config.method_params.get(method, {}))
             if members is not None:
                 hp["members"] = members
+                main = [c for c in store.cells("main") if c["method"] == method
+                        and c["seed"] == seed and c["members"] == members]
+                if main and not ctx.enabled:
+                    # the same training as the main cell (same seed, same hyperparameters):
+                    # reuse its result instead of training it again
+                    c = main[0]
+                    store.add_cell(cell_id(kind, method, seed, members), kind=kind, method=method,
+                                   seed=seed, members=members, metrics=c["metrics"],
+                                   hparams=c["hparams"], seconds=0.0)
+                    log(f"{method} (seed {seed}, S={members}): reused the main cell")
+                    continue
             gather = None
             if method in shardable:
                 total = hp.get("members", 5)
