@@ -348,7 +348,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"every case's interleaved rounds and '% GEMM' is against that case's rate (column "
            f"'GEMM GFLOP/s'), so machine load affects both alike."]
     headers = ["model", "S", "B/member", "method", "train ms (p20–p80)", "member-samples/s",
-               "GFLOP/s", "GEMM GFLOP/s", "% GEMM", "× loop", "× vmap", "× compile", "peak MB", "infer ms",
+               "GFLOP/s", "GEMM GFLOP/s", "% GEMM", "× loop", "× vmap", "× compile", "peak MB",
+               "infer ms",
                "infer member-samples/s", "infer × loop"]
     body = []
     for r in result["rows"]:
@@ -362,7 +363,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{common.fmt(r['train_median_ms'])} ({common.fmt(r['train_p20_ms'])}–"
             f"{common.fmt(r['train_p80_ms'])})",
             common.fmt(r["train_samples_per_s"]), common.fmt(r["train_gflops"]),
-            common.fmt(r.get("gemm_gflops")), f"{100 * r['train_frac_gemm']:.0f}%", common.fmt_x(r.get("train_x_vs_loop")),
+            common.fmt(r.get("gemm_gflops")), f"{100 * r['train_frac_gemm']:.0f}%",
+            common.fmt_x(r.get("train_x_vs_loop")),
             common.fmt_x(r.get("train_x_vs_vmap")), common.fmt_x(r.get("train_x_vs_vmap+compile")),
             common.fmt_mb(r.get("train_peak_bytes")), common.fmt(r.get("infer_median_ms")),
             common.fmt(r.get("infer_samples_per_s")), common.fmt_x(r.get("infer_x_vs_loop"))])

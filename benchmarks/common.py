@@ -217,7 +217,8 @@ def gemm_rate(device, dtype: torch.dtype = torch.float32, n: Optional[int] = Non
             "gflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e9}
 
 
-def copy_bandwidth(device, nbytes: Optional[int] = None, min_run_time: float = 0.5) -> dict[str, Any]:
+def copy_bandwidth(device, nbytes: Optional[int] = None,
+                   min_run_time: float = 0.5) -> dict[str, Any]:
     """The device's measured copy bandwidth: ``dst.copy_(src)``, bytes read + written (GB/s)."""
     device = torch.device(device)
     if nbytes is None:

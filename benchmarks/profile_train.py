@@ -23,7 +23,8 @@ from . import bench_train, common
 BUCKETS = (
     ("gemm", ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "gemm", "conv", "mkldnn",
               "ensemble_linear_fwd_cpu", "ensemble_linear_bwd_cpu")),
-    ("optimizer", ("adam", "_foreach", "_fused", "lerp", "addcdiv", "addcmul", "sqrt", "optimizer")),
+    ("optimizer", ("adam", "_foreach", "_fused", "lerp", "addcdiv", "addcmul", "sqrt",
+                   "optimizer")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss", "xent", "ensemble_cross_entropy")),
     ("copy/alloc", ("copy_", "clone", "contiguous", "empty", "zeros", "fill_", "to", "cat",
                     "stack", "index", "gather", "expand")),

@@ -43,7 +43,8 @@ def ensemble_loss(logits: Tensor, target: Tensor) -> Tensor:
     from . import ops
 
     if logits.dim() != 3:
-        raise ValueError(f"logits must be (members, batch, classes), got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be (members, batch, classes), got shape "
+                         f"{tuple(logits.shape)}")
     s, b, c = logits.shape
     hard = not target.dtype.is_floating_point
     if target.dim() == (1 if hard else 2):
@@ -91,7 +92,8 @@ def _has_host_seeded_randomness(model: nn.Module) -> Optional[str]:
 
 
 class TrainStep:
-    """A callable ``step(x, y) -> loss`` (0-d device tensor, detached; see :func:`make_train_step`)."""
+    """A callable ``step(x, y) -> loss``: a detached 0-d device tensor (see
+    :func:`make_train_step`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = ensemble_loss,
