@@ -40,12 +40,20 @@ def ensemble_loss(logits: Tensor, target: Tensor) -> Tensor:
     Per-member targets run as one (1, S*B, C) problem whose mean is (1/S) sum_s loss_s, so S
     times it is the sum and every member still gets only its own gradient.
     """
-    from .methods.base import member_loss_sum  # the one implementation of this loss
+    from . import ops
 
     if logits.dim() != 3:
         raise ValueError(f"logits must be (members, batch, classes), got shape "
                          f"{tuple(logits.shape)}")
-    return member_loss_sum(logits, target)
+    s, b, c = logits.shape
+    hard = not target.dtype.is_floating_point
+    if target.dim() == (1 if hard else 2):
+        return ops.ensemble_cross_entropy(logits, target).sum()
+    if tuple(target.shape[:2]) != (s, b):
+        raise ValueError(f"per-member target must start with (members, batch) = {(s, b)}, got "
+                         f"shape {tuple(target.shape)}")
+    flat = target.reshape(s * b) if hard else target.reshape(s * b, c)
+    return ops.ensemble_cross_entropy(logits.reshape(1, s * b, c), flat)[0] * s
 
 
 def make_optimizer(params: Iterable[Tensor], lr: float = 1e-3, *, kind: str = "adam",
