@@ -52,8 +52,14 @@ TEST_HP = {
     "bbb": {"samples": 6},
     "swag": {"samples": 6, "rank": 4, "collect_every": 2, "swa_start": 0.5},
     "laplace": {"samples": 6},
+    # The diversity-keeping variants of faststeal.methods.diverse (docs/studies.md).
+    "bootstrap-ensemble": {"members": 3},
+    "hetero-ensemble": {"members": 3},
+    "hparam-ensemble": {"members": 3},
+    "ncl-ensemble": {"members": 3},
+    "repulsive-ensemble": {"members": 3},
 }
-EXPECTED_S = {"baseline": 1, "deep-ensemble": 3, "mc-dropout": 6, "bbb": 6, "swag": 6, "laplace": 6}
+EXPECTED_S = {name: hp.get("members", hp.get("samples", 1)) for name, hp in TEST_HP.items()}
 FIT = dict(epochs=2, batch_size=32, lr=3e-3, record_every=5, progress=False)  # 10 steps/epoch
 
 
@@ -76,6 +82,10 @@ def accuracy(m, x=XT, y=YT) -> float:
 
 
 # ============================================================================ shared contract
+
+def test_every_registered_method_is_covered():
+    assert set(TEST_HP) == set(METHODS)
+
 
 @pytest.mark.parametrize("name", list(METHODS))
 class TestMethodContract:
