@@ -356,6 +356,40 @@ def test_public_ops_use_cpp_backend(seed_all, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+@pytest.mark.parametrize("op", ["ensemble_linear", "bayes_linear"])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_first_layer_backward_skips_dx(seed_all, monkeypatch, backend, op, shared):
+    """An input that needs no gradient (a first layer) reaches the backend as need_dx=False and
+    the weight/bias gradients are exactly those of the full backward."""
+    from faststeal.ops import bayes_linear, dispatch, ensemble_linear
+    reason = dispatch.unavailable_reason(backend, op, "cpu")
+    if reason:
+        pytest.skip(reason)
+    mod = dispatch.backend_module(backend)
+    seen = []
+    real = getattr(mod, f"{op}_bwd")
+    monkeypatch.setattr(mod, f"{op}_bwd", lambda *a: seen.append(a[-1]) or real(*a))
+    S, B, K, N = 3, 7, 11, 5
+    x = torch.randn(B, K) if shared else torch.randn(S, B, K)
+    if op == "ensemble_linear":
+        params = [torch.randn(S, N, K, requires_grad=True), torch.randn(S, N, requires_grad=True)]
+        fn = lambda x_: ensemble_linear(x_, *params, activation="relu", dropout_p=0.2, seed=3)
+    else:
+        params = [torch.randn(N, K, requires_grad=True), torch.randn(N, K).sub(3).requires_grad_(),
+                  torch.randn(N, requires_grad=True), torch.randn(N).sub(3).requires_grad_()]
+        fn = lambda x_: bayes_linear(x_, *params, seed=3, samples=S)
+    g = torch.randn(S, B, N)
+    grads = {}
+    with use_backend(backend):
+        for needs in (True, False):
+            x_ = x.clone().requires_grad_(needs)
+            grads[needs] = torch.autograd.grad(fn(x_), params, g)
+    assert seen == [True, False]
+    for full, skipped in zip(grads[True], grads[False]):
+        torch.testing.assert_close(skipped, full, rtol=0, atol=0)
+
+
 def _opcheck_cases():
     f = torch.float64
 
@@ -371,13 +405,19 @@ def _opcheck_cases():
          (r(2, 4, 3, grad=True), r(2, 5, 3, grad=True), r(2, 5, grad=True), "gelu", 0.2, 3)),
         ("ensemble_linear_shared", ops.ensemble_linear.default,
          (r(4, 3, grad=True), r(2, 5, 3, grad=True), None, "relu", 0.0, 3)),
+        ("ensemble_linear_first_layer", ops.ensemble_linear.default,
+         (r(4, 3), r(2, 5, 3, grad=True), r(2, 5, grad=True), "relu", 0.2, 3)),
         ("ensemble_linear_backward", ops.ensemble_linear_backward.default,
-         (y, r(2, 4, 3), r(2, 5, 3), r(2, 5), y, r(2, 4, 5), "gelu", 0.2, 3)),
+         (y, r(2, 4, 3), r(2, 5, 3), r(2, 5), y, r(2, 4, 5), "gelu", 0.2, 3, True)),
+        ("ensemble_linear_backward_no_dx", ops.ensemble_linear_backward.default,
+         (y, r(2, 4, 3), r(2, 5, 3), r(2, 5), y, r(2, 4, 5), "gelu", 0.2, 3, False)),
         ("bayes_linear", ops.bayes_linear.default,
          (r(4, 3, grad=True), r(5, 3, grad=True), r(5, 3, grad=True), r(5, grad=True),
           r(5, grad=True), 2, 7)),
         ("bayes_linear_backward", ops.bayes_linear_backward.default,
-         (r(2, 4, 5), r(2, 4, 3), r(5, 3), r(5, 3), r(5), r(5), 2, 7)),
+         (r(2, 4, 5), r(2, 4, 3), r(5, 3), r(5, 3), r(5), r(5), 2, 7, True)),
+        ("bayes_linear_backward_no_dx", ops.bayes_linear_backward.default,
+         (r(2, 4, 5), r(4, 3), r(5, 3), r(5, 3), r(5), r(5), 2, 7, False)),
         ("gaussian_kl", ops.gaussian_kl.default, (r(5, 3, grad=True), r(5, 3, grad=True), 0.5)),
         ("gaussian_kl_backward", ops.gaussian_kl_backward.default,
          (torch.tensor(1.5, dtype=f), r(5, 3), r(5, 3), 0.5)),

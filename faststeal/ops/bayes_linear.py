@@ -32,20 +32,22 @@ def _(x, w_mu, w_rho, b_mu, b_rho, samples, seed):
 def _bayes_linear_backward(
         grad_y: torch.Tensor, x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
         b_mu: Optional[torch.Tensor], b_rho: Optional[torch.Tensor], samples: int, seed: int,
+        need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = dispatch.impl("bayes_linear", "bwd", x.device.type)
     dx, dmu, drho, dbmu, dbrho = fn(grad_y.contiguous(), x, w_mu, w_rho, b_mu, b_rho, samples,
-                                    *_keys(seed))
-    # two distinct empty tensors: torch.library forbids outputs that alias each other
-    return (dx, dmu, drho, dbmu if dbmu is not None else w_mu.new_empty(0),
+                                    *_keys(seed), need_dx)
+    # distinct empty tensors: torch.library forbids outputs that alias each other
+    return (dx if dx is not None else x.new_empty(0), dmu, drho,
+            dbmu if dbmu is not None else w_mu.new_empty(0),
             dbrho if dbrho is not None else w_mu.new_empty(0))
 
 
 @_bayes_linear_backward.register_fake
-def _(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, seed):
+def _(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, seed, need_dx):
     b = (lambda t: t.new_empty(t.shape)) if b_mu is not None else (lambda t: w_mu.new_empty(0))
-    return (x.new_empty(x.shape), w_mu.new_empty(w_mu.shape), w_rho.new_empty(w_rho.shape),
-            b(b_mu), b(b_rho))
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return (dx, w_mu.new_empty(w_mu.shape), w_rho.new_empty(w_rho.shape), b(b_mu), b(b_rho))
 
 
 def _setup(ctx, inputs, output):
@@ -56,9 +58,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, w_mu, w_rho, b_mu, b_rho = ctx.saved_tensors
-    dx, dmu, drho, dbmu, dbrho = _bayes_linear_backward(grad_y, x, w_mu, w_rho, b_mu, b_rho, *ctx.args)
+    need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: its dx GEMM is skipped
+    dx, dmu, drho, dbmu, dbrho = _bayes_linear_backward(grad_y, x, w_mu, w_rho, b_mu, b_rho,
+                                                        *ctx.args, need_dx)
     has_b = b_mu is not None
-    return dx, dmu, drho, (dbmu if has_b else None), (dbrho if has_b else None), None, None
+    return (dx if need_dx else None), dmu, drho, (dbmu if has_b else None), (dbrho if has_b else None), None, None
 
 
 _bayes_linear.register_autograd(_backward, setup_context=_setup)

@@ -38,13 +38,14 @@ def ensemble_linear_fwd(x, weight, bias, activation, dropout_p, key):
     return _ext.C.ensemble_linear_fwd_cpu(x, weight, bias, activation, float(dropout_p), int(key))
 
 
-def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key):
+def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key,
+                        need_dx=True):
     if not _native(x):
         return reference.ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation,
-                                             dropout_p, key)
+                                             dropout_p, key, need_dx)
     dx, dw, db = _ext.C.ensemble_linear_bwd_cpu(grad_y, x, weight, bias, y, z, activation,
-                                                float(dropout_p), int(key))
-    return dx, dw, (db if bias is not None else None)
+                                                float(dropout_p), int(key), bool(need_dx))
+    return (dx if need_dx else None), dw, (db if bias is not None else None)
 
 
 def bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
@@ -54,12 +55,15 @@ def bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
                                        int(key_b))
 
 
-def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
+def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b, need_dx=True):
     if not _native(x):
         return reference.bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w,
-                                          key_b)
+                                          key_b, need_dx)
     dx, dmu, drho, dbmu, dbrho = _ext.C.bayes_linear_bwd_cpu(
-        grad_y, x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w), int(key_b))
+        grad_y, x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w), int(key_b),
+        bool(need_dx))
+    if not need_dx:
+        dx = None
     if b_mu is None:
         dbmu = dbrho = None
     return dx, dmu, drho, dbmu, dbrho

@@ -29,17 +29,22 @@ def _(x, weight, bias, activation, dropout_p, seed):
 def _ensemble_linear_backward(
         grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         y: torch.Tensor, z: torch.Tensor, activation: str, dropout_p: float, seed: int,
+        need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = dispatch.impl("ensemble_linear", "bwd", x.device.type)
     key = rng.rng_key(seed, rng.STREAM_DROPOUT)
-    dx, dw, db = fn(grad_y.contiguous(), x, weight, bias, y, z, activation, dropout_p, key)
-    return dx, dw, (db if db is not None else weight.new_empty(0))
+    dx, dw, db = fn(grad_y.contiguous(), x, weight, bias, y, z, activation, dropout_p, key,
+                    need_dx)
+    # distinct empty tensors for the absent grads: torch.library forbids aliased outputs
+    return (dx if dx is not None else x.new_empty(0), dw,
+            db if db is not None else weight.new_empty(0))
 
 
 @_ensemble_linear_backward.register_fake
-def _(grad_y, x, weight, bias, y, z, activation, dropout_p, seed):
+def _(grad_y, x, weight, bias, y, z, activation, dropout_p, seed, need_dx):
     db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, weight.new_empty(weight.shape), db
 
 
 def _setup(ctx, inputs, output):
@@ -51,8 +56,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_z):
     x, weight, bias, y, z = ctx.saved_tensors
-    dx, dw, db = _ensemble_linear_backward(grad_y, x, weight, bias, y, z, *ctx.args)
-    return dx, dw, (db if bias is not None else None), None, None, None
+    need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: its dx GEMM is skipped
+    dx, dw, db = _ensemble_linear_backward(grad_y, x, weight, bias, y, z, *ctx.args, need_dx)
+    return (dx if need_dx else None), dw, (db if bias is not None else None), None, None, None
 
 
 _ensemble_linear.register_autograd(_backward, setup_context=_setup)

@@ -12,14 +12,15 @@ validated and contiguous, keys come from :func:`faststeal.ops.rng.rng_key`):
   ``y = dropout(act(x @ weight^T + bias))`` of shape (S, B, N); ``z`` is the pre-activation
   (S, B, N) when ``activation == "gelu"`` and an empty tensor otherwise (relu/none backward only
   needs ``y`` and the regenerated mask). Dropout counter = linear index of ``y``.
-* ``ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key)
-  -> (dx, dweight, dbias or None)``; ``dx`` has the shape of ``x`` (summed over members when
-  ``x`` is shared).
+* ``ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key, need_dx)
+  -> (dx or None, dweight, dbias or None)``; ``dx`` has the shape of ``x`` (summed over members
+  when ``x`` is shared); it is None, and its GEMM skipped, when ``need_dx`` is False (autograd
+  says the input needs no gradient: a network's first layer).
 * ``bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b) -> y`` (S, B, N) with
   ``w_s = w_mu + softplus(w_rho) * eps_s`` (eps counter ``(s*N + n)*K + k`` on ``key_w``) and
   ``b_s = b_mu + softplus(b_rho) * eps'_s`` (counter ``s*N + n`` on ``key_b``).
-* ``bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b)
-  -> (dx, dw_mu, dw_rho, db_mu or None, db_rho or None)``.
+* ``bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b, need_dx)
+  -> (dx or None, dw_mu, dw_rho, db_mu or None, db_rho or None)``.
 * ``gaussian_kl_fwd(mu, rho, prior_sigma) -> ()`` in ``acc_dtype`` (float32; float64 for
   float64 inputs): sum of KL(N(mu, softplus(rho)^2) ||
   N(0, prior_sigma^2)); ``gaussian_kl_bwd(grad, mu, rho, prior_sigma) -> (dmu, drho)``.
@@ -115,25 +116,25 @@ def _activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ones_like(z)
 
 
-def _linear_grads(dz, x, w, has_bias):
-    """dx, dW, db of z = x @ w^T + b for stacked (S, B, N) dz."""
+def _linear_grads(dz, x, w, has_bias, need_dx=True):
+    """dx (None without need_dx), dW, db of z = x @ w^T + b for stacked (S, B, N) dz."""
     xs = x.unsqueeze(0).expand(w.shape[0], -1, -1) if x.dim() == 2 else x
     dw = torch.bmm(dz.transpose(1, 2), xs)
-    dx = torch.bmm(dz, w)
-    if x.dim() == 2:
+    dx = torch.bmm(dz, w) if need_dx else None
+    if need_dx and x.dim() == 2:
         dx = dx.sum(0)
     db = dz.sum(1) if has_bias else None
     return dx, dw, db
 
 
-def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key):
+def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key, need_dx=True):
     # Recomputes the pre-activation; y and z are only used by the fused backends.
     _, z = ensemble_linear(x, weight, bias, activation, 0.0, key)
     dz = grad_y * _activation_grad(z, activation)
     scale = _dropout_scale(tuple(grad_y.shape), dropout_p, key, grad_y.device)
     if scale is not None:
         dz = dz * scale.to(dz.dtype)
-    return _linear_grads(dz, x, weight, bias is not None)
+    return _linear_grads(dz, x, weight, bias is not None, need_dx)
 
 
 def softplus(r: torch.Tensor) -> torch.Tensor:
@@ -162,9 +163,9 @@ def bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
     return bayes_linear(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b)
 
 
-def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
+def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b, need_dx=True):
     w, b = bayes_weights(w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b)
-    dx, dw, db = _linear_grads(grad_y, x, w, b_mu is not None)
+    dx, dw, db = _linear_grads(grad_y, x, w, b_mu is not None, need_dx)
     # w = mu + softplus(rho) * eps  =>  dmu = sum_s dW_s, drho = sum_s dW_s * eps_s * sigmoid(rho)
     eps_w = (w - w_mu.unsqueeze(0)) / softplus(w_rho).unsqueeze(0)
     dmu = dw.sum(0)

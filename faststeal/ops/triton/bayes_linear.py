@@ -201,8 +201,10 @@ def bayes_linear_fwd(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor, b
 
 
 def bayes_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_mu: torch.Tensor,
-                     w_rho: torch.Tensor, b_mu, b_rho, samples: int, key_w: int, key_b: int):
-    """Returns (dx, dw_mu, dw_rho, db_mu or None, db_rho or None); eps regenerated from keys."""
+                     w_rho: torch.Tensor, b_mu, b_rho, samples: int, key_w: int, key_b: int,
+                     need_dx: bool = True):
+    """Returns (dx or None without need_dx, dw_mu, dw_rho, db_mu or None, db_rho or None); eps
+    regenerated from keys."""
     _check("bayes_linear_bwd", x, w_mu, w_rho, b_mu, b_rho, samples)
     n, k = w_mu.shape
     b = x.shape[-2]
@@ -218,13 +220,13 @@ def bayes_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_mu: torch.Tensor,
     shared = x.dim() == 2
     acc, prec = C.acc_tl(x.dtype), _precision(x.dtype)
     key_w_i, key_b_i = C.key_arg(key_w), C.key_arg(key_b)
-    dx = C.empty(tuple(x.shape), x.dtype, x.device)
+    dx = C.empty(tuple(x.shape), x.dtype, x.device) if need_dx else None
     dmu = C.empty((n, k), w_mu.dtype, w_mu.device)
     drho = C.empty((n, k), w_rho.dtype, w_rho.device)
     dbmu = C.empty((n,), b_mu.dtype, b_mu.device) if has_b else None
     dbrho = C.empty((n,), b_rho.dtype, b_rho.device) if has_b else None
     with C.device_ctx(x):
-        if dx.numel():
+        if dx is not None and dx.numel():
             bm, bk, bn, warps, stages = _blocks(b, k, n, x.dtype)
             grid = (triton.cdiv(b, bm) * triton.cdiv(k, bk), 1 if shared else s)
             _bayes_linear_bwd_dx_kernel[grid](

@@ -258,8 +258,9 @@ def ensemble_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias, activation:
 
 def ensemble_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias,
                         y: torch.Tensor, z: torch.Tensor, activation: str, dropout_p: float,
-                        key: int):
-    """Returns (dx, dweight, dbias or None); dx has x's shape (summed over members if shared).
+                        key: int, need_dx: bool = True):
+    """Returns (dx or None, dweight, dbias or None); dx has x's shape (summed over members if
+    shared) and is skipped without ``need_dx``.
     Needs ``y`` for relu and ``z`` for gelu (the forward's outputs); nothing is recomputed."""
     _check("ensemble_linear_bwd", x, weight, bias, activation)
     s, n, k = weight.shape
@@ -284,11 +285,11 @@ def ensemble_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     prec = _precision(x.dtype)
     y_arg = y if activation == "relu" else grad_y
     z_arg = z if activation == "gelu" else grad_y
-    dx = C.empty(tuple(x.shape), x.dtype, x.device)
+    dx = C.empty(tuple(x.shape), x.dtype, x.device) if need_dx else None
     dw = C.empty((s, n, k), weight.dtype, weight.device)
     db = C.empty((s, n), bias.dtype, bias.device) if bias is not None else None
     with C.device_ctx(x):
-        if dx.numel():
+        if dx is not None and dx.numel():
             bm, bk, bn, warps, stages = _blocks(b, k, n, x.dtype)
             grid = (triton.cdiv(b, bm) * triton.cdiv(k, bk), 1 if shared else s)
             _ensemble_linear_bwd_dx_kernel[grid](
