@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (both idempotent):
-#   make demo   set up, then run the five-method comparison on Fashion-MNIST (quick preset)
+#   make demo   set up, then run the five-method comparison on Fashion-MNIST (default preset, ~4 min)
 #   make test   set up, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,7 +42,7 @@ setup: install data
 
 demo: setup
 	$(VENV)/bin/faststeal info
-	$(VENV)/bin/faststeal run --methods all --preset quick --out $(OUT)
+	$(VENV)/bin/faststeal run --methods all --preset default --out $(OUT)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -132,9 +132,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="default")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="run in DIR (must not exist) and keep its results; default: a temp folder")
     args = ap.parse_args(argv)
+    if args.keep and os.path.exists(args.keep):
+        ap.error(f"--keep {args.keep!r} exists; give a new folder (the run must start fresh)")
     dev = torch.device(args.device)
-    res = run(dev, args.preset)
+    res = run(dev, args.preset, keep=args.keep)
     res["meta"] = common.env_metadata(dev)
     print(markdown(res))
     if args.json:
