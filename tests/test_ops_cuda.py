@@ -48,6 +48,33 @@ def test_cuda_kernels_are_compiled_when_a_toolkit_exists():
         assert hasattr(_ext.C, name), name
 
 
+@requires_gpu_kernels
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_cuda_backward_without_dx(seed_all, shared):
+    """need_dx=False (a first layer) skips dx and leaves the parameter gradients unchanged."""
+    from faststeal.ops import cuda_backend as G
+    dev = torch.device("cuda")
+    S, B, K, N = 3, 33, 17, 9
+    x = torch.randn(B, K, device=dev) if shared else torch.randn(S, B, K, device=dev)
+    w, b = torch.randn(S, N, K, device=dev), torch.randn(S, N, device=dev)
+    key = rng.rng_key(5, rng.STREAM_DROPOUT)
+    y, z = G.ensemble_linear_fwd(x, w, b, "relu", 0.2, key)
+    g = torch.randn_like(y)
+    full = G.ensemble_linear_bwd(g, x, w, b, y, z, "relu", 0.2, key, True)
+    part = G.ensemble_linear_bwd(g, x, w, b, y, z, "relu", 0.2, key, False)
+    assert full[0] is not None and part[0] is None
+    for a, e in zip(part[1:], full[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    mu, rho = torch.randn(N, K, device=dev), torch.randn(N, K, device=dev) - 3
+    bmu, brho = torch.randn(N, device=dev), torch.randn(N, device=dev) - 3
+    kw, kb = rng.rng_key(5, rng.STREAM_WEIGHT), rng.rng_key(5, rng.STREAM_BIAS)
+    full = G.bayes_linear_bwd(g, x, mu, rho, bmu, brho, S, kw, kb, True)
+    part = G.bayes_linear_bwd(g, x, mu, rho, bmu, brho, S, kw, kb, False)
+    assert full[0] is not None and part[0] is None
+    for a, e in zip(part[1:], full[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(_ext.C is None, reason="faststeal._C is not built")
 def test_cuda_backend_says_why_it_cannot_run():
     from faststeal.ops import cuda_backend as G

@@ -100,7 +100,8 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
 std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                          const at::Tensor& w_mu, const at::Tensor& w_rho,
                                          const OptTensor& b_mu, const OptTensor& b_rho,
-                                         int64_t samples, int64_t key_w, int64_t key_b) {
+                                         int64_t samples, int64_t key_w, int64_t key_b,
+                                         bool need_dx) {
   const Target t = cuda_target("bayes_linear_bwd_cuda");
   const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
   check_float(t, grad_y, "grad_y", {3});
@@ -114,7 +115,7 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
   at::Tensor W = alloc({S, N, K}, x.options());
-  at::Tensor dx;
+  at::Tensor dx = x.new_empty({0});
   at::Tensor dmu = alloc_like(w_mu), drho = alloc_like(w_rho);
   FS_DISPATCH_CUDA(x.scalar_type(), "bayes_linear_bwd_cuda", [&] {
     sample<scalar_t>(w_mu, w_rho, W, S, kw);
@@ -122,10 +123,10 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
       // dx = sum_s g_s @ W_s and dW_s = g_s^T @ x as single GEMMs over g as (B, S*N).
       const at::Tensor g2 = grad_y.permute({1, 0, 2}).contiguous().view({B, S * N});
       at::Tensor W2 = W.view({S * N, K});
-      dx = at::mm(g2, W2);
+      if (need_dx) dx = at::mm(g2, W2);
       at::mm_out(W2, g2.t(), x);
     } else {
-      dx = at::bmm(grad_y, W);
+      if (need_dx) dx = at::bmm(grad_y, W);
       at::bmm_out(W, grad_y.transpose(1, 2), x);
     }
     reduce<scalar_t, scalar_t>(W, w_rho, dmu, drho, S, kw);

@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& bias, const at::Tensor& y, const at::Tensor& z,
-    const std::string& activation, double dropout_p, int64_t key) {
+    const std::string& activation, double dropout_p, int64_t key, bool need_dx) {
   const Target t = cuda_target("ensemble_linear_bwd_cuda");
   const LinearDims d = check_ensemble_linear(t, x, weight, bias);
   const Act act = parse_activation(t, activation);
@@ -250,13 +250,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
     });
   }
 
-  at::Tensor dx, dw;
+  at::Tensor dx = x.new_empty({0}), dw;
   if (d.shared) {
     const at::Tensor dz2 = dz.view({B, S * N});
-    dx = at::mm(dz2, weight.view({S * N, K}));
+    if (need_dx) dx = at::mm(dz2, weight.view({S * N, K}));
     dw = at::mm(dz2.t(), x).view({S, N, K});
   } else {
-    dx = at::bmm(dz, weight);
+    if (need_dx) dx = at::bmm(dz, weight);
     dw = at::bmm(dz.transpose(1, 2), x);
   }
   return {dx, dw, db};

@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const OptTensor& bias, const at::Tensor& y, const at::Tensor& z,
-    const std::string& activation, double dropout_p, int64_t key);
+    const std::string& activation, double dropout_p, int64_t key, bool need_dx);
 
 at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const at::Tensor& w_rho,
                             const OptTensor& b_mu, const OptTensor& b_rho, int64_t samples,
@@ -24,7 +24,8 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
 std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                          const at::Tensor& w_mu, const at::Tensor& w_rho,
                                          const OptTensor& b_mu, const OptTensor& b_rho,
-                                         int64_t samples, int64_t key_w, int64_t key_b);
+                                         int64_t samples, int64_t key_w, int64_t key_b,
+                                         bool need_dx);
 
 at::Tensor gaussian_kl_fwd(const at::Tensor& mu, const at::Tensor& rho, double prior_sigma);
 std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad, const at::Tensor& mu,

@@ -40,9 +40,8 @@ def ensemble_linear_fwd(x, weight, bias, activation, dropout_p, key):
 
 def ensemble_linear_bwd(grad_y, x, weight, bias, y, z, activation, dropout_p, key,
                         need_dx=True):
-    # The CUDA kernels always compute dx; without need_dx it is dropped.
     dx, dw, db = _ext.C.ensemble_linear_bwd_cuda(grad_y, x, weight, bias, y, z, activation,
-                                                 float(dropout_p), int(key))
+                                                 float(dropout_p), int(key), bool(need_dx))
     return (dx if need_dx else None), dw, (db if bias is not None else None)
 
 
@@ -53,7 +52,8 @@ def bayes_linear_fwd(x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
 
 def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b, need_dx=True):
     dx, dmu, drho, dbmu, dbrho = _ext.C.bayes_linear_bwd_cuda(
-        grad_y, x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w), int(key_b))
+        grad_y, x, w_mu, w_rho, b_mu, b_rho, int(samples), int(key_w), int(key_b),
+        bool(need_dx))
     if not need_dx:
         dx = None
     if b_mu is None:
