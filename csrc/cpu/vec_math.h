@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common.h"
+
 namespace faststeal {
 namespace cpu {
 
@@ -130,6 +132,35 @@ inline double relu_bits(double x) {
   double r;
   std::memcpy(&r, &b, sizeof(r));
   return r;
+}
+
+// cos(2 pi u) for u in [0, 1) (the Box-Muller angle): with x = u - 1/2, cos(2 pi u) =
+// -cos(2 pi |x|); |x| in (1/4, 1/2] folds to 1/2 - |x| with the sign flipped, leaving an angle in
+// [0, pi/2] for the Taylor series to theta^14 (truncation < 1e-10; float rounding ~1e-7).
+inline float cos_2pi(float u) {
+  const float a = bits_to_float(float_to_bits(u - 0.5f) & 0x7FFFFFFFu);
+  const uint32_t big = float_to_bits(a) > 0x3E800000u ? 0xFFFFFFFFu : 0u;  // a > 0.25
+  const float b = bits_to_float((float_to_bits(a) & ~big) | (float_to_bits(0.5f - a) & big));
+  const float th = 6.28318530717958647692f * b;
+  const float t = th * th;
+  float c = -1.1470745597729725e-11f;
+  c = c * t + 2.08767569878680990e-09f;
+  c = c * t - 2.75573192239858907e-07f;
+  c = c * t + 2.48015873015873016e-05f;
+  c = c * t - 1.38888888888888889e-03f;
+  c = c * t + 4.16666666666666667e-02f;
+  c = c * t - 0.5f;
+  c = c * t + 1.0f;
+  return bits_to_float(float_to_bits(c) ^ (~big & 0x80000000u));
+}
+
+// The counter RNG's standard normal (csrc/common.h: normal_host) with branch-free polynomial
+// log and cos instead of libm calls, ~10x faster and auto-vectorizable; agrees with normal_host
+// and the reference to float32 rounding (~1e-6 relative). Every CPU use of eps goes through it,
+// so forward and backward regenerate identical samples.
+inline float normal_fast(uint32_t key, uint64_t index) {
+  const float r2 = relu_bits(-2.0f * log_pos(normal_u1(key, index)));
+  return std::sqrt(r2) * cos_2pi(normal_u2(key, index));
 }
 
 }  // namespace cpu
