@@ -8,15 +8,18 @@ registry datasets and the zoo victims.
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import metrics
-from .methods import build_method
+from . import metrics, ops
+from .methods import METHODS, build_method
+from .methods.deep_ensemble import DeepEnsemble
 from .oracle import Oracle
 
 TensorOrDataset = Union[torch.Tensor, tuple, torch.utils.data.Dataset]
@@ -68,41 +71,211 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        probe: Optional[torch.Tensor] = None, record_every: int = 50,
                        hparams: Optional[dict] = None, progress: bool = True,
                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                       ) -> dict[str, Any]:
+                       member_chunk: Union[int, str, None] = None,
+                       checkpoint: Optional[str] = None,
+                       log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Train one method on the queried set and evaluate it on the test set.
 
     ``gather`` combines member predictions across ranks when the members are sharded
     (:mod:`faststeal.distributed`); metrics are then computed on all members.
+
+    ``member_chunk`` (Deep Ensemble family only, see :func:`member_chunkable`): train the members
+    in sequential blocks of that many (``member_range``), one block at a time in this process,
+    and concatenate their predictions and probe logits as the distributed gather does; member
+    seeds depend only on the member index, so the members are the same networks as in one
+    block. ``"auto"`` starts with all members and halves the block after every CUDA
+    out-of-memory error (blocks already trained are kept). ``checkpoint``: a file path for the
+    per-epoch fit checkpoints (:meth:`faststeal.methods.base.Method.fit`); member blocks use
+    ``<stem>.members<a>-<b><ext>`` next to it. The files are left in place; remove them with
+    :func:`remove_checkpoints` once the result is stored. ``log`` receives progress messages
+    (the halving of ``"auto"``); default: print.
     """
+    member_chunk = check_member_chunk(member_chunk)
+    log = log or _print_log
+    hp = dict(hparams or {})
+    fit_kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, record_every=record_every,
+                  progress=progress)
+    build_kw = dict(arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
+                    seed=seed, device=device)
     t0 = time.perf_counter()
-    m = build_method(method, arch, tuple(x.shape[1:]), num_classes, seed=seed, device=device,
-                     **(hparams or {}))
-    if gather is not None:
-        m.gather_members = gather
-    try:
-        m.fit(x, targets, epochs=epochs, batch_size=batch_size, lr=lr, probe=probe,
-              record_every=record_every, progress=progress)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise RuntimeError(
-            f"{method}: out of GPU memory with {m.num_members} members and batch size "
-            f"{batch_size} per member; lower --batch-size, use fewer members "
-            f"(--method-params '{{\"{method}\": {{\"members\": ...}}}}'), or shard the members "
-            f"over GPUs with --nproc N --shard-members") from exc
-    train_s = time.perf_counter() - t0
-    members = m.predict_members(test_x)
-    if gather is not None:
-        members = gather(members)
-        probs = None
+    if member_chunk is not None and member_chunkable(method):
+        members, trace, hp_out, train_s, eval_s = _train_in_chunks(
+            method, x, targets, test_x, probe, hp, member_chunk, gather, checkpoint, log,
+            build_kw, fit_kw)
+        t_eval = time.perf_counter() - eval_s  # the blocks' test predictions count as eval
+        # as Method.predict_proba, on the concatenated members (None when sharded: metrics
+        # then average the gathered members, as without chunks)
+        probs = None if gather is not None else torch.softmax(members.float(), dim=-1).mean(0)
     else:
-        probs = m.predict_proba(test_x)
-    check_finite(method, members, m.trace)
+        m = build_method(method, **build_kw, **hp)
+        if gather is not None:
+            m.gather_members = gather
+        try:
+            m.fit(x, targets, probe=probe, checkpoint=member_checkpoint(
+                checkpoint, hp.get("member_range")), **fit_kw)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise RuntimeError(_oom_message(method, m.num_members, batch_size)) from exc
+        train_s = time.perf_counter() - t0
+        t_eval = time.perf_counter()
+        members = m.predict_members(test_x)
+        if gather is not None:
+            members = gather(members)
+            probs = None
+        else:
+            probs = m.predict_proba(test_x)
+        trace, hp_out = list(m.trace), dict(m.hparams())
+    check_finite(method, members, trace)
     res = metrics.evaluate(members, victim_labels, test_y, mean_probs=probs,
                            victim_probs=victim_probs)
     res["train_seconds"] = train_s
-    res["eval_seconds"] = time.perf_counter() - t0 - train_s
-    hp = dict(m.hparams())
-    hp["num_members"] = int(members.shape[0])
-    return {"metrics": res, "trace": list(m.trace), "hparams": hp, "seconds": train_s}
+    res["eval_seconds"] = time.perf_counter() - t_eval
+    hp_out["num_members"] = int(members.shape[0])
+    return {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+
+
+def _print_log(msg: str) -> None:
+    print(f"[faststeal] {msg}", flush=True)
+
+
+def _oom_message(method: str, members: int, batch_size: int) -> str:
+    return (f"{method}: out of GPU memory training {members} member(s) at batch size "
+            f"{batch_size} per member; lower --batch-size, train the members in smaller blocks "
+            f"with --member-chunk N or --member-chunk auto (Deep Ensemble family), use fewer "
+            f"members (--method-params '{{\"{method}\": {{\"members\": ...}}}}'), or shard "
+            f"the members over GPUs with --nproc N --shard-members")
+
+
+def member_chunkable(method: str) -> bool:
+    """Whether ``method``'s members train independently and can be trained in blocks: the Deep
+    Ensemble family (``member_range``); not methods whose members share a loss (NCL, repulsive)
+    or a network (MC Dropout, BBB, SWAG, Laplace)."""
+    cls = METHODS.get(method)
+    return cls is not None and issubclass(cls, DeepEnsemble)
+
+
+def check_member_chunk(value: Union[int, str, None]) -> Union[int, str, None]:
+    """Validate a ``member_chunk`` setting: None, ``"auto"`` or an int >= 1."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"member_chunk must be a positive int, 'auto' or None, got "
+                        f"{type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"member_chunk must be a positive int, 'auto' or None, got {value}")
+    return value
+
+
+def member_checkpoint(checkpoint: Optional[str], member_range) -> Optional[str]:
+    """The checkpoint file of members [a, b): ``<stem>.members<a>-<b><ext>`` (None stays None)."""
+    if checkpoint is None or member_range is None:
+        return checkpoint
+    root, ext = os.path.splitext(os.fspath(checkpoint))
+    return f"{root}.members{int(member_range[0])}-{int(member_range[1])}{ext}"
+
+
+def remove_checkpoints(checkpoint: Optional[str]) -> None:
+    """Delete ``checkpoint`` and its member-block files (:func:`member_checkpoint`), if present."""
+    if checkpoint is None:
+        return
+    root, ext = os.path.splitext(os.fspath(checkpoint))
+    for path in [os.fspath(checkpoint), *glob.glob(f"{glob.escape(root)}.members*-*{ext}")]:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+class _ProbeRecorder:
+    """Stands in for ``Method.gather_members`` while one member block trains: keeps the block's
+    probe logits of every trace point (by trace index; the re-recorded final point overwrites)
+    so the blocks' traces can be combined afterwards. Stateful, so fit checkpoints carry it."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        self.logits[len(self.method.trace)] = logits.detach().clone()
+        return logits
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logits": {k: v.cpu() for k, v in self.logits.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        dev = self.method.device
+        self.logits = {int(k): v.to(dev) for k, v in state["logits"].items()}
+
+
+def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, checkpoint, log,
+                     build_kw, fit_kw):
+    """Train the members of ``hp["member_range"]`` (default: all) block by block; returns
+    (member test logits, combined trace, hparams, training seconds, prediction seconds)."""
+    total = hp.get("members", METHODS[method].DEFAULTS["members"])
+    lo, hi = hp.get("member_range") or (0, total)
+    auto = chunk == "auto"
+    size = (hi - lo) if auto else chunk
+    blocks: list[dict[str, Any]] = []
+    t0, eval_s = time.perf_counter(), 0.0
+    start = lo
+    while start < hi:
+        stop = min(start + size, hi)
+        ckpt = member_checkpoint(checkpoint, (start, stop))
+        failed = False
+        try:
+            m = build_method(method, **build_kw, **{**hp, "member_range": (start, stop)})
+            rec = _ProbeRecorder(m)
+            m.gather_members = rec
+            m.fit(x, targets, probe=probe, checkpoint=ckpt, **fit_kw)
+            t_eval = time.perf_counter()
+            logits = m.predict_members(test_x)
+            eval_s += time.perf_counter() - t_eval
+            blocks.append({"logits": logits, "trace": list(m.trace), "probe": rec.logits,
+                           "hparams": dict(m.hparams())})
+            start = stop
+        except torch.cuda.OutOfMemoryError as exc:
+            if not auto or stop - start == 1:
+                raise RuntimeError(_oom_message(method, stop - start, fit_kw["batch_size"])) \
+                    from exc
+            failed = True
+        if failed:  # outside the except block, so the failed block's tensors can be freed
+            m = rec = None
+            remove_checkpoints(ckpt)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = max(1, (stop - start) // 2)
+            log(f"{method}: out of GPU memory training members {start}-{stop - 1}; retrying in "
+                f"blocks of {size} member(s) (--member-chunk auto)")
+    train_s = time.perf_counter() - t0 - eval_s
+    members = torch.cat([b["logits"] for b in blocks])
+    if gather is not None:
+        members = gather(members)
+    trace = _combine_traces(blocks, gather)
+    hp_out = blocks[0]["hparams"]
+    hp_out["member_range"] = hp.get("member_range")
+    return members, trace, hp_out, train_s, eval_s
+
+
+def _combine_traces(blocks: list[dict[str, Any]], gather) -> list[dict]:
+    """One trace for all members from the blocks' traces: the statistics are recomputed on the
+    concatenated (and, when sharded, gathered) probe logits of every trace point, as
+    ``Method._record`` computes them; the loss is the sum of the blocks' losses (the training
+    loss is a sum over members)."""
+    first = blocks[0]["trace"]
+    if any(len(b["trace"]) != len(first) for b in blocks):
+        raise RuntimeError("member blocks recorded traces of different lengths")
+    out = []
+    for i, entry in enumerate(first):
+        logits = torch.cat([b["probe"][i] for b in blocks])
+        if gather is not None:
+            logits = gather(logits)
+        st = ops.member_stats(logits)
+        values = torch.stack([st.variance.mean(), st.mutual_info.mean(),
+                              st.disagreement.mean()]).tolist()
+        losses = [b["trace"][i]["loss"] for b in blocks]
+        loss = None if any(v is None for v in losses) else sum(losses[1:], losses[0])
+        out.append({**entry, "members": int(logits.shape[0]), "variance": values[0],
+                    "mutual_info": values[1], "disagreement": values[2], "loss": loss})
+    return out
 
 
 class NonFiniteError(FloatingPointError):

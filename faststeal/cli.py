@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         "grid cells are dealt to ranks")
     r.add_argument("--shard-members", action="store_true",
                    help="with several processes: split each Deep Ensemble's members over ranks")
+    r.add_argument("--member-chunk", default=None, metavar="N|auto",
+                   help="train Deep Ensemble members in sequential blocks of N (same members, less "
+                        "GPU memory); 'auto' halves the block after each out-of-memory error")
     r.add_argument("--out", default="runs/latest", help="run folder (resumes if it exists)")
     r.add_argument("--cache-dir", default=None, help="victim checkpoint cache")
     r.add_argument("--force", action="store_true",
@@ -81,6 +84,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
         except ValueError:
             raise ValueError(f"--member-sweep must be comma-separated integers, got "
                              f"{args.member_sweep!r}") from None
+    if args.member_chunk is not None:
+        overrides["member_chunk"] = _member_chunk(args.member_chunk)
     if args.method_params is not None:
         try:
             overrides["method_params"] = json.loads(args.method_params)
@@ -123,6 +128,19 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
         print(markdown(summary))
         print(f"results written to {cfg.out}/ (results.json, results.csv, results.md, figures)")
     return 0
+
+
+def _member_chunk(value: str):
+    """``--member-chunk``: ``auto`` or a positive integer."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--member-chunk must be a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

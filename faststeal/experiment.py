@@ -5,18 +5,23 @@ the oracle (random queries from the attacker pool), then trains the baseline and
 UQ method for every seed on exactly that queried set with the same epochs and batch size, and
 evaluates them on the held-out test set. Each finished cell is written to ``OUT/results.sqlite``
 at once; the exports (``results.json/csv/md`` and figures) are rebuilt after every cell, so a
-killed run loses at most the cell in progress and a rerun of the same command resumes.
+rerun of the same command resumes. Within a cell, training writes a checkpoint after every epoch
+(``OUT/checkpoints/<cell>.pt``, one file per member block when the members are sharded over
+ranks or trained in blocks), so a killed run also resumes the cell in progress from its last
+finished epoch, with the same result as an uninterrupted run; the files of a cell are deleted
+once its row is committed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -64,6 +69,7 @@ class Config:
     split_seed: int = 0
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
+    member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -92,9 +98,9 @@ class Config:
         from .data import DATASETS
         from .models import ARCHS
 
-        def choice(name, value, valid):
-            if value not in valid:
-                raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+        def choice(name, value, valid, where=""):
+            if not isinstance(value, str) or value not in valid:
+                raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}{where}")
 
         def pos_int(name, value, allow_zero=False):
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
@@ -109,12 +115,15 @@ class Config:
         choice("output_mode", self.output_mode, OUTPUT_MODES)
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
+        if not isinstance(self.methods, (list, tuple)):
+            raise TypeError(f"methods must be a list of method names or a comma-separated "
+                            f"string, got {type(self.methods).__name__} ({self.methods!r})")
         if not self.methods:
             raise ValueError("methods must name at least one method")
         from .methods import METHODS
 
         for m in self.methods:
-            choice("method", m, tuple(METHODS))
+            choice("method", m, tuple(METHODS), " (in methods)")
         if self.defense is not None:
             from .defenses import DEFENSES, OUTPUT_DEFENSES, build_defense
 
@@ -133,19 +142,39 @@ class Config:
         if self.victim_epochs is not None:
             pos_int("victim_epochs", self.victim_epochs)
         pos_int("split_seed", self.split_seed, allow_zero=True)
+        if not isinstance(self.member_sweep, (list, tuple)):
+            raise TypeError(f"member_sweep must be a list of member counts, got "
+                            f"{type(self.member_sweep).__name__} ({self.member_sweep!r})")
         for s in self.member_sweep:
             pos_int("member_sweep entry", s)
-        if not 0.0 < self.victim_fraction < 1.0:
+
+        def real(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            return float(value)
+
+        if not 0.0 < real("victim_fraction", self.victim_fraction) < 1.0:
             raise ValueError(f"victim_fraction must be in (0, 1), got {self.victim_fraction}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if real("lr", self.lr) <= 0:
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
-        if self.temperature <= 0:
+        if real("temperature", self.temperature) <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.decimals is not None:
+            pos_int("decimals", self.decimals, allow_zero=True)
+        mc = self.member_chunk
+        if mc is not None and mc != "auto" and (isinstance(mc, bool) or not isinstance(mc, int)
+                                                or mc < 1):
+            raise ValueError(f"member_chunk must be a positive integer or 'auto', got {mc!r}")
         dev = str(self.device)
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {dev!r} requested but CUDA is not available; use --device cpu")
         if not (dev == "cpu" or dev.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
+        if not isinstance(self.method_params, dict):
+            raise TypeError(f"method_params must be a dict of per-method dicts, got "
+                            f"{type(self.method_params).__name__}")
         for m, hp in self.method_params.items():
             choice("method_params key", m, tuple(METHODS))
             if not isinstance(hp, dict):
@@ -155,7 +184,8 @@ class Config:
     def result_affecting(self) -> dict[str, Any]:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
-        for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members"):
+        for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
+                  "member_chunk"):
             d.pop(k)
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
@@ -186,6 +216,7 @@ def run_comparison(config: Config) -> dict[str, Any]:
 
     from . import attack
     from .data import make_splits
+    from .methods.checkpoint import CheckpointError
     from .oracle import Oracle
     from .results import ResultStore
     from .results.report import write_report
@@ -288,6 +319,10 @@ def run_comparison(config: Config) -> dict[str, Any]:
                       num_classes=splits.num_classes, epochs=config.epochs,
                       batch_size=config.batch_size, lr=config.lr, device=dev, progress=progress)
         todo = [c for c in cells + sweep if not store.has_cell(cell_id(*c))]
+        if ctx.is_main:  # checkpoints of cells committed just before a kill
+            for c in cells + sweep:
+                if c not in todo:
+                    attack.remove_checkpoints(cell_checkpoint(config.out, cell_id(*c)))
         distributed.barrier(ctx)  # every rank sees the same todo list before anyone writes
         if len(todo) < len(cells) + len(sweep):
             log(f"resuming: {len(cells) + len(sweep) - len(todo)} finished cells kept, "
@@ -296,6 +331,7 @@ def run_comparison(config: Config) -> dict[str, Any]:
         collective = [c for c in todo if c[1] in shardable]
         mine = [c for c in todo if c[1] not in shardable]
         mine = collective + distributed.my_cells(ctx, mine)
+        committed_elsewhere = []  # this rank's checkpoints of collective cells rank 0 commits
         for kind, method, seed, members in tqdm(mine, desc="cells", unit="cell",
                                                 disable=not progress):
             hp = dict(config.method_params.get(method, {}))
@@ -317,15 +353,25 @@ def run_comparison(config: Config) -> dict[str, Any]:
                 total = hp.get("members", 5)
                 hp["member_range"] = distributed.member_shard(ctx, total)
                 gather = lambda t: distributed.all_gather_members(ctx, t)  # noqa: E731
-            r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets, seed=seed,
-                                          probe=probe if kind == "main" else None,
-                                          record_every=config.record_every, hparams=hp,
-                                          gather=gather, **common)
+            ckpt = cell_checkpoint(config.out, cell_id(kind, method, seed, members))
+            train = dict(probe=probe if kind == "main" else None,
+                         record_every=config.record_every, hparams=hp, gather=gather,
+                         member_chunk=config.member_chunk, checkpoint=ckpt, log=_log, **common)
+            try:
+                r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets,
+                                              seed=seed, **train)
+            except CheckpointError as exc:  # stale (another configuration) or unreadable
+                _log(f"{exc}; discarding the cell's checkpoints and training it from the start")
+                attack.remove_checkpoints(ckpt)
+                r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets,
+                                              seed=seed, **train)
             if gather is not None and not ctx.is_main:
+                committed_elsewhere.append(ckpt)
                 continue  # rank 0 writes the collective cell
             store.add_cell(cell_id(kind, method, seed, members), kind=kind, method=method,
                            seed=seed, members=r["hparams"]["num_members"], metrics=r["metrics"],
                            hparams=r["hparams"], seconds=r["seconds"], trace=r["trace"])
+            attack.remove_checkpoints(ckpt)  # the row is committed: the cell is safe
             timing[f"{kind}:{method}:s{seed}" + (f":S{members}" if members else "")] = r["seconds"]
             m = r["metrics"]
             _log(f"{method} (seed {seed}{', S=' + str(members) if members else ''}"
@@ -334,7 +380,15 @@ def run_comparison(config: Config) -> dict[str, Any]:
                  f"V {m['variance']:.2e} [{r['seconds']:.1f}s]")
             if ctx.is_main:
                 write_report(config.out, store, with_figures=False)
+        distributed.barrier(ctx)  # rank 0 has committed every collective cell
+        for ckpt in committed_elsewhere:
+            attack.remove_checkpoints(ckpt)
         distributed.barrier(ctx)
+        if ctx.is_main:
+            try:
+                os.rmdir(os.path.join(config.out, CHECKPOINT_DIR))
+            except OSError:  # absent, or holds files of another run's cells
+                pass
         timing["total_s"] = time.perf_counter() - t_start
         summary = {}
         if ctx.is_main:
@@ -354,3 +408,13 @@ def run_comparison(config: Config) -> dict[str, Any]:
 
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
     return f"{kind}/{method}/seed={seed}" + (f"/S={members}" if members is not None else "")
+
+
+#: sub-folder of the run folder holding the training checkpoints of unfinished cells
+CHECKPOINT_DIR = "checkpoints"
+
+
+def cell_checkpoint(out: str, cell: str) -> str:
+    """``OUT/checkpoints/<cell id with '/' as '__'>.pt``: the per-epoch training checkpoint of a
+    cell (member blocks add ``.members<a>-<b>``, :func:`faststeal.attack.member_checkpoint`)."""
+    return os.path.join(out, CHECKPOINT_DIR, cell.replace("/", "__") + ".pt")

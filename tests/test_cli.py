@@ -16,6 +16,8 @@ from faststeal.cli import main
     (["--member-sweep", "1,x"], "--member-sweep must be"),
     (["--method-params", "{bad"], "--method-params is not valid JSON"),
     (["--device", "tpu"], "device must be"),
+    (["--member-chunk", "0"], "--member-chunk must be a positive integer or 'auto'"),
+    (["--member-chunk", "half"], "--member-chunk must be a positive integer or 'auto'"),
 ])
 def test_run_rejects_bad_configuration(args, match, capsys, tmp_path):
     rc = main(["run", "--out", str(tmp_path / "o"), *args])

@@ -12,6 +12,7 @@ from typing import Any
 from .base import Method
 from .baseline import Baseline
 from .bayes_by_backprop import BayesByBackprop
+from .checkpoint import CheckpointError
 from .deep_ensemble import DeepEnsemble
 from .laplace import Laplace
 from .mc_dropout import MCDropout
@@ -44,4 +45,4 @@ def build_method(name: str, arch: str, input_shape: tuple, num_classes: int,
 
 
 __all__ = ["METHODS", "UQ_METHODS", "Method", "Baseline", "DeepEnsemble", "MCDropout",
-           "BayesByBackprop", "SWAG", "Laplace", "build_method"]
+           "BayesByBackprop", "SWAG", "Laplace", "build_method", "CheckpointError"]

@@ -28,6 +28,13 @@ every ``record_every`` optimizer steps and once more after training has finished
 :func:`faststeal.ops.member_stats` on the members the method would predict with at that moment)
 and ``loss`` the training loss of the latest step (None at iteration 0). The last entry always
 describes the prediction-time members (for SWAG and Laplace: the posterior samples).
+
+Checkpoints. ``fit(..., checkpoint=PATH)`` writes a checkpoint after every finished epoch and,
+when PATH already holds one written by the same fit, resumes with the epoch after it; the result
+is bit-identical to an uninterrupted fit (:mod:`faststeal.methods.checkpoint`). State a method
+accumulates during training (SWAG's moments) travels through ``_checkpoint_state`` /
+``_load_checkpoint_state``; a method whose mid-training state cannot be captured sets
+``supports_checkpoint = False``, and ``fit`` then refuses a checkpoint with a ValueError.
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import ops, train_step
+from . import checkpoint as _ckpt
 
 # Sub-seed streams derived from the method seed.
 STREAM_INIT, STREAM_ORDER, STREAM_TRAIN_NOISE, STREAM_PREDICT, STREAM_BN = 0, 1, 2, 3, 4
@@ -51,12 +60,18 @@ def subseed(seed: int, stream: int) -> int:
     return (seed * 1_000_003 + stream * 7_919 + 17) % (2**63)
 
 
+def _cuda_index(device: torch.device) -> Optional[int]:
+    """The CUDA device index whose RNG a block on ``device`` uses (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with torch's global RNG (CPU, and ``device`` if CUDA) seeded; restore after."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    idx = _cuda_index(device)
+    devices = [] if idx is None else [idx]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -85,17 +100,10 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf,
 
 def make_optimizer(kind: str, params, lr: float, device: torch.device,
                    **kw) -> torch.optim.Optimizer:
-    """One Adam/SGD over all stacked parameters: the fused implementation (CUDA and CPU; on two CPU
-    cores fused Adam is ~2.8x faster than foreach, docs/benchmarks.md), else multi-tensor (foreach)
-    where a torch or device lacks it."""
-    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]
-    params = list(params)
-    if device.type in ("cuda", "cpu"):
-        try:
-            return cls(params, lr=lr, fused=True, **kw)
-        except (RuntimeError, TypeError, ValueError):  # e.g. an older torch without fused SGD
-            pass
-    return cls(params, lr=lr, foreach=True, **kw)
+    """One Adam/SGD over all stacked parameters: :func:`faststeal.train_step.make_optimizer`
+    (fused on CUDA and CPU — on two CPU cores fused Adam is ~2.8x faster than foreach, see
+    docs/benchmarks.md — else foreach). ``device`` is kept for the methods' call sites."""
+    return train_step.make_optimizer(params, lr, kind=kind, **kw)
 
 
 class Method(abc.ABC):
@@ -111,6 +119,9 @@ class Method(abc.ABC):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
     #: hyperparameters shared by every method
     COMMON_DEFAULTS: ClassVar[dict[str, Any]] = {"weight_decay": 0.0}
+    #: whether ``fit(checkpoint=...)`` can capture everything training depends on mid-way; a
+    #: subclass that accumulates state it cannot put in ``_checkpoint_state`` sets False
+    supports_checkpoint: ClassVar[bool] = True
 
     def __init__(self, arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
                  device="cpu", **hparams: Any) -> None:
@@ -209,6 +220,15 @@ class Method(abc.ABC):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """Method state accumulated during training that later epochs or ``_finalize`` read
+        (stored in the per-epoch checkpoint); by default :meth:`_extra_state`."""
+        return self._extra_state()
+
+    def _load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`_checkpoint_state` when ``fit`` resumes from a checkpoint."""
+        self._load_extra_state(state)
+
     # ------------------------------------------------------------------ public API
     def hparams(self) -> dict[str, Any]:
         """Resolved hyperparameters (defaults filled in, values derived during fit added)."""
@@ -218,7 +238,8 @@ class Method(abc.ABC):
 
     def fit(self, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128, lr: float = 1e-3,
             probe: Optional[Tensor] = None, record_every: int = 50,
-            progress: bool = True) -> "Method":
+            progress: bool = True,
+            checkpoint: "str | os.PathLike | None" = None) -> "Method":
         """Train all members at once on (x, y).
 
         x: (N, C, H, W) float; y: (N,) int64 labels in [0, num_classes) or (N, num_classes)
@@ -227,6 +248,14 @@ class Method(abc.ABC):
         two); lr: the Adam learning rate (SWAG derives its SGD rate from it); probe: (P, C, H, W)
         inputs for the diversity trace, recorded every ``record_every`` steps. Training continues
         from the current weights; the trace and the posterior (SWAG/Laplace) are rebuilt.
+
+        checkpoint: a file path; after every finished epoch the complete training state is
+        written there atomically, and if the file already exists (a fit with the same arguments,
+        data, hyperparameters and initial weights was killed) training resumes with the epoch
+        after the saved one, bit-identical to an uninterrupted fit. A checkpoint of a different
+        fit, or a corrupt file, raises :class:`faststeal.methods.checkpoint.CheckpointError` (a
+        ValueError) naming the file and what differs. The file is kept after ``fit`` returns;
+        delete it once the result is stored.
         """
         _check_positive_int("epochs", epochs)
         _check_positive_int("batch_size", batch_size)
@@ -236,6 +265,18 @@ class Method(abc.ABC):
         y = self._check_targets(y, x.shape[0])
         if probe is not None:
             probe = self._check_inputs("probe", probe)
+        ckpt = _ckpt.as_path(checkpoint)
+        fingerprint: dict[str, Any] = {}
+        saved = None
+        if ckpt is not None:
+            if not self.supports_checkpoint:
+                raise ValueError(f"{type(self).__name__} cannot checkpoint its mid-training state; "
+                                 f"call fit without checkpoint")
+            fingerprint = self._fit_fingerprint(x, y, probe, epochs=epochs, batch_size=batch_size,
+                                                lr=lr, record_every=record_every)
+            if os.path.exists(ckpt):
+                saved = _ckpt.load(ckpt)
+                _ckpt.check_fingerprint(ckpt, saved.get("fingerprint"), fingerprint)
         n = x.shape[0]
         steps = math.ceil(n / batch_size)
         if steps > 1 and n - (steps - 1) * batch_size == 1:
@@ -252,11 +293,15 @@ class Method(abc.ABC):
             self._on_train_start(x, y, epochs, steps, batch_size, lr)
             optimizer = self._make_optimizer(lr)
             pool = self._index_pool(order_gen, n, s_data)  # (s_data, n) or None
-            if probe is not None:
+            first_epoch, it = 0, 0
+            if saved is not None:
+                first_epoch, it, pool = self._restore_checkpoint(ckpt, saved, optimizer, order_gen,
+                                                                 epochs, steps)
+            elif probe is not None:
                 self._record(probe, 0, steps)
             bar = _progress(total, progress, self.name)
-            it = 0
-            for epoch in range(epochs):
+            bar.update(it)
+            for epoch in range(first_epoch, epochs):
                 self._on_epoch_start(epoch, optimizer)
                 order = self._epoch_order(order_gen, n, s_data, pool).to(self.device)
                 for step in range(steps):
@@ -279,6 +324,8 @@ class Method(abc.ABC):
                         bar.set_postfix(loss=f"{self.trace[-1]['loss']:.3f}",
                                         V=f"{self.trace[-1]['variance']:.2e}", refresh=False)
                     bar.update(1)
+                if ckpt is not None:
+                    self._save_checkpoint(ckpt, fingerprint, epoch, it, optimizer, order_gen, pool)
             bar.close()
             self._finalize(x, y, batch_size)
             self.model.eval()
@@ -335,6 +382,73 @@ class Method(abc.ABC):
         self.fitted = bool(state.get("fitted", False))
         self.trace = [dict(t) for t in state.get("trace", [])]
         self._load_extra_state(state.get("extra", {}))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fit_fingerprint(self, x: Tensor, y: Tensor, probe: Optional[Tensor],
+                         **fit_args: Any) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed: method, arguments, data, start weights,
+        and how the trace sees the members (``gather_members``: this process's own members, a
+        stateless cross-process gather, or a stateful hook such as attack's member-block
+        recorder), since trace entries saved under one cannot continue under another."""
+        g = self.gather_members
+        gather = ("own" if g is Method.gather_members
+                  else type(g).__name__ if hasattr(g, "state_dict") else "gathered")
+        return {"method": self.name, "arch": self.arch, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "seed": self.seed, "hparams": dict(self._hp),
+                "device": self.device.type, "gather_members": gather, **fit_args,
+                "x_shape": list(x.shape), "x": _ckpt.digest(x),
+                "y_shape": list(y.shape), "y_dtype": str(y.dtype), "y": _ckpt.digest(y),
+                "probe_shape": None if probe is None else list(probe.shape),
+                "probe": _ckpt.digest(probe),
+                "initial_weights": _ckpt.state_digest(self.model.state_dict())}
+
+    def _save_checkpoint(self, path: str, fingerprint: dict[str, Any], epoch: int, it: int,
+                         optimizer: torch.optim.Optimizer, order_gen: torch.Generator,
+                         pool: Optional[Tensor]) -> None:
+        """Write the state after ``epoch`` (called inside fit's seeded block)."""
+        idx = _cuda_index(self.device)
+        gather_state = getattr(self.gather_members, "state_dict", None)
+        _ckpt.save(path, {
+            "fingerprint": fingerprint, "epoch": epoch, "iteration": it,
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "order_gen": order_gen.get_state(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": None if idx is None else torch.cuda.get_rng_state(idx),
+            "trace": [dict(t) for t in self.trace], "last_loss": self._last_loss,
+            "pool": pool, "resolved": dict(self._resolved),
+            "method_state": self._checkpoint_state(),
+            "gather_state": None if gather_state is None else gather_state(),
+        })
+
+    def _restore_checkpoint(self, path: str, saved: dict[str, Any],
+                            optimizer: torch.optim.Optimizer, order_gen: torch.Generator,
+                            epochs: int, steps: int) -> tuple[int, int, Optional[Tensor]]:
+        """Load a checkpoint into this fit; returns (first epoch to run, iteration, index pool)."""
+        try:
+            epoch, it = int(saved["epoch"]), int(saved["iteration"])
+            if not 0 <= epoch < epochs or it != (epoch + 1) * steps:
+                raise ValueError(f"epoch {epoch} / iteration {it} do not fit {epochs} epochs of "
+                                 f"{steps} steps")
+            self.model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            self._resolved = dict(saved["resolved"])
+            self._load_checkpoint_state(saved["method_state"])
+            load_gather = getattr(self.gather_members, "load_state_dict", None)
+            if load_gather is not None and saved.get("gather_state") is not None:
+                load_gather(saved["gather_state"])
+            self.trace = [dict(t) for t in saved["trace"]]
+            loss = saved["last_loss"]
+            self._last_loss = None if loss is None else loss.to(self.device)
+            order_gen.set_state(saved["order_gen"])
+            # the global RNG last: restoring method state may draw from it (SWAG builds a stack)
+            torch.set_rng_state(saved["rng_cpu"])
+            idx = _cuda_index(self.device)
+            if idx is not None:
+                torch.cuda.set_rng_state(saved["rng_cuda"], idx)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise _ckpt.CheckpointError(
+                f"checkpoint {path} could not be restored ({type(exc).__name__}: {exc}); delete "
+                f"it to train from the start") from exc
+        return epoch + 1, it, saved["pool"]
 
     # ------------------------------------------------------------------ internals
     def _check_inputs(self, name: str, x: Tensor) -> Tensor:
@@ -394,21 +508,9 @@ class Method(abc.ABC):
                            "loss": values[3] if len(values) > 3 else None})
 
 
-def member_loss_sum(logits: Tensor, target: Tensor) -> Tensor:
-    """Scalar training loss: sum over members of each member's mean cross-entropy.
-
-    logits: (S, B, C). ``target`` is shared by the members — (B,) labels or (B, C)
-    probabilities — or per member — (S, B) labels or (S, B, C) probabilities (Deep Ensemble's
-    own data orders). Per-member targets go through :func:`ops.ensemble_cross_entropy` as one
-    (1, S*B, C) problem: its mean is (1/S) sum_s loss_s, so S times it is exactly the sum and
-    each member still gets only its own gradient (never a loss on the averaged output).
-    """
-    s, b, c = logits.shape
-    hard = not target.dtype.is_floating_point
-    if target.dim() == (1 if hard else 2):
-        return ops.ensemble_cross_entropy(logits, target).sum()
-    flat_t = target.reshape(s * b) if hard else target.reshape(s * b, c)
-    return ops.ensemble_cross_entropy(logits.reshape(1, s * b, c), flat_t)[0] * s
+#: Scalar training loss: the sum over members of each member's mean cross-entropy (shared or
+#: per-member targets); one implementation, :func:`faststeal.train_step.ensemble_loss`.
+member_loss_sum = train_step.ensemble_loss
 
 
 def _progress(total: int, enabled: bool, name: str):

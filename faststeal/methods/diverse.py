@@ -241,13 +241,16 @@ class HyperparameterEnsemble(DeepEnsemble):
             hp[key] = [lo, hi]
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        s = self.num_members
+        # Assign values to all M members, then keep this block's (member_range: sharding or
+        # chunking), so member i gets the same learning rate and decay in every layout.
+        s = self._hp["members"]
         gen = torch.Generator().manual_seed(self.seed * 31 + 7)
         lrs = lr * _log_spaced(*self._hp["lr_range"], s, gen)
         wds = _log_spaced(*self._hp["weight_decay_range"], s, gen) + self._hp["weight_decay"]
         self._resolved["member_lr"] = [float(v) for v in lrs]
         self._resolved["member_weight_decay"] = [float(v) for v in wds]
-        return MemberAdam(self.model.parameters(), lr=lrs, weight_decay=wds)
+        a, b = self._hp["member_range"] or (0, s)
+        return MemberAdam(self.model.parameters(), lr=lrs[a:b], weight_decay=wds[a:b])
 
 
 # ------------------------------------------------------------------------------ diversity penalties

@@ -309,6 +309,15 @@ class SWAG(Method):
                 "sampled": (None if self._sampled is None else
                             {k: v.detach().clone() for k, v in self._sampled.state_dict().items()})}
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The moments, the deviation ring, the current sample stack and (``record_iterates``)
+        the iterates collected so far: everything later collection and ``_finalize`` read."""
+        return {**self._extra_state(), "iterates": [t.clone() for t in self.iterates]}
+
+    def _load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self._load_extra_state(state)
+        self.iterates = [t.to(self.device) for t in state.get("iterates", [])]
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         from ..models.zoo import build_model
         self.n_collected = int(state["n_collected"])
