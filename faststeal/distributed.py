@@ -15,8 +15,7 @@ Launch: ``faststeal run --nproc 4 ...`` (re-executes itself under ``torch.distri
 ``torchrun --nproc-per-node 4 -m faststeal run ...``. Several nodes: ``torchrun --nnodes 2
 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m faststeal run --out
 /shared/run ...`` on every node (the run folder must be on a shared filesystem with working
-POSIX locks for SQLite; otherwise give each node its own --out and merge with ``faststeal
-report``). Under SLURM: ``srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2
+POSIX locks for SQLite, e.g. NFSv4 or Lustre; see README "Scale-out"). Under SLURM: ``srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2
 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $(scontrol show hostnames
 $SLURM_NODELIST | head -n1):29500 -m faststeal run ...``.
 """
