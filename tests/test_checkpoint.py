@@ -18,6 +18,7 @@ import torch
 
 from faststeal.methods import METHODS, build_method
 from faststeal.methods.checkpoint import CheckpointError
+from toydata import prototype_data
 
 SHAPE = (1, 8, 8)
 C = 10
@@ -42,19 +43,11 @@ TEST_HP = {
 FIT = dict(epochs=EPOCHS, batch_size=32, lr=3e-3, record_every=2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    proto = torch.randn(C, *SHAPE, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, C, (n,), generator=g)
-    return proto[y] + 1.5 * torch.randn(n, *SHAPE, generator=g), y
+def make_data(n: int, seed: int, noise: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    return prototype_data(n, seed, SHAPE, C, noise)
 
 
 X, Y = make_data(96, 1)  # 3 steps of 32 per epoch

@@ -16,12 +16,7 @@ from faststeal.defenses import (DEFENSES, AdditiveNoise, DefendedVictim, PradaDe
 from faststeal.oracle import Oracle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _probs(n: int = 200, c: int = 10, sharp: float = 3.0, seed: int = 0) -> torch.Tensor:

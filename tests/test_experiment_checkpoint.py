@@ -21,12 +21,7 @@ TINY = dict(dataset="digits", victim_arch="mlp", surrogate_arch="mlp", victim_ep
             method_params={"deep-ensemble": {"members": 3}})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

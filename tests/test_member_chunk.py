@@ -20,24 +20,17 @@ from faststeal import attack
 from faststeal.methods import base
 from faststeal.methods.checkpoint import CheckpointError
 from faststeal.methods.deep_ensemble import DeepEnsemble
+from toydata import prototype_data
 
 SHAPE = (1, 8, 8)
 C = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    proto = torch.randn(C, *SHAPE, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, C, (n,), generator=g)
-    return proto[y] + 1.5 * torch.randn(n, *SHAPE, generator=g), y
+def make_data(n: int, seed: int, noise: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    return prototype_data(n, seed, SHAPE, C, noise)
 
 
 X, Y = make_data(96, 1)

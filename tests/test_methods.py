@@ -18,25 +18,17 @@ import torch.nn.functional as F
 
 from faststeal.methods import METHODS, UQ_METHODS, build_method
 from faststeal.methods.base import STREAM_PREDICT, member_loss_sum, subseed
+from toydata import prototype_data
 
 SHAPE = (1, 8, 8)
 C = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny GEMMs on a loaded 2-core machine: one thread is several times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(n: int, seed: int, noise: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
-    proto = torch.randn(C, *SHAPE, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, C, (n,), generator=g)
-    return proto[y] + noise * torch.randn(n, *SHAPE, generator=g), y
+    return prototype_data(n, seed, SHAPE, C, noise)
 
 
 X, Y = make_data(320, 1)

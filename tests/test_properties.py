@@ -34,12 +34,7 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                                            HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # =============================================================================== Config

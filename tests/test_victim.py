@@ -13,14 +13,7 @@ from faststeal.data import make_splits
 from faststeal.victim import VictimResult, train_victim
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: with 2 intra-op threads on a shared, oversubscribed 2-core machine each op
-    # can take ~100x longer (threads wait on descheduled peers); restore afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
