@@ -79,6 +79,16 @@ def clamp_block(n: int, lo: int, hi: int) -> int:
 
 
 @triton.jit
+def tile_offsets(pid, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row and column offsets of tile ``pid`` in a grid of BLOCK_R x BLOCK_C tiles over a matrix
+    with C columns, tiles numbered row-major (the 1-D launch grid of the GEMM kernels)."""
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    offs_r = (pid // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_r, offs_c
+
+
+@triton.jit
 def log1p(u):
     """Accurate log(1 + u) for u >= 0 without a log1p instruction (not in Triton's core math):
     log(w) * u / (w - 1) with w = 1 + u cancels the rounding of w (Goldberg 1991)."""

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import softplus
+from ._common import softplus, tile_offsets
 from ._rng import standard_normal
 from .ensemble_linear import _blocks, _precision
 
@@ -42,11 +42,7 @@ def _bayes_linear_fwd_kernel(
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(pid, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < B
     n_mask = offs_n < N
@@ -78,11 +74,7 @@ def _bayes_linear_bwd_dx_kernel(
     # dx[s] = dy[s] @ w_s; a shared x (S_LOOP = S, one program column) sums over samples.
     pid = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // k_tiles
-    pid_k = pid % k_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m, offs_k = tile_offsets(pid, K, BLOCK_M, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < B
     kw = key_w.to(tl.uint32, bitcast=True)
@@ -109,11 +101,8 @@ def _bayes_linear_bwd_dw_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // k_tiles
-    pid_k = pid % k_tiles
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n, offs_k = tile_offsets(pid, K, BLOCK_N, BLOCK_K)
+    pid_k = pid % tl.cdiv(K, BLOCK_K)  # the first K tile also reduces the bias
     offs_b = tl.arange(0, BLOCK_B)
     n_mask = offs_n < N
     k_mask = offs_k < K
