@@ -227,19 +227,20 @@ def _check_index(i, members: int) -> None:
 
 # ----------------------------------------------------------------------------- conv
 
-CONV_STRATEGIES = ("grouped", "unfold", "loop")
+CONV_STRATEGIES = ("auto", "grouped", "unfold", "loop")
 
 
 def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: tuple[int, int], padding: tuple[int, int],
-                    strategy: str = "grouped") -> torch.Tensor:
+                    strategy: str = "auto") -> torch.Tensor:
     """S 2-D convolutions at once.
 
     x: (S, B, C, H, W) stacked or (B, C, H, W) shared; weight: (S, C', C, kh, kw); bias: (S, C')
     or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a batch-major
     view (see the module docstring).
 
-    Strategies (all loop-free except ``loop``):
+    Strategies (all loop-free except ``loop``; ``auto``, the default, takes ``loop`` for a stacked
+    input on the CPU and ``grouped`` otherwise — measured, see :class:`EnsembleConv2d`):
     ``grouped`` members folded into channel groups: one ``F.conv2d(groups=S)`` on (B, S*C, H, W);
       a shared input needs no groups at all (the S filter banks are concatenated).
     ``unfold``  members folded into a batched GEMM: im2col (``F.unfold``) then ``torch.bmm``.
@@ -247,6 +248,8 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     s, co, ci, kh, kw = weight.shape
     shared = x.dim() == 4
+    if strategy == "auto":
+        strategy = "loop" if (x.device.type == "cpu" and not shared) else "grouped"
     if strategy == "grouped":
         wf = weight.reshape(s * co, ci, kh, kw)
         bf = bias.reshape(s * co) if bias is not None else None
@@ -289,8 +292,8 @@ class EnsembleConv2d(nn.Module):
     member initialised independently like ``nn.Conv2d``. With ``members == 1`` an input of S' > 1
     copies is folded into the batch (one conv).
 
-    ``strategy`` (see :func:`ensemble_conv2d`): ``grouped`` is the default, ``unfold`` and
-    ``loop`` stay selectable. Measured 2026-11-26 (float32, B=128, 28x28x1 input, one training
+    ``strategy`` (see :func:`ensemble_conv2d`): ``auto`` (default) is ``loop`` for a stacked input
+    on the CPU and ``grouped`` otherwise; ``grouped``, ``unfold`` and ``loop`` stay selectable. Measured 2026-11-26 (float32, B=128, 28x28x1 input, one training
     step = forward + cross-entropy + backward of the whole stacked model, median ms):
 
     ===========================================  =======  =======  ======
@@ -304,17 +307,20 @@ class EnsembleConv2d(nn.Module):
     H200, cnn-wide, S=16                           15.8     97.7    34.4
     ===========================================  =======  =======  ======
 
-    On the CPU grouped and loop are within the noise of the shared machine (single layers:
-    ``loop`` faster for conv2 6->16 on 14x14, ``grouped`` faster for conv1 on stacked input;
-    repeated runs under load swapped the order), and ``unfold`` is 2-4x slower (im2col copies).
-    On the GPU ``grouped`` is 1.4-2.3x faster than ``loop`` (one cuDNN call instead of S) and
-    keeps the batch-major layout that lets batch norm and pooling run without copies, so it is
-    the default on every device.
+    On the CPU the table's loaded-machine runs could not separate grouped and loop, and ``unfold``
+    is 2-4x slower (im2col copies). On a quiet machine (2026-11-26 09:20, 2 threads, the
+    ``faststeal.train_step`` step of the stacked lenet with per-member batches) ``loop`` is
+    clearly faster: S=4 B=128 36.0 vs 46.4 ms, S=16 B=128 144 vs 201 ms, S=16 B=32 29.5 vs
+    39.3 ms (oneDNN's grouped convolution plus the batch-major ReLU cost more than S plain
+    convolutions). On the GPU ``grouped`` is 1.4-2.3x faster than ``loop`` (one cuDNN call
+    instead of S) and keeps the batch-major layout that lets batch norm and pooling run without
+    copies. Hence ``auto``: ``loop`` for stacked input on the CPU, ``grouped`` elsewhere (a shared
+    input then takes one convolution with the S filter banks concatenated).
     """
 
     def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: IntPair,
                  stride: IntPair = 1, padding: IntPair = 0, bias: bool = True,
-                 strategy: str = "grouped", device=None, dtype=None) -> None:
+                 strategy: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
         self.members = _check_members("members", members)
         self.in_channels = _check_members("in_channels", in_channels)
