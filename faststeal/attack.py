@@ -98,6 +98,9 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     build_kw = dict(arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
                     seed=seed, device=device)
     t0 = time.perf_counter()
+    if member_chunk is not None and not member_chunkable(method):
+        log(f"{method}: --member-chunk ignored (only the Deep Ensemble family trains its members "
+            f"independently)")
     if member_chunk is not None and member_chunkable(method):
         members, trace, hp_out, train_s, eval_s = _train_in_chunks(
             method, x, targets, test_x, probe, hp, member_chunk, gather, checkpoint, log,

@@ -120,7 +120,11 @@ def test_hparam_ensemble_block_members_keep_their_hyperparameters():
 def test_non_chunkable_method_ignores_member_chunk():
     assert not attack.member_chunkable("mc-dropout")
     assert not attack.member_chunkable("ncl-ensemble")  # members share the penalty
-    _assert_same(run("mc-dropout", member_chunk=1), run("mc-dropout"), exact=True)
+    logs = []
+    _assert_same(run("mc-dropout", member_chunk=1, log=logs.append), run("mc-dropout"),
+                 exact=True)
+    assert logs == ["mc-dropout: --member-chunk ignored (only the Deep Ensemble family trains "
+                    "its members independently)"]
 
 
 # ------------------------------------------------------------------------ simulated OOM
