@@ -163,10 +163,9 @@ class Config:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.decimals is not None:
             pos_int("decimals", self.decimals, allow_zero=True)
-        mc = self.member_chunk
-        if mc is not None and mc != "auto" and (isinstance(mc, bool) or not isinstance(mc, int)
-                                                or mc < 1):
-            raise ValueError(f"member_chunk must be a positive integer or 'auto', got {mc!r}")
+        from .attack import check_member_chunk
+
+        check_member_chunk(self.member_chunk)
         dev = str(self.device)
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {dev!r} requested but CUDA is not available; use --device cpu")

@@ -14,7 +14,7 @@ import torch
 from faststeal import _ext
 from faststeal.ops import reference as R
 from faststeal.ops import rng, use_backend
-from tolerances import tol_scaled
+from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(
     _ext.C is None, reason=f"faststeal._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}")
@@ -37,12 +37,6 @@ def _poison_outputs():
     _ext.C._set_poison_outputs(True)
     yield
     _ext.C._set_poison_outputs(False)
-
-
-def assert_close(actual, expected, dtype=torch.float32, what=""):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    torch.testing.assert_close(actual, expected, **tol_scaled(dtype, expected),
-                               msg=lambda m: f"{what}: {m}")
 
 
 def linear_inputs(S, B, K, N, shared, bias, dtype=torch.float32):

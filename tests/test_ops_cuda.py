@@ -17,7 +17,7 @@ import torch
 from faststeal import _ext
 from faststeal.ops import reference as R
 from faststeal.ops import rng, use_backend
-from tolerances import tol_scaled
+from tolerances import assert_close
 
 NVCC = "/usr/local/cuda/bin/nvcc"
 HAS_GPU_KERNELS = (_ext.C is not None and _ext.has_cuda_kernels()
@@ -115,10 +115,13 @@ def poison():
     _ext.C._set_poison_outputs(False)
 
 
-def assert_close(actual, expected, dtype=torch.float32, what=""):
-    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
-    torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol_scaled(dtype, expected),
-                               msg=lambda m: f"{what}: {m}")
+def assert_stats_close(got, want):
+    """MemberStats fields: ``pred`` identical, the others within the float32 tolerance."""
+    for name, a, e in zip(R.MemberStats._fields, got, want):
+        if name == "pred":
+            assert torch.equal(a, e)
+        else:
+            assert_close(a, e, what=name)
 
 
 def assert_lowp_close(kernel, composite, exact, what=""):
@@ -255,11 +258,7 @@ def test_member_stats_cuda_matches_reference(poison, S, B, C, with_targets, offs
     logits = torch.randn(S, B, C, device="cuda") * 3 + offset
     targets = torch.randint(0, C, (B,), device="cuda") if with_targets else None
     got, want = G.member_stats_fwd(logits, targets), R.member_stats_fwd(logits, targets)
-    for name, a, e in zip(R.MemberStats._fields, got, want):
-        if name == "pred":
-            assert torch.equal(a, e)
-        else:
-            assert_close(a, e, what=name)
+    assert_stats_close(got, want)
 
 
 @requires_gpu_kernels
@@ -270,11 +269,7 @@ def test_member_stats_cuda_low_precision_inputs(dtype):
     logits = (torch.randn(16, 1025, 10, device="cuda") * 3).to(dtype)
     # Both compute in float32 from the same low-precision logits.
     got, want = G.member_stats_fwd(logits, None), R.member_stats_fwd(logits, None)
-    for name, a, e in zip(R.MemberStats._fields, got, want):
-        if name == "pred":
-            assert torch.equal(a, e)
-        else:
-            assert_close(a, e, what=name)
+    assert_stats_close(got, want)
 
 
 @requires_gpu_kernels

@@ -25,3 +25,11 @@ def tol_scaled(dtype: torch.dtype, expected: torch.Tensor) -> dict:
     atol, rtol = TOL[dtype]
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     return {"atol": atol * scale, "rtol": rtol}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 what: str = "") -> None:
+    """Same shape, and equal within ``tol_scaled(dtype, expected)`` (compared on the CPU)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol_scaled(dtype, expected),
+                               msg=lambda m: f"{what}: {m}")

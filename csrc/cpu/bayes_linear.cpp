@@ -22,12 +22,7 @@ namespace {
 __attribute__((target_clones("avx2", "default")))
 #endif
 void normal_fill(uint32_t key, uint32_t c0, int64_t n, float* __restrict__ out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t i = c0 + static_cast<uint32_t>(j);
-    const float u1 = static_cast<float>((random_bits(key, 2u * i) >> 8) + 1u) * 5.9604644775390625e-08f;
-    const float u2 = static_cast<float>(random_bits(key, 2u * i + 1u) >> 8) * 5.9604644775390625e-08f;
-    out[j] = std::sqrt(relu_bits(-2.0f * log_pos(u1))) * cos_2pi(u2);
-  }
+  for (int64_t j = 0; j < n; ++j) out[j] = normal_fast(key, c0 + static_cast<uint32_t>(j));
 }
 
 // W[s,n,k] = mu[n,k] + softplus(rho[n,k]) * eps(key, (s*N + n)*K + k); optionally eps into E.
