@@ -253,6 +253,8 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
     if gemm is None:
         gemm = common.gemm_rate(device, torch.float32, min_run_time=0.3)
     methods = methods or METHODS
+    # process-wide, so every variant (the loop, vmap, ...) runs with the same malloc settings
+    retained = _retain_freed_cpu_memory() if device.type == "cpu" else None
     rows: list[dict[str, Any]] = []
     for arch, s, b in cfg["grid"]:
         case_methods = [m for m in methods
@@ -338,7 +340,16 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         del x, y, xs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"rows": rows, "gemm": gemm, "flops_note": "matmul/conv FLOPs, torch.utils.flop_counter"}
+    return {"rows": rows, "gemm": gemm, "flops_note": "matmul/conv FLOPs, torch.utils.flop_counter",
+            "retain_freed_cpu_memory": retained}
+
+
+def _retain_freed_cpu_memory() -> bool:
+    try:
+        from faststeal.train_step import retain_freed_cpu_memory
+    except ImportError:  # faststeal half-installed: the baselines still run
+        return False
+    return retain_freed_cpu_memory()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -347,6 +358,10 @@ def markdown(result: dict[str, Any]) -> str:
            f"({g['dtype']} torch.mm, n={g['n']}). On CPU the same torch.mm is also timed inside "
            f"every case's interleaved rounds and '% GEMM' is against that case's rate (column "
            f"'GEMM GFLOP/s'), so machine load affects both alike."]
+    if result.get("retain_freed_cpu_memory") is not None:
+        out[0] += (" glibc keeps freed blocks in the process "
+                   f"(`retain_freed_cpu_memory`, for every variant): "
+                   f"{'yes' if result['retain_freed_cpu_memory'] else 'no'}.")
     headers = ["model", "S", "B/member", "method", "train ms (p20–p80)", "member-samples/s",
                "GFLOP/s", "GEMM GFLOP/s", "% GEMM", "× loop", "× vmap", "× compile", "peak MB",
                "infer ms",

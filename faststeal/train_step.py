@@ -16,6 +16,11 @@ What the profile of the plain loop showed, and what this module removes (docs/be
 * the loss: one fused ``ensemble_cross_entropy`` (softmax, NLL and gradient in one pass) instead
   of S ``F.cross_entropy`` calls or a reshape + repeat + mean composite.
 * gradients: ``zero_grad(set_to_none=True)`` (no memset); backward writes fresh ``.grad``.
+* page faults on CPU: glibc returns every freed block above 32 MB to the kernel (``munmap``) and
+  faults it back in, zero-filled, at the next allocation: with S = 64 members each step's
+  gradients (137 MB for the MLP) cost ~27,000 page faults, 30 ms of a 75 ms step.
+  :func:`retain_freed_cpu_memory` (called by :func:`make_train_step` and ``Method.fit`` on CPU) keeps
+  freed blocks in the process instead.
 * host syncs: the step returns the loss as a 0-d device tensor; read it (``float(loss)``) only
   when you log.
 * launch overhead on GPU: ``cuda_graph=True`` captures forward, backward and the optimizer step
@@ -24,12 +29,53 @@ What the profile of the plain loop showed, and what this module removes (docs/be
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ensemble_loss", "make_optimizer", "make_train_step", "TrainStep"]
+__all__ = ["ensemble_loss", "make_optimizer", "make_train_step", "retain_freed_cpu_memory",
+           "TrainStep"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+_RETAIN_ENV = "FASTSTEAL_RETAIN_CPU_MEMORY"
+_retained: Optional[bool] = None
+
+
+def retain_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Let glibc keep freed CPU blocks of up to ``limit_bytes`` in the process, so that large
+    stacked tensors freed every step (gradients, activations) are reused instead of being
+    unmapped and page-faulted back in. Process-wide and once per process; returns whether it is
+    in effect. A no-op off Linux/glibc, and when ``FASTSTEAL_RETAIN_CPU_MEMORY=0``.
+
+    Cost: up to ``limit_bytes`` of freed memory stays counted in the process's RSS (it is reused by
+    the next allocations, not leaked). Measured (S = 64 MLP step, batch 32, 2 cores): 75 -> 44 ms;
+    no change where the stacked tensors are below glibc's 32 MB mmap threshold (S = 16).
+    """
+    global _retained
+    if _retained is not None:
+        return _retained
+    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes <= 0:
+        raise ValueError(f"limit_bytes must be a positive int, got {limit_bytes!r}")
+    _retained = False
+    if os.environ.get(_RETAIN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    limit = min(limit_bytes, 2**31 - 1)
+    # both: a high mmap threshold alone still trims the heap top on every free
+    _retained = bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+    return _retained
 
 
 def ensemble_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -185,4 +231,6 @@ def make_train_step(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     """
     if optimizer is None:
         optimizer = make_optimizer(model.parameters(), lr=lr, capturable=cuda_graph)
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        retain_freed_cpu_memory()
     return TrainStep(model, optimizer, loss_fn=loss_fn, cuda_graph=cuda_graph, warmup=warmup)

@@ -288,6 +288,8 @@ class Method(abc.ABC):
         self.trace = []
         self.fitted = False
         self._last_loss = None
+        if self.device.type == "cpu":
+            train_step.retain_freed_cpu_memory()
         with seeded(subseed(self.seed, STREAM_TRAIN_NOISE), self.device):
             self.model.train()
             self._on_train_start(x, y, epochs, steps, batch_size, lr)
