@@ -90,11 +90,13 @@ __global__ void dz_kernel(const T* __restrict__ g, const T* __restrict__ y,
 template <typename T>
 __global__ void sum_splits_kernel(const typename Acc<T>::type* __restrict__ part,
                                   T* __restrict__ out, int64_t nsplit, int64_t SN) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= SN) return;
-  typename Acc<T>::type t = 0;
-  for (int64_t k = 0; k < nsplit; ++k) t += part[k * SN + i];
-  out[i] = static_cast<T>(t);
+  // Grid-stride: blocks_for caps the grid, so one thread may own several outputs.
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < SN;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    typename Acc<T>::type t = 0;
+    for (int64_t k = 0; k < nsplit; ++k) t += part[k * SN + i];
+    out[i] = static_cast<T>(t);
+  }
 }
 
 template <typename T, Act A, bool kDrop>
@@ -122,6 +124,8 @@ void launch_dz(bool bias_, bool write, const T* g, const T* y, const T* z, T* dz
                int64_t rows_per_split, bool bsn, uint32_t key, uint32_t thr,
                typename Acc<T>::type scale) {
   if (S * B * N == 0) return;
+  TORCH_CHECK(S <= 65535, "ensemble_linear_bwd_cuda: at most 65535 members are supported "
+              "(weight has ", S, ")");  // gridDim.y
   const dim3 block(32, 8);
   const dim3 grid((N + 31) / 32, S, nsplit);
 #define FS_LAUNCH(KB, KW)                                                                     \

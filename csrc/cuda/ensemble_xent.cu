@@ -113,8 +113,12 @@ __global__ void xent_grad_kernel(const typename Acc<T>::type* __restrict__ grad,
 at::Tensor ensemble_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target) {
   const Target t = cuda_target("ensemble_cross_entropy_fwd_cuda");
   const bool soft = check_ensemble_xent(t, logits, target);
+  TORCH_CHECK(target.device() == logits.device(), t.fn, ": target is on ", target.device(),
+              " but logits is on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(S <= 65535, t.fn, ": at most 65535 members are supported, got logits sizes ",
+              logits.sizes());  // gridDim.y
   const auto acc_opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor out = alloc({S}, acc_opts);
   if (S == 0) return out;
@@ -147,8 +151,12 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
   const bool soft = check_ensemble_xent(t, logits, target);
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   check_grad_scalar_per_member(t, grad, S);
+  TORCH_CHECK(target.device() == logits.device(), t.fn, ": target is on ", target.device(),
+              " but logits is on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor g = grad.to(acc_dtype(logits.scalar_type())).contiguous();
+  // .to(device): the kernel reads grad on logits' device (it may come from another GPU).
+  const at::Tensor g =
+      grad.to(logits.device(), acc_dtype(logits.scalar_type())).contiguous();
   at::Tensor dlogits = alloc_like(logits);
   if (S * B == 0) return dlogits;
   FS_DISPATCH_CUDA(logits.scalar_type(), "ensemble_cross_entropy_bwd_cuda", [&] {

@@ -83,7 +83,9 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad, const
   TORCH_CHECK(grad.numel() == 1, t.fn, ": grad must be a scalar, got sizes ", grad.sizes());
   check_device(t, grad, "grad");
   const c10::cuda::CUDAGuard guard(mu.device());
-  const at::Tensor g = grad.reshape({}).to(acc_dtype(mu.scalar_type())).contiguous();
+  // .to(device): the kernel reads grad on mu's device (it may come from another GPU).
+  const at::Tensor g =
+      grad.reshape({}).to(mu.device(), acc_dtype(mu.scalar_type())).contiguous();
   at::Tensor dmu = alloc_like(mu), drho = alloc_like(rho);
   const int64_t n = mu.numel();
   if (n == 0) return {dmu, drho};

@@ -114,6 +114,10 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
 std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTensor& targets) {
   const Target t = cuda_target("member_stats_fwd_cuda");
   check_member_stats(t, logits, targets);
+  if (targets.has_value()) {
+    TORCH_CHECK(targets->device() == logits.device(), t.fn, ": targets is on ",
+                targets->device(), " but logits is on ", logits.device());
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   // Shared memory is 12 bytes per member per warp.
