@@ -49,6 +49,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(grid=[("mlp", s, b) for s in (1, 4, 16, 64) for b in (32, 128, 1024)]
                 + [("cnn", s, b) for s in (1, 4, 16, 64) for b in (128, 1024) if s * b <= 16384],
                 compile=[("mlp", 16, 128)], t=0.5, infer=True),
+    # large ensembles on CPU (where freed stacked tensors exceed glibc's 32 MB mmap threshold)
+    "cpu-large": dict(grid=[("mlp", 64, 32), ("mlp", 64, 128), ("mlp", 64, 1024),
+                            ("cnn", 4, 1024), ("cnn", 16, 128)], compile=[], t=0.5, infer=False),
     "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
                             ("cnn", 16, 128)],
                       compile=[("mlp", 16, 128)], t=0.1, infer=True),

@@ -16,8 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faststeal import attack
-from faststeal.methods import base
+from faststeal import attack, train_step
 from faststeal.methods.checkpoint import CheckpointError
 from faststeal.methods.deep_ensemble import DeepEnsemble
 from toydata import prototype_data
@@ -47,7 +46,7 @@ def run(method="deep-ensemble", members=5, **kw):
     return attack.train_and_evaluate(method, "mlp", X, Y, **args)
 
 
-def _foreach_adam(kind, params, lr, device, **kw):
+def _foreach_adam(params, lr, *, kind="adam", **kw):
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[kind]
     return cls(list(params), lr=lr, foreach=True, **kw)
 
@@ -87,7 +86,7 @@ def plain(method, foreach):
     if key not in _PLAIN:
         if foreach:
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(base, "make_optimizer", _foreach_adam)
+                mp.setattr(train_step, "make_optimizer", _foreach_adam)
                 _PLAIN[key] = run(method)
         else:
             _PLAIN[key] = run(method)
@@ -96,7 +95,7 @@ def plain(method, foreach):
 
 @pytest.mark.parametrize("method", ["deep-ensemble", "bootstrap-ensemble", "hparam-ensemble"])
 def test_blocks_equal_one_block_exactly(method, monkeypatch):
-    monkeypatch.setattr(base, "make_optimizer", _foreach_adam)
+    monkeypatch.setattr(train_step, "make_optimizer", _foreach_adam)
     ref = plain(method, foreach=True)
     for chunk in (2, 5, 7):  # blocks 0-1, 2-3, 4; one block of all; larger than the ensemble
         _assert_same(run(method, member_chunk=chunk), ref, exact=True)

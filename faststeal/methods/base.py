@@ -98,14 +98,6 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf,
     return v
 
 
-def make_optimizer(kind: str, params, lr: float, device: torch.device,
-                   **kw) -> torch.optim.Optimizer:
-    """One Adam/SGD over all stacked parameters: :func:`faststeal.train_step.make_optimizer`
-    (fused on CUDA and CPU — on two CPU cores fused Adam is ~2.8x faster than foreach, see
-    docs/benchmarks.md — else foreach). ``device`` is kept for the methods' call sites."""
-    return train_step.make_optimizer(params, lr, kind=kind, **kw)
-
-
 class Method(abc.ABC):
     """A UQ surrogate: S stacked members trained as one batched computation.
 
@@ -178,8 +170,8 @@ class Method(abc.ABC):
         return 1
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return make_optimizer("adam", self.model.parameters(), lr, self.device,
-                              weight_decay=self._hp["weight_decay"])
+        return train_step.make_optimizer(self.model.parameters(), lr, kind="adam",
+                                         weight_decay=self._hp["weight_decay"])
 
     def _train_loss(self, xb: Tensor, yb: Tensor, n_train: int) -> Tensor:
         """Scalar training loss: the SUM over members of each member's mean cross-entropy.

@@ -53,8 +53,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from .base import (STREAM_BN, STREAM_PREDICT, Method, _check_float, _check_positive_int,
-                   make_optimizer, subseed)
+from .. import train_step
+from .base import STREAM_BN, STREAM_PREDICT, Method, _check_float, _check_positive_int, subseed
 
 
 class SWAG(Method):
@@ -250,9 +250,9 @@ class SWAG(Method):
                                                  else self._start_step)})
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return make_optimizer("sgd", self.model.parameters(), self._resolved["sgd_lr"],
-                              self.device, momentum=self._hp["momentum"],
-                              weight_decay=self._hp["weight_decay"])
+        return train_step.make_optimizer(self.model.parameters(), self._resolved["sgd_lr"],
+                                         kind="sgd", momentum=self._hp["momentum"],
+                                         weight_decay=self._hp["weight_decay"])
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The paper's schedule, with the collection start (in epochs) as its horizon."""
