@@ -18,7 +18,7 @@ What the profile of the plain loop showed, and what this module removes (docs/be
 * gradients: ``zero_grad(set_to_none=True)`` (no memset); backward writes fresh ``.grad``.
 * page faults on CPU: glibc returns every freed block above 32 MB to the kernel (``munmap``) and
   faults it back in, zero-filled, at the next allocation: with S = 64 members each step's
-  gradients (137 MB for the MLP) cost ~27,000 page faults, 30 ms of a 75 ms step.
+  gradients (137 MB for the MLP) cost ~27,000 page faults, 30 ms of a 79 ms step.
   :func:`retain_freed_cpu_memory` (called by :func:`make_train_step` and ``Method.fit`` on CPU) keeps
   freed blocks in the process instead.
 * host syncs: the step returns the loss as a 0-d device tensor; read it (``float(loss)``) only
@@ -53,7 +53,7 @@ def retain_freed_cpu_memory(limit_bytes: int = 1 << 30) -> bool:
     in effect. A no-op off Linux/glibc, and when ``FASTSTEAL_RETAIN_CPU_MEMORY=0``.
 
     Cost: up to ``limit_bytes`` of freed memory stays counted in the process's RSS (it is reused by
-    the next allocations, not leaked). Measured (S = 64 MLP step, batch 32, 2 cores): 75 -> 44 ms;
+    the next allocations, not leaked). Measured (S = 64 MLP step, batch 32, 2 cores): 79 -> 50 ms;
     no change where the stacked tensors are below glibc's 32 MB mmap threshold (S = 16).
     """
     global _retained
