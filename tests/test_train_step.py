@@ -117,5 +117,5 @@ def test_retain_freed_cpu_memory_rejects_a_bad_limit(monkeypatch):
     from faststeal import train_step
     monkeypatch.setattr(train_step, "_retained", None)
     for bad in (0, -5, 1.5, True, "1G"):
-        with pytest.raises(ValueError, match="limit_bytes"):
+        with pytest.raises(ValueError, match="max_block_bytes"):
             train_step.retain_freed_cpu_memory(bad)

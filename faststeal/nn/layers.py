@@ -279,8 +279,11 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             y = y + bias.unsqueeze(-1)
         return y.view(s, co, b, ho, wo).transpose(1, 2)
     if strategy == "loop":
-        outs = [F.conv2d(x if shared else x[i], weight[i], None if bias is None else bias[i],
-                         stride, padding) for i in range(s)]
+        # unbind, not x[i]: the backward of S selects would zero-fill and add S full-size input
+        # gradients (O(S^2) memory traffic); unbind's backward is one stack
+        xs = [x] * s if shared else x.unbind(0)
+        bs = [None] * s if bias is None else bias.unbind(0)
+        outs = [F.conv2d(xi, wi, bi, stride, padding) for xi, wi, bi in zip(xs, weight.unbind(0), bs)]
         return torch.stack(outs)
     raise ValueError(f"strategy must be one of {CONV_STRATEGIES}, got {strategy!r}")
 
