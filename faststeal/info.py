@@ -31,8 +31,18 @@ def collect() -> dict:
         "extension": "loaded" if _ext.C is not None else f"not loaded: {_ext.LOAD_ERROR}",
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "requested_backend": dispatch.get_backend(),
+        "cpu_retain_freed_memory": _retain_status(),
         "ops": dispatch.report(devices),
     }
+
+
+def _retain_status() -> str:
+    from .train_step import retain_disabled_reason
+
+    reason = retain_disabled_reason()
+    return (f"off ({reason})" if reason else
+            "on when training on CPU (glibc keeps freed memory; FASTSTEAL_RETAIN_CPU_MEMORY=0 "
+            "turns it off)")
 
 
 def format_info(info: dict) -> str:

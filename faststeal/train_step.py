@@ -46,6 +46,15 @@ _RETAIN_ENV = "FASTSTEAL_RETAIN_CPU_MEMORY"
 _retained: Optional[bool] = None
 
 
+def retain_disabled_reason() -> Optional[str]:
+    """Why :func:`retain_freed_cpu_memory` does nothing in this process, or None."""
+    if os.environ.get(_RETAIN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{_RETAIN_ENV}={os.environ[_RETAIN_ENV]}"
+    if not sys.platform.startswith("linux"):
+        return f"not Linux/glibc ({sys.platform})"
+    return None
+
+
 def retain_freed_cpu_memory(max_block_bytes: int = 2**31 - 1) -> bool:
     """Make glibc serve CPU blocks of up to ``max_block_bytes`` from its heap and never trim the
     heap, so that large stacked tensors freed every step (gradients, activations) are reused
@@ -64,9 +73,7 @@ def retain_freed_cpu_memory(max_block_bytes: int = 2**31 - 1) -> bool:
             or max_block_bytes <= 0):
         raise ValueError(f"max_block_bytes must be a positive int, got {max_block_bytes!r}")
     _retained = False
-    if os.environ.get(_RETAIN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if not sys.platform.startswith("linux"):
+    if retain_disabled_reason() is not None:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -83,9 +90,7 @@ def retain_freed_cpu_memory(max_block_bytes: int = 2**31 - 1) -> bool:
     if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes <= 0:
         raise ValueError(f"limit_bytes must be a positive int, got {limit_bytes!r}")
     _retained = False
-    if os.environ.get(_RETAIN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if not sys.platform.startswith("linux"):
+    if retain_disabled_reason() is not None:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -39,6 +39,12 @@ def test_info_lists_backends_per_op(capsys):
         assert key in out
 
 
+def test_info_reports_the_cpu_memory_setting(capsys, monkeypatch):
+    monkeypatch.setenv("FASTSTEAL_RETAIN_CPU_MEMORY", "0")
+    assert main(["info"]) == 0
+    assert "cpu_retain_freed_memory  off (FASTSTEAL_RETAIN_CPU_MEMORY=0)" in capsys.readouterr().out
+
+
 def test_report_on_missing_folder(capsys, tmp_path):
     assert main(["report", str(tmp_path)]) == 2
     assert "results.sqlite" in capsys.readouterr().err
