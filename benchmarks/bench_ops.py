@@ -406,8 +406,13 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
 
 def markdown(result: dict[str, Any], device_type: str = "cpu") -> str:
     ceil = result["ceilings"]
-    gemm = ", ".join(f"{k} {common.fmt(v['gflops'])} GFLOP/s (n={v['n']})"
-                     for k, v in ceil["gemm"].items())
+    def libs(v: dict) -> str:
+        by = v.get("by_library", {})
+        return "".join(f"; {lib} {common.fmt(r['gflops'])}" for lib, r in by.items()
+                       if len(by) > 1)
+
+    gemm = ", ".join(f"{k} {common.fmt(v['gflops'])} GFLOP/s (n={v['n']}, "
+                     f"{v.get('library', 'torch.mm')}{libs(v)})" for k, v in ceil["gemm"].items())
     lines = [f"Measured ceilings: copy {common.fmt(ceil['copy']['gbps'])} GB/s (read+write), "
              f"matmul {gemm}.", ""]
     headers = ["op", "shape", "variant", "median ms (p20–p80)", "GB/s", "GFLOP/s", "% copy BW",

@@ -241,11 +241,6 @@ def make_runner(method: str, arch, s, x, y, xs) -> Runner:
 GEMM_KEY = "__gemm__"
 
 
-def _gemm_fn(n: int) -> Callable[[], Any]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return lambda: torch.mm(a, b)
-
-
 def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         deadline: Optional[common.Deadline] = None, log=print,
         methods: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
@@ -295,7 +290,7 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         # large torch.mm joins the rounds, so the % of GEMM rate compares like with like
         fns = {m: r.train for m, r in runners.items()}
         if device.type == "cpu" and runners:
-            fns[GEMM_KEY] = _gemm_fn(gemm["n"])
+            fns[GEMM_KEY] = common.matmul_fn(gemm.get("library", "torch.mm"), gemm["n"])
         train_t = common.bench_many(fns, device, min_run_time=cfg["t"])
         case_gemm = gemm["gflops"]
         if isinstance(train_t.get(GEMM_KEY), common.Timing):
@@ -357,10 +352,14 @@ def _retain_freed_cpu_memory() -> bool:
 
 def markdown(result: dict[str, Any]) -> str:
     g = result["gemm"]
-    out = [f"GEMM rate measured in this run: {common.fmt(g['gflops'])} GFLOP/s "
-           f"({g['dtype']} torch.mm, n={g['n']}). On CPU the same torch.mm is also timed inside "
-           f"every case's interleaved rounds and '% GEMM' is against that case's rate (column "
-           f"'GEMM GFLOP/s'), so machine load affects both alike."]
+    libs = ", ".join(f"{k} {common.fmt(v['gflops'])}"
+                     for k, v in g.get("by_library", {}).items())
+    lib = g.get("library", "torch.mm")
+    out = [f"GEMM rate measured in this run: {common.fmt(g['gflops'])} GFLOP/s ({g['dtype']} "
+           f"{lib}, n={g['n']}{'; ' + libs if libs else ''}: the fastest library is the rate). On "
+           f"CPU the same {lib} product is also timed inside every case's interleaved rounds and "
+           f"'% GEMM' is against that case's rate (column 'GEMM GFLOP/s'), so machine load "
+           f"affects both alike."]
     if result.get("retain_freed_cpu_memory") is not None:
         out[0] += (" glibc keeps freed blocks in the process "
                    f"(`retain_freed_cpu_memory`, for every variant): "

@@ -204,17 +204,45 @@ def peak_memory_bytes(fn: Callable[[], Any], device) -> Optional[int]:
 
 # ----------------------------------------------------------------------------- device ceilings
 
+def matmul_fn(library: str, n: int, device="cpu", dtype: torch.dtype = torch.float32
+              ) -> Callable[[], Any]:
+    """A square n x n product by ``library``: "torch.mm" (MKL/OpenBLAS on CPU, cuBLAS on CUDA)
+    or "oneDNN" (CPU: ATen's ``mkldnn::_linear_pointwise``, the GEMM faststeal's C++ ops use)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if library == "oneDNN":
+        op = torch.ops.mkldnn._linear_pointwise
+        return lambda: op(a, b, None, "none", [], "")
+    return lambda: torch.mm(a, b)
+
+
+def matmul_libraries(device) -> list[str]:
+    """The matmul libraries to measure on ``device``: torch.mm, plus oneDNN on a CPU whose torch
+    has it (on AVX-512 AMD CPUs MKL runs its AVX2 code and oneDNN is ~2x faster)."""
+    libs = ["torch.mm"]
+    if torch.device(device).type == "cpu":
+        try:
+            matmul_fn("oneDNN", 8)()
+            libs.append("oneDNN")
+        except (AttributeError, RuntimeError):
+            pass
+    return libs
+
+
 def gemm_rate(device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
               min_run_time: float = 1.0) -> dict[str, Any]:
-    """The device's measured matmul rate: one large square ``torch.mm`` (GFLOP/s)."""
+    """The device's measured matmul rate (GFLOP/s): one large square product by each library
+    of :func:`matmul_libraries`; the fastest is the rate, ``by_library`` has all of them."""
     device = torch.device(device)
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = bench(lambda: torch.mm(a, b), device, min_run_time=min_run_time)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": t.median_ms,
-            "gflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e9}
+    by_lib = {}
+    for lib in (matmul_libraries(device) if dtype == torch.float32 else ["torch.mm"]):
+        t = bench(matmul_fn(lib, n, device, dtype), device, min_run_time=min_run_time)
+        by_lib[lib] = {"ms": t.median_ms, "gflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e9}
+    best = max(by_lib, key=lambda k: by_lib[k]["gflops"])
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "library": best,
+            "ms": by_lib[best]["ms"], "gflops": by_lib[best]["gflops"], "by_library": by_lib}
 
 
 def copy_bandwidth(device, nbytes: Optional[int] = None,

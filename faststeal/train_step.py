@@ -38,8 +38,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ensemble_loss", "make_optimizer", "make_train_step", "retain_freed_cpu_memory",
-           "TrainStep"]
+__all__ = ["ensemble_loss", "make_optimizer", "make_train_step", "retain_disabled_reason",
+           "retain_freed_cpu_memory", "TrainStep"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 _RETAIN_ENV = "FASTSTEAL_RETAIN_CPU_MEMORY"

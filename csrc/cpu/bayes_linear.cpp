@@ -114,8 +114,8 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
     if (need_dx) dx = at::mm(g2, W2);
     at::mm_out(W2, g2.t(), x);
   } else {
-    if (need_dx) dx = at::bmm(grad_y, W);
-    at::bmm_out(W, grad_y.transpose(1, 2), x);
+    if (need_dx) dx = detail::stacked_linear(grad_y, W.transpose(1, 2), std::nullopt, false);
+    W = detail::stacked_linear(grad_y.transpose(1, 2), x.transpose(1, 2), std::nullopt, false);
   }
   at::Tensor dmu = alloc_like(w_mu), drho = alloc_like(w_rho);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {

@@ -1,5 +1,6 @@
-// ensemble_linear on the CPU: the GEMMs go to MKL/oneDNN through at::bmm / at::mm; bias,
-// activation and dropout are one fused, parallel epilogue pass, and the backward's
+// ensemble_linear on the CPU: the GEMMs go to oneDNN or MKL (detail::stacked_linear in gemm.cpp,
+// which also fuses bias + relu when there is no dropout); otherwise bias, activation and dropout
+// are one fused, parallel epilogue pass, and the backward's
 // activation/dropout gradient and bias reduction are one fused prologue pass. The dropout mask
 // is regenerated from the key in the backward, never stored.
 #include <ATen/Parallel.h>
@@ -140,24 +141,12 @@ void dispatch_dz(Act act, bool drop, const T* g, const T* y, const T* z, T* dz,
 #undef FS_DZ
 }
 
-// x as a batch of S matrices: the stacked tensor itself or a stride-0 expansion of shared x.
-at::Tensor batched_x(const at::Tensor& x, int64_t S) {
-  return x.dim() == 2 ? x.unsqueeze(0).expand({S, x.size(0), x.size(1)}) : x;
-}
-
 }  // namespace
 
 namespace detail {
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
-  const int64_t S = weight.size(0), B = x.size(-2), N = weight.size(1);
-  at::Tensor y = alloc({S, B, N}, x.options());
-  if (bias.has_value()) {
-    at::baddbmm_out(y, bias->unsqueeze(1), batched_x(x, S), weight.transpose(1, 2));
-  } else {
-    at::bmm_out(y, batched_x(x, S), weight.transpose(1, 2));
-  }
-  return y;
+  return stacked_linear(x, weight, bias, /*relu=*/false);
 }
 
 }  // namespace detail
@@ -174,15 +163,14 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   const uint32_t thr = dropout_threshold(t, dropout_p);
   const bool drop = dropout_p > 0.0;
 
-  if (act == Act::kNone && !drop) {
-    return {detail::linear_forward(x, weight, bias), x.new_empty({0})};
+  if ((act == Act::kNone || act == Act::kRelu) && !drop) {  // bias and relu fused in the GEMM
+    return {detail::stacked_linear(x, weight, bias, act == Act::kRelu), x.new_empty({0})};
   }
-  // One GEMM (MKL batched) into y, or into z for gelu, then one fused pass for bias +
-  // activation + dropout (in place for relu/none).
-  at::Tensor y = alloc({d.S, d.B, d.N}, x.options());
-  at::Tensor z = act == Act::kGelu ? alloc({d.S, d.B, d.N}, x.options()) : x.new_empty({0});
-  at::Tensor acc = act == Act::kGelu ? z : y;
-  at::bmm_out(acc, batched_x(x, d.S), weight.transpose(1, 2));
+  // One GEMM into y, or into z for gelu, then one fused pass for bias + activation + dropout
+  // (in place for relu/none).
+  const at::Tensor acc = detail::stacked_linear(x, weight, std::nullopt, /*relu=*/false);
+  at::Tensor y = act == Act::kGelu ? alloc({d.S, d.B, d.N}, x.options()) : acc;
+  at::Tensor z = act == Act::kGelu ? acc : x.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ensemble_linear_fwd_cpu", [&] {
     const scalar_t* bptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* zptr = act == Act::kGelu ? z.data_ptr<scalar_t>() : nullptr;
@@ -236,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
     if (need_dx) dx = at::mm(dz2, weight.view({S * N, K}));
     dw = at::mm(dz2.t(), x).view({S, N, K});
   } else {
-    if (need_dx) dx = at::bmm(dz, weight);
-    dw = at::bmm(dz.transpose(1, 2), x);
+    if (need_dx) dx = detail::stacked_linear(dz, weight.transpose(1, 2), std::nullopt, false);
+    dw = detail::stacked_linear(dz.transpose(1, 2), x.transpose(1, 2), std::nullopt, false);
   }
   at::Tensor db = bias.has_value() ? dbias_part.sum(0).to(x.scalar_type()) : x.new_empty({0});
   return {dx, dw, db};
