@@ -79,6 +79,25 @@ def test_ensemble_linear_matches_reference(seed_all, S, B, K, N, activation, dro
             assert_close(a, e, what=name)
 
 
+@pytest.mark.parametrize("gemm", ["default", "bmm"])
+@pytest.mark.parametrize("S,B,K,N", [(2, 123, 97, 3), (5, 3, 97, 123), (16, 97, 123, 97)])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_both_cpu_gemm_paths_match_reference(seed_all, monkeypatch, gemm, S, B, K, N, activation):
+    # float32 GEMMs go to oneDNN when the reduction is >= 64 (csrc/cpu/gemm.cpp), to at::bmm with
+    # FASTSTEAL_CPU_GEMM=bmm; both paths, forward (bias + relu fused) and backward
+    if gemm == "bmm":
+        monkeypatch.setenv("FASTSTEAL_CPU_GEMM", "bmm")
+    x, w, b = linear_inputs(S, B, K, N, False, True)
+    y, z = P.ensemble_linear_fwd(x, w, b, activation, 0.0, 7)
+    y_ref, z_ref = R.ensemble_linear_fwd(x, w, b, activation, 0.0, 7)
+    assert_close(y, y_ref, what="y")
+    g = torch.randn_like(y_ref)
+    got = P.ensemble_linear_bwd(g, x, w, b, y, z, activation, 0.0, 7)
+    want = R.ensemble_linear_bwd(g, x, w, b, y_ref, z_ref, activation, 0.0, 7)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert_close(a, e, what=name)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_ensemble_linear_float64_matches_reference(seed_all, shared, activation):
