@@ -31,9 +31,25 @@ def collect() -> dict:
         "extension": "loaded" if _ext.C is not None else f"not loaded: {_ext.LOAD_ERROR}",
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "requested_backend": dispatch.get_backend(),
+        "cpu_gemm": _cpu_gemm(),
         "cpu_retain_freed_memory": _retain_status(),
         "ops": dispatch.report(devices),
     }
+
+
+def _cpu_gemm() -> str:
+    """The library of the C++ CPU ops' float32 GEMMs (the choice of csrc/cpu/gemm.cpp)."""
+    import os
+
+    import torch
+
+    if os.environ.get("FASTSTEAL_CPU_GEMM") == "bmm":
+        return "torch.bmm (FASTSTEAL_CPU_GEMM=bmm)"
+    try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018 (the op gemm.cpp looks up)
+    except (AttributeError, RuntimeError):
+        return "torch.bmm (this torch has no oneDNN linear op)"
+    return "oneDNN (mkldnn::_linear_pointwise) for float32 with a reduction >= 64, else torch.bmm"
 
 
 def _retain_status() -> str:

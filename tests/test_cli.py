@@ -39,10 +39,13 @@ def test_info_lists_backends_per_op(capsys):
         assert key in out
 
 
-def test_info_reports_the_cpu_memory_setting(capsys, monkeypatch):
+def test_info_reports_the_cpu_settings(capsys, monkeypatch):
     monkeypatch.setenv("FASTSTEAL_RETAIN_CPU_MEMORY", "0")
+    monkeypatch.setenv("FASTSTEAL_CPU_GEMM", "bmm")
     assert main(["info"]) == 0
-    assert "cpu_retain_freed_memory  off (FASTSTEAL_RETAIN_CPU_MEMORY=0)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cpu_retain_freed_memory  off (FASTSTEAL_RETAIN_CPU_MEMORY=0)" in out
+    assert "cpu_gemm                 torch.bmm (FASTSTEAL_CPU_GEMM=bmm)" in out
 
 
 def test_report_on_missing_folder(capsys, tmp_path):
