@@ -87,21 +87,6 @@ def retain_freed_cpu_memory(max_block_bytes: int = 2**31 - 1) -> bool:
     _retained = (bool(mallopt(_M_MMAP_THRESHOLD, min(max_block_bytes, 2**31 - 1)))
                  and bool(mallopt(_M_TRIM_THRESHOLD, -1)))
     return _retained
-    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes <= 0:
-        raise ValueError(f"limit_bytes must be a positive int, got {limit_bytes!r}")
-    _retained = False
-    if retain_disabled_reason() is not None:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    limit = min(limit_bytes, 2**31 - 1)
-    # both: a high mmap threshold alone still trims the heap top on every free
-    _retained = bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
-    return _retained
 
 
 def ensemble_loss(logits: Tensor, target: Tensor) -> Tensor:
