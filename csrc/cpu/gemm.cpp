@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -27,7 +28,12 @@ const c10::OperatorHandle* onednn_linear() {
   return op.has_value() ? &*op : nullptr;
 }
 
+// Set once a oneDNN call throws (e.g. a future torch changed the private op's schema): from then
+// on every GEMM takes at::bmm, after one warning.
+std::atomic<bool> g_onednn_failed{false};
+
 bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
+  if (g_onednn_failed.load(std::memory_order_relaxed)) return false;
   if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return false;
   if (a.size(-1) < kMinReduction) return false;
   const char* env = std::getenv("FASTSTEAL_CPU_GEMM");
@@ -61,12 +67,19 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
     const c10::OperatorHandle& op = *onednn_linear();
     std::vector<at::Tensor> outs;
     outs.reserve(S);
-    for (int64_t s = 0; s < S; ++s) {
-      outs.push_back(onednn_member(op, shared ? a : a.select(0, s), b.select(0, s),
-                                   bias.has_value() ? OptTensor(bias->select(0, s)) : OptTensor(),
-                                   relu));
+    try {
+      for (int64_t s = 0; s < S; ++s) {
+        outs.push_back(onednn_member(op, shared ? a : a.select(0, s), b.select(0, s),
+                                     bias.has_value() ? OptTensor(bias->select(0, s))
+                                                      : OptTensor(),
+                                     relu));
+      }
+      return at::stack(outs);
+    } catch (const c10::Error& e) {
+      g_onednn_failed.store(true);
+      TORCH_WARN_ONCE("faststeal: the oneDNN GEMM (mkldnn::_linear_pointwise) failed, the CPU ops ",
+                      "use at::bmm from now on: ", e.what_without_backtrace());
     }
-    return at::stack(outs);
   }
   const at::Tensor a3 = shared ? a.unsqueeze(0).expand({S, a.size(0), a.size(1)}) : a;
   at::Tensor out = bias.has_value() ? at::baddbmm(bias->unsqueeze(1), a3, b.transpose(1, 2))
