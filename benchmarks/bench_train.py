@@ -291,14 +291,13 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         # like with like: '% GEMM' is against torch.mm (the yardstick), '% best GEMM'
         # against the fastest library (oneDNN on AVX-512 AMD CPUs, ~2x torch.mm)
         fns = {m: r.train for m, r in runners.items()}
-        libs = list(gemm.get("by_library", {"torch.mm": None}))
+        case_rates = {lib: r["gflops"]
+                      for lib, r in (gemm.get("by_library") or {"torch.mm": gemm}).items()}
         if device.type == "cpu" and runners:
-            for lib in libs:
+            for lib in case_rates:
                 fns[GEMM_KEY + lib] = common.matmul_fn(lib, gemm["n"])
         train_t = common.bench_many(fns, device, min_run_time=cfg["t"])
-        case_rates = {lib: (gemm.get("by_library") or {lib: gemm}).get(lib, gemm)["gflops"]
-                      for lib in libs}
-        for lib in libs:
+        for lib in case_rates:
             t = train_t.pop(GEMM_KEY + lib, None)
             if isinstance(t, common.Timing):
                 case_rates[lib] = 2 * gemm["n"] ** 3 / (t.median_ms * 1e-3) / 1e9

@@ -26,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_poison_outputs", &faststeal::set_poison_outputs,
         "testing aid: fill outputs with NaN / a sentinel before the kernels write them",
         py::arg("on"));
+  m.def("_cpu_gemm_library", &c::detail::cpu_gemm_library,
+        "the library of the CPU ops' float32 GEMMs in this process, and why");
   m.def("ensemble_linear_fwd_cpu", &c::ensemble_linear_fwd, "(y, z) = ensemble_linear forward",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
         py::arg("dropout_p"), py::arg("key"));

@@ -38,18 +38,10 @@ def collect() -> dict:
 
 
 def _cpu_gemm() -> str:
-    """The library of the C++ CPU ops' float32 GEMMs (the choice of csrc/cpu/gemm.cpp)."""
-    import os
+    """The library of the C++ CPU ops' float32 GEMMs (decided in csrc/cpu/gemm.cpp)."""
+    from . import _ext
 
-    import torch
-
-    if os.environ.get("FASTSTEAL_CPU_GEMM") == "bmm":
-        return "torch.bmm (FASTSTEAL_CPU_GEMM=bmm)"
-    try:
-        torch.ops.mkldnn._linear_pointwise  # noqa: B018 (the op gemm.cpp looks up)
-    except (AttributeError, RuntimeError):
-        return "torch.bmm (this torch has no oneDNN linear op)"
-    return "oneDNN (mkldnn::_linear_pointwise) for float32 with a reduction >= 64, else torch.bmm"
+    return _ext.C._cpu_gemm_library() if _ext.C is not None else "none (extension not loaded)"
 
 
 def _retain_status() -> str:

@@ -80,7 +80,7 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
                             b->data_ptr<scalar_t>(), d.S, d.N, kb);
     }
   });
-  return detail::linear_forward(x, W, b);
+  return detail::stacked_linear(x, W, b, /*relu=*/false);
 }
 
 std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Tensor& x,
@@ -99,7 +99,7 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const uint32_t kb = check_key(t, key_b, "key_b");
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
-  // Regenerate eps (E) and the sampled weights (W); after dx, W's buffer receives dW.
+  // Regenerate eps (E) and the sampled weights (W); after dx, W is replaced by dW.
   at::Tensor W = alloc({S, N, K}, x.options());
   at::Tensor E = alloc({S, N, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {

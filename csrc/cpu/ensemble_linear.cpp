@@ -143,14 +143,6 @@ void dispatch_dz(Act act, bool drop, const T* g, const T* y, const T* z, T* dz,
 
 }  // namespace
 
-namespace detail {
-
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
-  return stacked_linear(x, weight, bias, /*relu=*/false);
-}
-
-}  // namespace detail
-
 std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const OptTensor& bias,

@@ -1,15 +1,18 @@
-// The GEMMs of the CPU ops, in one place. float32 goes to oneDNN one member at a time, through
-// ATen's own registered op `mkldnn::_linear_pointwise` (the oneDNN inner-product primitive with a
-// fused bias + relu post-op): on AVX-512 machines where MKL runs its AVX2 code (AMD Zen 4/5) that
-// is ~2.2x the rate of at::bmm (measured in docs/benchmarks.md). Everything else — other dtypes,
-// empty shapes, a torch built without oneDNN, FASTSTEAL_CPU_GEMM=bmm — uses at::bmm / baddbmm
-// (MKL or OpenBLAS). Both are plain fp32 GEMMs; they differ only in summation order.
+// The per-member GEMMs of the CPU ops, in one place (the shared-input backward of ensemble_linear
+// and bayes_linear is one at::mm over all members and stays on MKL). float32 goes to oneDNN one
+// member at a time, through ATen's own registered op `mkldnn::_linear_pointwise` (the oneDNN
+// inner-product primitive with a fused bias + relu post-op): on AVX-512 machines where MKL runs
+// its AVX2 code (AMD Zen 4/5) that is ~2.2x the rate of at::bmm (measured in
+// docs/benchmarks.md). Everything else — other dtypes, empty shapes, a torch built without
+// oneDNN, FASTSTEAL_CPU_GEMM=bmm — uses at::bmm / baddbmm (MKL or OpenBLAS). Both are plain fp32
+// GEMMs; they differ only in summation order.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../ops.h"
 
@@ -32,13 +35,19 @@ const c10::OperatorHandle* onednn_linear() {
 // on every GEMM takes at::bmm, after one warning.
 std::atomic<bool> g_onednn_failed{false};
 
+// Why float32 GEMMs cannot take oneDNN in this process, or nullptr.
+const char* onednn_unavailable() {
+  const char* env = std::getenv("FASTSTEAL_CPU_GEMM");
+  if (env != nullptr && std::strcmp(env, "bmm") == 0) return "FASTSTEAL_CPU_GEMM=bmm";
+  if (onednn_linear() == nullptr) return "this torch has no mkldnn::_linear_pointwise";
+  if (g_onednn_failed.load(std::memory_order_relaxed)) return "a oneDNN call failed earlier";
+  return nullptr;
+}
+
 bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
-  if (g_onednn_failed.load(std::memory_order_relaxed)) return false;
   if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return false;
   if (a.size(-1) < kMinReduction) return false;
-  const char* env = std::getenv("FASTSTEAL_CPU_GEMM");
-  if (env != nullptr && std::strcmp(env, "bmm") == 0) return false;
-  return onednn_linear() != nullptr;
+  return onednn_unavailable() == nullptr;
 }
 
 at::Tensor onednn_member(const c10::OperatorHandle& op, const at::Tensor& a, const at::Tensor& b,
@@ -86,6 +95,13 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
                                     : at::bmm(a3, b.transpose(1, 2));
   if (relu) out.relu_();
   return out;
+}
+
+std::string cpu_gemm_library() {
+  const char* why = onednn_unavailable();
+  if (why != nullptr) return std::string("torch.bmm (") + why + ")";
+  return "oneDNN (mkldnn::_linear_pointwise) for float32 with a reduction >= " +
+         std::to_string(kMinReduction) + ", else torch.bmm";
 }
 
 }  // namespace detail
