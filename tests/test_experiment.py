@@ -6,7 +6,7 @@ import os
 import pytest
 
 import faststeal
-from faststeal.experiment import Config, parse_methods
+from faststeal.runs import Config, parse_methods
 
 TINY = dict(dataset="digits", victim_arch="mlp", surrogate_arch="mlp", victim_epochs=15,
             budget=500, seeds=1, epochs=6, member_sweep=(1, 2), probe_size=64, record_every=5,
