@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .checks import positive_int
+from .files import atomic_write
 
 OUTPUT_MODES: tuple[str, ...] = ("label", "topk", "probs", "logits")
 VICTIM_OUTPUTS: tuple[str, ...] = ("logits", "probs")
@@ -58,18 +60,6 @@ class Answers:
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
-
-
-def _as_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v}")
-    return v
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -108,13 +98,13 @@ class Oracle:
             raise ValueError(f"pool_x must be an (N, ...) tensor of query inputs, got {got}")
         if pool_x.shape[0] == 0:
             raise ValueError("pool_x is empty: the attacker needs at least one image to query")
-        self._budget = _as_positive_int("budget", budget)
+        self._budget = positive_int("budget", budget)
         self._mode = _choice("output_mode", output_mode, OUTPUT_MODES)
         self._victim_outputs = _choice("victim_outputs", victim_outputs, VICTIM_OUTPUTS)
         if self._mode == "logits" and self._victim_outputs == "probs":
             raise ValueError("output_mode='logits' needs a victim that outputs logits "
                              "(victim_outputs='logits'); this victim outputs probabilities")
-        self._k = _as_positive_int("k", k)
+        self._k = positive_int("k", k)
         if self._mode != "topk" and self._k != 1:
             raise ValueError(f"k={k} only applies to output_mode='topk', not {self._mode!r}")
         self._with_scores = bool(with_scores)
@@ -126,10 +116,10 @@ class Oracle:
                                      or decimals < 0):
             raise ValueError(f"decimals must be None or an int >= 0, got {decimals!r}")
         self._decimals = decimals
-        self._batch_size = _as_positive_int("batch_size", batch_size)
+        self._batch_size = positive_int("batch_size", batch_size)
         self._device = torch.device(device)
         self._num_classes = (None if num_classes is None
-                             else _as_positive_int("num_classes", num_classes))
+                             else positive_int("num_classes", num_classes))
         if self._num_classes is not None and self._mode == "topk" and self._k > self._num_classes:
             raise ValueError(f"k={self._k} exceeds num_classes={self._num_classes}")
 
@@ -197,16 +187,11 @@ class Oracle:
 
     def save_log(self, path: str | os.PathLike) -> Path:
         """Write the query log and the oracle's settings as JSON."""
-        path = Path(path)
         doc = {"budget": self._budget, "used": self._used, "pool_size": self.pool_size,
                "output_mode": self._mode, "k": self._k, "with_scores": self._with_scores,
                "temperature": self._temperature, "decimals": self._decimals,
                "queries": self._log}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(doc, indent=1))
 
     def __repr__(self) -> str:
         return (f"Oracle(pool_size={self.pool_size}, budget={self._budget}, used={self._used}, "

@@ -207,3 +207,44 @@ def test_interrupt_prints_one_line_and_exit_code(tmp_path, sig, code):
 
     FolderLock(str(tmp_path / "run")).release()
     json.dumps(ResultStore(str(tmp_path / "run")).get_meta("config"))
+
+
+@pytest.mark.parametrize("value,minimum,exc,match", [
+    (0, 1, ValueError, "n must be a positive integer, got 0"),
+    (-1, 0, ValueError, "n must be a non-negative integer, got -1"),
+    (1, 2, ValueError, "n must be an integer >= 2, got 1"),
+    (2.0, 1, TypeError, r"n must be a positive integer, got float \(2.0\)"),
+    (True, 1, TypeError, "n must be a positive integer, got bool"),
+    ("3", 1, TypeError, "n must be a positive integer, got str"),
+    (None, 1, TypeError, "got NoneType"),
+])
+def test_positive_int_names_the_argument(value, minimum, exc, match):
+    from faststeal.checks import positive_int
+
+    with pytest.raises(exc, match=match):
+        positive_int("n", value, minimum)
+
+
+def test_positive_int_accepts_numpy_and_none_when_allowed():
+    import numpy as np
+
+    from faststeal.checks import positive_int
+
+    assert positive_int("n", np.int64(3)) == 3 and type(positive_int("n", np.int64(3))) is int
+    assert positive_int("n", None, allow_none=True) is None
+
+
+def test_cells_of_another_victim_are_never_mixed(tmp_path):
+    from faststeal.results.store import StoreMismatchError
+    from faststeal.runs.runner import _pin_victim
+
+    s = ResultStore(str(tmp_path), {"a": 1})
+    s.set_meta("victim", {"checkpoint": "/cache/victims/digits-mlp-e15-aaa.pt"})
+    _pin_victim(s, {"checkpoint": "/elsewhere/digits-mlp-e15-aaa.pt"}, force=False)  # same file
+    _cell(s)
+    with pytest.raises(StoreMismatchError, match="another victim.*digits-mlp-e10-bbb.pt"):
+        _pin_victim(s, {"checkpoint": "/cache/victims/digits-mlp-e10-bbb.pt"}, force=False)
+    assert len(s.cells()) == 1
+    _pin_victim(s, {"checkpoint": "/cache/victims/digits-mlp-e10-bbb.pt"}, force=True)
+    assert s.cells() == []
+    s.close()

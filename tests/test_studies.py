@@ -10,7 +10,7 @@ import torch
 from faststeal.cli import main
 from faststeal.results.store import StoreMismatchError
 from faststeal.runs import (ActiveSettings, ActiveStudy, DefenseSettings, DefenseStudy,
-                            DiversitySettings, DiversityStudy, run_study, write_report)
+                            DiversitySettings, DiversityStudy, run_study)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

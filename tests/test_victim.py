@@ -139,10 +139,11 @@ def test_zoo_architecture(splits, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(epochs=0), ValueError, "epochs must be an int >= 1"),
-    (dict(batch_size=-3), ValueError, "batch_size must be an int >= 1"),
+    (dict(epochs=0), ValueError, "epochs must be a positive integer"),
+    (dict(epochs=2.5), TypeError, "epochs must be a positive integer, got float"),
+    (dict(batch_size=-3), ValueError, "batch_size must be a positive integer"),
     (dict(lr=0.0), ValueError, "lr must be a positive finite number"),
-    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+    (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
     (dict(model_fn=5), TypeError, "model_fn must be callable"),
 ])
 def test_bad_arguments(splits, tmp_path, kwargs, exc, match):

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from ..files import atomic_write
+
 FORMAT = "faststeal-fit-checkpoint"
 VERSION = 1
 
@@ -82,15 +84,8 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
 
 def save(path: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **payload},
+                                             fh))
 
 
 def load(path: str) -> dict[str, Any]:

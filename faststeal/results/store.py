@@ -99,9 +99,7 @@ class ResultStore:
                         f"{self.path} holds results of another configuration (hash {stored}, this "
                         f"run {self.config_hash}); use another --out, or --force to discard them. "
                         f"Stored config: {self.get_meta('config')}")
-                with self._tx():
-                    self.conn.execute("DELETE FROM cells")
-                    self.conn.execute("DELETE FROM traces")
+                self.clear()
             self.set_meta("config_hash", self.config_hash)
             self.set_meta("config", config)
 
@@ -128,6 +126,12 @@ class ResultStore:
 
     def close(self) -> None:
         self.conn.close()
+
+    def clear(self) -> None:
+        """Delete every cell and trace (``--force``); the meta entries stay."""
+        with self._tx():
+            self.conn.execute("DELETE FROM cells")
+            self.conn.execute("DELETE FROM traces")
 
     # -- meta -------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
