@@ -14,7 +14,7 @@ A later ``fit`` with the same ``checkpoint`` and the same arguments restores tha
 on with the next epoch; the result is bit-identical to an uninterrupted fit. A checkpoint written
 by a different fit raises :class:`CheckpointError` (a ``ValueError``) naming the file and what
 differs; an unreadable one raises it too. The file is NOT deleted when ``fit`` returns (the
-caller removes it once the result is stored safely: :func:`faststeal.experiment.run_comparison`
+caller removes it once the result is stored safely: :func:`faststeal.runs.run_comparison`
 does so after the cell's row is committed).
 """
 

@@ -175,7 +175,7 @@ class DiversityStudy(Study):
                  f"{st.get('victim_arch')} {100 * v.get('test_accuracy', float('nan')):.2f}%, "
                  f"{st.get('budget')} random {st.get('output_mode')} queries, "
                  f"S={st.get('members')} {st.get('arch')} members, {st.get('epochs')} epochs)", "",
-                 f"Mean ± std over {st.get('seeds')} seeds (std shown when n > 1; same seeds and "
+                 f"Mean ± std over {st.get('seeds')} seed(s) (std shown when n > 1; same seeds and "
                  "queried set for every variant). Fidelity, mean member fidelity and ensemble "
                  "gain in %; V = mean_x mean_c Var_s p_s(c|x) on the test set; V/V(DE) is the "
                  "paired ratio to the plain Deep Ensemble; V final/peak from the probe-set "

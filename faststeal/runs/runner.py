@@ -18,7 +18,8 @@ studies share, in this order:
 5. run every cell not yet in the store: per-epoch training checkpoints under
    ``out/checkpoints/`` (a killed run resumes the cell in progress), one atomic row per finished
    cell, the cell's checkpoints deleted once its row is committed, the tables rewritten after
-   every cell; cells are dealt to ranks under ``torch.distributed``;
+   every cell and the figures at most once a minute; cells are dealt to ranks under
+   ``torch.distributed``;
 6. write the tables (``results.json``, ``results.md``, study extras) and the figures.
 
 ``write_report(dir)`` rebuilds step 6 from the store alone, for any study
@@ -46,6 +47,9 @@ from ..files import atomic_write
 #: sub-folder of the run folder holding the training checkpoints of unfinished cells
 CHECKPOINT_DIR = "checkpoints"
 LOCK_NAME = ".faststeal.lock"
+#: during a run, the figures are redrawn after a cell when this many seconds have passed since
+#: the last drawing (tables are rewritten after every cell; both once more at the end)
+FIGURES_EVERY_S = 60.0
 
 
 def log(msg: str) -> None:
@@ -221,8 +225,6 @@ class Study(abc.ABC):
 
     #: the name of ``faststeal study NAME`` and of the store's ``study`` meta entry
     name: ClassVar[str] = ""
-    #: the figures :meth:`figures` writes (README / tests)
-    title: ClassVar[str] = ""
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -423,6 +425,7 @@ def run_study(study: Study) -> dict[str, Any]:
         if len(todo) < len(cells):
             say(f"resuming: {len(cells) - len(todo)} finished cells kept, {len(todo)} to run")
         committed_elsewhere = []  # this rank's checkpoints of collective cells rank 0 commits
+        last_figures = time.perf_counter()
         for cell in tqdm(study.assign(run, todo), desc="cells", unit="cell",
                          disable=not progress):
             reused = study.reuse(run, cell)
@@ -444,8 +447,11 @@ def run_study(study: Study) -> dict[str, Any]:
             attack.remove_checkpoints(ckpt)  # the row is committed: the cell is safe
             timing[f"cell:{cell.key}"] = r["seconds"]
             log(study.describe(cell, r) + (f" (rank {ctx.rank})" if ctx.enabled else ""))
-            if ctx.is_main:
-                write_report(out, store, with_figures=False)
+            if ctx.is_main:  # tables after every cell; figures at most once a minute
+                figures = time.perf_counter() - last_figures >= FIGURES_EVERY_S
+                write_report(out, store, with_figures=figures)
+                if figures:
+                    last_figures = time.perf_counter()
         distributed.barrier(ctx)  # rank 0 has committed every collective cell
         for ckpt in committed_elsewhere:
             attack.remove_checkpoints(ckpt)
