@@ -68,6 +68,21 @@ def build_method(name: str, arch: str, input_shape: tuple, num_classes: int,
     return method_class(name)(arch, input_shape, num_classes, **kwargs)
 
 
+def parse_methods(spec: Any) -> tuple[str, ...]:
+    """``"all"`` (:data:`PAPER_METHODS`), a comma-separated string or a sequence of registered
+    names; ValueError naming the unknown ones (and the valid names)."""
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return PAPER_METHODS
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    names = tuple(spec)
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)} or 'all' "
+                         f"(= {', '.join(PAPER_METHODS)})")
+    return names
+
+
 def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp") -> None:
     """Raise (TypeError for unknown names, ValueError for bad values) exactly as
     ``build_method(name, arch, ..., **hparams)`` would, without building a network: the checks
@@ -93,4 +108,4 @@ def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp
 
 __all__ = ["REGISTRY", "METHODS", "PAPER_METHODS", "UQ_METHODS", "VARIANTS", "Method",
            "Baseline", "DeepEnsemble", "MCDropout", "BayesByBackprop", "SWAG", "Laplace",
-           "method_class", "build_method", "check_hparams", "CheckpointError"]
+           "method_class", "build_method", "check_hparams", "parse_methods", "CheckpointError"]

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..checks import positive_int
-from ..methods import METHODS, PAPER_METHODS, check_hparams
+from ..methods import METHODS, PAPER_METHODS, check_hparams, parse_methods
 from ..oracle import OUTPUT_MODES
 from .runner import Cell, Run, Study, register, run_study
 
@@ -194,19 +194,6 @@ class Config:
         d["methods"] = list(d["methods"])
         d["member_sweep"] = list(d["member_sweep"])
         return d
-
-
-def parse_methods(spec: str) -> tuple[str, ...]:
-    """``all`` (the paper's methods, :data:`faststeal.methods.PAPER_METHODS`) or a comma-separated
-    list of registered names (``baseline`` is always run as well, for the gains)."""
-    if spec.strip() == "all":
-        return PAPER_METHODS
-    names = tuple(s.strip() for s in spec.split(",") if s.strip())
-    bad = [n for n in names if n not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; valid: {', '.join(METHODS)} or 'all' "
-                         f"(= {', '.join(PAPER_METHODS)})")
-    return names
 
 
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
