@@ -200,8 +200,8 @@ class DefenseStudy(Study):
         lines = [f"# Defended victims ({st.get('dataset')}, victim {st.get('victim_arch')} "
                  f"{100 * v.get('test_accuracy', float('nan')):.2f}%, {st.get('budget')} random "
                  f"queries, `{st.get('output_mode')}` answers, surrogates {st.get('arch')})", "",
-                 f"Fidelity (%) to the UNDEFENDED victim, mean ± std over {st.get('seeds')} seed(s) "
-                 "(std shown when n > 1); Δ = paired difference to the same method without a "
+                 f"Fidelity (%) to the UNDEFENDED victim, mean ± std over {st.get('seeds')} "
+                 "seed(s) (std shown when n > 1); Δ = paired difference to the same method without a "
                  "defence. `answered`: images answered before any refusal; `label agr.`: share "
                  "of answers whose top class is the victim's true top class.", "",
                  "| defence (params) | answered | label agr. | " + " | ".join(methods) + " |",
