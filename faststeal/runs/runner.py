@@ -188,8 +188,10 @@ class StudySettings:
         positive_int("split_seed", self.split_seed, minimum=0)
         for name in ("victim_fraction", "lr"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise TypeError(f"{name} must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(v).__name__} ({v!r})")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
         if not 0.0 < self.victim_fraction < 1.0:
             raise ValueError(f"victim_fraction must be in (0, 1), got {self.victim_fraction}")
         if self.lr <= 0:
