@@ -160,7 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         return _run(args, argv)
     except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
-        print(f"faststeal: error: {exc}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -140,7 +140,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 def _train(model: nn.Module, ds: ArrayDataset, *, seed: int, epochs: int, batch_size: int,
            lr: float, device: torch.device, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     gen = torch.Generator().manual_seed(seed)
     n = len(ds)
@@ -151,8 +151,9 @@ def _train(model: nn.Module, ds: ArrayDataset, *, seed: int, epochs: int, batch_
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    with torch.random.fork_rng(devices=[]), tqdm(total=epochs * steps, disable=not progress,
-                                                 desc="victim", unit="batch") as bar:
+    with torch.random.fork_rng(devices=[]), progress_bar(total=epochs * steps,
+                                                         disable=not progress, desc="victim",
+                                                         unit="batch") as bar:
         torch.manual_seed(seed + 1)  # dropout etc. inside the model
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)
