@@ -47,6 +47,7 @@ class Config:
     dataset: str = "fashion-mnist"
     pool_dataset: Optional[str] = None
     data_root: Optional[str] = None
+    download: bool = False  # let torchvision fetch a missing dataset (mnist, cifar10, fashion)
     victim_arch: str = "lenet"
     surrogate_arch: str = "mlp"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
@@ -88,6 +89,12 @@ class Config:
                 raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
             base.update(PRESETS[preset])
         base.update({k: v for k, v in overrides.items() if v is not None})
+        from .data import DATASET_INFO
+
+        info = DATASET_INFO.get(base.get("dataset", cls.dataset))
+        if preset is not None and overrides.get("budget") is None and info is not None \
+                and info.max_preset_budget is not None:  # presets are sized for Fashion-MNIST
+            base["budget"] = min(base["budget"], info.max_preset_budget)
         unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown config field(s): {sorted(unknown)}")
@@ -184,7 +191,7 @@ class Config:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
-                  "member_chunk"):
+                  "member_chunk", "download"):
             d.pop(k)
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
@@ -248,7 +255,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
         t0 = time.perf_counter()
         splits = make_splits(config.dataset, seed=config.split_seed,
                              victim_fraction=config.victim_fraction,
-                             pool_dataset=config.pool_dataset, root=config.data_root)
+                             pool_dataset=config.pool_dataset, root=config.data_root,
+                             download=config.download)
         timing["data_s"] = time.perf_counter() - t0
         log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
             f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
