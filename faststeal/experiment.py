@@ -221,7 +221,7 @@ def run_comparison(config: Config) -> dict[str, Any]:
     from . import attack
     from .data import make_splits
     from .methods.checkpoint import CheckpointError
-    from .oracle import Oracle
+    from .oracle import JournalError, Oracle, set_aside
     from .results import ResultStore
     from .results.report import write_report
     from .victim import train_victim
@@ -293,14 +293,23 @@ def run_comparison(config: Config) -> dict[str, Any]:
             # every answer is journaled in the run folder before it is used: a rerun asks the
             # victim only for images it never answered (the budget is spent once, ever)
             journal = os.path.join(config.out, ANSWER_JOURNAL)
-            oracle = defense.wrap_oracle(Oracle(
-                served, splits.pool.x, config.budget, output_mode=config.output_mode,
+            oracle_kw = dict(
+                output_mode=config.output_mode,
                 k=config.topk if config.output_mode == "topk" else 1,
                 temperature=config.temperature, decimals=config.decimals, device=dev,
                 victim_outputs=kind, probs_atol=defense.probs_atol(splits.num_classes),
                 journal=journal, journal_key={"victim": os.path.basename(vic.cache_path or ""),
                                               "defense": defense.name,
-                                              "defense_params": defense.params()}))
+                                              "defense_params": defense.params()})
+            try:
+                oracle = Oracle(served, splits.pool.x, config.budget, **oracle_kw)
+            except JournalError:  # answers of another victim/pool/mode
+                if not config.force:
+                    raise
+                log(f"--force: moved the answer journal of another configuration to "
+                    f"{set_aside(journal)}")
+                oracle = Oracle(served, splits.pool.x, config.budget, **oracle_kw)
+            oracle = defense.wrap_oracle(oracle)
             if oracle.answered_from_journal:
                 log(f"{oracle.answered_from_journal} answers ({oracle.used} images charged) "
                     f"loaded from {journal}; only images it lacks go to the victim")

@@ -675,6 +675,15 @@ class AnswerJournal:
             os.fsync(fh.fileno())
 
 
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename ``path`` to ``<path>.set-aside-<unix time>`` (nothing is deleted); returns the new
+    name. For a journal that belongs to another configuration (``faststeal run --force``)."""
+    path = Path(path)
+    new = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+    os.replace(path, new)
+    return new
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -380,7 +380,8 @@ def test_torchvision_download_when_asked(tmp_path, monkeypatch):
             self.data = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
             self.targets = torch.arange(n) % 10
 
-    monkeypatch.setattr(tvs, "_torchvision_datasets", lambda: types.SimpleNamespace(MNIST=FakeMNIST))
+    monkeypatch.setattr(tvs, "_torchvision_datasets",
+                        lambda: types.SimpleNamespace(MNIST=FakeMNIST))
     with pytest.raises(DatasetNotFoundError, match="download=True"):
         load_dataset("mnist", root=tmp_path)  # not there, not asked to download
     train, test = load_dataset("mnist", root=tmp_path, download=True)

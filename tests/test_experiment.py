@@ -85,6 +85,10 @@ def test_rerun_after_a_crash_asks_the_victim_nothing(tmp_path, monkeypatch):
     log = json.loads((tmp_path / "query_log.json").read_text())
     charged = [e["charged"] for e in log["queries"]]
     assert sum(charged) == 500 == log["used"] and charged[-1] == 0  # appended, not overwritten
+    # another configuration in the same folder with --force: the old journal is set aside
+    calls.clear()
+    faststeal.run_comparison(Config(**{**cfg.__dict__, "output_mode": "probs", "force": True}))
+    assert sum(calls) == 500 and list(tmp_path.glob("answers.journal.set-aside-*"))
 
 
 @pytest.mark.parametrize("field,value,match", [

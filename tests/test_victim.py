@@ -169,6 +169,7 @@ def test_digits_victim_is_strong_with_the_defaults(tmp_path):
 
 def test_weak_victim_warns(splits):
     with pytest.warns(RuntimeWarning, match=r"the linear victim reaches only \d+\.\d% test "
-                                            r"accuracy on digits \(a trained victim reaches >= 95%"):
+                                            r"accuracy on digits \(a trained victim reaches "
+                                            r">= 95%"):
         train_victim(splits, "linear", model_fn=Builder(), epochs=1, batch_size=1024, lr=1e-4,
                      progress=False, use_cache=False)
