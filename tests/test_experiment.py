@@ -72,8 +72,8 @@ def test_rerun_after_a_crash_asks_the_victim_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(defenses.Defense, "wrap_victim", counting_wrap)
     train = attack.train_and_evaluate
     monkeypatch.setattr(attack, "train_and_evaluate", crash)
-    cfg = Config(**{**TINY, "methods": ("baseline",), "member_sweep": ()}, out=str(tmp_path),
-                 cache_dir=str(tmp_path / "cache"))
+    cfg = Config(**{**TINY, "methods": ("baseline",), "member_sweep": (), "epochs": 1},
+                 out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="killed after querying"):
         faststeal.run_comparison(cfg)
     assert sum(calls) == 500
