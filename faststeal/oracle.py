@@ -6,7 +6,12 @@ index and gets back only what the output mode reveals (hard label, top-k, probab
 logits). Accounting: one query = one image; answers are cached per pool index, so asking for
 an image again costs nothing; a batch that would take the number of distinct charged images
 past the budget is refused whole (:class:`BudgetExceededError`) and nothing of it is answered
-or charged.
+or charged. Images are charged when they are sent to the victim, so a batch the victim fails on
+stays charged: the victim never sees more images than the budget.
+
+Every answer is checked before it is used (:func:`check_victim_output`: shape, one class count,
+finite values, probabilities that are probabilities), and with ``journal=`` persisted as it
+arrives (:class:`AnswerJournal`), so a restarted run asks the victim nothing it answered before.
 
 The victim is held privately: no public attribute or method returns it or its parameters, and
 the oracle refuses to be pickled or deep-copied (which would copy the victim). This is an API
