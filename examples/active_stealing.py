@@ -55,9 +55,9 @@ def main() -> None:
     for strategy in a.strategies.split(","):
         defense = build_defense(a.defense)  # a fresh one per strategy: same noise stream
         victim, kind = defense.wrap_victim(vic.model)
-        oracle = defense.wrap_oracle(Oracle(victim, splits.pool.x, milestones[-1],
-                                            output_mode=a.output_mode, device=a.device,
-                                            victim_outputs=kind))
+        oracle = defense.wrap_oracle(Oracle(
+            victim, splits.pool.x, milestones[-1], output_mode=a.output_mode, device=a.device,
+            victim_outputs=kind, probs_atol=defense.probs_atol(splits.num_classes)))
         cfg = ActiveConfig(strategy=strategy, milestones=milestones, epochs=a.epochs,
                            min_steps=a.min_steps, hparams={"members": a.members}, seed=a.seed,
                            strategy_params={"candidates": a.candidates or None})

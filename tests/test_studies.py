@@ -133,6 +133,11 @@ def test_prada_replay_matches_the_detector():
     (DefenseStudy, DefenseSettings(defenses={"firewall": {}}), "defense must be one of"),
     (DefenseStudy, DefenseSettings(budget=0), "budget must be a positive integer"),
     (DefenseStudy, DefenseSettings(seeds=-1), "seeds must be a positive integer"),
+    (DiversityStudy, DiversitySettings(lr=float("nan")), "lr must be finite"),
+    (DiversityStudy, DiversitySettings(lr="fast"), "lr must be a number"),
+    (ActiveStudy, ActiveSettings(victim_fraction=1.0), r"victim_fraction must be in \(0, 1\)"),
+    (ActiveStudy, ActiveSettings(arch="vgg"), "arch must be one of"),
+    (ActiveStudy, ActiveSettings(device="tpu"), "device must be"),
 ])
 def test_bad_study_settings_rejected_before_anything(tmp_path, study, settings, match):
     settings.out = str(tmp_path / "run")

@@ -47,6 +47,7 @@ class Config:
     dataset: str = "fashion-mnist"
     pool_dataset: Optional[str] = None
     data_root: Optional[str] = None
+    download: bool = False  # let torchvision fetch a missing dataset (mnist, cifar10, fashion)
     victim_arch: str = "lenet"
     surrogate_arch: str = "mlp"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
@@ -88,6 +89,12 @@ class Config:
                 raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
             base.update(PRESETS[preset])
         base.update({k: v for k, v in overrides.items() if v is not None})
+        from ..data import DATASET_INFO
+
+        info = DATASET_INFO.get(base.get("dataset", cls.dataset))
+        if preset is not None and overrides.get("budget") is None and info is not None \
+                and info.max_preset_budget is not None:  # presets are sized for Fashion-MNIST
+            base["budget"] = min(base["budget"], info.max_preset_budget)
         unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown config field(s): {sorted(unknown)}")
@@ -186,7 +193,7 @@ class Config:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
-                  "member_chunk"):
+                  "member_chunk", "download"):
             d.pop(k)
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
@@ -194,6 +201,10 @@ class Config:
         d["methods"] = list(d["methods"])
         d["member_sweep"] = list(d["member_sweep"])
         return d
+
+
+#: the oracle's answer journal in the run folder (:class:`faststeal.oracle.AnswerJournal`)
+ANSWER_JOURNAL = "answers.journal"
 
 
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
@@ -216,7 +227,7 @@ class ComparisonStudy(Study):
         """Ask the oracle once (rank 0) and broadcast the answers: the budget is counted once."""
         from .. import attack, distributed
         from ..defenses import build_defense, query_until_refused
-        from ..oracle import Oracle
+        from ..oracle import JournalError, Oracle, set_aside
 
         config, setup, ctx = self.settings, run.setup, run.ctx
         t0 = time.perf_counter()
@@ -227,11 +238,29 @@ class ComparisonStudy(Study):
             # defended one (faststeal.defenses).
             defense = build_defense(config.defense, **config.defense_params)
             served, kind = defense.wrap_victim(setup.victim)
-            oracle = defense.wrap_oracle(Oracle(
-                served, setup.splits.pool.x, config.budget, output_mode=config.output_mode,
+            # every answer is journaled in the run folder before it is used: a rerun asks the
+            # victim only for images it never answered (the budget is spent once, ever)
+            journal = os.path.join(run.out, ANSWER_JOURNAL)
+            victim_file = os.path.basename(setup.victim_info.get("checkpoint") or "")
+            oracle_kw = dict(
+                output_mode=config.output_mode,
                 k=config.topk if config.output_mode == "topk" else 1,
                 temperature=config.temperature, decimals=config.decimals, device=run.device,
-                victim_outputs=kind))
+                victim_outputs=kind, probs_atol=defense.probs_atol(setup.num_classes),
+                journal=journal, journal_key={"victim": victim_file, "defense": defense.name,
+                                              "defense_params": defense.params()})
+            try:
+                oracle = Oracle(served, setup.splits.pool.x, config.budget, **oracle_kw)
+            except JournalError:  # answers of another victim/pool/mode
+                if not config.force:
+                    raise
+                run.log(f"--force: moved the answer journal of another configuration to "
+                        f"{set_aside(journal)}")
+                oracle = Oracle(served, setup.splits.pool.x, config.budget, **oracle_kw)
+            oracle = defense.wrap_oracle(oracle)
+            if oracle.answered_from_journal:
+                run.log(f"{oracle.answered_from_journal} answers ({oracle.used} images charged) "
+                        f"loaded from {journal}; only images it lacks go to the victim")
             answered, targets, refused = query_until_refused(oracle, idx)
             if refused:
                 run.log(f"defense {config.defense!r} refused after {len(answered)} answered "
@@ -265,17 +294,26 @@ class ComparisonStudy(Study):
                  for k in c.member_sweep for s in range(c.sweep_seeds)]
         return main + sweep
 
-    def _shardable(self, run: Run) -> set[str]:
-        return {"deep-ensemble"} if (self.settings.shard_members and run.ctx.enabled) else set()
+    def _ensemble_size(self, cell: Cell) -> int:
+        return cell.members or self.settings.method_params.get(cell.method, {}).get(
+            "members", METHODS[cell.method].DEFAULTS.get("members", 1))
+
+    def _collective(self, run: Run, cell: Cell) -> bool:
+        """Whether ``cell``'s members are split over the ranks (``--shard-members``); an ensemble
+        smaller than the world is trained whole by one rank."""
+        from .. import distributed
+
+        return (self.settings.shard_members and run.ctx.enabled
+                and cell.method == "deep-ensemble"
+                and distributed.can_shard(run.ctx, self._ensemble_size(cell)))
 
     def assign(self, run: Run, todo: list[Cell]) -> list[Cell]:
         """Member-sharded cells run on every rank (collectively); the rest are dealt out."""
         from .. import distributed
 
-        shardable = self._shardable(run)
-        collective = [c for c in todo if c.method in shardable]
+        collective = [c for c in todo if self._collective(run, c)]
         return collective + distributed.my_cells(run.ctx, [c for c in todo
-                                                           if c.method not in shardable])
+                                                           if c not in collective])
 
     def reuse(self, run: Run, cell: Cell) -> Optional[dict[str, Any]]:
         """A sweep cell equal to a main cell (same method, seed and members) is not trained
@@ -298,9 +336,8 @@ class ComparisonStudy(Study):
         if cell.members is not None:
             hp["members"] = cell.members
         gather = None
-        if cell.method in self._shardable(run):
-            total = hp.get("members", METHODS[cell.method].DEFAULTS["members"])
-            hp["member_range"] = distributed.member_shard(ctx, total)
+        if self._collective(run, cell):
+            hp["member_range"] = distributed.member_shard(ctx, self._ensemble_size(cell))
             gather = lambda t: distributed.all_gather_members(ctx, t)  # noqa: E731
         r = attack.train_and_evaluate(
             cell.method, c.surrogate_arch, run.state["x"], run.state["targets"], seed=cell.seed,

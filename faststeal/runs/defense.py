@@ -103,8 +103,9 @@ class DefenseStudy(Study):
         for name, params in s.defenses.items():
             defense = build_defense(name, **params)
             vic, kind = defense.wrap_victim(setup.victim)
-            oracle = defense.wrap_oracle(Oracle(vic, pool_x, s.budget, output_mode=s.output_mode,
-                                                device=run.device, victim_outputs=kind))
+            oracle = defense.wrap_oracle(Oracle(
+                vic, pool_x, s.budget, output_mode=s.output_mode, device=run.device,
+                victim_outputs=kind, probs_atol=defense.probs_atol(setup.num_classes)))
             idx, targets, refused = query_until_refused(oracle, idx_all, batch_size=100)
             with torch.no_grad():
                 true = (setup.victim(pool_x[idx].to(run.device)).argmax(-1).cpu() if len(idx)
@@ -201,8 +202,8 @@ class DefenseStudy(Study):
                  f"{100 * v.get('test_accuracy', float('nan')):.2f}%, {st.get('budget')} random "
                  f"queries, `{st.get('output_mode')}` answers, surrogates {st.get('arch')})", "",
                  f"Fidelity (%) to the UNDEFENDED victim, mean ± std over {st.get('seeds')} "
-                 "seed(s) (std shown when n > 1); Δ = paired difference to the same method without a "
-                 "defence. `answered`: images answered before any refusal; `label agr.`: share "
+                 "seed(s) (std shown when n > 1); Δ = paired difference to the same method "
+                 "without a defence. `answered`: images answered before any refusal; `label agr.`: share "
                  "of answers whose top class is the victim's true top class.", "",
                  "| defence (params) | answered | label agr. | " + " | ".join(methods) + " |",
                  "|---|---|---|" + "---|" * len(methods)]

@@ -142,6 +142,7 @@ class StudySettings:
 
     dataset: str = "fashion-mnist"
     data_root: Optional[str] = None
+    download: bool = False  # let torchvision fetch a missing dataset (mnist, cifar10, fashion)
     victim_arch: str = "lenet"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
     victim_fraction: float = 0.5
@@ -161,7 +162,8 @@ class StudySettings:
     progress: bool = True
     force: bool = False
 
-    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("out", "device", "cache_dir", "progress", "force")
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = ("out", "device", "cache_dir", "progress", "force",
+                                             "download")
     #: ``faststeal study NAME --quick``: a smoke-test scale (minutes on a CPU)
     QUICK: ClassVar[dict[str, Any]] = {"seeds": 1, "epochs": 2, "members": 3, "max_test": 1000,
                                        "probe_size": 256}
@@ -373,8 +375,6 @@ def _open_folder(out: str) -> FolderLock:
 
 def run_study(study: Study) -> dict[str, Any]:
     """Run (or resume) ``study``; returns its summary (empty on ranks other than 0)."""
-    from tqdm.auto import tqdm
-
     from .. import attack, distributed
     from ..methods.checkpoint import CheckpointError
     from ..results import ResultStore
@@ -396,6 +396,7 @@ def run_study(study: Study) -> dict[str, Any]:
     t_start = time.perf_counter()
     lock: Optional[FolderLock] = None
     store = None
+    failed = True  # until the run returns: a failing rank must not wait in the final barrier
     try:
         t0 = time.perf_counter()
         splits = load_splits(s)
@@ -428,8 +429,10 @@ def run_study(study: Study) -> dict[str, Any]:
             say(f"resuming: {len(cells) - len(todo)} finished cells kept, {len(todo)} to run")
         committed_elsewhere = []  # this rank's checkpoints of collective cells rank 0 commits
         last_figures = time.perf_counter()
-        for cell in tqdm(study.assign(run, todo), desc="cells", unit="cell",
-                         disable=not progress):
+        from ..progress import progress_bar
+
+        for cell in progress_bar(study.assign(run, todo), desc="cells", unit="cell",
+                                 disable=not progress):
             reused = study.reuse(run, cell)
             if reused is not None:
                 _commit(store, cell, {**reused, "seconds": 0.0})
@@ -470,13 +473,14 @@ def run_study(study: Study) -> dict[str, Any]:
             summary = write_report(out, store)
             summary["timing"] = timing
             atomic_write(os.path.join(out, "timing.json"), json.dumps(timing, indent=2))
+        failed = False
         return summary
     finally:
         if store is not None:
             store.close()
         if lock is not None:
             lock.release()
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, failed=failed)
 
 
 def _commit(store: Any, cell: Cell, r: dict[str, Any]) -> None:
@@ -492,14 +496,15 @@ def load_splits(s: Any) -> Any:
 
     return make_splits(s.dataset, seed=s.split_seed, victim_fraction=s.victim_fraction,
                        pool_dataset=getattr(s, "pool_dataset", None),
-                       root=getattr(s, "data_root", None), max_test=getattr(s, "max_test", None))
+                       root=getattr(s, "data_root", None), max_test=getattr(s, "max_test", None),
+                       download=getattr(s, "download", False))
 
 
 def prepare_setup(run: Run, splits: Any) -> Setup:
     """Train or load the victim (rank 0 first, the others load its checkpoint), pin it in the
     store, and compute its test-set outputs and the probe set."""
     from .. import distributed
-    from ..attack import victim_outputs
+    from ..attack import check_labels, victim_outputs
     from ..victim import train_victim
 
     s, ctx = run.study.settings, run.ctx
@@ -522,6 +527,7 @@ def prepare_setup(run: Run, splits: Any) -> Setup:
     victim = vic.model.to(run.device)
     test_x, test_y = splits.test.x.to(run.device), splits.test.y.to(run.device)
     vprobs = victim_outputs(victim, test_x)
+    check_labels("test labels", test_y, vprobs.shape[-1])
     g = torch.Generator().manual_seed(s.split_seed + 2)
     probe_size = getattr(s, "probe_size", 512)
     probe = test_x[torch.randperm(len(test_x), generator=g)[:probe_size].to(run.device)]
