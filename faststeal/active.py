@@ -27,11 +27,20 @@ milestone (e.g. 1k, 2k, 5k ...), two surrogates are evaluated on the test set:
 
 The seed set is the same for every strategy with the same ``seed`` (it is drawn before the
 strategy acts), so curves differ only from the first selected round on.
+
+Resume (``run_active(..., checkpoint=PATH)``, with an oracle that journals its answers): the
+loop's state — everything queried and its answers, the rounds and milestones so far, the running
+surrogate, the selection RNG — is saved to PATH at the start of every round, and every fit writes
+per-epoch checkpoints next to it (``Method.fit(checkpoint=...)``: ``<stem>.running<ext>``,
+``<stem>.retrained<ext>``). A rerun with the same arguments goes on from the last round (the fit
+in progress from its last epoch); images the killed run had asked in that round come back from
+the oracle's journal free. The result is the one of an uninterrupted run (timings aside).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -42,6 +51,7 @@ from torch import Tensor
 from . import metrics
 from .checks import positive_int
 from .methods import build_method
+from .methods import checkpoint as fit_checkpoint
 from .query import Strategy, make_strategy
 
 MethodFactory = Callable[[int], Any]
@@ -145,14 +155,21 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
                test_y: Tensor, victim_probs: Optional[Tensor] = None, device: Any = "cpu",
                method_factory: Optional[MethodFactory] = None,
                eval_factory: Optional[MethodFactory] = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True,
+               checkpoint: "str | os.PathLike | None" = None) -> dict[str, Any]:
     """Run one strategy's active loop against ``oracle`` and evaluate it at every milestone.
 
     oracle: a :class:`faststeal.oracle.Oracle` (or a defence wrapper of one) whose ``pool_x`` is
-        the attacker's pool; it must not have been queried before (its budget is the loop's).
+        the attacker's pool; it must not have been queried before (its budget is the loop's),
+        except through its journal by an earlier run of this same loop (answered free).
     test_x / victim_labels / test_y (/ victim_probs): the experimenter's evaluation set.
     method_factory(seed) / eval_factory(seed): override how the running / retrained surrogates are
         built (default: :func:`faststeal.methods.build_method` from ``config``).
+    checkpoint: a file path for the loop's state (see the module docstring); needs a plain
+        ``Oracle`` with a journal (the answers must outlive a kill too; a defence wrapper keeps
+        state the checkpoint does not hold). A state of another loop raises
+        :class:`faststeal.methods.checkpoint.CheckpointError`. The file is kept when the loop
+        returns (delete it once the result is stored); the fit checkpoints are deleted.
 
     Returns a JSON-ready dict: ``config``, ``strategy``, ``milestones`` (per milestone:
     ``budget``, ``used``, ``retrained`` and ``running`` metrics, seconds), ``rounds`` (per round:
@@ -162,10 +179,17 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     None) and ``seconds``.
     """
     from .defenses import QueryRefusedError
+    from .oracle import Oracle
 
-    if oracle.used != 0:
+    journaled = getattr(oracle, "journal_path", None) is not None
+    if oracle.used != 0 and not journaled:
         raise ValueError(f"the oracle has already charged {oracle.used} images; run_active needs "
                          "a fresh oracle (its budget is the loop's)")
+    ckpt = fit_checkpoint.as_path(checkpoint)
+    if ckpt is not None and not (isinstance(oracle, Oracle) and journaled):
+        raise ValueError("checkpoint needs a faststeal.oracle.Oracle with a journal (Oracle(..., "
+                         "journal=PATH)): the answers must survive a kill too, and a defence "
+                         f"wrapper keeps state a checkpoint does not hold; got {oracle!r}")
     budget = int(oracle.budget)
     config.validate(budget)
     cps, seed_n, round_n = config.plan(budget)
@@ -189,6 +213,23 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     fit_kw = dict(batch_size=config.batch_size, lr=config.lr, progress=False)
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
+    # the fits' per-epoch checkpoints; they exist only while the loop state at ``ckpt`` is the
+    # one just before their round (deleted before every save of the state and at the end), so
+    # a rerun never finds a fit checkpoint of another round
+    if ckpt is not None:
+        root, ext = os.path.splitext(ckpt)
+        fit_ckpts = {"running": f"{root}.running{ext}", "retrained": f"{root}.retrained{ext}"}
+    else:
+        fit_ckpts = {"running": None, "retrained": None}
+
+    def ckpt_kw(method: Any, which: str) -> dict[str, Any]:
+        path = fit_ckpts[which]
+        return {"checkpoint": path} if path and method.supports_checkpoint else {}
+
+    def remove_fit_ckpts() -> None:
+        for path in fit_ckpts.values():
+            if path is not None and os.path.exists(path):
+                os.remove(path)
 
     queried: list[Tensor] = []
     targets: list[Tensor] = []
@@ -196,13 +237,45 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     rounds: list[dict[str, Any]] = []
     milestones: list[dict[str, Any]] = []
     refused_at: Optional[int] = None
+    running = None
+    fingerprint = {"kind": "active-loop", "config": _jsonable(asdict(config)), "budget": budget,
+                   "output_mode": getattr(oracle, "output_mode", None),
+                   "device": torch.device(device).type, "pool": fit_checkpoint.digest(pool_x),
+                   "test_x": fit_checkpoint.digest(test_x), "test_y": fit_checkpoint.digest(test_y),
+                   "victim_labels": fit_checkpoint.digest(victim_labels),
+                   "victim_probs": fit_checkpoint.digest(victim_probs)}
+    saved = None
+    if ckpt is not None and os.path.exists(ckpt):
+        saved = fit_checkpoint.load(ckpt)
+        fit_checkpoint.check_fingerprint(ckpt, saved.get("fingerprint"), fingerprint)
+        try:
+            queried, targets = [saved["queried"]], [saved["targets"]]
+            labeled_mask[saved["queried"]] = True
+            rounds, milestones = list(saved["rounds"]), list(saved["milestones"])
+            gen.set_state(saved["gen"])
+            if saved["running"] is not None:
+                running = method_factory(config.seed)
+                running.load_state_dict(saved["running"])
+            t_start -= float(saved["elapsed"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise fit_checkpoint.CheckpointError(
+                f"checkpoint {ckpt} could not be restored ({type(exc).__name__}: {exc}); delete "
+                "it to start the loop again") from exc
+
+    def save_state() -> None:
+        remove_fit_ckpts()  # first: a kill between the two must not leave them
+        fit_checkpoint.save(ckpt, {
+            "fingerprint": fingerprint, "queried": torch.cat(queried),
+            "targets": torch.cat(targets).cpu(), "rounds": rounds, "milestones": milestones,
+            "gen": gen.get_state(), "elapsed": time.perf_counter() - t_start,
+            "running": None if running is None else running.state_dict()})
 
     def ask(idx: Tensor) -> bool:
         """Query ``idx``; False if a defence refused (nothing is recorded then)."""
         nonlocal refused_at
-        if int(idx.numel()) > oracle.remaining:  # defensive: the plan never does this
-            raise RuntimeError(f"internal error: {idx.numel()} images asked with "
-                               f"{oracle.remaining} left")
+        left = budget - int(labeled_mask.sum())
+        if int(idx.numel()) > left:  # defensive: the plan never does this
+            raise RuntimeError(f"internal error: {idx.numel()} images asked with {left} left")
         try:
             answers = oracle.query(idx)
         except QueryRefusedError:
@@ -221,36 +294,45 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
 
     bar = progress_bar(total=cps[-1], desc=f"active:{strategy.name}", unit="q",
                        disable=not progress, leave=False)
-    # the seed set: the same for every strategy given the seed
-    seed_idx = torch.randperm(n_pool, generator=torch.Generator().manual_seed(
-        config.seed * 7919 + 1))[:seed_n]
-    ok = ask(seed_idx)
-    bar.update(int(seed_idx.numel()) if ok else 0)
-    running = None
-    cp_iter = iter(cps)
-    next_cp = next(cp_iter)
+    if saved is None:
+        # the seed set: the same for every strategy given the seed
+        seed_idx = torch.randperm(n_pool, generator=torch.Generator().manual_seed(
+            config.seed * 7919 + 1))[:seed_n]
+        ok = ask(seed_idx)
+    else:
+        ok = True
+    bar.update(int(labeled_mask.sum()))
+    next_cp: Optional[int] = cps[len(milestones)]  # the state is saved with ok: none refused
+    just_restored = saved is not None
     while ok:
+        if ckpt is not None and not just_restored:
+            save_state()
+        just_restored = False
         used = int(labeled_mask.sum())
         x_l, y_l = current()
         # 1. the running surrogate on everything queried so far
         t0 = time.perf_counter()
         if running is None or not config.warm_start:
             running = method_factory(config.seed)
-            running.fit(x_l, y_l, epochs=config.epochs_for(used), **fit_kw)
+            running.fit(x_l, y_l, epochs=config.epochs_for(used), **fit_kw,
+                        **ckpt_kw(running, "running"))
         else:
-            running.fit(x_l, y_l, epochs=config.round_epochs, **fit_kw)
+            running.fit(x_l, y_l, epochs=config.round_epochs, **fit_kw,
+                        **ckpt_kw(running, "running"))
         train_s = time.perf_counter() - t0
         if used == next_cp:
-            milestones.append(_evaluate_at_milestone(used, running, eval_factory, config, x_l,
-                                                     y_l, test_x, victim_labels, test_y,
-                                                     victim_probs, t_start))
+            milestones.append(_evaluate_at_milestone(
+                used, running, eval_factory, config, x_l, y_l, test_x, victim_labels, test_y,
+                victim_probs, t_start, checkpoint=fit_ckpts["retrained"]))
             bar.set_postfix(fid=f"{milestones[-1]['retrained']['fidelity']:.3f}",
                             refresh=False)
-            next_cp = next(cp_iter, None)
+            next_cp = cps[len(milestones)] if len(milestones) < len(cps) else None
             if next_cp is None:
                 break
-        # 2. select (never more than the budget left, never past the next milestone)
-        k = min(round_n, int(oracle.remaining), next_cp - used)
+        # 2. select (never more than the budget left, never past the next milestone); the
+        # loop's own count, not oracle.remaining: after a resume the journal may already hold
+        # (and charge) this round's images, which are answered again free
+        k = min(round_n, budget - used, next_cp - used)
         if k <= 0:
             break
         unlabeled = torch.nonzero(~labeled_mask).flatten()
@@ -274,6 +356,7 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
                                                  config, x_l, y_l, test_x, victim_labels,
                                                  test_y, victim_probs, t_start))
         milestones[-1]["refused"] = True
+    remove_fit_ckpts()
     all_q = torch.cat(queried) if queried else torch.empty(0, dtype=torch.int64)
     return {"strategy": strategy.params(), "config": _jsonable(asdict(config)),
             "milestones": milestones, "rounds": rounds, "queried": all_q.tolist(),
@@ -288,9 +371,10 @@ def oracle_num_classes(oracle: Any) -> Optional[int]:
         return None
 
 
-def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory, config: ActiveConfig,
-                x_l: Tensor, y_l: Tensor, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
-                victim_probs: Optional[Tensor], t_start: float) -> dict[str, Any]:
+def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory,
+                           config: ActiveConfig, x_l: Tensor, y_l: Tensor, test_x: Tensor,
+                           victim_labels: Tensor, test_y: Tensor, victim_probs: Optional[Tensor],
+                           t_start: float, checkpoint: Optional[str] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_m = evaluate_surrogate(running, test_x, victim_labels, test_y, victim_probs)
     if (not config.warm_start and config.eval_method in (None, config.method)
@@ -300,7 +384,9 @@ def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory,
         t1 = time.perf_counter()
         fresh = eval_factory(config.seed + config.eval_seed_offset)
         fresh.fit(x_l, y_l, epochs=config.epochs_for(int(x_l.shape[0])),
-                  batch_size=config.batch_size, lr=config.lr, progress=False)
+                  batch_size=config.batch_size, lr=config.lr, progress=False,
+                  **({"checkpoint": checkpoint} if checkpoint and fresh.supports_checkpoint
+                     else {}))
         ret_m = evaluate_surrogate(fresh, test_x, victim_labels, test_y, victim_probs)
         ret_s = time.perf_counter() - t1
     return {"budget": used, "used": used, "epochs": config.epochs_for(int(x_l.shape[0])),

@@ -2,12 +2,16 @@
 PRADA replay), small on the offline digits dataset: results, resume, settings pinned, report."""
 
 import json
+import os
+import shutil
 import sqlite3
 
 import pytest
 import torch
 
 from faststeal.cli import main
+from faststeal.methods.deep_ensemble import DeepEnsemble
+from faststeal.oracle import JournalError, Oracle
 from faststeal.results.store import StoreMismatchError
 from faststeal.runs import (ActiveSettings, ActiveStudy, DefenseSettings, DefenseStudy,
                             DiversitySettings, DiversityStudy, run_study)
@@ -30,11 +34,24 @@ def _finished_at(out):
     return rows
 
 
+@pytest.fixture
+def victim_rows(monkeypatch):
+    """Rows every Oracle of the test sends to its victim (the attacker's queries, nothing else)."""
+    rows = []
+    real = Oracle._victim_forward
+    monkeypatch.setattr(Oracle, "_victim_forward",
+                        lambda self, r: rows.append(int(r.numel())) or real(self, r))
+    return rows
+
+
+ACTIVE = dict(strategies=("random", "bald"), milestones=(30, 60), round_size=15,
+              seed_fraction=0.1, round_epochs=2)
+
+
 @pytest.fixture(scope="module")
 def active_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("active")
-    s = ActiveSettings(**COMMON, strategies=("random", "bald"), milestones=(30, 60),
-                       round_size=15, out=str(out), cache_dir=cache)
+    s = ActiveSettings(**{**COMMON, "epochs": 2}, **ACTIVE, out=str(out), cache_dir=cache)
     return out, s, run_study(ActiveStudy(s))
 
 
@@ -55,7 +72,7 @@ def test_active_study_resumes_and_pins_its_settings(active_run, capsys):
     run_study(ActiveStudy(s))
     assert "resuming: 2 finished cells kept, 0 to run" in capsys.readouterr().out
     assert _finished_at(out) == before  # nothing recomputed
-    changed = ActiveSettings(**{**s.__dict__, "epochs": 2})
+    changed = ActiveSettings(**{**s.__dict__, "epochs": 3})
     with pytest.raises(StoreMismatchError, match="another configuration"):
         run_study(ActiveStudy(changed))
     assert _finished_at(out) == before
@@ -69,28 +86,40 @@ def test_report_rebuilds_any_study(active_run, capsys):
     assert "| random |" in (out / "results.md").read_text()
 
 
-def test_diversity_study(tmp_path, cache):
+@pytest.fixture(scope="module")
+def diversity_run(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("diversity")
     s = DiversitySettings(**COMMON, variants=("deep-ensemble", "ncl-ensemble", "hetero-ensemble"),
-                          budget=200, record_every=2, out=str(tmp_path), cache_dir=cache)
-    summary = run_study(DiversityStudy(s))
+                          budget=200, record_every=2, out=str(out), cache_dir=cache)
+    return out, s, run_study(DiversityStudy(s))
+
+
+def test_diversity_study(diversity_run):
+    out, _, summary = diversity_run
     t = summary["table"]
     assert list(t) == ["deep-ensemble", "ncl-ensemble", "hetero-ensemble"]
     assert t["ncl-ensemble"]["wins_vs_de"][1] == 1  # paired with the Deep Ensemble's seed
     assert t["deep-ensemble"]["v_ratio_vs_de"]["mean"] == pytest.approx(1.0)
     assert t["ncl-ensemble"]["fidelity"]["mean"] > 0.2
     assert t["ncl-ensemble"]["v_peak"]["n"] == 1  # the trace came back from the store
-    assert (tmp_path / "variance_over_training.png").stat().st_size > 0
-    assert "| hetero-ensemble |" in (tmp_path / "results.md").read_text()
+    assert (out / "variance_over_training.png").stat().st_size > 0
+    assert "| hetero-ensemble |" in (out / "results.md").read_text()
 
 
-def test_defense_study_with_prada_replay(tmp_path, cache, active_run):
+@pytest.fixture(scope="module")
+def defense_run(tmp_path_factory, cache, active_run):
+    out = tmp_path_factory.mktemp("defense")
     active_out, _, _ = active_run
     # mc-dropout has no `members`: the study must not pass it one (a TypeError before)
     s = DefenseSettings(**COMMON, defenses={"none": {}, "rounding": {"decimals": 1},
                                             "prada": {"delta": 0.9}},
                         methods=("baseline", "mc-dropout"), budget=200,
-                        replay_from=str(active_out), out=str(tmp_path), cache_dir=cache)
-    summary = run_study(DefenseStudy(s))
+                        replay_from=str(active_out), out=str(out), cache_dir=cache)
+    return out, s, run_study(DefenseStudy(s))
+
+
+def test_defense_study_with_prada_replay(defense_run):
+    out, _, summary = defense_run
     t = summary["table"]
     assert set(t) == {"none", "rounding", "prada"}
     assert t["none"]["answered"] == 200 and not t["none"]["refused"]
@@ -98,8 +127,150 @@ def test_defense_study_with_prada_replay(tmp_path, cache, active_run):
     assert t["none"]["methods"]["baseline"]["fidelity"]["mean"] > 0.5
     assert set(summary["prada_replay"]) == {"random/seed=0", "bald/seed=0"}
     assert all(r["queries"] == 60 for r in summary["prada_replay"].values())
-    assert "PRADA on the active study" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "fidelity_by_defense.png").stat().st_size > 0
+    assert "PRADA on the active study" in (out / "results.md").read_text()
+    assert (out / "fidelity_by_defense.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ the budget is spent once, ever
+
+def _watch_fits(monkeypatch, interrupt=None):
+    """Record (checkpoint file, rows, epoch) of every Deep Ensemble epoch started; raise
+    KeyboardInterrupt (a kill) at the epoch ``interrupt`` names, while ``interrupt`` is set."""
+    started, plan = [], {"at": interrupt}
+    real_fit, real_epoch = DeepEnsemble.fit, DeepEnsemble._on_epoch_start
+
+    def fit(self, x, y, **kw):
+        self._tag = (os.path.basename(kw.get("checkpoint") or ""), int(x.shape[0]))
+        return real_fit(self, x, y, **kw)
+
+    def on_epoch_start(self, epoch, optimizer):
+        started.append((*self._tag, epoch))
+        if plan["at"] == started[-1]:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, optimizer)
+
+    monkeypatch.setattr(DeepEnsemble, "fit", fit)
+    monkeypatch.setattr(DeepEnsemble, "_on_epoch_start", on_epoch_start)
+    return started, plan
+
+
+def test_active_cell_killed_mid_fit_resumes_from_its_last_epoch(tmp_path, active_run,
+                                                                monkeypatch, victim_rows):
+    _, s, summary = active_run
+    s = ActiveSettings(**{**s.__dict__, "out": str(tmp_path)})
+    # rounds of a cell: 6 seed images, then 15, 9 (milestone 30), 15, 15 (milestone 60); each
+    # fit 2 epochs. The kill: epoch 1 of bald's running fit on 45 images (before its last round)
+    started, plan = _watch_fits(monkeypatch, ("bald__seed=0.running.pt", 45, 1))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(ActiveStudy(s))
+    assert sum(victim_rows) == 60 + 45
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["bald__seed=0.pt", "bald__seed=0.running.pt"]
+    assert torch.load(ckpts / "bald__seed=0.running.pt", weights_only=True)["epoch"] == 0
+    plan["at"] = None
+    started.clear()
+    victim_rows.clear()
+    again = run_study(ActiveStudy(s))
+    # the loop went on from its last round: the rest of the interrupted fit, then the last round
+    assert started == [("bald__seed=0.running.pt", 45, 1), ("bald__seed=0.running.pt", 60, 0),
+                       ("bald__seed=0.running.pt", 60, 1), ("bald__seed=0.retrained.pt", 60, 0),
+                       ("bald__seed=0.retrained.pt", 60, 1)]
+    assert sum(victim_rows) == 15  # the last round's images, never asked before
+    assert again["fidelity"] == summary["fidelity"]
+    assert not ckpts.exists()
+    assert sorted(os.listdir(tmp_path / "answers")) == ["bald__seed=0.journal",
+                                                        "random__seed=0.journal"]
+
+
+def test_active_cell_started_over_asks_the_victim_nothing(tmp_path, active_run, monkeypatch,
+                                                          victim_rows, capsys):
+    _, s, summary = active_run
+    s = ActiveSettings(**{**s.__dict__, "out": str(tmp_path)})
+    started, plan = _watch_fits(monkeypatch, ("bald__seed=0.retrained.pt", 60, 1))
+    with pytest.raises(KeyboardInterrupt):  # killed after bald's last query
+        run_study(ActiveStudy(s))
+    assert sum(victim_rows) == 120
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["bald__seed=0.pt", "bald__seed=0.retrained.pt",
+                                         "bald__seed=0.running.pt"]
+    (ckpts / "bald__seed=0.pt").write_bytes(b"a damaged disk")  # the cell must start over
+    plan["at"] = None
+    victim_rows.clear()
+    capsys.readouterr()
+    again = run_study(ActiveStudy(s))
+    out = capsys.readouterr().out
+    assert "corrupt or unreadable" in out and "training it from the start" in out
+    assert victim_rows == []  # every answer came from OUT/answers/bald__seed=0.journal
+    assert "60 answers (60 images charged) loaded from" in out
+    assert again["fidelity"] == summary["fidelity"]
+    assert not ckpts.exists()  # the fits' checkpoints of the lost state went too
+
+
+def test_active_checkpoint_needs_a_journaled_oracle(tmp_path):
+    from faststeal.active import ActiveConfig, run_active
+
+    pool = torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    victim = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    labels = victim(pool[:8]).argmax(-1)
+    with pytest.raises(ValueError, match="checkpoint needs a faststeal.oracle.Oracle with a "
+                                         "journal"):
+        run_active(Oracle(victim, pool, 20), ActiveConfig(), test_x=pool[:8],
+                   victim_labels=labels, test_y=labels, checkpoint=str(tmp_path / "loop.pt"))
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("killed after querying")
+
+
+def test_diversity_rerun_asks_the_victim_nothing(tmp_path, diversity_run, monkeypatch,
+                                                 victim_rows, capsys):
+    _, s, summary = diversity_run
+    s = DiversitySettings(**{**s.__dict__, "out": str(tmp_path)})
+    run_cell = DiversityStudy.run_cell
+    monkeypatch.setattr(DiversityStudy, "run_cell", _crash)
+    with pytest.raises(RuntimeError, match="killed after querying"):
+        run_study(DiversityStudy(s))
+    assert sum(victim_rows) == 200
+    monkeypatch.setattr(DiversityStudy, "run_cell", run_cell)
+    victim_rows.clear()
+    capsys.readouterr()
+    again = run_study(DiversityStudy(s))
+    assert victim_rows == []
+    assert "200 answers (200 images charged) loaded from" in capsys.readouterr().out
+    drop = lambda t: {v: {k: x for k, x in r.items() if k != "train_seconds"}  # noqa: E731
+                      for v, r in t.items()}
+    assert drop(again["table"]) == drop(summary["table"])
+    # a journal of another output mode in a new folder is refused ...
+    probs = DiversitySettings(**{**s.__dict__, "output_mode": "probs",
+                                 "out": str(tmp_path / "other")})
+    os.makedirs(probs.out)
+    shutil.copy(tmp_path / "answers.journal", tmp_path / "other" / "answers.journal")
+    with pytest.raises(JournalError, match="another victim, pool or output mode"):
+        run_study(DiversityStudy(probs))
+    # ... and set aside with --force (the victim is asked again)
+    monkeypatch.setattr(DiversityStudy, "run_cell", _crash)
+    victim_rows.clear()
+    with pytest.raises(RuntimeError, match="killed after querying"):
+        run_study(DiversityStudy(DiversitySettings(**{**probs.__dict__, "force": True})))
+    assert sum(victim_rows) == 200
+    assert list((tmp_path / "other").glob("answers.journal.set-aside-*"))
+
+
+def test_defense_rerun_asks_the_victim_nothing(tmp_path, defense_run, monkeypatch, victim_rows):
+    _, s, summary = defense_run
+    s = DefenseSettings(**{**s.__dict__, "out": str(tmp_path)})
+    run_cell = DefenseStudy.run_cell
+    monkeypatch.setattr(DefenseStudy, "run_cell", _crash)
+    with pytest.raises(RuntimeError, match="killed after querying"):
+        run_study(DefenseStudy(s))
+    assert sum(victim_rows) == sum(r["answered"] for r in summary["table"].values())
+    assert sorted(os.listdir(tmp_path / "answers")) == ["none.journal", "prada.journal",
+                                                        "rounding.journal"]
+    monkeypatch.setattr(DefenseStudy, "run_cell", run_cell)
+    victim_rows.clear()
+    again = run_study(DefenseStudy(s))
+    assert victim_rows == []
+    assert again["table"] == summary["table"]
 
 
 def test_prada_replay_matches_the_detector():

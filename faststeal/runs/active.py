@@ -2,17 +2,20 @@
 uncertainty beat random queries when both are trained the same way?
 
 Cells: strategy × seed (``<strategy>/seed=<k>``), each one run of
-:func:`faststeal.active.run_active` with a fresh oracle whose budget is the last milestone. The
+:func:`faststeal.active.run_active` with its own oracle whose budget is the last milestone and
+whose answers are journaled in ``OUT/answers/<strategy>__seed=<k>.journal``. The
 row stores the last milestone's retrained metrics; the payload keeps every milestone (retrained
 and running surrogate), the rounds' selection costs and the queried stream (pool indices in query
-order, which the defence study's PRADA replay reads). A cell is the unit of resume (its many
-small fits are not checkpointed). The table: fidelity per strategy and milestone, mean ± std over
+order, which the defence study's PRADA replay reads). A killed cell resumes from the start of its
+last round (the loop's state in ``OUT/checkpoints/``) and the fit in progress from its last epoch;
+the images it asks again come from its journal, free. The table: fidelity per strategy and milestone, mean ± std over
 seeds, with the paired difference to ``random`` (same seed: same seed set, same
 initialisation).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -91,15 +94,20 @@ class ActiveStudy(Study):
                 for seed in range(s.seeds) for strategy in s.strategies]
 
     def run_cell(self, run: Run, cell: Cell, checkpoint: str) -> dict[str, Any]:
+        from dataclasses import asdict
+
         from ..active import run_active
-        from ..oracle import Oracle
 
         s, setup = self.settings, run.setup
-        oracle = Oracle(setup.victim, setup.splits.pool.x, int(s.milestones[-1]),
-                        output_mode=s.output_mode, device=run.device)
-        res = run_active(oracle, s.active_config(cell.params["strategy"], cell.seed),
-                         test_x=setup.test_x, victim_labels=setup.victim_labels,
-                         test_y=setup.test_y, device=run.device, progress=run.progress)
+        config = s.active_config(cell.params["strategy"], cell.seed)
+        # one journal per cell (OUT/answers/<strategy>__seed=<k>.journal), keyed by the loop's
+        # settings: its queries depend on all of them
+        oracle = run.oracle(setup.victim, int(s.milestones[-1]), name=cell.key,
+                            key={"loop": json.loads(json.dumps(asdict(config)))},
+                            output_mode=s.output_mode)
+        res = run_active(oracle, config, test_x=setup.test_x, victim_labels=setup.victim_labels,
+                         test_y=setup.test_y, device=run.device, progress=run.progress,
+                         checkpoint=checkpoint)
         last = (res["milestones"][-1]["retrained"] if res["milestones"]
                 else {"fidelity": float("nan")})
         payload = {"strategy": cell.params["strategy"], "strategy_params": res["strategy"],

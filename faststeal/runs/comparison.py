@@ -203,10 +203,6 @@ class Config:
         return d
 
 
-#: the oracle's answer journal in the run folder (:class:`faststeal.oracle.AnswerJournal`)
-ANSWER_JOURNAL = "answers.journal"
-
-
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
     return f"{kind}/{method}/seed={seed}" + (f"/S={members}" if members is not None else "")
 
@@ -227,7 +223,6 @@ class ComparisonStudy(Study):
         """Ask the oracle once (rank 0) and broadcast the answers: the budget is counted once."""
         from .. import attack, distributed
         from ..defenses import build_defense, query_until_refused
-        from ..oracle import JournalError, Oracle, set_aside
 
         config, setup, ctx = self.settings, run.setup, run.ctx
         t0 = time.perf_counter()
@@ -238,29 +233,16 @@ class ComparisonStudy(Study):
             # defended one (faststeal.defenses).
             defense = build_defense(config.defense, **config.defense_params)
             served, kind = defense.wrap_victim(setup.victim)
-            # every answer is journaled in the run folder before it is used: a rerun asks the
-            # victim only for images it never answered (the budget is spent once, ever)
-            journal = os.path.join(run.out, ANSWER_JOURNAL)
-            victim_file = os.path.basename(setup.victim_info.get("checkpoint") or "")
-            oracle_kw = dict(
+            # every answer is journaled in the run folder (OUT/answers.journal) before it is
+            # used: a rerun asks the victim only for images it never answered
+            oracle = run.oracle(
+                served, config.budget, key={"defense": defense.name,
+                                            "defense_params": defense.params()},
                 output_mode=config.output_mode,
                 k=config.topk if config.output_mode == "topk" else 1,
-                temperature=config.temperature, decimals=config.decimals, device=run.device,
-                victim_outputs=kind, probs_atol=defense.probs_atol(setup.num_classes),
-                journal=journal, journal_key={"victim": victim_file, "defense": defense.name,
-                                              "defense_params": defense.params()})
-            try:
-                oracle = Oracle(served, setup.splits.pool.x, config.budget, **oracle_kw)
-            except JournalError:  # answers of another victim/pool/mode
-                if not config.force:
-                    raise
-                run.log(f"--force: moved the answer journal of another configuration to "
-                        f"{set_aside(journal)}")
-                oracle = Oracle(served, setup.splits.pool.x, config.budget, **oracle_kw)
+                temperature=config.temperature, decimals=config.decimals, victim_outputs=kind,
+                probs_atol=defense.probs_atol(setup.num_classes))
             oracle = defense.wrap_oracle(oracle)
-            if oracle.answered_from_journal:
-                run.log(f"{oracle.answered_from_journal} answers ({oracle.used} images charged) "
-                        f"loaded from {journal}; only images it lacks go to the victim")
             answered, targets, refused = query_until_refused(oracle, idx)
             if refused:
                 run.log(f"defense {config.defense!r} refused after {len(answered)} answered "

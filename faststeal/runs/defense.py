@@ -90,28 +90,37 @@ class DefenseStudy(Study):
                              f"({len(splits.pool)} images)")
 
     def begin(self, run: Run) -> None:
-        """Ask the same random indices through every defence (deterministic: every rank gets
-        the same answers); record what each answered; replay PRADA on active-study streams."""
+        """Ask the same random indices through every defence (rank 0, one answer journal per
+        defence in ``OUT/answers/``, the answers broadcast to every rank); record what each
+        answered; replay PRADA on active-study streams."""
+        from .. import distributed
         from ..attack import random_queries
         from ..defenses import build_defense, query_until_refused
-        from ..oracle import Oracle
 
         s, setup = self.settings, run.setup
         pool_x = setup.splits.pool.x
         idx_all = random_queries(len(pool_x), s.budget, 1)
         answered = {}
         for name, params in s.defenses.items():
-            defense = build_defense(name, **params)
-            vic, kind = defense.wrap_victim(setup.victim)
-            oracle = defense.wrap_oracle(Oracle(
-                vic, pool_x, s.budget, output_mode=s.output_mode, device=run.device,
-                victim_outputs=kind, probs_atol=defense.probs_atol(setup.num_classes)))
-            idx, targets, refused = query_until_refused(oracle, idx_all, batch_size=100)
+            idx = targets = counts = None
+            if run.is_main:
+                defense = build_defense(name, **params)
+                vic, kind = defense.wrap_victim(setup.victim)
+                oracle = defense.wrap_oracle(run.oracle(
+                    vic, s.budget, name=name, key={"defense": defense.name,
+                                                   "defense_params": defense.params()},
+                    output_mode=s.output_mode, victim_outputs=kind,
+                    probs_atol=defense.probs_atol(setup.num_classes)))
+                idx, targets, refused = query_until_refused(oracle, idx_all, batch_size=100)
+                counts = torch.tensor([int(oracle.used), int(refused)])
+            idx = distributed.broadcast_tensor(run.ctx, idx).cpu()
+            targets = distributed.broadcast_tensor(run.ctx, targets).cpu()
+            charged, refused = distributed.broadcast_tensor(run.ctx, counts).tolist()
             with torch.no_grad():
                 true = (setup.victim(pool_x[idx].to(run.device)).argmax(-1).cpu() if len(idx)
                         else idx)
             shown = targets.argmax(-1) if targets.dtype.is_floating_point else targets
-            answered[name] = {"answered": int(len(idx)), "charged": int(oracle.used),
+            answered[name] = {"answered": int(len(idx)), "charged": int(charged),
                               "refused": bool(refused),
                               "label_agreement": float((shown == true).float().mean())
                               if len(idx) else float("nan")}

@@ -89,14 +89,18 @@ class DiversityStudy(Study):
                              f"({len(splits.pool)} images)")
 
     def begin(self, run: Run) -> None:
+        """Ask the random queries once (rank 0, journaled in OUT/answers.journal) and broadcast
+        the answers."""
+        from .. import distributed
         from ..attack import query_oracle, random_queries
-        from ..oracle import Oracle
 
         s, setup = self.settings, run.setup
-        oracle = Oracle(setup.victim, setup.splits.pool.x, s.budget, output_mode=s.output_mode,
-                        device=run.device)
         idx = random_queries(len(setup.splits.pool), s.budget, 1)
-        targets, _ = query_oracle(oracle, idx, progress=False)
+        targets = None
+        if run.is_main:
+            oracle = run.oracle(setup.victim, s.budget, output_mode=s.output_mode)
+            targets, _ = query_oracle(oracle, idx, progress=False)
+        targets = distributed.broadcast_tensor(run.ctx, targets)
         run.state["x"] = setup.splits.pool.x[idx].to(run.device)
         run.state["y"] = targets.to(run.device)
 

@@ -14,7 +14,9 @@ studies share, in this order:
    holding another configuration's cells is refused unless ``force``);
 4. train or load the victim (pinned: a folder whose cells were computed against another victim
    checkpoint is refused too), compute its test-set outputs and the probe set, and let the study
-   do its one-off work (:meth:`Study.begin`, e.g. spend the query budget once);
+   do its one-off work (:meth:`Study.begin`, e.g. spend the query budget once); every oracle
+   a study asks for (:meth:`Run.oracle`) journals its answers in ``out`` (``answers.journal``,
+   ``answers/<name>.journal``), so a rerun re-queries nothing;
 5. run every cell not yet in the store: per-epoch training checkpoints under
    ``out/checkpoints/`` (a killed run resumes the cell in progress), one atomic row per finished
    cell, the cell's checkpoints deleted once its row is committed, the tables rewritten after
@@ -46,6 +48,10 @@ from ..files import atomic_write
 
 #: sub-folder of the run folder holding the training checkpoints of unfinished cells
 CHECKPOINT_DIR = "checkpoints"
+#: the answer journal of a study's oracle (:class:`faststeal.oracle.AnswerJournal`); a study with
+#: several oracles keeps one journal per oracle in ``JOURNAL_DIR``
+ANSWER_JOURNAL = "answers.journal"
+JOURNAL_DIR = "answers"
 LOCK_NAME = ".faststeal.lock"
 #: during a run, the figures are redrawn after a cell when this many seconds have passed since
 #: the last drawing (tables are rewritten after every cell; both once more at the end)
@@ -73,6 +79,14 @@ class Cell:
     seed: int
     members: Optional[int] = None
     params: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def journal_path(out: str, name: Optional[str] = None) -> str:
+    """``OUT/answers.journal`` (``name`` None) or ``OUT/answers/<name with '/' as '__'>.journal``:
+    the answer journal of a study's oracle."""
+    if name is None:
+        return os.path.join(out, ANSWER_JOURNAL)
+    return os.path.join(out, JOURNAL_DIR, name.replace("/", "__") + ".journal")
 
 
 def cell_checkpoint(out: str, key: str) -> str:
@@ -130,6 +144,41 @@ class Run:
 
     def checkpoint(self, cell: Cell) -> str:
         return cell_checkpoint(self.out, cell.key)
+
+    def oracle(self, victim: Any, budget: int, *, name: Optional[str] = None,
+               key: Optional[dict[str, Any]] = None, **kwargs: Any) -> Any:
+        """A :class:`faststeal.oracle.Oracle` on the attacker pool whose answers are journaled in
+        the run folder (:func:`journal_path` of ``name``) before they are used, so a rerun asks
+        ``victim`` only for images it never answered: the budget is spent once, ever.
+
+        The journal is keyed by the victim checkpoint, the pool, the output settings and
+        ``key`` (what else decides the answers or the queries, e.g. a defence); a journal of
+        another identity raises :class:`faststeal.oracle.JournalError`, or with ``force`` is set
+        aside (renamed, never deleted) and a new one started. ``kwargs`` go to ``Oracle``.
+        One process per journal: under ranks, rank 0 asks and broadcasts, or every rank owns
+        its own names."""
+        from ..oracle import JournalError, Oracle, set_aside
+
+        path = journal_path(self.out, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if self.setup is None:
+            raise RuntimeError("internal error: an oracle is asked for before the set-up")
+        victim_file = os.path.basename(self.setup.victim_info.get("checkpoint") or "")
+        kw = dict(device=self.device, **kwargs, journal=path,
+                  journal_key={"victim": victim_file, **(key or {})})
+        pool = self.setup.splits.pool.x
+        try:
+            oracle = Oracle(victim, pool, budget, **kw)
+        except JournalError:  # the answers of another victim, pool, mode or key
+            if not self.study.settings.force:
+                raise
+            self.log(f"--force: moved the answer journal of another configuration to "
+                     f"{set_aside(path)}")
+            oracle = Oracle(victim, pool, budget, **kw)
+        if oracle.answered_from_journal:
+            self.log(f"{oracle.answered_from_journal} answers ({oracle.used} images charged) "
+                     f"loaded from {path}; only images it lacks go to the victim")
+        return oracle
 
 
 # ------------------------------------------------------------------------------ settings
