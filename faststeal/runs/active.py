@@ -8,9 +8,9 @@ row stores the last milestone's retrained metrics; the payload keeps every miles
 and running surrogate), the rounds' selection costs and the queried stream (pool indices in query
 order, which the defence study's PRADA replay reads). A killed cell resumes from the start of its
 last round (the loop's state in ``OUT/checkpoints/``) and the fit in progress from its last epoch;
-the images it asks again come from its journal, free. The table: fidelity per strategy and milestone, mean ± std over
-seeds, with the paired difference to ``random`` (same seed: same seed set, same
-initialisation).
+the images it asks again come from its journal, free. The table: fidelity per strategy and
+milestone, mean ± std over seeds, with the paired difference to ``random`` (same seed: same seed
+set, same initialisation).
 """
 
 from __future__ import annotations
