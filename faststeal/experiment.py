@@ -70,6 +70,7 @@ class Config:
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
+    precision: str = "fp32"  # "bf16": bfloat16 compute, float32 weights/optimizer/loss
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -113,6 +114,9 @@ class Config:
         choice("victim_arch", self.victim_arch, ARCHS)
         choice("surrogate_arch", self.surrogate_arch, ARCHS)
         choice("output_mode", self.output_mode, OUTPUT_MODES)
+        from .train_step import PRECISIONS
+
+        choice("precision", self.precision, PRECISIONS)
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
         if not isinstance(self.methods, (list, tuple)):
@@ -186,6 +190,8 @@ class Config:
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
                   "member_chunk"):
             d.pop(k)
+        if d["precision"] == "fp32":  # keep hashes of float32 runs unchanged
+            d.pop("precision")
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
             d.pop("defense_params")
@@ -334,6 +340,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
         for kind, method, seed, members in tqdm(mine, desc="cells", unit="cell",
                                                 disable=not progress):
             hp = dict(config.method_params.get(method, {}))
+            if config.precision != "fp32":  # fp32 cells keep their hparams (and resume) as before
+                hp.setdefault("precision", config.precision)
             if members is not None:
                 hp["members"] = members
                 main = [c for c in store.cells("main") if c["method"] == method
