@@ -481,8 +481,9 @@ def test_check_ensemble_linear_fwd():
     with pytest.raises(RuntimeError, match=r"bias must be \(members, out_features\) = \(2, 5\), "
                                            r"got sizes \[2, 4\]"):
         fwd(x, w, torch.randn(2, 4), "none", 0.0, 0)
-    with pytest.raises(RuntimeError, match=r"x has dtype Half, expected one of Float, Double"):
-        fwd(x.half(), w.half(), b.half(), "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x has dtype Int, expected one of Float, Double, "
+                                           r"BFloat16, Half"):
+        fwd(x.int(), w.int(), b.int(), "none", 0.0, 0)
     with pytest.raises(RuntimeError, match=r"weight has dtype Double but x has dtype Float"):
         fwd(x, w.double(), b, "none", 0.0, 0)
     with pytest.raises(RuntimeError, match=r"x must be contiguous, got sizes \[2, 3, 4\]"):
@@ -583,11 +584,21 @@ def test_unavailable_reason():
     assert "CPU tensors only" in P.unavailable_reason("cuda")
 
 
-def test_half_precision_cpu_falls_back_to_reference(seed_all):
-    x, w, b = (t.half() for t in linear_inputs(2, 3, 4, 5, False, True))
-    y, _ = P.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)
-    assert y.dtype == torch.float16
-    assert torch.equal(y, R.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)[0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu_does_not_fall_back_to_reference(seed_all, monkeypatch, dtype):
+    # before: bf16/fp16 CPU tensors silently ran the reference; now the C++ kernels take them
+    def refuse(*a):
+        raise AssertionError("the reference ran")
+
+    for name in ("ensemble_linear_fwd", "ensemble_linear_bwd", "bayes_linear_fwd",
+                 "member_stats_fwd", "ensemble_cross_entropy_fwd"):
+        monkeypatch.setattr(R, name, refuse)
+    x, w, b = (t.to(dtype) for t in linear_inputs(2, 3, 4, 5, False, True))
+    y, z = P.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)
+    assert y.dtype == dtype
+    P.ensemble_linear_bwd(torch.ones_like(y), x, w, b, y, z, "relu", 0.0, 0)
+    P.member_stats_fwd(y, None)
+    P.ensemble_cross_entropy_fwd(y, torch.zeros(3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- bfloat16 / float16 on the CPU
@@ -599,10 +610,16 @@ def _lowp(*ts, dtype):
     return [None if t is None else t.to(dtype) for t in ts]
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("gemm", ["default", "onednn", "bmm", "mm"])
-@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
-@pytest.mark.parametrize("activation,dropout_p", [("relu", 0.0), ("gelu", 0.25), ("none", 0.0)])
+# bf16: every GEMM path (stacked and shared input) with relu, and the fused gelu/dropout and plain
+# epilogues; fp16: the default path
+LOWP_LINEAR = (
+    [(torch.bfloat16, g, sh, "relu", 0.0) for g in ("onednn", "bmm", "mm") for sh in (False, True)]
+    + [(torch.bfloat16, "default", sh, a, p) for sh in (False, True)
+       for a, p in (("gelu", 0.25), ("none", 0.0))]
+    + [(torch.float16, "default", sh, "relu", 0.25) for sh in (False, True)])
+
+
+@pytest.mark.parametrize("dtype,gemm,shared,activation,dropout_p", LOWP_LINEAR)
 def test_ensemble_linear_low_precision_runs_natively(seed_all, dtype, gemm, shared, activation,
                                                     dropout_p):
     # the C++ kernels take bfloat16/float16 for real (no fallback), every GEMM path; accuracy by

@@ -30,11 +30,11 @@ _GEMM_OPS = ("ensemble_linear", "bayes_linear")
 GEMM_ENV = "FASTSTEAL_CPU_GEMM"
 
 
-def _with_gemm_path(fn: Callable, code: int) -> Callable:
+def _with_gemm_path(name: str, code: int) -> Callable:
     def run(*args):
         prev = _ext.C._set_cpu_gemm_path(code)
         try:
-            return fn(*args)
+            return globals()[name](*args)  # looked up per call (tests may patch the function)
         finally:
             _ext.C._set_cpu_gemm_path(prev)
 
@@ -46,13 +46,12 @@ def variants(op: str, kind: str) -> Optional[dict[str, Callable]]:
     forces); None for the other ops (one implementation each)."""
     if op not in _GEMM_OPS:
         return None
-    fn = globals()[f"{op}_{kind}"]
     forced = os.environ.get(GEMM_ENV, "").strip().lower()
     if forced and forced != "auto" and forced not in GEMM_PATHS:
         raise ValueError(f"{GEMM_ENV} must be 'auto' or one of {tuple(GEMM_PATHS)}, "
                          f"got {forced!r}")
     paths = [forced] if forced and forced != "auto" else list(GEMM_PATHS)
-    return {p: _with_gemm_path(fn, GEMM_PATHS[p]) for p in paths}
+    return {p: _with_gemm_path(f"{op}_{kind}", GEMM_PATHS[p]) for p in paths}
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:

@@ -147,13 +147,18 @@ def _shape(op: str, kind: str, args: tuple) -> str:
     return tuning.shape_class(*parts)
 
 
+def _late(mod, name: str) -> Callable:
+    """``mod.name``, looked up at every call (so a patched backend function is seen)."""
+    return lambda *args: getattr(mod, name)(*args)
+
+
 def variants(backend: str, op: str, kind: str) -> dict[str, Callable]:
     """``{candidate name: function}`` of one backend for ``<op>_<kind>``: the backend's own
     variants (``backend:variant``) when it offers several, else ``{backend: function}``."""
     mod = backend_module(backend)
-    fn = getattr(mod, f"{op}_{kind}", None)
-    if fn is None:  # e.g. a backend with a fused forward but no backward
-        return {"reference": getattr(backend_module("reference"), f"{op}_{kind}")}
+    if not hasattr(mod, f"{op}_{kind}"):  # e.g. a backend with a fused forward but no backward
+        return {"reference": _late(backend_module("reference"), f"{op}_{kind}")}
+    fn = _late(mod, f"{op}_{kind}")
     extra = getattr(mod, "variants", None)
     found = extra(op, kind) if extra is not None else None
     if not found:
@@ -176,9 +181,10 @@ def candidates(op: str, kind: str, device_type: str) -> tuple[dict[str, Callable
         cands.update(variants(n, op, kind))
     default = names[0]
     mod = backend_module(default)
-    default_fn = getattr(mod, f"{op}_{kind}", None)
-    if default_fn is None:
-        default, default_fn = "reference", getattr(backend_module("reference"), f"{op}_{kind}")
+    if hasattr(mod, f"{op}_{kind}"):
+        default_fn = _late(mod, f"{op}_{kind}")
+    else:
+        default, default_fn = "reference", _late(backend_module("reference"), f"{op}_{kind}")
     own = [k for k in cands if k.startswith(default + ":")]
     if len(own) == 1:  # one variant forced (FASTSTEAL_CPU_GEMM): it is the default too
         return cands, own[0]
