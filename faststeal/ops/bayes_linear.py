@@ -84,6 +84,8 @@ def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
     _checks.tensor("x", x, (2, 3))
     _checks.tensor("w_mu", w_mu, (2,))
     _checks.tensor("w_rho", w_rho, (2,))
+    # inside torch.autocast: compute in its dtype (float32 accumulation), like ensemble_linear
+    x, w_mu, w_rho, b_mu, b_rho = autocast_inputs(x.device.type, x, w_mu, w_rho, b_mu, b_rho)
     _checks.same("w_mu", w_mu, "x", x)
     _checks.same("w_rho", w_rho, "x", x)
     if w_rho.shape != w_mu.shape:
@@ -104,8 +106,6 @@ def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
             _checks.dim_eq(name, t, 0, n, "out features")
         b_mu, b_rho = b_mu.contiguous(), b_rho.contiguous()
     seed = _checks.seed("seed", seed)
-    # inside torch.autocast: compute in its dtype (float32 accumulation), like ensemble_linear
-    x, w_mu, w_rho, b_mu, b_rho = autocast_inputs(x.device.type, x, w_mu, w_rho, b_mu, b_rho)
     return _bayes_linear(x.contiguous(), w_mu.contiguous(), w_rho.contiguous(), b_mu, b_rho,
                          samples, seed)
 

@@ -18,8 +18,8 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dt = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in tensors)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 @torch.library.custom_op("faststeal::ensemble_linear", mutates_args=())
@@ -90,6 +90,7 @@ def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     _checks.tensor("x", x, (2, 3))
     _checks.tensor("weight", weight, (3,))
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     _checks.same("weight", weight, "x", x)
     s, n, k = weight.shape
     _checks.dim_eq("x", x, -1, k, "input features (weight is (S, N, K))")
@@ -106,7 +107,6 @@ def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dropout_p = _checks.probability("dropout_p", dropout_p)
     seed = _checks.seed("seed", seed)
-    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     x = _checks.contiguous("x", x)
     weight = _checks.contiguous("weight", weight)
     return _ensemble_linear(x, weight, bias, activation, dropout_p, seed)[0]
