@@ -28,6 +28,8 @@ import os
 import threading
 from typing import Callable, Iterator, Optional
 
+import torch
+
 from . import tuning
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
@@ -202,13 +204,28 @@ def _runner(op: str, kind: str, device_type: str, request: tuple) -> Callable:
              if not (n == default and any(k.startswith(n + ":") for k in cands))}
     names = tuple(cands)
     point = f"{op}.{kind}"
+    skip = _KEY_ARGS.get((op, kind), ())
+    memo: dict = {}  # exact shapes -> choice: the per-call cost is one dict lookup
+    memo_gen = [tuning.generation]
 
     def choose(*args) -> str:
         if len(timed) == 1:
             return next(iter(timed))
-        return tuning.decide(point, device_type, _shape(op, kind, args),
-                             lambda: {n: functools.partial(f, *args) for n, f in timed.items()},
-                             default, names)
+        if memo_gen[0] != tuning.generation:
+            memo.clear()
+            memo_gen[0] = tuning.generation
+        fast = (torch.get_num_threads(),) + tuple(
+            (a.shape, a.dtype) if isinstance(a, torch.Tensor) else
+            (a > 0 if isinstance(a, float) else a) for i, a in enumerate(args) if i not in skip)
+        hit = memo.get(fast)
+        if hit is not None:
+            return hit
+        choice = tuning.decide(point, device_type, _shape(op, kind, args),
+                               lambda: {n: functools.partial(f, *args) for n, f in timed.items()},
+                               default, names)
+        if not tuning.cannot_time(device_type):  # else: a default until measuring is possible
+            memo[fast] = choice
+        return choice
 
     def run(*args):
         return cands[choose(*args)](*args)

@@ -31,6 +31,7 @@ decision or the default. A corrupt cache file is ignored with a warning and rewr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -58,6 +59,8 @@ _disk_loaded = False
 _announced = False
 #: Number of tunings (timings) run in this process; the tests read it to check the cache is used.
 tunings_run = 0
+#: Bumped by :func:`clear`: callers that memoise decisions (dispatch) drop their memo when it moves.
+generation = 0
 
 
 def enabled() -> bool:
@@ -77,6 +80,7 @@ def forced(env: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
     try:
@@ -103,10 +107,15 @@ def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_
     return []
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def device_model(device_type: str) -> str:
     """The model of the device a choice runs on (the GPU's name on CUDA)."""
     if device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.cuda.current_device())
+        return _gpu_name(torch.cuda.current_device())
     return cpu_model()
 
 
@@ -200,7 +209,7 @@ def _sync(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cannot_time(device_type: str) -> bool:
+def cannot_time(device_type: str) -> bool:
     if torch.compiler.is_compiling():
         return True
     return device_type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -257,7 +266,7 @@ def decide(point: str, device_type: str, shape: str,
             hit = _decisions.get(key)
         if hit is not None and hit["choice"] in names:
             return hit["choice"]
-        if _cannot_time(device_type):
+        if cannot_time(device_type):
             return default
         cands = dict(candidates())
         if len(cands) <= 1:
@@ -298,8 +307,9 @@ def decisions() -> dict[str, dict[str, Any]]:
 
 def clear(memory_only: bool = True) -> None:
     """Forget the decisions in memory (and, with ``memory_only=False``, delete the cache file)."""
-    global _disk_loaded
+    global _disk_loaded, generation
     with _lock:
+        generation += 1
         _decisions.clear()
         _disk_loaded = False
         if not memory_only:
