@@ -142,17 +142,18 @@ def markdown(res: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- --compare
 
-def _victim_and_data(device, epochs: Optional[int], log=print):
+def _victim_and_data(device, epochs: Optional[int], dataset: str = "fashion-mnist",
+                     victim_arch: str = "lenet", log=print):
     from faststeal.data.splits import make_splits
     from faststeal.victim import train_victim
 
     try:
-        splits = make_splits("fashion-mnist", seed=0)
+        splits = make_splits(dataset, seed=0)
     except Exception as exc:  # no dataset files on this machine
-        log(f"  compare: fashion-mnist unavailable ({common.short_error(exc, 100)}); digits")
+        log(f"  compare: {dataset} unavailable ({common.short_error(exc, 100)}); digits")
         splits = make_splits("digits", seed=0)
-    vic = train_victim(splits, "lenet", seed=0, epochs=epochs, device=device, progress=False)
-    log(f"  compare: victim lenet {100 * vic.test_accuracy:.1f}% on {splits.name} "
+    vic = train_victim(splits, victim_arch, seed=0, epochs=epochs, device=device, progress=False)
+    log(f"  compare: victim {victim_arch} {100 * vic.test_accuracy:.1f}% on {splits.name} "
         f"({'trained' if vic.trained else 'cached'})")
     return splits, vic.model
 
@@ -193,13 +194,14 @@ def _plain_loop(arch: str, members: int, x, y, test_x, vlabels, epochs: int, bat
 
 def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2,
             archs=("mlp", "lenet"), members=(5, 16), precisions=("fp32",),
-            victim_epochs: Optional[int] = None, log=print) -> dict[str, Any]:
+            victim_epochs: Optional[int] = None, dataset: str = "fashion-mnist",
+            victim_arch: str = "lenet", log=print) -> dict[str, Any]:
     """faststeal.steal (Deep Ensemble) vs the plain loop, interleaved; see the module docstring."""
     import faststeal
     from faststeal.attack import random_queries
 
     device = torch.device(device)
-    splits, victim = _victim_and_data(device, victim_epochs, log)
+    splits, victim = _victim_and_data(device, victim_epochs, dataset, victim_arch, log)
     pool_x, test_x = splits.pool.x, splits.test.x.to(device)
     idx = random_queries(len(pool_x), budget, 0)  # steal()'s own queries (query_seed 0)
     with torch.no_grad():
