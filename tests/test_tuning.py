@@ -172,3 +172,19 @@ def test_info_prints_the_decisions_and_alternatives(tuned, capsys):
     assert len(line) == 1 and "->" in line[0]
     for cand in ("cpp:onednn", "cpp:bmm", "cpp:mm", "reference"):
         assert cand in line[0]
+
+
+@needs_ext
+def test_a_requested_backend_does_not_share_auto_decisions(tuned):
+    # a decision measured among cpp's GEMM paths only must not stand in for auto's (which also
+    # measures the reference), and the other way round
+    x, w, b, act = _linear_call()
+    with ops.use_backend("cpp"):
+        ops.ensemble_linear(x, w, b, act)
+    before = tuning.tunings_run
+    ops.ensemble_linear(x, w, b, act)
+    assert tuning.tunings_run == before + 1
+    fwd = {k.split("|")[0]: v for k, v in tuning.decisions().items()
+           if k.startswith("ensemble_linear.fwd")}
+    assert "reference" in fwd["ensemble_linear.fwd"]["times_ms"]
+    assert "reference" not in fwd["ensemble_linear.fwd[cpp:onednn,cpp:bmm,cpp:mm]"]["times_ms"]

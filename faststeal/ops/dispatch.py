@@ -203,7 +203,10 @@ def _runner(op: str, kind: str, device_type: str, request: tuple) -> Callable:
     timed = {n: f for n, f in cands.items()
              if not (n == default and any(k.startswith(n + ":") for k in cands))}
     names = tuple(cands)
-    point = f"{op}.{kind}"
+    # a restricted candidate set (a requested backend, a forced GEMM path) decides apart from
+    # auto's full set: neither may read the other's cached choice
+    point = f"{op}.{kind}" + ("" if request[:2] in (("auto", ""), ("auto", "auto"))
+                              else f"[{','.join(timed)}]")
     skip = _KEY_ARGS.get((op, kind), ())
     memo: dict = {}  # exact shapes -> choice: the per-call cost is one dict lookup
     memo_gen = [tuning.generation]
