@@ -227,7 +227,9 @@ PRESETS = {
                         (16, 128, 784, 512, 0.0, "large"), (16, 1024, 512, 256, 0.0, "large"),
                         (64, 128, 512, 256, 0.0, "large")],
                 bayes=[(16, 32, 256, 256, "small"), (16, 128, 784, 512, "large")],
-                stats=[(16, 1024, 10, "small"), (16, 8192, 10, "target"), (64, 8192, 100, "large")],
+                # "pool": the active study scoring a 30,000-image pool with a 3-member ensemble
+                stats=[(16, 1024, 10, "small"), (16, 8192, 10, "target"), (64, 8192, 100, "large"),
+                       (3, 30000, 10, "pool")],
                 xent=[(16, 128, 10, "small"), (16, 8192, 10, "large")], t=0.5, bf16=True),
     "gpu-quick": dict(linear=[(16, 32, 256, 256, 0.1, "small"), (16, 128, 784, 512, 0.1, "small"),
                               (16, 4096, 1024, 1024, 0.0, "large")],
@@ -241,7 +243,7 @@ PRESETS = {
                 bayes=[(16, 128, 784, 512, "small"), (16, 2048, 1024, 1024, "large"),
                        (64, 4096, 1024, 1024, "large")],
                 stats=[(16, 8192, 10, "small"), (16, 1 << 20, 10, "large"),
-                       (64, 1 << 18, 100, "large")],
+                       (64, 1 << 18, 100, "large"), (3, 30000, 10, "pool")],
                 xent=[(16, 8192, 10, "small"), (16, 1 << 20, 10, "large")], t=0.3, bf16=True),
 }
 

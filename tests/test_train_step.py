@@ -123,7 +123,7 @@ def test_retain_freed_cpu_memory_rejects_a_bad_limit(monkeypatch):
 
 def test_precision_is_validated_everywhere_it_enters():
     from faststeal import steal
-    from faststeal.experiment import Config
+    from faststeal.runs import Config
     from faststeal.models import build_model
     from faststeal.train_step import check_precision, make_train_step
 
