@@ -68,7 +68,8 @@ def test_info_reports_the_cpu_settings(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "cpu_retain_freed_memory  off (FASTSTEAL_RETAIN_CPU_MEMORY=0)" in out
     # the forced GEMM path is the only cpp candidate of the GEMM ops; tuning is reported off
-    assert "cpu   ensemble_linear          measures cpp:bmm, reference; default cpp:bmm" in out
+    assert ("cpu   ensemble_linear          cpp:bmm  (default; auto measures cpp:bmm, reference)"
+            in out)
     assert "tuning                   off (FASTSTEAL_TUNE=0)" in out
 
 

@@ -265,7 +265,9 @@ def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> dict[str, dict[st
                 cands.extend(variants(name, op, "fwd"))
             own = [c for c in cands if c.startswith(usable[0] + ":")]
             default = own[0] if len(own) == 1 else usable[0]
-            line = (f"measures {', '.join(cands)}; default {default}" if len(cands) > 1
+            # first the un-tuned default (what `auto` runs with FASTSTEAL_TUNE=0), then the set
+            # it measures
+            line = (f"{default}  (default; auto measures {', '.join(cands)})" if len(cands) > 1
                     else cands[0])
             out[dev][op] = line + (f"  (skipped {'; '.join(refusals)})" if refusals else "")
     return out
