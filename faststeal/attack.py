@@ -73,8 +73,12 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        member_chunk: Union[int, str, None] = None,
                        checkpoint: Optional[str] = None,
-                       log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                       log: Optional[Callable[[str], None]] = None,
+                       ood_x: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Train one method on the queried set and evaluate it on the test set.
+
+    ``ood_x``: (N_ood, ...) out-of-distribution inputs (another dataset, in the test set's input
+    space); with it the metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
 
     ``gather`` combines member predictions across ranks when the members are sharded
     (:mod:`faststeal.distributed`); metrics are then computed on all members.
@@ -102,13 +106,15 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         log(f"{method}: --member-chunk ignored (only the Deep Ensemble family trains its members "
             f"independently)")
     if member_chunk is not None and member_chunkable(method):
-        members, trace, hp_out, train_s, eval_s = _train_in_chunks(
-            method, x, targets, test_x, probe, hp, member_chunk, gather, checkpoint, log,
+        members, ood_members, trace, hp_out, train_s, eval_s = _train_in_chunks(
+            method, x, targets, test_x, ood_x, probe, hp, member_chunk, gather, checkpoint, log,
             build_kw, fit_kw)
         t_eval = time.perf_counter() - eval_s  # the blocks' test predictions count as eval
         # as Method.predict_proba, on the concatenated members (None when sharded: metrics
         # then average the gathered members, as without chunks)
         probs = None if gather is not None else torch.softmax(members.float(), dim=-1).mean(0)
+        ood_probs = (None if gather is not None or ood_members is None
+                     else torch.softmax(ood_members.float(), dim=-1).mean(0))
     else:
         m = build_method(method, **build_kw, **hp)
         if gather is not None:
@@ -121,15 +127,19 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         train_s = time.perf_counter() - t0
         t_eval = time.perf_counter()
         members = m.predict_members(test_x)
+        ood_members = None if ood_x is None else m.predict_members(ood_x)
         if gather is not None:
             members = gather(members)
-            probs = None
+            ood_members = None if ood_members is None else gather(ood_members)
+            probs = ood_probs = None
         else:
             probs = m.predict_proba(test_x)
+            ood_probs = None if ood_x is None else m.predict_proba(ood_x)
         trace, hp_out = list(m.trace), dict(m.hparams())
     check_finite(method, members, trace)
     res = metrics.evaluate(members, victim_labels, test_y, mean_probs=probs,
-                           victim_probs=victim_probs)
+                           victim_probs=victim_probs, ood_member_logits=ood_members,
+                           ood_mean_probs=ood_probs)
     res["train_seconds"] = train_s
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
@@ -209,10 +219,11 @@ class _ProbeRecorder:
         self.logits = {int(k): v.to(dev) for k, v in state["logits"].items()}
 
 
-def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, checkpoint, log,
-                     build_kw, fit_kw):
+def _train_in_chunks(method, x, targets, test_x, ood_x, probe, hp, chunk, gather, checkpoint,
+                     log, build_kw, fit_kw):
     """Train the members of ``hp["member_range"]`` (default: all) block by block; returns
-    (member test logits, combined trace, hparams, training seconds, prediction seconds)."""
+    (member test logits, member OOD logits or None, combined trace, hparams, training seconds,
+    prediction seconds)."""
     total = hp.get("members", METHODS[method].DEFAULTS["members"])
     lo, hi = hp.get("member_range") or (0, total)
     auto = chunk == "auto"
@@ -231,9 +242,10 @@ def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, check
             m.fit(x, targets, probe=probe, checkpoint=ckpt, **fit_kw)
             t_eval = time.perf_counter()
             logits = m.predict_members(test_x)
+            ood = None if ood_x is None else m.predict_members(ood_x)
             eval_s += time.perf_counter() - t_eval
-            blocks.append({"logits": logits, "trace": list(m.trace), "probe": rec.logits,
-                           "hparams": dict(m.hparams())})
+            blocks.append({"logits": logits, "ood": ood, "trace": list(m.trace),
+                           "probe": rec.logits, "hparams": dict(m.hparams())})
             start = stop
         except torch.cuda.OutOfMemoryError as exc:
             if not auto or stop - start == 1:
@@ -250,12 +262,14 @@ def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, check
                 f"blocks of {size} member(s) (--member-chunk auto)")
     train_s = time.perf_counter() - t0 - eval_s
     members = torch.cat([b["logits"] for b in blocks])
+    ood = None if ood_x is None else torch.cat([b["ood"] for b in blocks])
     if gather is not None:
         members = gather(members)
+        ood = None if ood is None else gather(ood)
     trace = _combine_traces(blocks, gather)
     hp_out = blocks[0]["hparams"]
     hp_out["member_range"] = hp.get("member_range")
-    return members, trace, hp_out, train_s, eval_s
+    return members, ood, trace, hp_out, train_s, eval_s
 
 
 def _combine_traces(blocks: list[dict[str, Any]], gather) -> list[dict]:

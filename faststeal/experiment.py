@@ -67,6 +67,9 @@ class Config:
     probe_size: int = 512
     record_every: int = 25
     split_seed: int = 0
+    # out-of-distribution set of the OOD AUROCs: a registry name, None (no OOD metrics) or
+    # "auto" (faststeal.data.DEFAULT_OOD: MNIST-5k for Fashion-MNIST, none for digits)
+    ood_dataset: Optional[str] = "auto"
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
@@ -113,6 +116,12 @@ class Config:
         choice("victim_arch", self.victim_arch, ARCHS)
         choice("surrogate_arch", self.surrogate_arch, ARCHS)
         choice("output_mode", self.output_mode, OUTPUT_MODES)
+        if self.ood_dataset not in (None, "auto"):
+            choice("ood_dataset", self.ood_dataset, DATASETS + ("auto",), " (or None)")
+            for what, name in (("dataset", self.dataset), ("pool_dataset", self.pool_dataset)):
+                if self.ood_dataset == name:
+                    raise ValueError(f"ood_dataset must differ from {what} ({name!r}): its "
+                                     "images would not be out of distribution")
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
         if not isinstance(self.methods, (list, tuple)):
@@ -180,6 +189,15 @@ class Config:
                 raise TypeError(f"method_params[{m!r}] must be a dict, got {type(hp).__name__}")
         return self
 
+    def resolved_ood_dataset(self) -> Optional[str]:
+        """The OOD dataset this run evaluates on (``"auto"`` resolved), or None."""
+        if self.ood_dataset != "auto":
+            return self.ood_dataset
+        from .data import DEFAULT_OOD
+
+        name = DEFAULT_OOD.get(self.dataset)
+        return None if name == self.pool_dataset else name
+
     def result_affecting(self) -> dict[str, Any]:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
@@ -214,7 +232,7 @@ def run_comparison(config: Config) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from . import attack
-    from .data import make_splits
+    from .data import make_splits, ood_images
     from .methods.checkpoint import CheckpointError
     from .oracle import Oracle
     from .results import ResultStore
@@ -250,9 +268,12 @@ def run_comparison(config: Config) -> dict[str, Any]:
         splits = make_splits(config.dataset, seed=config.split_seed,
                              victim_fraction=config.victim_fraction,
                              pool_dataset=config.pool_dataset, root=config.data_root)
+        ood_name = config.resolved_ood_dataset()
+        ood_x = None if ood_name is None else ood_images(ood_name, splits).to(dev)
         timing["data_s"] = time.perf_counter() - t0
         log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
-            f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
+            f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}, OOD "
+            + ("none" if ood_x is None else f"{ood_name} test split ({len(ood_x)})"))
         if config.budget > len(splits.pool):
             raise ValueError(f"budget ({config.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
@@ -277,6 +298,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
             store.set_meta("victim", {"arch": config.victim_arch, "dataset": config.dataset,
                                       "test_accuracy": vic.test_accuracy,
                                       "checkpoint": vic.cache_path})
+            store.set_meta("ood", {"dataset": ood_name,
+                                   "images": 0 if ood_x is None else len(ood_x)})
             # Fidelity is always measured against the undefended victim; the attacker sees the
             # defended one (faststeal.defenses).
             from .defenses import build_defense, query_until_refused
@@ -316,7 +339,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
                  for s in range(config.sweep_seeds)] if config.member_sweep else []
         common = dict(test_x=test_x, test_y=test_y, victim_labels=vlabels, victim_probs=kl_probs,
                       num_classes=splits.num_classes, epochs=config.epochs,
-                      batch_size=config.batch_size, lr=config.lr, device=dev, progress=progress)
+                      batch_size=config.batch_size, lr=config.lr, device=dev, progress=progress,
+                      ood_x=ood_x)
         todo = [c for c in cells + sweep if not store.has_cell(cell_id(*c))]
         if ctx.is_main:  # checkpoints of cells committed just before a kill
             for c in cells + sweep:

@@ -20,7 +20,8 @@ import numpy as np
 from .store import ResultStore
 
 METRICS = ("fidelity", "accuracy", "mean_member_fidelity", "ensemble_gain", "gain_over_baseline",
-           "kl", "variance", "mutual_info", "disagreement")
+           "kl", "variance", "mutual_info", "disagreement", "ece_victim", "ece", "brier", "nll",
+           "ood_auroc_entropy", "ood_auroc_mi", "ood_auroc_variance")
 METHOD_ORDER = ("baseline", "deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
 
 
@@ -64,6 +65,7 @@ def aggregate(store: ResultStore) -> dict[str, Any]:
         "config": store.get_meta("config"),
         "victim": store.get_meta("victim"),
         "queries": store.get_meta("queries"),
+        "ood": store.get_meta("ood"),
         "methods": methods,
         "member_sweep": {m: {str(s): _summary(v) for s, v in sorted(d.items())}
                          for m, d in sweep.items()},
@@ -102,6 +104,26 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_fmt(m.get('ensemble_gain'))} | {_fmt(m.get('gain_over_baseline'))} | "
             f"{_fmt(m.get('kl'), False)} | {_fmt(m.get('variance'), False)} | "
             f"{_fmt(m.get('mutual_info'), False)} | {_fmt(m.get('disagreement'))} |")
+    ood = (summary.get("ood") or {}).get("dataset")
+    lines += [
+        "",
+        "Uncertainty quality of the predictive p̄ on the test set: expected calibration error (15 "
+        "bins, %) against the victim's labels and the true labels, Brier score and NLL (nats) "
+        "against the true labels; AUROC (%) of telling "
+        + (f"`{ood}` test images (out of distribution)" if ood else "out-of-distribution images")
+        + " from the test set by predictive entropy, mutual information and variance"
+        + ("" if ood else " (no OOD set in this run)") + ".",
+        "",
+        "| method | S | n | ECE (victim) | ECE (true) | Brier | NLL | AUROC entropy | AUROC MI "
+        "| AUROC V |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary["methods"].items():
+        lines.append(
+            f"| {name} | {m.get('members')} | {m['fidelity']['n']} | {_fmt(m.get('ece_victim'))} "
+            f"| {_fmt(m.get('ece'))} | {_fmt(m.get('brier'), False)} | "
+            f"{_fmt(m.get('nll'), False)} | {_fmt(m.get('ood_auroc_entropy'))} | "
+            f"{_fmt(m.get('ood_auroc_mi'))} | {_fmt(m.get('ood_auroc_variance'))} |")
     for method, d in summary.get("member_sweep", {}).items():
         lines += ["", f"Fidelity of `{method}` against member count S:", "",
                   "| S | n | fidelity |", "|---|---|---|"]
