@@ -68,7 +68,8 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        test_x: torch.Tensor, test_y: torch.Tensor, victim_labels: torch.Tensor,
                        victim_probs: Optional[torch.Tensor], num_classes: int, seed: int,
                        epochs: int, batch_size: int, lr: float, device: str,
-                       probe: Optional[torch.Tensor] = None, record_every: int = 50,
+                       probe: Optional[torch.Tensor] = None,
+                       record_every: Optional[int] = None,
                        hparams: Optional[dict] = None, progress: bool = True,
                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        member_chunk: Union[int, str, None] = None,
@@ -77,7 +78,8 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        ood_x: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Train one method on the queried set and evaluate it on the test set.
 
-    ``ood_x``: (N_ood, ...) out-of-distribution inputs (another dataset, in the test set's input
+    ``record_every``: optimizer steps between diversity-trace records on ``probe`` (None:
+    :func:`trace_interval`, about ``TRACE_POINTS`` points). ``ood_x``: (N_ood, ...) out-of-distribution inputs (another dataset, in the test set's input
     space); with it the metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
 
     ``gather`` combines member predictions across ranks when the members are sharded
@@ -97,6 +99,8 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     member_chunk = check_member_chunk(member_chunk)
     log = log or _print_log
     hp = dict(hparams or {})
+    if record_every is None:
+        record_every = trace_interval(len(x), batch_size, epochs)
     fit_kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, record_every=record_every,
                   progress=progress)
     build_kw = dict(arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
@@ -144,6 +148,18 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
     return {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+
+
+#: points of an automatic diversity trace (``record_every=None``)
+TRACE_POINTS = 50
+
+
+def trace_interval(rows: int, batch_size: int, epochs: int, points: int = TRACE_POINTS) -> int:
+    """Optimizer steps between trace records so that a fit of ``epochs`` epochs over ``rows``
+    training rows in batches of ``batch_size`` records about ``points`` points (plus iteration
+    0 and the end); at least 1 (every step)."""
+    steps = max(1, math.ceil(rows / max(1, batch_size))) * max(1, epochs)
+    return max(1, steps // max(1, points))
 
 
 def _print_log(msg: str) -> None:

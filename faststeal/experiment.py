@@ -31,12 +31,11 @@ OUTPUT_MODES = ("label", "topk", "probs", "logits")
 # Presets. "default" is the main job (README's first command): the whole comparison on
 # Fashion-MNIST in under 10 minutes on a 2-core CPU (see docs/results.md for the measured time).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(budget=2000, seeds=1, epochs=3, member_sweep=(1, 2),
-                  probe_size=256, record_every=10),
+    "quick": dict(budget=2000, seeds=1, epochs=3, member_sweep=(1, 2), probe_size=256),
     "default": dict(budget=10000, seeds=3, epochs=8, member_sweep=(1, 2, 5, 10),
-                    probe_size=512, record_every=25),
+                    probe_size=512),
     "full": dict(budget=20000, seeds=5, epochs=20, victim_arch="cnn-wide", surrogate_arch="lenet",
-                 member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000, record_every=50),
+                 member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000),
 }
 
 
@@ -65,7 +64,9 @@ class Config:
     sweep_method: str = "deep-ensemble"
     sweep_seeds: int = 1
     probe_size: int = 512
-    record_every: int = 25
+    # optimizer steps between diversity-trace records; None: about attack.TRACE_POINTS points
+    # per fit (recording only reads the members: the training is the same either way)
+    record_every: Optional[int] = None
     split_seed: int = 0
     # out-of-distribution set of the OOD AUROCs: a registry name, None (no OOD metrics) or
     # "auto" (faststeal.data.DEFAULT_OOD: MNIST-5k for Fashion-MNIST, none for digits)
@@ -147,7 +148,8 @@ class Config:
             choice("sweep_method", self.sweep_method, ALL_METHODS)
         for name in ("budget", "seeds", "epochs", "batch_size", "probe_size",
                      "record_every", "sweep_seeds", "topk"):
-            pos_int(name, getattr(self, name))
+            if name != "record_every" or self.record_every is not None:
+                pos_int(name, getattr(self, name))
         if self.victim_epochs is not None:
             pos_int("victim_epochs", self.victim_epochs)
         pos_int("split_seed", self.split_seed, allow_zero=True)

@@ -1,5 +1,6 @@
 """Runners for the studies beyond the paper: active stealing, diversity-keeping ensembles and
-defended victims. Each writes JSON, a markdown table and PNG figures into an output folder.
+defended victims. Each writes JSON, a markdown table and figures (PDF and PNG, drawn by
+:mod:`faststeal.results.figures`) into an output folder.
 
 * :func:`run_active_study` — every query strategy (:mod:`faststeal.query`) through the active loop
   (:mod:`faststeal.active`) for several seeds; fidelity against budget of the retrained surrogate
@@ -86,13 +87,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (tuple, set)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _save_fig(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
 
 
 class CellStore:
@@ -233,13 +227,6 @@ def _fmt(m: float, s: float, pct: bool = True, digits: int = 1) -> str:
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # ------------------------------------------------------------------------------ active study
@@ -431,30 +418,10 @@ def _active_markdown(s: dict[str, Any]) -> str:
 
 def _active_figure(root: Path, table: dict, strategies: list[str], cps: list[int],
                    settings: dict[str, Any]) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, which, title in ((axes[0], "retrained", "retrained on the queried set"),
-                             (axes[1], "running", "running surrogate")):
-        for s in strategies:
-            rows = table[s][which]
-            m = np.array([rows[str(b)]["mean"] for b in cps]) * 100
-            sd = np.array([rows[str(b)]["std"] for b in cps]) * 100
-            style = dict(lw=2.4, color="black") if s == "random" else dict(lw=1.4)
-            (line,) = ax.plot(cps, m, marker="o", ms=3, label=s, **style)
-            ax.fill_between(cps, m - sd, m + sd, alpha=0.12, color=line.get_color())
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(cps)
-        ax.set_xticklabels([str(b) for b in cps])
-        ax.set_xlabel("queries (budget)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fidelity to the victim (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Active stealing, {settings['dataset']}: mean ± std over "
-                 f"{settings['seeds']} seeds", fontsize=10)
-    _save_fig(fig, root / "fidelity_vs_budget.png")
-    plt.close(fig)
+    from .results import figures
+
+    figures.active_fidelity_vs_budget(table, strategies, cps, str(root / "fidelity_vs_budget"),
+                                      dataset=settings["dataset"])
 
 
 # ------------------------------------------------------------------------------ diversity study
@@ -462,16 +429,19 @@ def _active_figure(root: Path, table: dict, strategies: list[str], cps: list[int
 def run_diversity_study(out: str | os.PathLike, *, variants: Sequence[str] = DIVERSITY_VARIANTS,
                         variant_params: Optional[dict[str, dict]] = None, budget: int = 2000,
                         seeds: int = 3, members: int = 5, arch: str = "mlp", epochs: int = 10,
-                        batch_size: int = 128, lr: float = 1e-3, record_every: int = 10,
+                        batch_size: int = 128, lr: float = 1e-3,
+                        record_every: Optional[int] = None,
                         output_mode: str = "label", dataset: str = "fashion-mnist",
                         victim_arch: str = "lenet", victim_epochs: Optional[int] = None,
                         device: str = "cpu", cache_dir: Optional[str] = None,
                         max_test: Optional[int] = None, probe_size: int = 1000,
                         setup: Optional[Setup] = None, force: bool = False,
                         progress: bool = True) -> dict[str, Any]:
-    """The Deep Ensemble and each diversity-keeping variant on the same random queries."""
+    """The Deep Ensemble and each diversity-keeping variant on the same random queries.
+
+    record_every: steps between V(t) records (None: ``attack.trace_interval``, ~50 points)."""
     from .active import evaluate_surrogate, make_method
-    from .attack import query as ask, random_queries
+    from .attack import query as ask, random_queries, trace_interval
     from .oracle import Oracle
 
     variant_params = {k: dict(v) for k, v in {**DIVERSITY_PARAMS, **(variant_params or {})}.items()
@@ -501,7 +471,8 @@ def run_diversity_study(out: str | os.PathLike, *, variants: Sequence[str] = DIV
         m = make_method(method, arch, tuple(x.shape[1:]), setup.splits.num_classes, seed=seed,
                         device=device, **hp)
         m.fit(x, y, epochs=epochs, batch_size=batch_size, lr=lr, probe=probe,
-              record_every=record_every, progress=False)
+              record_every=record_every or trace_interval(len(x), batch_size, epochs),
+              progress=False)
         _sync(device)
         train_s = time.perf_counter() - t0
         metrics = evaluate_surrogate(m, setup.test_x, setup.victim_labels, setup.test_y)
@@ -584,43 +555,13 @@ def _diversity_markdown(s: dict[str, Any]) -> str:
 
 def _diversity_figure(root: Path, cells: list[dict], variants: list[str],
                       settings: dict[str, Any]) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2),
-                             gridspec_kw={"width_ratios": [1.6, 1], "wspace": 0.45})
-    ax = axes[0]
-    for v in variants:
-        cs = [c for c in cells if c["variant"] == v]
-        its = [t["iteration"] for t in cs[0]["trace"]]
-        vals = np.array([[t["variance"] for t in c["trace"]] for c in cs
-                         if len(c["trace"]) == len(its)])
-        m, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
-        style = dict(lw=2.4, color="black") if v == "deep-ensemble" else dict(lw=1.4)
-        (line,) = ax.plot(its, m, label=v, **style)
-        ax.fill_between(its, np.maximum(m - sd, 1e-12), m + sd, alpha=0.12,
-                        color=line.get_color())
-    ax.set_yscale("log")
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("prediction variance V (probe set)")
-    ax.set_title("V(t): members' diversity over training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    means, stds = [], []
-    for v in variants:
-        m, s, _ = _mean_std(c["metrics"]["fidelity"] for c in cells if c["variant"] == v)
-        means.append(100 * m)
-        stds.append(100 * s)
-    ax.barh(range(len(variants)), means, xerr=stds, color="tab:blue", alpha=0.7)
-    ax.set_yticks(range(len(variants)))
-    ax.set_yticklabels(variants, fontsize=8)
-    lo = min(means) - 3 * max(max(stds), 0.5)
-    ax.set_xlim(lo, max(m + s for m, s in zip(means, stds, strict=True)) + 1)
-    ax.set_xlabel("fidelity (%)")
-    ax.set_title("fidelity (mean ± std)")
-    fig.suptitle(f"Diversity study, {settings['dataset']}, {settings['budget']} queries, "
-                 f"{settings['seeds']} seeds", fontsize=10)
-    _save_fig(fig, root / "variance_over_training.png")
-    plt.close(fig)
+    from .results import figures
+
+    curves = {v: [c["trace"] for c in cells if c["variant"] == v] for v in variants}
+    fids = {v: [c["metrics"]["fidelity"] for c in cells if c["variant"] == v] for v in variants}
+    figures.diversity(curves, fids, str(root / "variance_over_training"),
+                      title=f"Diversity study, {settings['dataset']}, {settings['budget']} queries, "
+                            f"S = {settings['members']} {settings['arch']} members")
 
 
 # ------------------------------------------------------------------------------ defence study
@@ -802,30 +743,11 @@ def _defense_markdown(s: dict[str, Any]) -> str:
 
 def _defense_figure(root: Path, table: dict, defenses: list[str], methods: list[str],
                     settings: dict[str, Any]) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    width = 0.8 / max(1, len(defenses))
-    for i, d in enumerate(defenses):
-        m = [100 * table[d]["methods"].get(x, {"fidelity": (np.nan, 0)})["fidelity"][0]
-             for x in methods]
-        s = [100 * table[d]["methods"].get(x, {"fidelity": (np.nan, 0)})["fidelity"][1]
-             for x in methods]
-        ax.bar(np.arange(len(methods)) + (i - (len(defenses) - 1) / 2) * width, m, width,
-               yerr=s, label=d, capsize=2)
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods)
-    finite = [100 * table[d]["methods"][x]["fidelity"][0] for d in defenses for x in methods
-              if x in table[d]["methods"] and not math.isnan(table[d]["methods"][x]["fidelity"][0])]
-    if finite:
-        ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 3))
-    ax.set_ylabel("fidelity to the undefended victim (%)")
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Defences, {settings['dataset']}, {settings['budget']} random "
-                 f"`{settings['output_mode']}` queries, mean ± std over {settings['seeds']} seeds",
-                 fontsize=10)
-    _save_fig(fig, root / "fidelity_by_defense.png")
-    plt.close(fig)
+    from .results import figures
+
+    figures.defense_fidelity(table, defenses, methods, str(root / "fidelity_by_defense"),
+                             title=f"Defences, {settings['dataset']}, {settings['budget']} random "
+                                   f"'{settings['output_mode']}' queries")
 
 
 # ------------------------------------------------------------------------------ command line

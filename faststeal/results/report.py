@@ -1,9 +1,10 @@
 """Tables and figures rebuilt from a run's database (``faststeal report DIR``).
 
 Exports: ``results.json`` (schema in the README), ``results.csv`` (one row per method and
-metric), ``results.md`` (the comparison table), and the figures ``variance_curve.png`` (V(t) per
-method, mean ± std over seeds), ``fidelity.png`` (fidelity per method with error bars) and
-``fidelity_vs_members.png`` (Deep Ensemble fidelity against member count).
+metric), ``results.md`` (the comparison table), and the figures (each as PDF and PNG)
+``variance_curve`` (V(t) per method, mean ± std over seeds), ``fidelity`` (fidelity per method,
+per seed and mean ± std) and ``fidelity_vs_members`` (Deep Ensemble fidelity against member
+count), drawn by :mod:`faststeal.results.figures`.
 """
 
 from __future__ import annotations
@@ -153,71 +154,27 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def figures(store: ResultStore, summary: dict[str, Any], directory: str) -> list[str]:
-    """Write the PNG figures; returns their paths (none when matplotlib is missing)."""
-    try:
-        import matplotlib
+    """Write the comparison's figures (PDF and PNG, :mod:`faststeal.results.figures`); returns
+    their paths (none when matplotlib is missing)."""
+    from . import figures as fig
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    paths = []
     main = store.cells("main")
-    # V(t) per method: mean ± std over seeds at each recorded iteration
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[list[dict]]] = defaultdict(list)
+    traces: dict[str, list[list[dict]]] = defaultdict(list)
+    fids: dict[str, list[float]] = defaultdict(list)
     for c in main:
-        by_method[c["method"]].append(store.trace(c["cell_id"]))
-    for name in _order(by_method):
-        traces = [t for t in by_method[name] if t]
-        if not traces:
-            continue
-        its = sorted(set.intersection(*[{r["iteration"] for r in t} for t in traces]))
-        if not its:
-            continue
-        vals = np.array([[next(r["variance"] for r in t if r["iteration"] == i) for i in its]
-                         for t in traces], dtype=float)
-        mean, std = vals.mean(0), vals.std(0)
-        ax.plot(its, mean, label=f"{name} (n={len(traces)})")
-        ax.fill_between(its, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("prediction variance V (probe set)")
-    ax.set_title("Member diversity over training (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(directory, "variance_curve.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    # fidelity per method with error bars
-    methods = summary["methods"]
-    if methods:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        names = list(methods)
-        means = [100 * methods[n]["fidelity"]["mean"] for n in names]
-        stds = [100 * methods[n]["fidelity"]["std"] for n in names]
-        ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        lo = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds)) + 2))
-        ax.set_ylabel("fidelity (%)")
-        n = methods[names[0]]["fidelity"]["n"]
-        ax.set_title(f"Fidelity per method (mean ± std, n={n} seeds)")
-        fig.tight_layout()
-        paths.append(os.path.join(directory, "fidelity.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    for method, d in summary.get("member_sweep", {}).items():
-        fig, ax = plt.subplots(figsize=(5, 4))
-        s = [int(k) for k in d]
-        ax.errorbar(s, [100 * d[k]["mean"] for k in d], yerr=[100 * d[k]["std"] for k in d],
-                    marker="o", capsize=4)
-        ax.set_xlabel("members S")
-        ax.set_ylabel("fidelity (%)")
-        ax.set_xticks(s)
-        ax.set_title(f"{method}: fidelity vs members (n={next(iter(d.values()))['n']})")
-        fig.tight_layout()
-        paths.append(os.path.join(directory, "fidelity_vs_members.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        traces[c["method"]].append(store.trace(c["cell_id"]))
+        fids[c["method"]].append(c["metrics"]["fidelity"])
+    paths = fig.variance_curves({m: traces[m] for m in _order(traces)},
+                                os.path.join(directory, "variance_curve"))
+    if fids:
+        paths += fig.fidelity_by_method({m: fids[m] for m in _order(fids)},
+                                        os.path.join(directory, "fidelity"))
+    sweep: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in store.cells("sweep"):
+        sweep[c["method"]][int(c["members"])].append(c["metrics"]["fidelity"])
+    for method, points in sweep.items():
+        paths += fig.fidelity_vs_members(points, os.path.join(directory, "fidelity_vs_members"),
+                                         method=method, baseline=fids.get("baseline"))
     return paths
 
 
