@@ -239,7 +239,10 @@ def active_fidelity_vs_budget(table: Mapping[str, Mapping[str, Mapping[str, Mapp
                         label=s, zorder=3 if ref else 2)
                 if n > 1:
                     ax.fill_between(budgets, m - sd, m + sd, color=c, alpha=0.10, lw=0)
-                lo, hi = min(lo, float(np.nanmin(m))), max(hi, float(np.nanmax(m)))
+                else:
+                    sd = np.zeros_like(m)
+                lo = min(lo, float(np.nanmin(m - sd)))
+                hi = max(hi, float(np.nanmax(m + sd)))
             ax.set_xscale("log")
             ax.minorticks_off()
             ax.set_xticks(list(budgets))
