@@ -79,8 +79,9 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     """Train one method on the queried set and evaluate it on the test set.
 
     ``record_every``: optimizer steps between diversity-trace records on ``probe`` (None:
-    :func:`trace_interval`, about ``TRACE_POINTS`` points). ``ood_x``: (N_ood, ...) out-of-distribution inputs (another dataset, in the test set's input
-    space); with it the metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
+    :func:`trace_interval`, about ``TRACE_POINTS`` points). ``ood_x``: (N_ood, ...)
+    out-of-distribution inputs (another dataset, in the test set's input space); with it the
+    metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
 
     ``gather`` combines member predictions across ranks when the members are sharded
     (:mod:`faststeal.distributed`); metrics are then computed on all members.

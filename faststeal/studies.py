@@ -560,8 +560,8 @@ def _diversity_figure(root: Path, cells: list[dict], variants: list[str],
     curves = {v: [c["trace"] for c in cells if c["variant"] == v] for v in variants}
     fids = {v: [c["metrics"]["fidelity"] for c in cells if c["variant"] == v] for v in variants}
     figures.diversity(curves, fids, str(root / "variance_over_training"),
-                      title=f"Diversity study, {settings['dataset']}, {settings['budget']} queries, "
-                            f"S = {settings['members']} {settings['arch']} members")
+                      title=f"Diversity study, {settings['dataset']}, {settings['budget']} "
+                            f"queries, S = {settings['members']} {settings['arch']} members")
 
 
 # ------------------------------------------------------------------------------ defence study

