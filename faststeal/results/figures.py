@@ -295,14 +295,15 @@ def diversity(curves: Mapping[str, Sequence[Sequence[dict]]],
 def defense_fidelity(table: Mapping[str, Mapping[str, Any]], defenses: Sequence[str],
                      methods: Sequence[str], stem: str, *, title: str) -> list[str]:
     """Defended victims: fidelity to the undefended victim per method (groups) and defence
-    (markers). ``table[defence]["methods"][method]`` = {"fidelity": (mean, std), "n"}."""
+    (markers). ``table[defence]["methods"][method]`` = {"fidelity": (mean, std), "n"}; a std of
+    None (not recorded) draws the mean alone."""
     if not style.available():
         return []
     with style.plotting() as plt:
         fig, ax = plt.subplots(figsize=(style.WIDTH_FULL, 2.9))
         width = 0.8 / max(1, len(defenses))
         markers = "osD^vPX*"
-        lo, hi, ns = math.inf, -math.inf, []
+        lo, hi, ns, unrecorded = math.inf, -math.inf, [], False
         for i, d in enumerate(defenses):
             xs, m, sd = [], [], []
             for j, meth in enumerate(methods):
@@ -311,7 +312,9 @@ def defense_fidelity(table: Mapping[str, Mapping[str, Any]], defenses: Sequence[
                     continue
                 xs.append(j + (i - (len(defenses) - 1) / 2) * width)
                 m.append(100 * r["fidelity"][0])
-                sd.append(100 * r["fidelity"][1] if r["n"] > 1 else 0.0)
+                std = r["fidelity"][1]
+                sd.append(100 * std if r["n"] > 1 and std is not None else 0.0)
+                unrecorded = unrecorded or (r["n"] > 1 and std is None)
                 ns.append(r["n"])
             if not xs:
                 continue
@@ -330,7 +333,8 @@ def defense_fidelity(table: Mapping[str, Mapping[str, Any]], defenses: Sequence[
             ax.set_ylim(*_span(lo, hi))
         ax.set_ylabel("fidelity to the undefended victim (%)")
         n = _same_n(ns)
+        head = style.n_label(n) if n else "n varies"
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0,
-                  title=style.n_label(n) if n else "n varies")
+                  title=head + ("\n(std where recorded)" if unrecorded else ""))
         ax.set_title(title)
         return style.save(fig, stem)
