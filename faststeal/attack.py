@@ -115,11 +115,7 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
             method, x, targets, test_x, ood_x, probe, hp, member_chunk, gather, checkpoint, log,
             build_kw, fit_kw)
         t_eval = time.perf_counter() - eval_s  # the blocks' test predictions count as eval
-        # as Method.predict_proba, on the concatenated members (None when sharded: metrics
-        # then average the gathered members, as without chunks)
-        probs = None if gather is not None else torch.softmax(members.float(), dim=-1).mean(0)
-        ood_probs = (None if gather is not None or ood_members is None
-                     else torch.softmax(ood_members.float(), dim=-1).mean(0))
+        probs, ood_probs = _mean_softmax(members), _mean_softmax(ood_members)
     else:
         m = build_method(method, **build_kw, **hp)
         if gather is not None:
@@ -136,7 +132,7 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         if gather is not None:
             members = gather(members)
             ood_members = None if ood_members is None else gather(ood_members)
-            probs = ood_probs = None
+            probs, ood_probs = _mean_softmax(members), _mean_softmax(ood_members)
         else:
             probs = m.predict_proba(test_x)
             ood_probs = None if ood_x is None else m.predict_proba(ood_x)
@@ -149,6 +145,13 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
     return {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+
+
+def _mean_softmax(members: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """p̄ of (S, B, C) member logits exactly as ``Method.predict_proba`` computes it, for members
+    trained in blocks or gathered from ranks: the same formula on the same members gives the
+    same p̄, prediction and calibration to the last bit as one process."""
+    return None if members is None else torch.softmax(members.float(), dim=-1).mean(0)
 
 
 #: points of an automatic diversity trace (``record_every=None``)
