@@ -9,8 +9,9 @@ the paths ([] when matplotlib is missing). Conventions, the same in every figure
 - fidelity is in percent on an axis that spans at least :data:`MIN_SPAN` points, so seed noise
   is not blown up to fill the plot; dot plots instead of bars (no bar starting at an arbitrary
   value);
-- diversity curves use a log axis over training epochs and leave out points where V = 0 (a single
-  network: the baseline, SWAG before it collects, Laplace before its posterior exists).
+- diversity curves use a log axis over training epochs and leave out points where V <= 1e-12 (a
+  single network up to rounding: the baseline, SWAG before its second snapshot, Laplace before its
+  posterior exists).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from . import style
 
 #: smallest span (percentage points) of a fidelity axis
 MIN_SPAN = 4.0
+#: V at or below this is one network up to float rounding (SWAG's first snapshot: ~1e-15)
+V_ZERO = 1e-12
 
 
 def _stats(values: Any) -> tuple[float, float, int]:
@@ -76,7 +79,7 @@ def _draw_variance(ax: Any, curves: Mapping[str, Sequence[Sequence[dict]]],
         xs, vals = [], []
         for it in its:
             v = [float(b[it]["variance"]) for b in by_it]
-            if all(x > 0 for x in v):
+            if all(x > V_ZERO for x in v):
                 xs.append(float(by_it[0][it].get("epoch", it)))
                 vals.append(v)
         if not vals:
@@ -223,7 +226,7 @@ def fidelity_vs_members(points: Mapping[int, Any], stem: str, *, method: str,
         ax.set_ylim(*_span(lo, hi))
         ax.set_xlabel("members S")
         ax.set_ylabel("fidelity to the victim (%)")
-        ax.legend(loc="best")
+        ax.legend(loc="lower right")
         return style.save(fig, stem)
 
 
