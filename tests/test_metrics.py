@@ -170,7 +170,7 @@ def test_uncertainty_metrics_reject_bad_input():
 # ---------------------------------------------------------------- the OOD set of a run
 
 def test_ood_dataset_config():
-    from faststeal.experiment import Config
+    from faststeal.runs import Config
 
     assert Config().resolved_ood_dataset() == "mnist5k"  # Fashion-MNIST's default
     assert Config(dataset="digits").resolved_ood_dataset() is None

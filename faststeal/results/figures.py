@@ -298,8 +298,8 @@ def diversity(curves: Mapping[str, Sequence[Sequence[dict]]],
 def defense_fidelity(table: Mapping[str, Mapping[str, Any]], defenses: Sequence[str],
                      methods: Sequence[str], stem: str, *, title: str) -> list[str]:
     """Defended victims: fidelity to the undefended victim per method (groups) and defence
-    (markers). ``table[defence]["methods"][method]`` = {"fidelity": (mean, std), "n"}; a std of
-    None (not recorded) draws the mean alone."""
+    (markers). ``table[defence]["methods"][method]["fidelity"]`` = {"mean", "std", "n"} (or
+    ``{"fidelity": (mean, std), "n"}``); a std of None (not recorded) draws the mean alone."""
     if not style.available():
         return []
     with style.plotting() as plt:
@@ -311,14 +311,19 @@ def defense_fidelity(table: Mapping[str, Mapping[str, Any]], defenses: Sequence[
             xs, m, sd = [], [], []
             for j, meth in enumerate(methods):
                 r = table[d]["methods"].get(meth)
-                if r is None or math.isnan(r["fidelity"][0]):
+                if r is None:
+                    continue
+                f = r["fidelity"]
+                mean, std, n = ((f["mean"], f["std"], f["n"]) if isinstance(f, Mapping)
+                                else (f[0], f[1], r["n"]))
+                if mean is None or math.isnan(mean):
                     continue
                 xs.append(j + (i - (len(defenses) - 1) / 2) * width)
-                m.append(100 * r["fidelity"][0])
-                std = r["fidelity"][1]
-                sd.append(100 * std if r["n"] > 1 and std is not None else 0.0)
-                unrecorded = unrecorded or (r["n"] > 1 and std is None)
-                ns.append(r["n"])
+                m.append(100 * mean)
+                sd.append(100 * std if n > 1 and std is not None and not math.isnan(std)
+                          else 0.0)
+                unrecorded = unrecorded or (n > 1 and std is None)
+                ns.append(n)
             if not xs:
                 continue
             c = style.REFERENCE_COLOR if d == "none" else style.PALETTE[(i - 1) %
