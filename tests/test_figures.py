@@ -9,7 +9,6 @@ from matplotlib.container import ErrorbarContainer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from faststeal.results import ResultStore, figures, style  # noqa: E402
-from faststeal.results.report import write_report  # noqa: E402
 
 
 @pytest.fixture
@@ -124,6 +123,8 @@ def test_no_matplotlib_no_figures(tmp_path, monkeypatch):
 
 
 def test_report_writes_every_comparison_figure_in_both_formats(tmp_path):
+    from faststeal.runs import write_report
+
     s = ResultStore(str(tmp_path), {"dataset": "digits", "budget": 100})
     for seed in (0, 1):
         for method, fid in (("baseline", 0.8), ("deep-ensemble", 0.84)):
