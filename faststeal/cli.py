@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None, help="victim dataset (default fashion-mnist)")
     r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
     r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
+    r.add_argument("--ood-dataset", default=None, metavar="NAME|auto|none",
+                   help="out-of-distribution set of the OOD AUROCs (default auto: mnist5k for "
+                        "fashion-mnist, none for digits)")
     r.add_argument("--download", action="store_true",
                    help="download a missing mnist/cifar10/fashion-mnist with torchvision "
                         "(into --data-root, else the cache folder)")
@@ -222,6 +225,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
                 params[key] = value
         overrides["defense_params"] = params
     cfg = Config.from_preset(args.preset, **overrides)
+    if args.ood_dataset is not None:
+        cfg.ood_dataset = None if args.ood_dataset == "none" else args.ood_dataset
     cfg.force = args.force
     cfg.progress = not args.no_progress
     cfg.shard_members = args.shard_members

@@ -171,6 +171,15 @@ class TestMethodContract:
             assert tr[2]["members"] == EXPECTED_S["swag"] and tr[2]["variance"] < 1e-12
             assert tr[3]["members"] == EXPECTED_S["swag"] and tr[3]["variance"] > 0.0
 
+    def test_trace_interval_does_not_change_the_fit(self, name):
+        # recording only reads the members (prediction re-seeds inside a forked RNG): a trace at
+        # every step must leave the trained members bit-identical, with the same shared points
+        a = fitted(name)
+        b = make(name).fit(X, Y, probe=PROBE, **{**FIT, "record_every": 1})
+        assert torch.equal(a.predict_members(XT), b.predict_members(XT))
+        dense = {t["iteration"]: t for t in b.trace}
+        assert len(b.trace) == 21 and all(dense[t["iteration"]] == t for t in a.trace)
+
     def test_trace_matches_hand_computed_statistics(self, name, monkeypatch):
         m = make(name)
         gen = torch.Generator().manual_seed(5)
