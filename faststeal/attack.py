@@ -86,13 +86,20 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        test_x: torch.Tensor, test_y: torch.Tensor, victim_labels: torch.Tensor,
                        victim_probs: Optional[torch.Tensor], num_classes: int, seed: int,
                        epochs: int, batch_size: int, lr: float, device: str,
-                       probe: Optional[torch.Tensor] = None, record_every: int = 50,
+                       probe: Optional[torch.Tensor] = None,
+                       record_every: Optional[int] = None,
                        hparams: Optional[dict] = None, progress: bool = True,
                        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        member_chunk: Union[int, str, None] = None,
                        checkpoint: Optional[str] = None,
-                       log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                       log: Optional[Callable[[str], None]] = None,
+                       ood_x: Optional[torch.Tensor] = None) -> dict[str, Any]:
     """Train one method on the queried set and evaluate it on the test set.
+
+    ``record_every``: optimizer steps between diversity-trace records on ``probe`` (None:
+    :func:`trace_interval`, about ``TRACE_POINTS`` points). ``ood_x``: (N_ood, ...)
+    out-of-distribution inputs (another dataset, in the test set's input space); with it the
+    metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
 
     ``gather`` combines member predictions across ranks when the members are sharded
     (:mod:`faststeal.distributed`); metrics are then computed on all members.
@@ -111,6 +118,8 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     member_chunk = check_member_chunk(member_chunk)
     log = log or _print_log
     hp = dict(hparams or {})
+    if record_every is None:
+        record_every = trace_interval(len(x), batch_size, epochs)
     fit_kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, record_every=record_every,
                   progress=progress)
     build_kw = dict(arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
@@ -120,13 +129,11 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         log(f"{method}: --member-chunk ignored (only the Deep Ensemble family trains its members "
             f"independently)")
     if member_chunk is not None and member_chunkable(method):
-        members, trace, hp_out, train_s, eval_s = _train_in_chunks(
-            method, x, targets, test_x, probe, hp, member_chunk, gather, checkpoint, log,
+        members, ood_members, trace, hp_out, train_s, eval_s = _train_in_chunks(
+            method, x, targets, test_x, ood_x, probe, hp, member_chunk, gather, checkpoint, log,
             build_kw, fit_kw)
         t_eval = time.perf_counter() - eval_s  # the blocks' test predictions count as eval
-        # as Method.predict_proba, on the concatenated members (None when sharded: metrics
-        # then average the gathered members, as without chunks)
-        probs = None if gather is not None else torch.softmax(members.float(), dim=-1).mean(0)
+        probs, ood_probs = _mean_softmax(members), _mean_softmax(ood_members)
     else:
         m = build_method(method, **build_kw, **hp)
         if gather is not None:
@@ -139,19 +146,42 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         train_s = time.perf_counter() - t0
         t_eval = time.perf_counter()
         members = m.predict_members(test_x)
+        ood_members = None if ood_x is None else m.predict_members(ood_x)
         if gather is not None:
             members = gather(members)
-            probs = None
+            ood_members = None if ood_members is None else gather(ood_members)
+            probs, ood_probs = _mean_softmax(members), _mean_softmax(ood_members)
         else:
             probs = m.predict_proba(test_x)
+            ood_probs = None if ood_x is None else m.predict_proba(ood_x)
         trace, hp_out = list(m.trace), dict(m.hparams())
     check_finite(method, members, trace)
     res = metrics.evaluate(members, victim_labels, test_y, mean_probs=probs,
-                           victim_probs=victim_probs)
+                           victim_probs=victim_probs, ood_member_logits=ood_members,
+                           ood_mean_probs=ood_probs)
     res["train_seconds"] = train_s
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
     return {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+
+
+def _mean_softmax(members: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """p̄ of (S, B, C) member logits exactly as ``Method.predict_proba`` computes it, for members
+    trained in blocks or gathered from ranks: the same formula on the same members gives the
+    same p̄, prediction and calibration to the last bit as one process."""
+    return None if members is None else torch.softmax(members.float(), dim=-1).mean(0)
+
+
+#: points of an automatic diversity trace (``record_every=None``)
+TRACE_POINTS = 50
+
+
+def trace_interval(rows: int, batch_size: int, epochs: int, points: int = TRACE_POINTS) -> int:
+    """Optimizer steps between trace records so that a fit of ``epochs`` epochs over ``rows``
+    training rows in batches of ``batch_size`` records about ``points`` points (plus iteration
+    0 and the end); at least 1 (every step)."""
+    steps = max(1, math.ceil(rows / max(1, batch_size))) * max(1, epochs)
+    return max(1, steps // max(1, points))
 
 
 def _print_log(msg: str) -> None:
@@ -227,10 +257,11 @@ class _ProbeRecorder:
         self.logits = {int(k): v.to(dev) for k, v in state["logits"].items()}
 
 
-def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, checkpoint, log,
-                     build_kw, fit_kw):
+def _train_in_chunks(method, x, targets, test_x, ood_x, probe, hp, chunk, gather, checkpoint,
+                     log, build_kw, fit_kw):
     """Train the members of ``hp["member_range"]`` (default: all) block by block; returns
-    (member test logits, combined trace, hparams, training seconds, prediction seconds)."""
+    (member test logits, member OOD logits or None, combined trace, hparams, training seconds,
+    prediction seconds)."""
     total = hp.get("members", METHODS[method].DEFAULTS["members"])
     lo, hi = hp.get("member_range") or (0, total)
     auto = chunk == "auto"
@@ -249,9 +280,10 @@ def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, check
             m.fit(x, targets, probe=probe, checkpoint=ckpt, **fit_kw)
             t_eval = time.perf_counter()
             logits = m.predict_members(test_x)
+            ood = None if ood_x is None else m.predict_members(ood_x)
             eval_s += time.perf_counter() - t_eval
-            blocks.append({"logits": logits, "trace": list(m.trace), "probe": rec.logits,
-                           "hparams": dict(m.hparams())})
+            blocks.append({"logits": logits, "ood": ood, "trace": list(m.trace),
+                           "probe": rec.logits, "hparams": dict(m.hparams())})
             start = stop
         except torch.cuda.OutOfMemoryError as exc:
             if not auto or stop - start == 1:
@@ -268,12 +300,14 @@ def _train_in_chunks(method, x, targets, test_x, probe, hp, chunk, gather, check
                 f"blocks of {size} member(s) (--member-chunk auto)")
     train_s = time.perf_counter() - t0 - eval_s
     members = torch.cat([b["logits"] for b in blocks])
+    ood = None if ood_x is None else torch.cat([b["ood"] for b in blocks])
     if gather is not None:
         members = gather(members)
+        ood = None if ood is None else gather(ood)
     trace = _combine_traces(blocks, gather)
     hp_out = blocks[0]["hparams"]
     hp_out["member_range"] = hp.get("member_range")
-    return members, trace, hp_out, train_s, eval_s
+    return members, ood, trace, hp_out, train_s, eval_s
 
 
 def _combine_traces(blocks: list[dict[str, Any]], gather) -> list[dict]:
@@ -337,15 +371,20 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
           output_mode: str = "label", seeds: Union[int, Sequence[int]] = 1, epochs: int = 10,
           batch_size: int = 128, lr: float = 1e-3, device: str = "cpu",
           victim_outputs_kind: str = "logits", query_seed: int = 0, progress: bool = True,
-          method_params: Optional[dict[str, dict]] = None) -> dict[str, Any]:
+          method_params: Optional[dict[str, dict]] = None,
+          precision: str = "fp32") -> dict[str, Any]:
     """Steal ``victim`` with a query budget and report each method's metrics per seed.
 
     victim: ``nn.Module`` or callable mapping a (B, ...) batch to (B, C) logits (or
     probabilities with ``victim_outputs_kind="probs"``); pool: attacker images (N, ...) (labels,
     if given, are ignored); test: (x, y) or a Dataset of (x, y) (or x alone: accuracy is then
     against the victim). Returns ``{"victim_test_accuracy", "queries", "results": {method:
-    [per-seed metrics]}}``.
+    [per-seed metrics]}}``. precision: ``"fp32"`` or ``"bf16"`` (bfloat16 compute in the
+    surrogates' stacked layers, float32 weights, optimizer, loss and metrics).
     """
+    from .train_step import check_precision
+
+    check_precision(precision)
     pool_x, _ = _as_xy("pool", pool)
     test_x, test_y = _as_xy("test", test)
     positive_int("budget", budget)
@@ -376,7 +415,9 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
                 test_y=test_y, victim_labels=vlabels,
                 victim_probs=vprobs if output_mode in ("probs", "logits") else None,
                 num_classes=num_classes, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                device=device, hparams=(method_params or {}).get(method), progress=progress)
+                device=device, progress=progress,
+                hparams={**({"precision": precision} if precision != "fp32" else {}),
+                         **((method_params or {}).get(method) or {})})
             results.setdefault(method, []).append({"seed": seed, **r["metrics"]})
     return {"victim_test_accuracy": float((vlabels == test_y).float().mean()),
             "queries": {"used": oracle.used, "budget": oracle.budget}, "results": results}

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None, help="victim dataset (default fashion-mnist)")
     r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
     r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
+    r.add_argument("--ood-dataset", default=None, metavar="NAME|auto|none",
+                   help="out-of-distribution set of the OOD AUROCs (default auto: mnist5k for "
+                        "fashion-mnist, none for digits)")
     r.add_argument("--download", action="store_true",
                    help="download a missing mnist/cifar10/fashion-mnist with torchvision "
                         "(into --data-root, else the cache folder)")
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     r.add_argument("--epochs", type=int, default=None, help="surrogate training epochs")
     r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="compute dtype of the surrogates' stacked layers (bf16: float32 weights, "
+                        "optimizer and loss; fast on CPUs with AMX/AVX512-BF16 and on GPUs)")
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--member-sweep", default=None,
                    help="comma-separated member counts for the Deep Ensemble sweep ('' = none)")
@@ -190,8 +196,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
         victim_arch=args.victim_arch, surrogate_arch=args.surrogate_arch,
         victim_epochs=args.victim_epochs, budget=args.budget, output_mode=args.output_mode,
         topk=args.topk, temperature=args.temperature, decimals=args.decimals, seeds=args.seeds,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-        out=args.out, cache_dir=args.cache_dir, methods=args.methods,
+        epochs=args.epochs, batch_size=args.batch_size, precision=args.precision, lr=args.lr,
+        device=args.device, out=args.out, cache_dir=args.cache_dir, methods=args.methods,
         download=args.download or None)
     if args.member_sweep is not None:
         try:
@@ -219,6 +225,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
                 params[key] = value
         overrides["defense_params"] = params
     cfg = Config.from_preset(args.preset, **overrides)
+    if args.ood_dataset is not None:
+        cfg.ood_dataset = None if args.ood_dataset == "none" else args.ood_dataset
     cfg.force = args.force
     cfg.progress = not args.no_progress
     cfg.shard_members = args.shard_members

@@ -154,3 +154,25 @@ def make_splits(dataset: str = DEFAULT_DATASET, seed: int = 0, victim_fraction: 
                   victim_idx=victim_idx, pool_idx=pool_idx, pool_name=pool_name, seed=seed,
                   victim_fraction=float(victim_fraction), max_train=max_train,
                   mean=train.mean or (), std=train.std or ())
+
+
+#: The out-of-distribution set of each victim dataset for the OOD AUROCs (``ood_dataset="auto"``):
+#: another offline source of the same image size with other content, or None where the registry
+#: has none (digits: 8×8 digits, and every other offline set is digits or clothing shrunk to 8×8;
+#: CIFAR-10: no other RGB set offline).
+DEFAULT_OOD: dict[str, str | None] = {"fashion-mnist": "mnist5k", "mnist5k": "fashion-mnist",
+                                      "mnist": "fashion-mnist", "digits": None, "cifar10": None}
+
+
+def ood_images(name: str, like: Splits, root: str | Path | None = None) -> Tensor:
+    """The test split of registry dataset ``name`` in ``like``'s input space (resized,
+    channel-converted, normalised with ``like``'s training statistics, :func:`adapt_images`):
+    (N, C, H, W) float32 out-of-distribution inputs. Its own test split, so the images are
+    never in an attacker's cross-dataset pool (which takes the train split and the test split;
+    :class:`faststeal.runs.Config` refuses an OOD set equal to the pool dataset)."""
+    check_name(name, "ood_dataset")
+    if name == like.name:
+        raise ValueError(f"ood_dataset must differ from the victim's dataset {like.name!r}")
+    _, raw_test = load_raw(name, root)
+    return adapt_images(torch.from_numpy(raw_test.to_unit()), like.input_shape, like.mean,
+                        like.std)

@@ -2,9 +2,10 @@
 dispatches here through :class:`faststeal.runs.comparison.ComparisonStudy`).
 
 Exports: ``results.json`` (schema in the README), ``results.csv`` (one row per method and
-metric), ``results.md`` (the comparison table), and the figures ``variance_curve.png`` (V(t) per
-method, mean ± std over seeds), ``fidelity.png`` (fidelity per method with error bars) and
-``fidelity_vs_members.png`` (Deep Ensemble fidelity against member count).
+metric), ``results.md`` (the comparison table), and the figures (each as PDF and PNG)
+``variance_curve`` (V(t) per method, mean ± std over seeds), ``fidelity`` (fidelity per method,
+per seed and mean ± std) and ``fidelity_vs_members`` (Deep Ensemble fidelity against member
+count), drawn by :mod:`faststeal.results.figures`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..files import atomic_write
 from .store import ResultStore
 
 METRICS = ("fidelity", "accuracy", "mean_member_fidelity", "ensemble_gain", "gain_over_baseline",
-           "kl", "variance", "mutual_info", "disagreement")
+           "kl", "variance", "mutual_info", "disagreement", "ece_victim", "ece", "brier", "nll",
+           "ood_auroc_entropy", "ood_auroc_mi", "ood_auroc_variance")
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def aggregate(store: ResultStore) -> dict[str, Any]:
         "config": store.get_meta("config"),
         "victim": store.get_meta("victim"),
         "queries": store.get_meta("queries"),
+        "ood": store.get_meta("ood"),
         "methods": methods,
         "member_sweep": {m: {str(s): _summary(v) for s, v in sorted(d.items())}
                          for m, d in sweep.items()},
@@ -104,6 +107,26 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{_fmt(m.get('ensemble_gain'))} | {_fmt(m.get('gain_over_baseline'))} | "
             f"{_fmt(m.get('kl'), False)} | {_fmt(m.get('variance'), False)} | "
             f"{_fmt(m.get('mutual_info'), False)} | {_fmt(m.get('disagreement'))} |")
+    ood = (summary.get("ood") or {}).get("dataset")
+    lines += [
+        "",
+        "Uncertainty quality of the predictive p̄ on the test set: expected calibration error (15 "
+        "bins, %) against the victim's labels and the true labels, Brier score and NLL (nats) "
+        "against the true labels; AUROC (%) of telling "
+        + (f"`{ood}` test images (out of distribution)" if ood else "out-of-distribution images")
+        + " from the test set by predictive entropy, mutual information and variance"
+        + ("" if ood else " (no OOD set in this run)") + ".",
+        "",
+        "| method | S | n | ECE (victim) | ECE (true) | Brier | NLL | AUROC entropy | AUROC MI "
+        "| AUROC V |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary["methods"].items():
+        lines.append(
+            f"| {name} | {m.get('members')} | {m['fidelity']['n']} | {_fmt(m.get('ece_victim'))} "
+            f"| {_fmt(m.get('ece'))} | {_fmt(m.get('brier'), False)} | "
+            f"{_fmt(m.get('nll'), False)} | {_fmt(m.get('ood_auroc_entropy'))} | "
+            f"{_fmt(m.get('ood_auroc_mi'))} | {_fmt(m.get('ood_auroc_variance'))} |")
     for method, d in summary.get("member_sweep", {}).items():
         lines += ["", f"Fidelity of `{method}` against member count S:", "",
                   "| S | n | fidelity |", "|---|---|---|"]
@@ -128,80 +151,26 @@ def write_csv(summary: dict[str, Any], path: str) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def plt_agg() -> Any:
-    """matplotlib.pyplot on the non-interactive Agg backend (ImportError without matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figures(store: ResultStore, summary: dict[str, Any], directory: str) -> list[str]:
-    """Write the PNG figures; returns their paths (none when matplotlib is missing)."""
-    try:
-        import matplotlib
+    """Write the comparison's figures (PDF and PNG, :mod:`faststeal.results.figures`); returns
+    their paths (none when matplotlib is missing)."""
+    from . import figures as fig
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    paths = []
     main = store.cells("main")
-    # V(t) per method: mean ± std over seeds at each recorded iteration
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[list[dict]]] = defaultdict(list)
+    traces: dict[str, list[list[dict]]] = defaultdict(list)
+    fids: dict[str, list[float]] = defaultdict(list)
     for c in main:
-        by_method[c["method"]].append(store.trace(c["cell_id"]))
-    for name in _order(by_method):
-        traces = [t for t in by_method[name] if t]
-        if not traces:
-            continue
-        its = sorted(set.intersection(*[{r["iteration"] for r in t} for t in traces]))
-        if not its:
-            continue
-        vals = np.array([[next(r["variance"] for r in t if r["iteration"] == i) for i in its]
-                         for t in traces], dtype=float)
-        mean, std = vals.mean(0), vals.std(0)
-        ax.plot(its, mean, label=f"{name} (n={len(traces)})")
-        ax.fill_between(its, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("prediction variance V (probe set)")
-    ax.set_title("Member diversity over training (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(directory, "variance_curve.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    # fidelity per method with error bars
-    methods = summary["methods"]
-    if methods:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        names = list(methods)
-        means = [100 * methods[n]["fidelity"]["mean"] for n in names]
-        stds = [100 * methods[n]["fidelity"]["std"] for n in names]
-        ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        lo = min(m - s for m, s in zip(means, stds))
-        ax.set_ylim(max(0.0, lo - 3), min(100.0, max(m + s for m, s in zip(means, stds)) + 2))
-        ax.set_ylabel("fidelity (%)")
-        n = methods[names[0]]["fidelity"]["n"]
-        ax.set_title(f"Fidelity per method (mean ± std, n={n} seeds)")
-        fig.tight_layout()
-        paths.append(os.path.join(directory, "fidelity.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    for method, d in summary.get("member_sweep", {}).items():
-        fig, ax = plt.subplots(figsize=(5, 4))
-        s = [int(k) for k in d]
-        ax.errorbar(s, [100 * d[k]["mean"] for k in d], yerr=[100 * d[k]["std"] for k in d],
-                    marker="o", capsize=4)
-        ax.set_xlabel("members S")
-        ax.set_ylabel("fidelity (%)")
-        ax.set_xticks(s)
-        ax.set_title(f"{method}: fidelity vs members (n={next(iter(d.values()))['n']})")
-        fig.tight_layout()
-        paths.append(os.path.join(directory, "fidelity_vs_members.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        traces[c["method"]].append(store.trace(c["cell_id"]))
+        fids[c["method"]].append(c["metrics"]["fidelity"])
+    paths = fig.variance_curves({m: traces[m] for m in _order(traces)},
+                                os.path.join(directory, "variance_curve"))
+    if fids:
+        paths += fig.fidelity_by_method({m: fids[m] for m in _order(fids)},
+                                        os.path.join(directory, "fidelity"))
+    sweep: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in store.cells("sweep"):
+        sweep[c["method"]][int(c["members"])].append(c["metrics"]["fidelity"])
+    for method, points in sweep.items():
+        paths += fig.fidelity_vs_members(points, os.path.join(directory, "fidelity_vs_members"),
+                                         method=method, baseline=fids.get("baseline"))
     return paths

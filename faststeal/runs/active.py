@@ -215,43 +215,16 @@ class ActiveStudy(Study):
     def figures(cls, store: Any, summary: dict[str, Any], directory: str) -> list[str]:
         if not summary["fidelity"]:
             return []
-        return [_figure(directory, summary["fidelity"], list(summary["fidelity"]),
-                        [int(b) for b in summary["settings"]["milestones"]],
-                        summary["settings"])]
+        return _figure(directory, summary["fidelity"], list(summary["fidelity"]),
+                       [int(b) for b in summary["settings"]["milestones"]], summary["settings"])
 
 
 def _figure(directory: str, table: dict, strategies: list[str], cps: list[int],
-            settings: dict[str, Any]) -> str:
+            settings: dict[str, Any]) -> list[str]:
     import os
 
-    from ..results.report import plt_agg
+    from ..results import figures
 
-    plt = plt_agg()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, which, title in ((axes[0], "retrained", "retrained on the queried set"),
-                             (axes[1], "running", "running surrogate")):
-        for s in strategies:
-            rows = table[s][which]
-            m = np.array([rows[str(b)]["mean"] for b in cps], dtype=float) * 100
-            sd = np.nan_to_num(np.array([rows[str(b)]["std"] for b in cps], dtype=float)) * 100
-            style = dict(lw=2.4, color="black") if s == "random" else dict(lw=1.4)
-            (line,) = ax.plot(cps, m, marker="o", ms=3, label=s, **style)
-            if settings["seeds"] > 1:
-                ax.fill_between(cps, m - sd, m + sd, alpha=0.12, color=line.get_color())
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(cps)
-        ax.set_xticklabels([str(b) for b in cps])
-        ax.set_xlabel("queries (budget)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fidelity to the victim (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    n = settings["seeds"]
-    fig.suptitle(f"Active stealing, {settings['dataset']}: "
-                 + (f"mean ± std over {n} seeds" if n > 1 else "1 seed"), fontsize=10)
-    path = os.path.join(directory, "fidelity_vs_budget.png")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
+    return figures.active_fidelity_vs_budget(table, strategies, cps,
+                                             os.path.join(directory, "fidelity_vs_budget"),
+                                             dataset=settings["dataset"])

@@ -31,12 +31,11 @@ from .runner import Cell, Run, Study, register, run_study
 # Presets. "default" is the main job (README's first command): the whole comparison on
 # Fashion-MNIST in under 10 minutes on a 2-core CPU (see docs/results.md for the measured time).
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(budget=2000, seeds=1, epochs=3, member_sweep=(1, 2),
-                  probe_size=256, record_every=10),
+    "quick": dict(budget=2000, seeds=1, epochs=3, member_sweep=(1, 2), probe_size=256),
     "default": dict(budget=10000, seeds=3, epochs=8, member_sweep=(1, 2, 5, 10),
-                    probe_size=512, record_every=25),
+                    probe_size=512),
     "full": dict(budget=20000, seeds=5, epochs=20, victim_arch="cnn-wide", surrogate_arch="lenet",
-                 member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000, record_every=50),
+                 member_sweep=(1, 2, 5, 10), sweep_seeds=3, probe_size=1000),
 }
 
 
@@ -66,11 +65,17 @@ class Config:
     sweep_method: str = "deep-ensemble"
     sweep_seeds: int = 1
     probe_size: int = 512
-    record_every: int = 25
+    # optimizer steps between diversity-trace records; None: about attack.TRACE_POINTS points
+    # per fit (recording only reads the members: the training is the same either way)
+    record_every: Optional[int] = None
     split_seed: int = 0
+    # out-of-distribution set of the OOD AUROCs: a registry name, None (no OOD metrics) or
+    # "auto" (faststeal.data.DEFAULT_OOD: MNIST-5k for Fashion-MNIST, none for digits)
+    ood_dataset: Optional[str] = "auto"
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
+    precision: str = "fp32"  # "bf16": bfloat16 compute, float32 weights/optimizer/loss
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -115,6 +120,15 @@ class Config:
         choice("victim_arch", self.victim_arch, ARCHS)
         choice("surrogate_arch", self.surrogate_arch, ARCHS)
         choice("output_mode", self.output_mode, OUTPUT_MODES)
+        from ..train_step import PRECISIONS
+
+        choice("precision", self.precision, PRECISIONS)
+        if self.ood_dataset not in (None, "auto"):
+            choice("ood_dataset", self.ood_dataset, DATASETS + ("auto",), " (or None)")
+            for what, name in (("dataset", self.dataset), ("pool_dataset", self.pool_dataset)):
+                if self.ood_dataset == name:
+                    raise ValueError(f"ood_dataset must differ from {what} ({name!r}): its "
+                                     "images would not be out of distribution")
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
         if not isinstance(self.methods, (list, tuple)):
@@ -137,7 +151,8 @@ class Config:
         choice("sweep_method", self.sweep_method, tuple(METHODS))
         for name in ("budget", "seeds", "epochs", "batch_size", "probe_size",
                      "record_every", "sweep_seeds", "topk"):
-            positive_int(name, getattr(self, name))
+            if name != "record_every" or self.record_every is not None:
+                positive_int(name, getattr(self, name))
         if self.victim_epochs is not None:
             positive_int("victim_epochs", self.victim_epochs)
         positive_int("split_seed", self.split_seed, minimum=0)
@@ -189,12 +204,23 @@ class Config:
                           self.surrogate_arch)
         return self
 
+    def resolved_ood_dataset(self) -> Optional[str]:
+        """The OOD dataset this run evaluates on (``"auto"`` resolved), or None."""
+        if self.ood_dataset != "auto":
+            return self.ood_dataset
+        from ..data import DEFAULT_OOD
+
+        name = DEFAULT_OOD.get(self.dataset)
+        return None if name == self.pool_dataset else name
+
     def result_affecting(self) -> dict[str, Any]:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
                   "member_chunk", "download"):
             d.pop(k)
+        if d["precision"] == "fp32":  # keep hashes of float32 runs unchanged
+            d.pop("precision")
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
             d.pop("defense_params")
@@ -224,7 +250,17 @@ class ComparisonStudy(Study):
         from .. import attack, distributed
         from ..defenses import build_defense, query_until_refused
 
+        from ..data import ood_images
+
         config, setup, ctx = self.settings, run.setup, run.ctx
+        ood_name = config.resolved_ood_dataset()
+        run.state["ood_x"] = (None if ood_name is None
+                              else ood_images(ood_name, setup.splits).to(run.device))
+        if ctx.is_main:
+            run.store.set_meta("ood", {"dataset": ood_name, "images": 0 if ood_name is None
+                                       else len(run.state["ood_x"])})
+            run.log("OOD set: " + ("none" if ood_name is None else
+                                   f"{ood_name} test split ({len(run.state['ood_x'])} images)"))
         t0 = time.perf_counter()
         idx = attack.random_queries(len(setup.splits.pool), config.budget, config.split_seed + 1)
         targets = None
@@ -315,6 +351,8 @@ class ComparisonStudy(Study):
 
         c, setup, ctx = self.settings, run.setup, run.ctx
         hp = dict(c.method_params.get(cell.method, {}))
+        if c.precision != "fp32":  # fp32 cells keep their hparams (and resume) as before
+            hp.setdefault("precision", c.precision)
         if cell.members is not None:
             hp["members"] = cell.members
         gather = None
@@ -328,7 +366,7 @@ class ComparisonStudy(Study):
             batch_size=c.batch_size, lr=c.lr, device=run.device, progress=run.progress,
             probe=setup.probe if cell.kind == "main" else None, record_every=c.record_every,
             hparams=hp, gather=gather, member_chunk=c.member_chunk, checkpoint=checkpoint,
-            log=log)
+            log=log, ood_x=run.state.get("ood_x"))
         if gather is not None and not ctx.is_main:
             return None  # rank 0 writes the collective cell
         return {**r, "members": r["hparams"]["num_members"]}

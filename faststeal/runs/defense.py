@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ..methods import PAPER_METHODS
@@ -254,8 +253,8 @@ class DefenseStudy(Study):
             return []
         methods = [m for m in summary["settings"]["methods"]
                    if any(m in r["methods"] for r in summary["table"].values())]
-        return [_figure(directory, summary["table"], list(summary["table"]), methods,
-                        summary["settings"])]
+        return _figure(directory, summary["table"], list(summary["table"]), methods,
+                       summary["settings"])
 
 
 def prada_replay(streams: dict[str, list[int]], pool_x: torch.Tensor, victim: torch.nn.Module,
@@ -283,34 +282,10 @@ def prada_replay(streams: dict[str, list[int]], pool_x: torch.Tensor, victim: to
 
 
 def _figure(directory: str, table: dict, defenses: list[str], methods: list[str],
-            settings: dict[str, Any]) -> str:
-    from ..results.report import plt_agg
+            settings: dict[str, Any]) -> list[str]:
+    from ..results import figures
 
-    plt = plt_agg()
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    width = 0.8 / max(1, len(defenses))
-    n = settings["seeds"]
-    nan = {"fidelity": {"mean": np.nan, "std": 0.0, "n": 0}}
-    for i, d in enumerate(defenses):
-        stats = [table[d]["methods"].get(x, nan)["fidelity"] for x in methods]
-        m = [100 * st["mean"] for st in stats]
-        s = [100 * st["std"] if st["n"] > 1 else 0.0 for st in stats]
-        ax.bar(np.arange(len(methods)) + (i - (len(defenses) - 1) / 2) * width, m, width,
-               yerr=s if n > 1 else None, label=d, capsize=2)
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods)
-    finite = [100 * table[d]["methods"][x]["fidelity"]["mean"] for d in defenses for x in methods
-              if x in table[d]["methods"]
-              and np.isfinite(table[d]["methods"][x]["fidelity"]["mean"])]
-    if finite:
-        ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 3))
-    ax.set_ylabel("fidelity to the undefended victim (%)")
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Defences, {settings['dataset']}, {settings['budget']} random "
-                 f"`{settings['output_mode']}` queries, "
-                 + (f"mean ± std over {n} seeds" if n > 1 else "1 seed"), fontsize=10)
-    path = os.path.join(directory, "fidelity_by_defense.png")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return figures.defense_fidelity(table, defenses, methods,
+                                    os.path.join(directory, "fidelity_by_defense"),
+                                    title=f"Defences, {settings['dataset']}, {settings['budget']} "
+                                          f"random '{settings['output_mode']}' queries")

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from .runner import Cell, Run, Study, StudySettings, fmt, mean_std, register
@@ -40,12 +39,13 @@ VARIANT_PARAMS: dict[str, dict[str, Any]] = {
 class DiversitySettings(StudySettings):
     """variants: labels of :data:`VARIANTS` (or any method name); variant_params: overrides of
     :data:`VARIANT_PARAMS` per label; budget: random queries shared by every variant;
-    record_every: optimizer steps between two points of the V(t) trace."""
+    record_every: optimizer steps between two points of the V(t) trace (None:
+    :func:`faststeal.attack.trace_interval`, about 50 points per fit)."""
 
     variants: tuple = VARIANTS
     variant_params: dict = field(default_factory=dict)
     budget: int = 2000
-    record_every: int = 10
+    record_every: Optional[int] = None
     out: str = "runs/diversity"
 
     QUICK = {**StudySettings.QUICK, "budget": 300, "record_every": 1}
@@ -56,7 +56,8 @@ class DiversitySettings(StudySettings):
 
         super().validate()
         positive_int("budget", self.budget)
-        positive_int("record_every", self.record_every)
+        if self.record_every is not None:
+            positive_int("record_every", self.record_every)
         if isinstance(self.variants, str) or not self.variants:
             raise ValueError(f"variants must be a non-empty list, got {self.variants!r}")
         if not isinstance(self.variant_params, dict):
@@ -116,6 +117,7 @@ class DiversityStudy(Study):
 
     def run_cell(self, run: Run, cell: Cell, checkpoint: str) -> dict[str, Any]:
         from ..active import evaluate_surrogate
+        from ..attack import trace_interval
         from ..methods import build_method
 
         s, setup, x = self.settings, run.setup, run.state["x"]
@@ -123,7 +125,8 @@ class DiversityStudy(Study):
         m = build_method(cell.method, s.arch, tuple(x.shape[1:]), setup.num_classes,
                          seed=cell.seed, device=run.device, **cell.params["hparams"])
         m.fit(x, run.state["y"], epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-              probe=setup.probe, record_every=s.record_every, progress=False,
+              probe=setup.probe, progress=False,
+              record_every=s.record_every or trace_interval(len(x), s.batch_size, s.epochs),
               checkpoint=checkpoint if m.supports_checkpoint else None)
         if torch.device(run.device).type == "cuda":
             torch.cuda.synchronize()
@@ -216,56 +219,21 @@ class DiversityStudy(Study):
             return []
         for c in cells:
             c["trace"] = store.trace(c["cell_id"])
-        return [_figure(directory, cells, list(summary["table"]), summary["settings"])]
+        return _figure(directory, cells, list(summary["table"]), summary["settings"])
 
 
 def _figure(directory: str, cells: list[dict], variants: list[str],
-            settings: dict[str, Any]) -> str:
+            settings: dict[str, Any]) -> list[str]:
     import os
 
-    from ..results.report import plt_agg
+    from ..results import figures
 
-    plt = plt_agg()
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2),
-                             gridspec_kw={"width_ratios": [1.6, 1], "wspace": 0.45})
-    ax = axes[0]
-    for v in variants:
-        cs = [c for c in cells if c["payload"]["variant"] == v and c["trace"]]
-        if not cs:
-            continue
-        its = [t["iteration"] for t in cs[0]["trace"]]
-        vals = np.array([[t["variance"] for t in c["trace"]] for c in cs
-                         if len(c["trace"]) == len(its)])
-        m = vals.mean(0)
-        style = dict(lw=2.4, color="black") if v == "deep-ensemble" else dict(lw=1.4)
-        (line,) = ax.plot(its, m, label=f"{v} (n={len(vals)})", **style)
-        if len(vals) > 1:
-            sd = vals.std(0, ddof=1)
-            ax.fill_between(its, np.maximum(m - sd, 1e-12), m + sd, alpha=0.12,
-                            color=line.get_color())
-    ax.set_yscale("log")
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel("prediction variance V (probe set)")
-    ax.set_title("V(t): members' diversity over training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    stats = [mean_std([c["metrics"]["fidelity"] for c in cells if c["payload"]["variant"] == v])
-             for v in variants]
-    means = [100 * st["mean"] for st in stats]
-    stds = [100 * st["std"] if st["n"] > 1 else 0.0 for st in stats]
-    ax.barh(range(len(variants)), means, xerr=stds if any(stds) else None, color="tab:blue",
-            alpha=0.7)
-    ax.set_yticks(range(len(variants)))
-    ax.set_yticklabels(variants, fontsize=8)
-    lo = min(means) - 3 * max(max(stds), 0.5)
-    ax.set_xlim(lo, max(m + s for m, s in zip(means, stds)) + 1)
-    ax.set_xlabel("fidelity (%)")
-    n = settings["seeds"]
-    ax.set_title("fidelity" + (f" (mean ± std, n={n})" if n > 1 else " (1 seed)"))
-    fig.suptitle(f"Diversity study, {settings['dataset']}, {settings['budget']} queries, "
-                 f"{n} seed{'s' if n > 1 else ''}", fontsize=10)
-    path = os.path.join(directory, "variance_over_training.png")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    def of(v: str) -> list[dict]:
+        return [c for c in cells if c["payload"]["variant"] == v]
+
+    return figures.diversity({v: [c["trace"] for c in of(v)] for v in variants},
+                             {v: [c["metrics"]["fidelity"] for c in of(v)] for v in variants},
+                             os.path.join(directory, "variance_over_training"),
+                             title=f"Diversity study, {settings['dataset']}, {settings['budget']} "
+                                   f"queries, S = {settings['members']} {settings['arch']} "
+                                   "members")
