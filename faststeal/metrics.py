@@ -32,17 +32,40 @@ def kl_divergence(victim_probs: torch.Tensor, surrogate_probs: torch.Tensor) -> 
     return float(torch.xlogy(pv, pv).sum(-1).sub((pv * ps.log()).sum(-1)).mean())
 
 
+class NonFiniteError(FloatingPointError):
+    """A surrogate's predictions hold NaN/inf: it diverged, and no metric is computed from it."""
+
+
+def check_finite_members(member_logits: torch.Tensor, who: str,
+                         mean_probs: Optional[torch.Tensor] = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``who`` and the members whose (S, B, C) predictions
+    hold a NaN/inf (an argmax over NaN is class 0, a plausible but meaningless fidelity)."""
+    finite = torch.isfinite(member_logits.reshape(member_logits.shape[0], -1)).all(1)
+    bad = (~finite).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(
+            f"{who}: member(s) {bad} of {member_logits.shape[0]} produced non-finite (NaN/inf) "
+            f"predictions on the evaluation set: the surrogate diverged and gets no metrics")
+    if mean_probs is not None and not bool(torch.isfinite(mean_probs).all()):
+        raise NonFiniteError(f"{who}: the predictive probabilities hold NaN/inf although every "
+                             f"member's predictions are finite: no metrics are computed")
+
+
 def evaluate(member_logits: torch.Tensor, victim_labels: torch.Tensor, labels: torch.Tensor,
              *, mean_probs: Optional[torch.Tensor] = None,
-             victim_probs: Optional[torch.Tensor] = None) -> dict[str, float]:
+             victim_probs: Optional[torch.Tensor] = None,
+             who: str = "surrogate") -> dict[str, float]:
     """All comparison metrics of one surrogate on one evaluation set.
 
     member_logits: (S, B, C); victim_labels, labels: (B,) int64 (victim's answer and ground truth).
     mean_probs: (B, C) overrides p̄ for the method's prediction (e.g. Laplace's probit
-    predictive); victim_probs: (B, C) enables the KL. Returns plain floats.
+    predictive); victim_probs: (B, C) enables the KL. Returns plain floats. Non-finite
+    predictions raise :class:`NonFiniteError` naming ``who`` (e.g. method and seed) and the
+    members, rather than being averaged into a fidelity.
     """
     if member_logits.dim() != 3:
         raise ValueError(f"member_logits must be (S, B, C), got shape {tuple(member_logits.shape)}")
+    check_finite_members(member_logits, who, mean_probs)
     b = member_logits.shape[1]
     for name, t in (("victim_labels", victim_labels), ("labels", labels)):
         if t.shape != (b,):

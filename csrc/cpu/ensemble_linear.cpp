@@ -1,5 +1,5 @@
 // ensemble_linear on the CPU: the GEMMs go to oneDNN or MKL (detail::stacked_linear in gemm.cpp,
-// which also fuses bias + relu when there is no dropout); otherwise bias, activation and dropout
+// which also applies bias + relu when there is no dropout); otherwise bias, activation and dropout
 // are one fused, parallel epilogue pass, and the backward's
 // activation/dropout gradient and bias reduction are one fused prologue pass. The dropout mask
 // is regenerated from the key in the backward, never stored.
@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   const uint32_t thr = dropout_threshold(t, dropout_p);
   const bool drop = dropout_p > 0.0;
 
-  if ((act == Act::kNone || act == Act::kRelu) && !drop) {  // bias and relu fused in the GEMM
+  if ((act == Act::kNone || act == Act::kRelu) && !drop) {  // bias and relu applied by the GEMM
     return {detail::stacked_linear(x, weight, bias, act == Act::kRelu), x.new_empty({0})};
   }
   // One GEMM into y, or into z for gelu, then one fused pass for bias + activation + dropout

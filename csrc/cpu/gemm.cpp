@@ -1,7 +1,8 @@
 // The per-member GEMMs of the CPU ops, in one place (the shared-input backward of ensemble_linear
 // and bayes_linear is one at::mm over all members and stays on MKL). float32 goes to oneDNN one
 // member at a time, through ATen's own registered op `mkldnn::_linear_pointwise` (the oneDNN
-// inner-product primitive with a fused bias + relu post-op): on AVX-512 machines where MKL runs
+// inner-product primitive with a fused bias; relu is torch's relu_ after it, which keeps NaN
+// where the fused oneDNN post-op gives 0): on AVX-512 machines where MKL runs
 // its AVX2 code (AMD Zen 4/5) that is ~2.2x the rate of at::bmm (measured in
 // docs/benchmarks.md). Everything else — other dtypes, empty shapes, a torch built without
 // oneDNN, FASTSTEAL_CPU_GEMM=bmm — uses at::bmm / baddbmm (MKL or OpenBLAS). Both are plain fp32
@@ -51,13 +52,13 @@ bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor onednn_member(const c10::OperatorHandle& op, const at::Tensor& a, const at::Tensor& b,
-                         const OptTensor& bias, bool relu) {
+                         const OptTensor& bias) {
   torch::jit::Stack stack;
   stack.reserve(6);
   stack.emplace_back(a);
   stack.emplace_back(b);
   stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
-  stack.emplace_back(std::string(relu ? "relu" : "none"));
+  stack.emplace_back(std::string("none"));  // no fused relu: oneDNN's maps NaN to 0
   stack.emplace_back(c10::List<std::optional<at::Scalar>>());
   stack.emplace_back(c10::IValue());  // algorithm: None
   op.callBoxed(&stack);
@@ -80,8 +81,10 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
       for (int64_t s = 0; s < S; ++s) {
         outs.push_back(onednn_member(op, shared ? a : a.select(0, s), b.select(0, s),
                                      bias.has_value() ? OptTensor(bias->select(0, s))
-                                                      : OptTensor(),
-                                     relu));
+                                                      : OptTensor()));
+        // oneDNN's fused relu post-op turns NaN into 0; torch's relu_ keeps it (the reference),
+        // on the member's output while it is still in cache
+        if (relu) outs.back().relu_();
       }
       return at::stack(outs);
     } catch (const c10::Error& e) {
