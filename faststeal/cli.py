@@ -159,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(markdown(write_report(args.dir)))
             return 0
         return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError,
+            FloatingPointError) as exc:  # FloatingPointError: a diverged surrogate (NonFiniteError)
         print(f"faststeal: error: {exc}", file=sys.stderr)
         return 2
 

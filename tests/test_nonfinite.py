@@ -421,7 +421,8 @@ def test_train_and_evaluate_reports_diverged_member(monkeypatch):
 
     monkeypatch.setattr(attack, "build_method", build_then_diverge)
     with pytest.raises(attack.NonFiniteError,
-                       match=r"deep-ensemble \(seed 3\): member\(s\) \[1\] of 3 produced non-finite"):
+                       match=r"deep-ensemble \(seed 3\): member\(s\) \[1\] of 3 produced "
+                             r"non-finite"):
         attack.train_and_evaluate(
             "deep-ensemble", "mlp", X, Y, test_x=XT, test_y=YT, victim_labels=YT,
             victim_probs=None, num_classes=10, seed=3, epochs=1, batch_size=32, lr=1e-3,
@@ -445,5 +446,6 @@ def test_active_evaluation_reports_diverged_surrogate():
                            members=2)
     m.fit(X, Y, epochs=1, batch_size=32, lr=1e-3, progress=False)
     _nan_member(m, 0)
-    with pytest.raises(metrics.NonFiniteError, match=r"deep-ensemble \(seed 5\): member\(s\) \[0\]"):
+    with pytest.raises(metrics.NonFiniteError,
+                       match=r"deep-ensemble \(seed 5\): member\(s\) \[0\]"):
         active.evaluate_surrogate(m, XT, YT, YT, who="deep-ensemble (seed 5)")

@@ -69,7 +69,9 @@ __global__ void dz_kernel(const T* __restrict__ g, const T* __restrict__ y,
         d = gv * (to_acc(y[i]) > acc_t(0) ? scale : acc_t(0));  // a NaN gv stays NaN
       } else {
         d = A == Act::kGelu ? gv * gelu_grad<acc_t>(to_acc(z[i])) : gv;
-        if constexpr (kDrop) d *= dropout_keep(key, static_cast<uint32_t>(i), thr) ? scale : acc_t(0);
+        if constexpr (kDrop) {
+          d *= dropout_keep(key, static_cast<uint32_t>(i), thr) ? scale : acc_t(0);
+        }
       }
       const T dt = static_cast<T>(d);
       if constexpr (kWrite) dz[dz_bsn ? (b * S + s) * N + n : i] = dt;

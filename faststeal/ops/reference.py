@@ -33,14 +33,15 @@ validated and contiguous, keys come from :func:`faststeal.ops.rng.rng_key`):
 ``softplus(r) = r if r > 20 else log1p(exp(r))`` (torch's threshold), derivative ``sigmoid(r)``.
 Argmax ties resolve to the first (lowest) class index everywhere.
 
-Non-finite values (every backend gives exactly what this module gives; ``tests/test_nonfinite.py``):
-NaN propagates and is never turned into a number (``relu(nan) = nan`` like ``torch.relu``, a
-dropped NaN stays NaN as in ``nan * 0``); ``gelu`` of a +-inf pre-activation is NaN (what
-``torch.nn.functional.gelu`` gives for float32) and finite up to the float32 maximum; in ``member_stats`` a member row holding a NaN
-or a +inf logit has NaN probabilities (torch's ``log_softmax``), so every statistic of that batch
-row is NaN and its argmax is class 0 (``torch.argmax`` returns the first NaN); a -inf logit, or a
-finite one whose gap to the row max overflows, is a class of probability 0 that adds 0 to the
-entropies (0 log 0 = 0).
+Non-finite values (every backend gives exactly what this module gives, tested in
+``tests/test_nonfinite.py``): NaN propagates and is never turned into a number (``relu(nan) =
+nan`` like ``torch.relu``, a dropped NaN stays NaN as in ``nan * 0``); ``gelu`` of a +-inf
+pre-activation is NaN (what ``torch.nn.functional.gelu`` gives for float32) and finite up to the
+float32 maximum; in ``member_stats`` a member row holding a NaN or a +inf logit has NaN
+probabilities (torch's ``log_softmax``), so every statistic of that batch row is NaN and its
+argmax is class 0 (``torch.argmax`` returns the first NaN); a -inf logit, or a finite one whose
+gap to the row max overflows, is a class of probability 0 that adds 0 to the entropies
+(0 log 0 = 0).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ class MemberStats(NamedTuple):
 
     mean_probs (B, C): p̄ = mean_s softmax(logits_s); variance (B,): mean_c Var_s p_s(c) with
     correction 0 (>= 0); entropy_of_mean (B,): H[p̄]; mean_entropy (B,): mean_s H[p_s];
-    mutual_info (B,): max(H[p̄] - mean_s H[p_s], 0) (clamps rounding); pred (B,) int64: argmax p̄; disagreement (B,): fraction of members whose
-    argmax differs from ``pred``; correct (B,): 1[pred == target]; member_correct (S,): fraction of
-    rows where member s's argmax equals the target.
+    mutual_info (B,): max(H[p̄] - mean_s H[p_s], 0) (clamps rounding); pred (B,) int64: argmax
+    p̄; disagreement (B,): fraction of members whose argmax differs from ``pred``; correct (B,):
+    1[pred == target]; member_correct (S,): fraction of rows where member s's argmax equals the
+    target.
     """
 
     mean_probs: torch.Tensor
