@@ -21,7 +21,7 @@ from . import metrics, ops
 from .metrics import NonFiniteError  # noqa: F401  (raised by check_finite; public name here)
 from .methods import METHODS, build_method
 from .methods.deep_ensemble import DeepEnsemble
-from .oracle import Oracle
+from .oracle import PREFLIGHT_ROWS, Oracle, check_victim_output
 
 TensorOrDataset = Union[torch.Tensor, tuple, torch.utils.data.Dataset]
 
@@ -37,12 +37,12 @@ def random_queries(pool_size: int, budget: int, seed: int) -> torch.Tensor:
 def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
           progress: bool = True) -> tuple[torch.Tensor, Any]:
     """Ask the oracle about ``indices`` in batches; returns (training targets, raw answers list)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     targets = []
     answers = []
-    for start in tqdm(range(0, len(indices), batch_size), desc="querying victim", unit="batch",
-                      disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(indices), batch_size), desc="querying victim",
+                              unit="batch", disable=not progress, leave=False):
         a = oracle.query(indices[start:start + batch_size])
         answers.append(a)
         targets.append(oracle.targets(a))
@@ -52,7 +52,11 @@ def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
 @torch.no_grad()
 def victim_outputs(victim: Callable, x: torch.Tensor, batch_size: int = 1024,
                    outputs: str = "logits") -> torch.Tensor:
-    """The victim's probabilities on evaluation data (the experimenter's view, not the attacker's)."""
+    """The victim's probabilities on evaluation data (the experimenter's view, not the attacker's).
+
+    Checked as the oracle checks its answers (:func:`faststeal.oracle.check_victim_output`):
+    (N, C), finite, probabilities when ``outputs="probs"``.
+    """
     was_training = isinstance(victim, nn.Module) and victim.training
     if isinstance(victim, nn.Module):
         victim.eval()
@@ -61,8 +65,21 @@ def victim_outputs(victim: Callable, x: torch.Tensor, batch_size: int = 1024,
     finally:
         if was_training:
             victim.train()
+    num_classes = None
+    for o, i in zip(out, range(0, len(x), batch_size)):  # one C across all batches
+        num_classes = check_victim_output(o, len(x[i:i + batch_size]), outputs,
+                                          num_classes=num_classes).shape[1]
     out = torch.cat(out).float()
     return out.softmax(-1) if outputs == "logits" else out
+
+
+def check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every label of ``y`` lies in [0, num_classes) (the victim's
+    classes): a label the victim cannot answer makes every accuracy meaningless."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}) (the victim answers "
+                         f"{num_classes} classes), got labels from {int(y.min())} to "
+                         f"{int(y.max())}")
 
 
 def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.Tensor, *,
@@ -337,11 +354,20 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
     oracle = Oracle(victim, pool_x, budget, output_mode=output_mode, device=device,
                     victim_outputs=victim_outputs_kind)
     idx = random_queries(len(pool_x), budget, query_seed)
-    targets, _ = query(oracle, idx, progress=progress)
+    # before any work: a few pool images through the victim (charged, reused as answers), so a
+    # pool the victim cannot take fails at once with a message naming its shape and dtype; then
+    # the test set, so bad test labels are found before the rest of the budget is spent
+    oracle.query(idx[:PREFLIGHT_ROWS])
     vprobs = victim_outputs(victim, test_x.to(device), outputs=victim_outputs_kind)
     vlabels = vprobs.argmax(-1)
-    test_y = vlabels if test_y is None else test_y.to(device)
     num_classes = vprobs.shape[-1]
+    if test_y is not None:
+        check_labels("test labels", test_y, num_classes)
+    targets, _ = query(oracle, idx, progress=progress)
+    if num_classes != oracle.num_classes:
+        raise ValueError(f"the victim answers {oracle.num_classes} classes on the pool but "
+                         f"{num_classes} on the test set")
+    test_y = vlabels if test_y is None else test_y.to(device)
     x = pool_x[idx].to(device)
     results: dict[str, list] = {}
     for method in methods:
