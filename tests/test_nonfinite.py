@@ -190,6 +190,14 @@ def test_member_stats_rejects_out_of_range_targets(backend, device, bad):
         ops.member_stats(logits, targets)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_ensemble_xent_rejects_out_of_range_labels_on_cpu(backend):
+    _backend(backend, "cpu")
+    with use_backend(backend), pytest.raises(
+            ValueError, match=r"target\[1\] = 3 is not a class index in \[0, 3\)"):
+        ops.ensemble_cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 3, 1, 2]))
+
+
 @pytest.mark.skipif(_ext.C is None, reason="faststeal._C is not built")
 def test_cpp_member_stats_checks_target_range():
     logits = torch.randn(2, 3, 4)
