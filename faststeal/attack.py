@@ -2,7 +2,7 @@
 
 ``steal`` is the bring-your-own-victim entry point: any classifier (an ``nn.Module`` or a callable
 from a batch of inputs to logits/probabilities), the attacker's pool and the test set as tensors
-or torch Datasets. :func:`faststeal.experiment.run_comparison` drives the same functions for the
+or torch Datasets. :func:`faststeal.runs.run_comparison` drives the same functions for the
 registry datasets and the zoo victims.
 """
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics, ops
+from .checks import positive_int
 from .metrics import NonFiniteError  # noqa: F401  (raised by check_finite; public name here)
 from .methods import METHODS, build_method
 from .methods.deep_ensemble import DeepEnsemble
@@ -34,8 +35,8 @@ def random_queries(pool_size: int, budget: int, seed: int) -> torch.Tensor:
     return torch.randperm(pool_size, generator=g)[:budget]
 
 
-def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
-          progress: bool = True) -> tuple[torch.Tensor, Any]:
+def query_oracle(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
+                 progress: bool = True) -> tuple[torch.Tensor, Any]:
     """Ask the oracle about ``indices`` in batches; returns (training targets, raw answers list)."""
     from .progress import progress_bar
 
@@ -348,8 +349,7 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
     """
     pool_x, _ = _as_xy("pool", pool)
     test_x, test_y = _as_xy("test", test)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    positive_int("budget", budget)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     oracle = Oracle(victim, pool_x, budget, output_mode=output_mode, device=device,
                     victim_outputs=victim_outputs_kind)
@@ -363,7 +363,7 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
     num_classes = vprobs.shape[-1]
     if test_y is not None:
         check_labels("test labels", test_y, num_classes)
-    targets, _ = query(oracle, idx, progress=progress)
+    targets, _ = query_oracle(oracle, idx, progress=progress)
     if num_classes != oracle.num_classes:
         raise ValueError(f"the victim answers {oracle.num_classes} classes on the pool but "
                          f"{num_classes} on the test set")

@@ -2,7 +2,7 @@
 
 The paper's explanation for the small fidelity gain of UQ surrogates is that members converge
 (the prediction variance V(t) collapses over training). Each variant here attacks one cause, and
-each is measured against the plain Deep Ensemble in the same run (``faststeal.studies``,
+each is measured against the plain Deep Ensemble in the same run (``faststeal study diversity``,
 docs/studies.md). All are S stacked members behind the :class:`~faststeal.methods.base.Method`
 interface, trained with ONE optimizer step per iteration.
 
