@@ -16,6 +16,7 @@ import torch
 
 from faststeal import _ext, active, attack, metrics
 from faststeal import ops
+from faststeal.methods import build_method
 from faststeal.ops import dispatch, reference as R, use_backend
 from tolerances import TOL
 from toydata import prototype_data
@@ -450,8 +451,7 @@ def test_metrics_evaluate_refuses_nonfinite_predictions():
 
 
 def test_active_evaluation_reports_diverged_surrogate():
-    m = active.make_method("deep-ensemble", "mlp", (1, 8, 8), 10, seed=5, device="cpu",
-                           members=2)
+    m = build_method("deep-ensemble", "mlp", (1, 8, 8), 10, seed=5, device="cpu", members=2)
     m.fit(X, Y, epochs=1, batch_size=32, lr=1e-3, progress=False)
     _nan_member(m, 0)
     with pytest.raises(metrics.NonFiniteError,
