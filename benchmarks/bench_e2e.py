@@ -1,4 +1,5 @@
-"""Wall time of the full five-method stealing comparison, with its breakdown.
+"""Wall time of the full five-method stealing comparison, with its breakdown; and (``--compare``)
+faststeal's whole ``steal()`` against the plain PyTorch loop a user would write.
 
 Runs :func:`faststeal.runs.run_comparison` for a preset (``default``: the README's main job;
 the target is ≤ 10 minutes on a 2-core CPU) in a fresh folder with a fresh victim cache, so the
@@ -7,6 +8,19 @@ method's training and evaluation (summed over seeds), the member sweep, and the 
 writing, probes, bookkeeping).
 
     python -m benchmarks.bench_e2e [--preset default|quick] [--device cpu] [--json out.json]
+
+``--compare`` (the end-to-end comparison of docs/benchmarks.md): on Fashion-MNIST (digits where it
+is missing) with a lenet victim, for each surrogate arch (mlp, lenet) and member count (S=5, 16)
+and precision, ``faststeal.steal(victim, pool, test, budget, methods=["deep-ensemble"])`` —
+querying, training, prediction and metrics, everything a user waits for — against the same S zoo
+models trained one after another in a plain loop (``torch.optim.Adam``, batch 128, same epochs)
+on the same queried images and labels, then evaluated as an ensemble (mean softmax). Configs
+run interleaved over ``--rounds`` rounds (faststeal first in even rounds, the loop first in odd
+ones); each reports its wall time and fidelity; the loop is timed without its victim queries
+(``loop``) and with them (``loop+queries``, the oracle's time measured once per round).
+
+    python -m benchmarks.bench_e2e --compare [--budget 10000] [--epochs 10] [--rounds 2]
+        [--archs mlp,lenet] [--members 5,16] [--precision fp32,bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -126,10 +140,145 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- --compare
+
+def _victim_and_data(device, epochs: Optional[int], dataset: str = "fashion-mnist",
+                     victim_arch: str = "lenet", log=print):
+    from faststeal.data.splits import make_splits
+    from faststeal.victim import train_victim
+
+    try:
+        splits = make_splits(dataset, seed=0)
+    except Exception as exc:  # no dataset files on this machine
+        log(f"  compare: {dataset} unavailable ({common.short_error(exc, 100)}); digits")
+        splits = make_splits("digits", seed=0)
+    vic = train_victim(splits, victim_arch, seed=0, epochs=epochs, device=device, progress=False)
+    log(f"  compare: victim {victim_arch} {100 * vic.test_accuracy:.1f}% on {splits.name} "
+        f"({'trained' if vic.trained else 'cached'})")
+    return splits, vic.model
+
+
+def _plain_loop(arch: str, members: int, x, y, test_x, vlabels, epochs: int, batch_size: int,
+                lr: float, seed: int) -> tuple[float, float]:
+    """S zoo models trained one after another (a plain Adam loop); (seconds, fidelity)."""
+    import torch.nn.functional as F
+
+    from faststeal.models import build_model
+
+    t0 = time.perf_counter()
+    probs = 0.0
+    n = x.shape[0]
+    for m_i in range(members):
+        torch.manual_seed(seed * 1000 + m_i)
+        model = build_model(arch, tuple(x.shape[1:]), int(vlabels.max()) + 1).to(x.device)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(n, device=x.device)
+            for i in range(0, n, batch_size):
+                b = perm[i:i + batch_size]
+                if b.numel() < 2:
+                    continue
+                loss = F.cross_entropy(model(x[b]), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
+        with torch.no_grad():
+            probs = probs + torch.cat([model(test_x[i:i + 1024]).softmax(-1)
+                                       for i in range(0, len(test_x), 1024)])
+    wall = time.perf_counter() - t0
+    fid = float((probs.argmax(-1) == vlabels).float().mean())
+    return wall, fid
+
+
+def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2,
+            archs=("mlp", "lenet"), members=(5, 16), precisions=("fp32",),
+            victim_epochs: Optional[int] = None, dataset: str = "fashion-mnist",
+            victim_arch: str = "lenet", log=print) -> dict[str, Any]:
+    """faststeal.steal (Deep Ensemble) vs the plain loop, interleaved; see the module docstring."""
+    import faststeal
+    from faststeal.attack import random_queries
+
+    device = torch.device(device)
+    splits, victim = _victim_and_data(device, victim_epochs, dataset, victim_arch, log)
+    pool_x, test_x = splits.pool.x, splits.test.x.to(device)
+    idx = random_queries(len(pool_x), budget, 0)  # steal()'s own queries (query_seed 0)
+    with torch.no_grad():
+        vlabels = torch.cat([victim(test_x[i:i + 1024]).argmax(-1)
+                             for i in range(0, len(test_x), 1024)])
+    rows: list[dict[str, Any]] = []
+    configs = [(a, s, p) for a in archs for s in members for p in precisions]
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            qx = pool_x[idx].to(device)
+            qy = torch.cat([victim(qx[i:i + 1024]).argmax(-1) for i in range(0, len(qx), 1024)])
+        query_s = time.perf_counter() - t0
+        for arch, s, prec in configs:
+            order = ("faststeal", "loop") if r % 2 == 0 else ("loop", "faststeal")
+            for who in order:
+                if who == "loop" and prec != "fp32":
+                    continue  # the plain loop is the fp32 baseline
+                if who == "faststeal":
+                    t0 = time.perf_counter()
+                    out = faststeal.steal(victim, pool_x, (splits.test.x, splits.test.y), budget,
+                                          methods=["deep-ensemble"], surrogate_arch=arch,
+                                          epochs=epochs, device=str(device), progress=False,
+                                          method_params={"deep-ensemble": {"members": s}},
+                                          precision=prec)
+                    wall = time.perf_counter() - t0
+                    fid = out["results"]["deep-ensemble"][0]["fidelity"]
+                    rows.append({"round": r, "who": "faststeal", "arch": arch, "S": s,
+                                 "precision": prec, "wall_s": wall, "fidelity": fid})
+                else:
+                    wall, fid = _plain_loop(arch, s, qx, qy, test_x, vlabels, epochs, 128, 1e-3,
+                                            seed=r)
+                    rows.append({"round": r, "who": "loop", "arch": arch, "S": s,
+                                 "precision": "fp32", "wall_s": wall, "fidelity": fid,
+                                 "query_s": query_s})
+                last = rows[-1]
+                log(f"  round {r} {arch} S={s} {last['who']}[{last['precision']}] "
+                    f"{last['wall_s']:.1f} s, fidelity {100 * last['fidelity']:.2f}%")
+    return {"budget": budget, "epochs": epochs, "rounds": rounds, "rows": rows,
+            "dataset": splits.name}
+
+
+def compare_markdown(res: dict[str, Any]) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in res["rows"]:
+        groups[(row["arch"], row["S"], row["who"], row["precision"])].append(row)
+    head = ["surrogate", "S", "run", "wall s (min–max)", "fidelity % (mean)", "× loop",
+            "× loop+queries"]
+    body = []
+    for (arch, s, who, prec), rs in sorted(groups.items()):
+        walls = [r["wall_s"] for r in rs]
+        loop = groups.get((arch, s, "loop", "fp32"), [])
+        ref = sorted(r["wall_s"] for r in loop)
+        refq = sorted(r["wall_s"] + r["query_s"] for r in loop)
+        med = sorted(walls)[len(walls) // 2]
+        body.append([arch, s, f"{who}[{prec}]" if who == "faststeal" else "plain loop",
+                     f"{min(walls):.1f}–{max(walls):.1f}",
+                     f"{100 * sum(r['fidelity'] for r in rs) / len(rs):.2f}",
+                     common.fmt_x(ref[len(ref) // 2] / med) if ref else "—",
+                     common.fmt_x(refq[len(refq) // 2] / med) if refq else "—"])
+    return (f"`steal()` Deep Ensemble vs the plain loop, {res['dataset']}, budget {res['budget']}, "
+            f"{res['epochs']} epochs, {res['rounds']} interleaved round(s) (× = the loop's median "
+            f"wall / this run's median wall):\n\n" + common.markdown_table(head, body))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compare", action="store_true",
+                    help="steal() vs the plain loop (see above) instead of the comparison preset")
+    ap.add_argument("--budget", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--archs", default="mlp,lenet")
+    ap.add_argument("--members", default="5,16")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="default")
     ap.add_argument("--json", default=None)
     ap.add_argument("--keep", default=None, metavar="DIR",
@@ -138,6 +287,15 @@ def main(argv=None) -> int:
     if args.keep and os.path.exists(args.keep):
         ap.error(f"--keep {args.keep!r} exists; give a new folder (the run must start fresh)")
     dev = torch.device(args.device)
+    if args.compare:
+        res = compare(dev, args.budget, args.epochs, args.rounds, tuple(args.archs.split(",")),
+                      tuple(int(v) for v in args.members.split(",")),
+                      tuple(args.precision.split(",")))
+        res["meta"] = common.env_metadata(dev)
+        print(compare_markdown(res))
+        if args.json:
+            common.write_json(args.json, res)
+        return 0
     res = run(dev, args.preset, keep=args.keep)
     res["meta"] = common.env_metadata(dev)
     print(markdown(res))

@@ -214,7 +214,15 @@ PRESETS = {
                   stats=[(2, 64, 10, "small")], xent=[(2, 64, 10, "small")], t=0.01),
     "cpu-quick": dict(linear=[(16, 32, 784, 512, 0.1, "small"), (16, 128, 784, 512, 0.0, "large")],
                       bayes=[(16, 128, 784, 512, "small")],
-                      stats=[(16, 8192, 10, "target")], xent=[(16, 128, 10, "small")], t=0.2),
+                      stats=[(16, 8192, 10, "target")], xent=[(16, 128, 10, "small")], t=0.2,
+                      bf16=True),
+    # the measured-dispatch goal's shapes (the S=16 MLP's layers at batch 128 and 1024), fp32 and
+    # bf16, forward and forward+backward
+    "cpu-dispatch": dict(linear=[(16, 128, 784, 512, 0.0, "large"),
+                                 (16, 128, 512, 256, 0.0, "large"),
+                                 (16, 1024, 784, 512, 0.0, "large"),
+                                 (16, 1024, 512, 256, 0.0, "large")],
+                         bayes=[], stats=[], xent=[], t=0.3, bf16=True, bf16_bwd=True),
     "cpu": dict(linear=[(4, 32, 256, 256, 0.1, "small"), (16, 32, 784, 512, 0.1, "small"),
                         (16, 128, 784, 512, 0.0, "large"), (16, 1024, 512, 256, 0.0, "large"),
                         (64, 128, 512, 256, 0.0, "large")],
@@ -222,7 +230,7 @@ PRESETS = {
                 # "pool": the active study scoring a 30,000-image pool with a 3-member ensemble
                 stats=[(16, 1024, 10, "small"), (16, 8192, 10, "target"), (64, 8192, 100, "large"),
                        (3, 30000, 10, "pool")],
-                xent=[(16, 128, 10, "small"), (16, 8192, 10, "large")], t=0.5),
+                xent=[(16, 128, 10, "small"), (16, 8192, 10, "large")], t=0.5, bf16=True),
     "gpu-quick": dict(linear=[(16, 32, 256, 256, 0.1, "small"), (16, 128, 784, 512, 0.1, "small"),
                               (16, 4096, 1024, 1024, 0.0, "large")],
                       bayes=[(16, 128, 784, 512, "small"), (16, 2048, 1024, 1024, "large")],
@@ -249,7 +257,8 @@ def build_cases(preset: str, device: torch.device) -> list[Case]:
     for s, b, k, n, p, size in cfg["linear"]:
         cases += linear_cases(s, b, k, n, torch.float32, device, p, size)
         if cfg.get("bf16") and size == "large":
-            cases += linear_cases(s, b, k, n, torch.bfloat16, device, p, size)[:1]
+            cases += linear_cases(s, b, k, n, torch.bfloat16, device, p, size)[
+                :2 if cfg.get("bf16_bwd") else 1]
     for s, b, k, n, size in cfg["bayes"]:
         cases += bayes_cases(s, b, k, n, torch.float32, device, size)
     for s, b, c, size in cfg["xent"]:
@@ -277,11 +286,26 @@ def available_backends(op: str, device: torch.device) -> tuple[list[str], dict[s
 
 
 def _in_backend(fn: Callable[[], Any], backend: str) -> Callable[[], Any]:
+    """Run under ``backend`` (``cpp:PATH``: the cpp backend with that GEMM path forced)."""
+    import os
+
     from faststeal import ops
 
+    backend, _, path = backend.partition(":")
+
     def run():
-        with ops.use_backend(backend):
-            return fn()
+        prev = os.environ.get("FASTSTEAL_CPU_GEMM")
+        if path:
+            os.environ["FASTSTEAL_CPU_GEMM"] = path
+        try:
+            with ops.use_backend(backend):
+                return fn()
+        finally:
+            if path:
+                if prev is None:
+                    os.environ.pop("FASTSTEAL_CPU_GEMM", None)
+                else:
+                    os.environ["FASTSTEAL_CPU_GEMM"] = prev
     return run
 
 
@@ -313,7 +337,8 @@ def ceilings(device, quick: bool = False, tiny: bool = False) -> dict[str, Any]:
             out["gemm"]["tf32"] = common.gemm_rate(device, torch.float32, min_run_time=t)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-        out["gemm"]["bfloat16"] = common.gemm_rate(device, torch.bfloat16, min_run_time=t)
+    # bfloat16 on CPUs too: AMX / AVX512-BF16 hosts multiply it several times faster than float32
+    out["gemm"]["bfloat16"] = common.gemm_rate(device, torch.bfloat16, min_run_time=t)
     return out
 
 
@@ -351,8 +376,15 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
         except Exception as exc:
             log(f"  reference failed on {case.op} {case.shape}: {common.short_error(exc)}")
         variants: list[tuple[str, Callable[[], Any], Any]] = []
+        # faststeal[auto]: the measured dispatch as users get it (tuned on its first call, before
+        # the timed rounds); then each backend, and on CPU each GEMM path of the cpp backend
+        variants.append(("faststeal[auto]", (lambda d=d: case.faststeal(d)), "auto"))
         for b in backends:
             variants.append((f"faststeal[{b}]", (lambda d=d: case.faststeal(d)), b))
+            if b == "cpp" and op_name in ("ensemble_linear", "bayes_linear"):
+                for path in ("onednn", "bmm", "mm"):
+                    variants.append((f"faststeal[cpp:{path}]", (lambda d=d: case.faststeal(d)),
+                                     f"cpp:{path}"))
         for name, fn in case.composites.items():
             variants.append((name, (lambda d=d, fn=fn: fn(d)), None))
         results: dict[str, dict[str, Any]] = {}
@@ -395,9 +427,19 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
             bmm_ms = results["torch.bmm only"].get("median_ms")
             for row in results.values():
                 row["x_vs_bmm"] = common.ratio(bmm_ms, row.get("median_ms"))
+        # the measured-dispatch goal: faststeal at least as fast as the best plain-torch variant
+        torch_ms = [r["median_ms"] for n, r in results.items()
+                    if not n.startswith("faststeal") and r.get("median_ms")]
+        for row in results.values():
+            row["x_vs_best_torch"] = common.ratio(min(torch_ms, default=None),
+                                                  row.get("median_ms"))
         best = min((r for r in results.values() if r.get("median_ms") and
                     r["variant"].startswith("faststeal")), key=lambda r: r["median_ms"],
                    default=None)
+        auto = results.get("faststeal[auto]", {})
+        if auto.get("median_ms"):
+            log(f"  {case.op:32s} {case.shape:40s} auto {auto['median_ms']:.3f} ms, "
+                f"{common.fmt_x(auto.get('x_vs_best_torch'))} vs the best torch variant")
         log(f"  {case.op:32s} {case.shape:40s} " + (
             f"best {best['variant']} {best['median_ms']:.3f} ms, "
             f"{common.fmt_x(best.get('x_vs_composite'))} vs composite" if best else "no result"))
@@ -418,11 +460,11 @@ def markdown(result: dict[str, Any], device_type: str = "cpu") -> str:
     lines = [f"Measured ceilings: copy {common.fmt(ceil['copy']['gbps'])} GB/s (read+write), "
              f"matmul {gemm}.", ""]
     headers = ["op", "shape", "variant", "median ms (p20–p80)", "GB/s", "GFLOP/s", "% copy BW",
-               "% matmul", "× reference", "× composite", "× bmm", "max err"]
+               "% matmul", "× reference", "× composite", "× bmm", "× best torch", "max err"]
     body = []
     for r in result["rows"]:
         if "error" in r:
-            body.append([r["op"], r["shape"], r["variant"], r["error"]] + [""] * 8)
+            body.append([r["op"], r["shape"], r["variant"], r["error"]] + [""] * 9)
             continue
         body.append([
             r["op"], r["shape"], r["variant"],
@@ -430,7 +472,7 @@ def markdown(result: dict[str, Any], device_type: str = "cpu") -> str:
             common.fmt(r.get("gbps")), common.fmt(r.get("gflops")),
             _pct(r.get("frac_copy_bw")), _pct(r.get("frac_gemm")),
             common.fmt_x(r.get("x_vs_reference")), common.fmt_x(r.get("x_vs_composite")),
-            common.fmt_x(r.get("x_vs_bmm")),
+            common.fmt_x(r.get("x_vs_bmm")), common.fmt_x(r.get("x_vs_best_torch")),
             "—" if r.get("max_err") is None else f"{r['max_err']:.1e}"])
     lines.append(common.markdown_table(headers, body))
     refused = {op: r for op, r in result.get("refused", {}).items() if r}

@@ -12,7 +12,15 @@ Methods (same architecture, same per-member data, Adam, lr 1e-3):
 * ``faststeal[reference]`` the zoo's ``StackedModel`` (stacked layers) with
                 ``faststeal.train_step`` (fused Adam, fused loss) on the pure-PyTorch reference ops;
 * ``faststeal`` the same on the fused kernels (``auto`` backend: C++ on CPU, Triton/CUDA on GPU);
-* ``faststeal+graph`` (CUDA only) the same step captured as one CUDA graph.
+* ``faststeal+graph`` (CUDA only) the same step captured as one CUDA graph;
+* ``faststeal[bf16]`` the ``faststeal`` step with ``precision="bf16"`` (bfloat16 compute in the
+                stacked layers, float32 weights, fused Adam and loss — what ``--precision bf16``
+                trains with); its GFLOP/s and '% GEMM' are still against the float32 GEMM rate.
+
+The ``cpu-precision`` preset is the bf16 comparison of docs/benchmarks.md: the S=16 MLP step at
+batch 32/128/1024, bf16 vs fp32 faststeal vs the fp32 loop:
+
+    python -m benchmarks.bench_train --preset cpu-precision
 
 Training: each member gets its own (B, 1, 28, 28) batch (independent shuffles); the loss is the sum
 of the members' mean cross-entropies. Inference: all members on one shared (B, 1, 28, 28) batch,
@@ -52,6 +60,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # large ensembles on CPU (where freed stacked tensors exceed glibc's 32 MB mmap threshold)
     "cpu-large": dict(grid=[("mlp", 64, 32), ("mlp", 64, 128), ("mlp", 64, 1024),
                             ("cnn", 4, 1024), ("cnn", 16, 128)], compile=[], t=0.5, infer=False),
+    "cpu-precision": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024)],
+                          compile=[], t=0.5, infer=True,
+                          methods=("loop", "faststeal", "faststeal[bf16]")),
     "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
                             ("cnn", 16, 128)],
                       compile=[("mlp", 16, 128)], t=0.1, infer=True),
@@ -61,7 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                 infer=True),
 }
 
-METHODS = ("loop", "vmap", "vmap+compile", "faststeal[reference]", "faststeal", "faststeal+graph")
+METHODS = ("loop", "vmap", "vmap+compile", "faststeal[reference]", "faststeal", "faststeal+graph",
+           "faststeal[bf16]")
+DEFAULT_METHODS = METHODS[:-1]  # bf16 runs where asked (--methods, the cpu-precision preset)
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -187,14 +200,15 @@ def make_vmap(arch, s, x, y, xs, compile_: bool = False) -> Runner:
     return r
 
 
-def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False) -> Runner:
+def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False,
+                   precision: str = "fp32") -> Runner:
     from faststeal import ops
-    from faststeal.train_step import make_optimizer, make_train_step
+    from faststeal.train_step import autocast, make_optimizer, make_train_step
 
     zoo = _zoo()
     model = zoo.build_model(ARCHS[arch], INPUT_SHAPE, NUM_CLASSES, members=s).to(x.device)
     opt = make_optimizer(model.parameters(), lr=LR, capturable=cuda_graph)
-    step = make_train_step(model, opt, cuda_graph=cuda_graph)
+    step = make_train_step(model, opt, cuda_graph=cuda_graph, precision=precision)
     r = Runner()
 
     def train():
@@ -204,7 +218,8 @@ def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False) ->
     def infer():
         model.eval()
         try:
-            with ops.use_backend(backend), torch.no_grad():
+            with ops.use_backend(backend), torch.no_grad(), \
+                    autocast(x.device.type, precision):
                 return model(xs)
         finally:
             model.train()
@@ -216,7 +231,8 @@ def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False) ->
         r.setup_s = time.perf_counter() - t0
     r.train, r.infer = train, (None if cuda_graph else infer)
     r.note = f"fused Adam ({type(opt).__name__}, " + ("fused" if opt.defaults.get("fused")
-                                                      else "foreach") + "), backend " + backend
+                                                      else "foreach") + "), backend " + backend \
+        + ("" if precision == "fp32" else f", {precision}")
     return r
 
 
@@ -231,6 +247,8 @@ def make_runner(method: str, arch, s, x, y, xs) -> Runner:
         return make_faststeal(arch, s, x, y, xs, "reference")
     if method == "faststeal":
         return make_faststeal(arch, s, x, y, xs, "auto")
+    if method == "faststeal[bf16]":
+        return make_faststeal(arch, s, x, y, xs, "auto", precision="bf16")
     if method == "faststeal+graph":
         return make_faststeal(arch, s, x, y, xs, "auto", cuda_graph=True)
     raise ValueError(f"unknown method {method!r}")
@@ -250,7 +268,7 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
     deadline = deadline or common.Deadline(None)
     if gemm is None:
         gemm = common.gemm_rate(device, torch.float32, min_run_time=0.3)
-    methods = methods or METHODS
+    methods = methods or cfg.get("methods") or DEFAULT_METHODS
     # process-wide, so every variant (the loop, vmap, ...) runs with the same malloc settings
     retained = _retain_freed_cpu_memory() if device.type == "cpu" else None
     rows: list[dict[str, Any]] = []

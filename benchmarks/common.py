@@ -322,6 +322,12 @@ def env_metadata(device) -> dict[str, Any]:
 
         meta["extension"] = "loaded" if _ext.C is not None else f"missing: {_ext.LOAD_ERROR}"
         meta["auto_backends"] = dispatch.report((device.type,))[device.type]
+        from faststeal.ops import tuning
+
+        meta["cpu_flags"] = tuning.cpu_flags()
+        meta["tuning"] = "on" if tuning.enabled() else "off"
+        # the measured-dispatch decisions the run used (read at the end: main() calls this last)
+        meta["tuning_decisions"] = tuning.decisions()
     except Exception as exc:  # faststeal half-installed: still benchmark what runs
         meta["extension"] = f"unknown ({type(exc).__name__}: {exc})"
     if device.type == "cuda":

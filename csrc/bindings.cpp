@@ -27,7 +27,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "testing aid: fill outputs with NaN / a sentinel before the kernels write them",
         py::arg("on"));
   m.def("_cpu_gemm_library", &c::detail::cpu_gemm_library,
-        "the library of the CPU ops' float32 GEMMs in this process, and why");
+        "the GEMM paths of the CPU ops and the default rule used without tuning");
+  m.def(
+      "_set_cpu_gemm_path",
+      [](int64_t path) {
+        TORCH_CHECK(path >= 0 && path <= 3, "_set_cpu_gemm_path: path must be 0 (default), ",
+                    "1 (onednn), 2 (bmm) or 3 (mm), got ", path);
+        return static_cast<int64_t>(c::set_cpu_gemm_path(static_cast<c::GemmPath>(path)));
+      },
+      "set the GEMM path of the CPU ops on this thread (0 default, 1 onednn, 2 bmm, 3 mm); "
+      "returns the previous one",
+      py::arg("path"));
   m.def("ensemble_linear_fwd_cpu", &c::ensemble_linear_fwd, "(y, z) = ensemble_linear forward",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
         py::arg("dropout_p"), py::arg("key"));

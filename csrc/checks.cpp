@@ -36,7 +36,7 @@ at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& options) {
 at::Tensor alloc_like(const at::Tensor& t) { return alloc(t.sizes(), t.options()); }
 
 Target cpu_target(const char* fn) {
-  return {fn, c10::DeviceType::CPU, {at::kFloat, at::kDouble}};
+  return {fn, c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}};
 }
 
 Target cuda_target(const char* fn) {

@@ -17,6 +17,11 @@ namespace cpu {
 
 #include "op_entry_points.inc"
 
+// Which library runs the CPU ops' GEMMs on the calling thread (csrc/cpu/gemm.cpp): chosen by
+// Python's measured dispatch (faststeal/ops/tuning.py) around each call. Returns the previous.
+enum class GemmPath : int { kDefault = 0, kOneDNN = 1, kBmm = 2, kMm = 3 };
+GemmPath set_cpu_gemm_path(GemmPath path);
+
 namespace detail {
 // The per-member GEMM of the CPU ops (csrc/cpu/gemm.cpp): out_s = a_s @ b_s^T (+ bias_s, then
 // relu) for a (S,M,K) or shared (M,K), b (S,N,K), bias (S,N) or None; a and b may be strided
@@ -24,7 +29,7 @@ namespace detail {
 at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                           bool relu);
 
-// Which library stacked_linear uses for float32 in this process, and why (for `faststeal info`).
+// The GEMM paths stacked_linear offers and its default rule (for `faststeal info`).
 std::string cpu_gemm_library();
 }  // namespace detail
 

@@ -338,15 +338,20 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
           output_mode: str = "label", seeds: Union[int, Sequence[int]] = 1, epochs: int = 10,
           batch_size: int = 128, lr: float = 1e-3, device: str = "cpu",
           victim_outputs_kind: str = "logits", query_seed: int = 0, progress: bool = True,
-          method_params: Optional[dict[str, dict]] = None) -> dict[str, Any]:
+          method_params: Optional[dict[str, dict]] = None,
+          precision: str = "fp32") -> dict[str, Any]:
     """Steal ``victim`` with a query budget and report each method's metrics per seed.
 
     victim: ``nn.Module`` or callable mapping a (B, ...) batch to (B, C) logits (or
     probabilities with ``victim_outputs_kind="probs"``); pool: attacker images (N, ...) (labels,
     if given, are ignored); test: (x, y) or a Dataset of (x, y) (or x alone: accuracy is then
     against the victim). Returns ``{"victim_test_accuracy", "queries", "results": {method:
-    [per-seed metrics]}}``.
+    [per-seed metrics]}}``. precision: ``"fp32"`` or ``"bf16"`` (bfloat16 compute in the
+    surrogates' stacked layers, float32 weights, optimizer, loss and metrics).
     """
+    from .train_step import check_precision
+
+    check_precision(precision)
     pool_x, _ = _as_xy("pool", pool)
     test_x, test_y = _as_xy("test", test)
     positive_int("budget", budget)
@@ -377,7 +382,9 @@ def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget
                 test_y=test_y, victim_labels=vlabels,
                 victim_probs=vprobs if output_mode in ("probs", "logits") else None,
                 num_classes=num_classes, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                device=device, hparams=(method_params or {}).get(method), progress=progress)
+                device=device, progress=progress,
+                hparams={**({"precision": precision} if precision != "fp32" else {}),
+                         **((method_params or {}).get(method) or {})})
             results.setdefault(method, []).append({"seed": seed, **r["metrics"]})
     return {"victim_test_accuracy": float((vlabels == test_y).float().mean()),
             "queries": {"used": oracle.used, "budget": oracle.budget}, "results": results}

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     r.add_argument("--epochs", type=int, default=None, help="surrogate training epochs")
     r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="compute dtype of the surrogates' stacked layers (bf16: float32 weights, "
+                        "optimizer and loss; fast on CPUs with AMX/AVX512-BF16 and on GPUs)")
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--member-sweep", default=None,
                    help="comma-separated member counts for the Deep Ensemble sweep ('' = none)")
@@ -190,8 +193,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
         victim_arch=args.victim_arch, surrogate_arch=args.surrogate_arch,
         victim_epochs=args.victim_epochs, budget=args.budget, output_mode=args.output_mode,
         topk=args.topk, temperature=args.temperature, decimals=args.decimals, seeds=args.seeds,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-        out=args.out, cache_dir=args.cache_dir, methods=args.methods,
+        epochs=args.epochs, batch_size=args.batch_size, precision=args.precision, lr=args.lr,
+        device=args.device, out=args.out, cache_dir=args.cache_dir, methods=args.methods,
         download=args.download or None)
     if args.member_sweep is not None:
         try:

@@ -1,4 +1,6 @@
-"""``faststeal info``: versions, the compiled extension, CUDA/Triton, and each op's backend."""
+"""``faststeal info``: versions, the compiled extension, CUDA/Triton, each op's backend
+candidates, and the measured dispatch decisions taken on this host (with the alternatives'
+times)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__, _ext
-    from .ops import dispatch
+    from .ops import dispatch, tuning
 
     try:
         import triton
@@ -27,14 +29,35 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "triton": triton_version,
+        "cpu": tuning.cpu_model(),
+        "cpu_flags": " ".join(tuning.cpu_flags()) or "(none of avx2/avx512/amx reported)",
         "cpu_threads": torch.get_num_threads(),
         "extension": "loaded" if _ext.C is not None else f"not loaded: {_ext.LOAD_ERROR}",
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "requested_backend": dispatch.get_backend(),
         "cpu_gemm": _cpu_gemm(),
+        "cpp_dtypes": _cpp_dtypes(),
+        "tuning": _tuning_status(),
         "cpu_retain_freed_memory": _retain_status(),
         "ops": dispatch.report(devices),
+        "decisions": tuning.decisions(),
     }
+
+
+def _cpp_dtypes() -> str:
+    from .ops import cpp_backend
+
+    return (", ".join(str(d)[6:] for d in cpp_backend._DTYPES)
+            + " (bfloat16/float16: GEMMs in that dtype with float32 accumulation)")
+
+
+def _tuning_status() -> str:
+    from .ops import tuning
+
+    if not tuning.enabled():
+        return f"off ({tuning.ENV_TUNE}=0): every choice takes its documented default"
+    return (f"on: each op/conv times its candidates once per shape class (cache: "
+            f"{tuning.cache_path() or 'memory only'})")
 
 
 def _cpu_gemm() -> str:
@@ -56,10 +79,22 @@ def _retain_status() -> str:
 def format_info(info: dict) -> str:
     lines = []
     for k, v in info.items():
-        if k != "ops":
+        if k not in ("ops", "decisions"):
             lines.append(f"{k:24s} {v}")
     lines.append("backend used by `auto` (per device and op):")
     for dev, ops in info["ops"].items():
         for op, backend in ops.items():
             lines.append(f"  {dev:5s} {op:24s} {backend}")
+    decisions = info.get("decisions") or {}
+    lines.append(f"measured decisions on this host ({len(decisions)}; choice, then every "
+                 f"candidate's best time in ms):")
+    for key, d in decisions.items():
+        point, dev, threads, shape = (key.split("|") + ["", "", ""])[:4]
+        times = ", ".join(f"{n} {'-' if t is None else f'{t:.3g}'}"
+                          for n, t in sorted(d.get("times_ms", {}).items(),
+                                             key=lambda kv: (kv[1] is None, kv[1] or 0)))
+        lines.append(f"  {point:22s} {shape} [{dev.split(':')[0]}, {threads}] -> "
+                     f"{d['choice']}  ({times})")
+    if not decisions:
+        lines.append("  (none yet: the first run of each layer shape measures)")
     return "\n".join(lines)

@@ -25,21 +25,48 @@ What the profile of the plain loop showed, and what this module removes (docs/be
   when you log.
 * launch overhead on GPU: ``cuda_graph=True`` captures forward, backward and the optimizer step
   as one CUDA graph and replays it (static input buffers; the Adam state made capturable).
+
+Precision. ``precision="bf16"`` runs the forward under ``torch.autocast(dtype=torch.bfloat16)``:
+the stacked ops (``ensemble_linear``, ``bayes_linear``) and the convolutions compute in bfloat16
+with float32 accumulation (AMX / AVX512-BF16 on CPUs that have them, tensor cores on GPUs), the
+weights stay float32 (the master copy) and so do the optimizer state and step, and the loss is
+computed in float32 from float32-cast logits (:func:`ensemble_loss`). ``Method.fit`` trains with
+this same step (:class:`TrainStep`), so the benchmarked step is the one that runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Callable, Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ensemble_loss", "make_optimizer", "make_train_step", "retain_disabled_reason",
-           "retain_freed_cpu_memory", "TrainStep"]
+__all__ = ["PRECISIONS", "autocast", "check_precision", "ensemble_loss", "make_optimizer",
+           "make_train_step", "retain_disabled_reason", "retain_freed_cpu_memory", "TrainStep"]
+
+#: Training/prediction precisions: the compute dtype of the stacked layers (None: float32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ValueError naming the choices."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(device_type: str, precision: str) -> ContextManager:
+    """The context a forward pass of ``precision`` runs in: ``torch.autocast`` for bf16, else
+    nothing."""
+    dtype = PRECISIONS[check_precision(precision)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 _RETAIN_ENV = "FASTSTEAL_RETAIN_CPU_MEMORY"
@@ -95,10 +122,13 @@ def ensemble_loss(logits: Tensor, target: Tensor) -> Tensor:
     logits: (S, B, C). target: shared by the members — (B,) labels or (B, C) probabilities — or
     one per member — (S, B) labels or (S, B, C) probabilities (independently shuffled members).
     Per-member targets run as one (1, S*B, C) problem whose mean is (1/S) sum_s loss_s, so S
-    times it is the sum and every member still gets only its own gradient.
+    times it is the sum and every member still gets only its own gradient. bfloat16/float16
+    logits (mixed precision) are cast to float32 first: the loss is always float32.
     """
     from . import ops
 
+    if isinstance(logits, Tensor) and logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     if logits.dim() != 3:
         raise ValueError(f"logits must be (members, batch, classes), got shape "
                          f"{tuple(logits.shape)}")
@@ -150,14 +180,25 @@ def _has_host_seeded_randomness(model: nn.Module) -> Optional[str]:
 
 class TrainStep:
     """A callable ``step(x, y) -> loss``: a detached 0-d device tensor (see
-    :func:`make_train_step`)."""
+    :func:`make_train_step`).
+
+    ``compute_loss(x, y) -> scalar`` replaces ``loss_fn(model(x), y)`` when a method's loss has
+    more than the member cross-entropy (Bayes by Backprop's KL term). ``precision``: ``"fp32"``
+    or ``"bf16"`` (the forward runs under :func:`autocast`; see the module docstring).
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = ensemble_loss,
-                 cuda_graph: bool = False, warmup: int = 3) -> None:
+                 cuda_graph: bool = False, warmup: int = 3, *,
+                 compute_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 precision: str = "fp32") -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.compute_loss = compute_loss
+        self.precision = check_precision(precision)
+        p = next(model.parameters(), None)
+        self.device_type = p.device.type if p is not None else "cpu"
         self.cuda_graph = bool(cuda_graph)
         self.warmup = int(warmup)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
@@ -175,8 +216,14 @@ class TrainStep:
                 if "capturable" in g:
                     g["capturable"] = True
 
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        with autocast(self.device_type, self.precision):
+            if self.compute_loss is not None:
+                return self.compute_loss(x, y)
+            return self.loss_fn(self.model(x), y)
+
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
-        loss = self.loss_fn(self.model(x), y)
+        loss = self._loss(x, y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,7 +252,7 @@ class TrainStep:
         opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss = self.loss_fn(model(sx), sy)
+            loss = self._loss(sx, sy)
             loss.backward()
             opt.step()
         self._graph, self._static = graph, (sx, sy, loss.detach())
@@ -229,7 +276,8 @@ class TrainStep:
 def make_train_step(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
                     lr: float = 1e-3,
                     loss_fn: Callable[[Tensor, Tensor], Tensor] = ensemble_loss,
-                    cuda_graph: bool = False, warmup: int = 3) -> TrainStep:
+                    cuda_graph: bool = False, warmup: int = 3,
+                    precision: str = "fp32") -> TrainStep:
     """A training step for a stacked model: ``step(x, y)`` runs forward, loss, backward and one
     optimizer step, and returns the loss as a detached 0-d device tensor (no host sync).
 
@@ -239,9 +287,12 @@ def make_train_step(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     (S, B) labels or (B, C), (S, B, C) probabilities). cuda_graph: capture the whole step once
     (after ``warmup`` undone warm-up steps) and replay it; needs fixed shapes, a CUDA model and no
     layer that draws a host seed per call (fused dropout, Bayesian layers) — those raise.
+    precision: ``"fp32"`` or ``"bf16"`` (bfloat16 compute, float32 weights, optimizer and loss).
     """
+    check_precision(precision)
     if optimizer is None:
         optimizer = make_optimizer(model.parameters(), lr=lr, capturable=cuda_graph)
     if any(p.device.type == "cpu" for p in model.parameters()):
         retain_freed_cpu_memory()
-    return TrainStep(model, optimizer, loss_fn=loss_fn, cuda_graph=cuda_graph, warmup=warmup)
+    return TrainStep(model, optimizer, loss_fn=loss_fn, cuda_graph=cuda_graph, warmup=warmup,
+                     precision=precision)

@@ -5,11 +5,18 @@ before any ``@triton.jit`` decorator executes, i.e. before faststeal's kernel mo
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Measured dispatch (faststeal/ops/tuning.py) is off for the suite: every choice takes its
+# documented default, so results do not depend on timings of a loaded CI machine and no test
+# pays for tuning; tests/test_tuning.py turns it on where it is the subject. Any cache goes to
+# a private folder, never the user's ~/.cache.
+os.environ.setdefault("FASTSTEAL_TUNE", "0")
+os.environ.setdefault("FASTSTEAL_TUNING_CACHE", tempfile.mkdtemp(prefix="faststeal-tuning-"))
 
 import pytest  # noqa: E402
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,3 +34,37 @@ def test_run_all_smoke_writes_json_and_markdown(tmp_path):
     assert "e2e" in res and isinstance(res["targets"], list)
     md = (tmp_path / "benchmarks.md").read_text()
     assert "## Ops" in md and "## Training step and inference" in md and "× loop" in md
+
+
+def test_bench_ops_has_the_tuned_and_forced_gemm_variants():
+    # the measured-dispatch rows (faststeal[auto], each C++ GEMM path) and the × best torch column
+    import torch
+
+    from benchmarks import bench_ops
+    from faststeal import _ext
+
+    res = bench_ops.run("cpu", "smoke", ceil=bench_ops.ceilings("cpu", tiny=True),
+                        log=lambda *a: None)
+    rows = [r for r in res["rows"] if r["op"] == "ensemble_linear fwd" and "error" not in r]
+    variants = {r["variant"] for r in rows}
+    assert "faststeal[auto]" in variants
+    if _ext.C is not None:
+        assert {"faststeal[cpp:onednn]", "faststeal[cpp:bmm]", "faststeal[cpp:mm]"} <= variants
+    assert all(r.get("x_vs_best_torch") for r in rows)
+    assert torch.isfinite(torch.tensor([r["max_err"] for r in rows
+                                        if r["variant"].startswith("faststeal")])).all()
+
+
+@pytest.mark.filterwarnings("ignore:the mlp victim reaches only")  # a 1-epoch victim, on purpose
+def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
+    # steal() vs the plain loop on tiny settings: both sides report a wall time and a fidelity
+    from benchmarks import bench_e2e
+
+    monkeypatch.setenv("FASTSTEAL_CACHE", str(tmp_path))
+    res = bench_e2e.compare("cpu", budget=120, epochs=1, rounds=1, archs=("mlp",), members=(2,),
+                            precisions=("fp32", "bf16"), victim_epochs=1, dataset="digits",
+                            victim_arch="mlp", log=lambda *a: None)
+    kinds = {(r["who"], r["precision"]) for r in res["rows"]}
+    assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("loop", "fp32")}
+    assert all(r["wall_s"] > 0 and 0 <= r["fidelity"] <= 1 for r in res["rows"])
+    assert "plain loop" in bench_e2e.compare_markdown(res)

@@ -63,10 +63,14 @@ def test_info_lists_backends_per_op(capsys, monkeypatch):
 def test_info_reports_the_cpu_settings(capsys, monkeypatch):
     monkeypatch.setenv("FASTSTEAL_RETAIN_CPU_MEMORY", "0")
     monkeypatch.setenv("FASTSTEAL_CPU_GEMM", "bmm")
+    monkeypatch.setenv("FASTSTEAL_TUNE", "0")
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "cpu_retain_freed_memory  off (FASTSTEAL_RETAIN_CPU_MEMORY=0)" in out
-    assert "cpu_gemm                 torch.bmm (FASTSTEAL_CPU_GEMM=bmm)" in out
+    # the forced GEMM path is the only cpp candidate of the GEMM ops; tuning is reported off
+    assert ("cpu   ensemble_linear          cpp:bmm  (default; auto measures cpp:bmm, reference)"
+            in out)
+    assert "tuning                   off (FASTSTEAL_TUNE=0)" in out
 
 
 def test_report_on_missing_folder(capsys, tmp_path):

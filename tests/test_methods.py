@@ -225,6 +225,8 @@ def test_build_method_rejects_unknown_names():
     ("laplace", {"predictive": "glm"}, ValueError, "predictive"),
     ("laplace", {"prior_precision": -1.0}, ValueError, "prior_precision"),
     ("baseline", {"weight_decay": -1.0}, ValueError, "weight_decay"),
+    ("baseline", {"precision": "fp16"}, ValueError, "precision must be one of"),
+    ("deep-ensemble", {"precision": None}, ValueError, "precision must be one of"),
 ])
 def test_bad_hyperparameters(name, kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -540,3 +542,54 @@ def test_laplace_evidence_variance_and_probit_match_dense_algebra(hessian):
     w, b = m._w_s, m._b_s
     torch.testing.assert_close(members, torch.einsum("scf,bf->sbc", w, phi) + b[:, None, :],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deep-ensemble", "mc-dropout", "bbb"])
+def test_bf16_training_keeps_fp32_master_state_and_learns(name):
+    # precision="bf16": bfloat16 compute in the stacked layers, float32 weights, loss and outputs
+    m = make(name, precision="bf16").fit(X, Y, probe=PROBE, **FIT)
+    assert all(p.dtype == torch.float32 for p in m.model.parameters())
+    assert m.predict_members(XT).dtype == torch.float32
+    assert all(isinstance(t["loss"], float) or t["loss"] is None for t in m.trace)
+    assert m.hparams()["precision"] == "bf16"
+    assert accuracy(m) > 0.6
+    assert abs(accuracy(m) - accuracy(fitted(name))) < 0.15  # fp32 vs bf16 on the toy task
+
+
+def test_bf16_stacked_layers_compute_in_bf16(monkeypatch):
+    # the forward of a bf16 fit reaches the op with bfloat16 tensors, the optimizer sees fp32
+    from faststeal.ops import dispatch
+
+    dtypes = []
+    real = dispatch.impl
+
+    def spy(op, kind, device_type):
+        fn = real(op, kind, device_type)
+
+        def run(*args):
+            if op == "ensemble_linear" and kind == "fwd":
+                dtypes.append(args[1].dtype)  # the weight as the op sees it
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(dispatch, "impl", spy)
+    m = make("deep-ensemble", precision="bf16").fit(X[:64], Y[:64], epochs=1, batch_size=32,
+                                                     progress=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in m.model.parameters())
+
+
+def test_fit_runs_on_the_benchmarked_train_step(monkeypatch):
+    # Method.fit's updates are TrainStep calls: what benchmarks/bench_train.py times is what runs
+    from faststeal import train_step
+
+    calls = []
+    real = train_step.TrainStep.__call__
+
+    def counting(self, x, y):
+        calls.append(x.shape)
+        return real(self, x, y)
+
+    monkeypatch.setattr(train_step.TrainStep, "__call__", counting)
+    make("deep-ensemble").fit(X[:96], Y[:96], epochs=2, batch_size=32, progress=False)
+    assert len(calls) == 2 * 3

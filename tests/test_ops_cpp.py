@@ -79,20 +79,23 @@ def test_ensemble_linear_matches_reference(seed_all, S, B, K, N, activation, dro
             assert_close(a, e, what=name)
 
 
-@pytest.mark.parametrize("gemm", ["default", "bmm"])
-@pytest.mark.parametrize("S,B,K,N", [(2, 123, 97, 3), (5, 3, 97, 123), (16, 97, 123, 97)])
+@pytest.mark.parametrize("gemm", ["default", "onednn", "bmm", "mm"])
+@pytest.mark.parametrize("S,B,K,N,shared", [(2, 123, 97, 3, False), (5, 3, 97, 123, False),
+                                            (16, 97, 123, 97, False), (5, 33, 97, 65, True)])
 @pytest.mark.parametrize("activation", ["none", "relu"])
-def test_both_cpu_gemm_paths_match_reference(seed_all, monkeypatch, gemm, S, B, K, N, activation):
-    # float32 GEMMs go to oneDNN when the reduction is >= 64 (csrc/cpu/gemm.cpp), to at::bmm with
-    # FASTSTEAL_CPU_GEMM=bmm; both paths, forward (bias + relu fused) and backward
-    if gemm == "bmm":
-        monkeypatch.setenv("FASTSTEAL_CPU_GEMM", "bmm")
-    x, w, b = linear_inputs(S, B, K, N, False, True)
-    y, z = P.ensemble_linear_fwd(x, w, b, activation, 0.0, 7)
+def test_every_cpu_gemm_path_matches_reference(seed_all, gemm, S, B, K, N, shared, activation):
+    # every GEMM library of csrc/cpu/gemm.cpp that the measured dispatch may pick (and the
+    # un-tuned default rule), forward (bias + relu after the GEMM) and backward
+    fwd = P.ensemble_linear_fwd if gemm == "default" else \
+        P.variants("ensemble_linear", "fwd")[gemm]
+    bwd = P.ensemble_linear_bwd if gemm == "default" else \
+        P.variants("ensemble_linear", "bwd")[gemm]
+    x, w, b = linear_inputs(S, B, K, N, shared, True)
+    y, z = fwd(x, w, b, activation, 0.0, 7)
     y_ref, z_ref = R.ensemble_linear_fwd(x, w, b, activation, 0.0, 7)
     assert_close(y, y_ref, what="y")
     g = torch.randn_like(y_ref)
-    got = P.ensemble_linear_bwd(g, x, w, b, y, z, activation, 0.0, 7)
+    got = bwd(g, x, w, b, y, z, activation, 0.0, 7, True)
     want = R.ensemble_linear_bwd(g, x, w, b, y_ref, z_ref, activation, 0.0, 7)
     for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
         assert_close(a, e, what=name)
@@ -478,8 +481,9 @@ def test_check_ensemble_linear_fwd():
     with pytest.raises(RuntimeError, match=r"bias must be \(members, out_features\) = \(2, 5\), "
                                            r"got sizes \[2, 4\]"):
         fwd(x, w, torch.randn(2, 4), "none", 0.0, 0)
-    with pytest.raises(RuntimeError, match=r"x has dtype Half, expected one of Float, Double"):
-        fwd(x.half(), w.half(), b.half(), "none", 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"x has dtype Int, expected one of Float, Double, "
+                                           r"BFloat16, Half"):
+        fwd(x.int(), w.int(), b.int(), "none", 0.0, 0)
     with pytest.raises(RuntimeError, match=r"weight has dtype Double but x has dtype Float"):
         fwd(x, w.double(), b, "none", 0.0, 0)
     with pytest.raises(RuntimeError, match=r"x must be contiguous, got sizes \[2, 3, 4\]"):
@@ -580,8 +584,118 @@ def test_unavailable_reason():
     assert "CPU tensors only" in P.unavailable_reason("cuda")
 
 
-def test_half_precision_cpu_falls_back_to_reference(seed_all):
-    x, w, b = (t.half() for t in linear_inputs(2, 3, 4, 5, False, True))
-    y, _ = P.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)
-    assert y.dtype == torch.float16
-    assert torch.equal(y, R.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)[0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu_does_not_fall_back_to_reference(seed_all, monkeypatch, dtype):
+    # before: bf16/fp16 CPU tensors silently ran the reference; now the C++ kernels take them
+    def refuse(*a):
+        raise AssertionError("the reference ran")
+
+    for name in ("ensemble_linear_fwd", "ensemble_linear_bwd", "bayes_linear_fwd",
+                 "member_stats_fwd", "ensemble_cross_entropy_fwd"):
+        monkeypatch.setattr(R, name, refuse)
+    x, w, b = (t.to(dtype) for t in linear_inputs(2, 3, 4, 5, False, True))
+    y, z = P.ensemble_linear_fwd(x, w, b, "relu", 0.0, 0)
+    assert y.dtype == dtype
+    P.ensemble_linear_bwd(torch.ones_like(y), x, w, b, y, z, "relu", 0.0, 0)
+    P.member_stats_fwd(y, None)
+    P.ensemble_cross_entropy_fwd(y, torch.zeros(3, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- bfloat16 / float16 on the CPU
+
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def _lowp(*ts, dtype):
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
+# bf16: every GEMM path (stacked and shared input) with relu, and the fused gelu/dropout and plain
+# epilogues; fp16: the default path
+LOWP_LINEAR = (
+    [(torch.bfloat16, g, sh, "relu", 0.0) for g in ("onednn", "bmm", "mm") for sh in (False, True)]
+    + [(torch.bfloat16, "default", sh, a, p) for sh in (False, True)
+       for a, p in (("gelu", 0.25), ("none", 0.0))]
+    + [(torch.float16, "default", sh, "relu", 0.25) for sh in (False, True)])
+
+
+@pytest.mark.parametrize("dtype,gemm,shared,activation,dropout_p", LOWP_LINEAR)
+def test_ensemble_linear_low_precision_runs_natively(seed_all, dtype, gemm, shared, activation,
+                                                    dropout_p):
+    # the C++ kernels take bfloat16/float16 for real (no fallback), every GEMM path; accuracy by
+    # the flash-attention rule: vs the float32 reference, within 2x the error of the torch
+    # composite computed in the same dtype
+    from tolerances import assert_close_lowp
+
+    x, w, b = linear_inputs(5, 67, 97, 33, shared, True)
+    xl, wl, bl = _lowp(x, w, b, dtype=dtype)
+    fwd = P.ensemble_linear_fwd if gemm == "default" else \
+        P.variants("ensemble_linear", "fwd")[gemm]
+    bwd = P.ensemble_linear_bwd if gemm == "default" else \
+        P.variants("ensemble_linear", "bwd")[gemm]
+    key = rng.rng_key(5, rng.STREAM_DROPOUT)
+    y, z = fwd(xl, wl, bl, activation, dropout_p, key)
+    assert y.dtype == dtype
+    # the reference on the same (rounded) inputs, in float32 and in the low dtype
+    x32, w32, b32 = (t.float() for t in (xl, wl, bl))
+    y32, z32 = R.ensemble_linear_fwd(x32, w32, b32, activation, dropout_p, key)
+    yc, zc = R.ensemble_linear_fwd(xl, wl, bl, activation, dropout_p, key)
+    assert_close_lowp(y, y32, yc, "y")
+    g = torch.randn_like(y32)
+    got = bwd(g.to(dtype), xl, wl, bl, y, z, activation, dropout_p, key, True)
+    want = R.ensemble_linear_bwd(g, x32, w32, b32, y32, z32, activation, dropout_p, key)
+    comp = R.ensemble_linear_bwd(g.to(dtype), xl, wl, bl, yc, zc, activation, dropout_p, key)
+    for name, a, e, c in zip(("dx", "dweight", "dbias"), got, want, comp):
+        assert a.dtype == dtype, name
+        assert_close_lowp(a, e, c, name)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_bayes_linear_low_precision_runs_natively(seed_all, dtype, shared):
+    from tolerances import assert_close_lowp
+
+    S, B, K, N = 4, 37, 70, 21
+    x = torch.randn(B, K) if shared else torch.randn(S, B, K)
+    mu, rho = 0.1 * torch.randn(N, K), torch.randn(N, K) - 3
+    bmu, brho = 0.1 * torch.randn(N), torch.randn(N) - 3
+    lo = _lowp(x, mu, rho, bmu, brho, dtype=dtype)
+    hi = [t.float() for t in lo]
+    y = P.bayes_linear_fwd(*lo, S, 11, 12)
+    assert y.dtype == dtype
+    y32 = R.bayes_linear_fwd(*hi, S, 11, 12)
+    yc = R.bayes_linear_fwd(*lo, S, 11, 12)
+    assert_close_lowp(y, y32, yc, "y")
+    g = torch.randn_like(y32)
+    got = P.bayes_linear_bwd(g.to(dtype), *lo, S, 11, 12, True)
+    want = R.bayes_linear_bwd(g, *hi, S, 11, 12, True)
+    comp = R.bayes_linear_bwd(g.to(dtype), *lo, S, 11, 12, True)
+    for name, a, e, c in zip(("dx", "dw_mu", "dw_rho", "db_mu", "db_rho"), got, want, comp):
+        assert a.dtype == dtype, name
+        assert_close_lowp(a, e, c, name)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+def test_reductions_take_low_precision_logits(seed_all, dtype):
+    from tolerances import assert_close_lowp
+
+    logits = (3 * torch.randn(5, 97, 10)).to(dtype)
+    t = torch.randint(0, 10, (97,))
+    ce = P.ensemble_cross_entropy_fwd(logits, t)
+    assert ce.dtype == torch.float32
+    assert_close_lowp(ce, R.ensemble_cross_entropy_fwd(logits.float(), t),
+                      R.ensemble_cross_entropy_fwd(logits, t).to(dtype), "loss")
+    g = torch.rand(5)
+    d = P.ensemble_cross_entropy_bwd(g, logits, t)
+    assert d.dtype == dtype
+    assert_close_lowp(d, R.ensemble_cross_entropy_bwd(g, logits.float(), t),
+                      R.ensemble_cross_entropy_bwd(g, logits, t), "dlogits")
+    st = P.member_stats_fwd(logits, t)
+    ref = R.member_stats_fwd(logits.float(), t)
+    for name in ("mean_probs", "variance", "mutual_info"):
+        assert getattr(st, name).dtype == torch.float32
+        assert_close(getattr(st, name), getattr(ref, name), what=name)
+    assert torch.equal(st.pred, ref.pred)
+    mu, rho = torch.randn(40, 7).to(dtype), (torch.randn(40, 7) - 2).to(dtype)
+    kl = P.gaussian_kl_fwd(mu, rho, 0.5)
+    assert_close(kl, R.gaussian_kl_fwd(mu.float(), rho.float(), 0.5), what="kl")

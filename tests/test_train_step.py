@@ -119,3 +119,37 @@ def test_retain_freed_cpu_memory_rejects_a_bad_limit(monkeypatch):
     for bad in (0, -5, 1.5, True, "1G"):
         with pytest.raises(ValueError, match="max_block_bytes"):
             train_step.retain_freed_cpu_memory(bad)
+
+
+def test_precision_is_validated_everywhere_it_enters():
+    from faststeal import steal
+    from faststeal.runs import Config
+    from faststeal.models import build_model
+    from faststeal.train_step import check_precision, make_train_step
+
+    assert check_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+        check_precision("fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        make_train_step(build_model("mlp", (1, 4, 4), 3, members=2), precision="half")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Config(precision="bfloat16").validate()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        steal(lambda x: torch.zeros(len(x), 3), torch.zeros(8, 1, 4, 4), torch.zeros(4, 1, 4, 4),
+              4, precision="int8")
+
+
+def test_bf16_step_keeps_fp32_master_weights_and_loss(seed_all):
+    # bf16 compute, float32 parameters / Adam state / loss; the step still learns
+    from faststeal.models import build_model
+
+    model = build_model("mlp", (1, 8, 8), 4, members=3)
+    step = make_train_step(model, lr=1e-2, precision="bf16")
+    x, y = torch.randn(3, 32, 1, 8, 8), torch.randint(0, 4, (3, 32))
+    first = float(step(x, y))
+    for _ in range(30):
+        loss = step(x, y)
+    assert loss.dtype == torch.float32 and float(loss) < first
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for st in step.optimizer.state.values()
+               for k, v in st.items() if k != "step")

@@ -1,4 +1,4 @@
-"""The one table of (atol, rtol) per dtype used by every op test."""
+"""The one table of (atol, rtol) per dtype used by every op test, and the low-precision rule."""
 
 import torch
 
@@ -8,6 +8,28 @@ TOL = {
     torch.float16: (2e-2, 2e-2),
     torch.bfloat16: (5e-2, 5e-2),
 }
+
+
+# The flash-attention rule for bfloat16/float16 kernels: their error against a float32 reference
+# is at most LOWP_FACTOR times the error of the same computation written as a PyTorch composite
+# in that dtype, plus a floor (relative to the output's magnitude) for outputs the composite
+# happens to get (nearly) exact.
+LOWP_FACTOR = 2.0
+LOWP_FLOOR = {torch.bfloat16: 2e-3, torch.float16: 2e-4}
+
+
+def assert_close_lowp(actual: torch.Tensor, reference32: torch.Tensor,
+                      composite: torch.Tensor, what: str = "") -> None:
+    """max |actual - ref32| <= LOWP_FACTOR * max |composite - ref32| + floor * max(1, |ref32|)."""
+    assert actual.shape == reference32.shape, f"{what}: shape {actual.shape} != " \
+                                               f"{reference32.shape}"
+    ref = reference32.detach().double().cpu()
+    err = (actual.detach().double().cpu() - ref).abs().max().item()
+    base = (composite.detach().double().cpu() - ref).abs().max().item()
+    floor = LOWP_FLOOR[composite.dtype] * max(1.0, ref.abs().max().item())
+    assert err <= LOWP_FACTOR * base + floor, (
+        f"{what}: error {err:.3g} vs the float32 reference exceeds {LOWP_FACTOR} x the "
+        f"{composite.dtype} composite's {base:.3g} + {floor:.3g}")
 
 
 def tol(dtype: torch.dtype) -> dict:

@@ -60,19 +60,33 @@ void sample_bias(const T* mu, const T* rho, T* b, int64_t S, int64_t N, uint32_t
   }
 }
 
+// bfloat16/float16 inputs: the weights are sampled and the gradients reduced in float32 from
+// float32 copies of mu and rho, and only the GEMM operands are in the input dtype (the GEMMs
+// accumulate in float32); the results are rounded to the input dtype once.
+bool reduced(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+at::Tensor work(const at::Tensor& t) { return reduced(t) ? t.to(at::kFloat) : t; }
+OptTensor work(const OptTensor& t) {
+  return t.has_value() ? OptTensor(work(*t)) : OptTensor();
+}
+
 }  // namespace
 
-at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const at::Tensor& w_rho,
-                            const OptTensor& b_mu, const OptTensor& b_rho, int64_t samples,
-                            int64_t key_w, int64_t key_b) {
+at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu_in,
+                            const at::Tensor& w_rho_in, const OptTensor& b_mu_in,
+                            const OptTensor& b_rho_in, int64_t samples, int64_t key_w,
+                            int64_t key_b) {
   const Target t = cpu_target("bayes_linear_fwd_cpu");
-  const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
+  const LinearDims d = check_bayes_linear(t, x, w_mu_in, w_rho_in, b_mu_in, b_rho_in, samples);
   const uint32_t kw = check_key(t, key_w, "key_w");
   const uint32_t kb = check_key(t, key_b, "key_b");
-  at::Tensor W = alloc({d.S, d.N, d.K}, x.options());  // freed when the op returns
+  const at::Tensor w_mu = work(w_mu_in), w_rho = work(w_rho_in);
+  const OptTensor b_mu = work(b_mu_in), b_rho = work(b_rho_in);
+  at::Tensor W = alloc({d.S, d.N, d.K}, w_mu.options());  // freed when the op returns
   OptTensor b;
-  if (b_mu.has_value()) b = alloc({d.S, d.N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_fwd_cpu", [&] {
+  if (b_mu.has_value()) b = alloc({d.S, d.N}, w_mu.options());
+  AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_fwd_cpu", [&] {
     sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
                              W.data_ptr<scalar_t>(), nullptr, d.S, d.N, d.K, kw);
     if (b.has_value()) {
@@ -80,16 +94,23 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu, const a
                             b->data_ptr<scalar_t>(), d.S, d.N, kb);
     }
   });
+  if (reduced(x)) {
+    W = W.to(x.scalar_type());
+    if (b.has_value()) b = b->to(x.scalar_type());
+  }
   return detail::stacked_linear(x, W, b, /*relu=*/false);
 }
 
 std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Tensor& x,
-                                         const at::Tensor& w_mu, const at::Tensor& w_rho,
-                                         const OptTensor& b_mu, const OptTensor& b_rho,
+                                         const at::Tensor& w_mu_in, const at::Tensor& w_rho_in,
+                                         const OptTensor& b_mu_in, const OptTensor& b_rho_in,
                                          int64_t samples, int64_t key_w, int64_t key_b,
                                          bool need_dx) {
   const Target t = cpu_target("bayes_linear_bwd_cpu");
-  const LinearDims d = check_bayes_linear(t, x, w_mu, w_rho, b_mu, b_rho, samples);
+  const LinearDims d = check_bayes_linear(t, x, w_mu_in, w_rho_in, b_mu_in, b_rho_in, samples);
+  const at::Tensor w_mu = work(w_mu_in), w_rho = work(w_rho_in);
+  const OptTensor b_mu = work(b_mu_in), b_rho = work(b_rho_in);
+  const bool red = reduced(x);
   check_float(t, grad_y, "grad_y", {3});
   check_like(t, grad_y, "grad_y", x, "x");
   TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(2) == d.N, t.fn,
@@ -100,25 +121,31 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const int64_t S = d.S, B = d.B, N = d.N, K = d.K;
 
   // Regenerate eps (E) and the sampled weights (W); after dx, W is replaced by dW.
-  at::Tensor W = alloc({S, N, K}, x.options());
-  at::Tensor E = alloc({S, N, K}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+  at::Tensor W = alloc({S, N, K}, w_mu.options());
+  at::Tensor E = alloc({S, N, K}, w_mu.options());
+  AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_bwd_cpu", [&] {
     sample_weights<scalar_t>(w_mu.data_ptr<scalar_t>(), w_rho.data_ptr<scalar_t>(),
                              W.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), S, N, K, kw);
   });
   at::Tensor dx = x.new_empty({0});
+  const at::Tensor Wg = red ? W.to(x.scalar_type()) : W;  // the GEMM operand
   if (d.shared) {
     // dx = sum_s g_s @ W_s and dW_s = g_s^T @ x are single GEMMs over g as (B, S*N).
     const at::Tensor g2 = grad_y.permute({1, 0, 2}).contiguous().view({B, S * N});
-    at::Tensor W2 = W.view({S * N, K});
-    if (need_dx) dx = at::mm(g2, W2);
-    at::mm_out(W2, g2.t(), x);
+    if (need_dx) dx = at::mm(g2, Wg.view({S * N, K}));
+    if (red) {
+      W = at::mm(g2.t(), x).to(at::kFloat).view({S, N, K});
+    } else {
+      at::Tensor W2 = W.view({S * N, K});
+      at::mm_out(W2, g2.t(), x);
+    }
   } else {
-    if (need_dx) dx = detail::stacked_linear(grad_y, W.transpose(1, 2), std::nullopt, false);
+    if (need_dx) dx = detail::stacked_linear(grad_y, Wg.transpose(1, 2), std::nullopt, false);
     W = detail::stacked_linear(grad_y.transpose(1, 2), x.transpose(1, 2), std::nullopt, false);
+    if (red) W = W.to(at::kFloat);
   }
   at::Tensor dmu = alloc_like(w_mu), drho = alloc_like(w_rho);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(w_mu.scalar_type(), "bayes_linear_bwd_cpu", [&] {
     const scalar_t* dW = W.data_ptr<scalar_t>();
     const scalar_t* e = E.data_ptr<scalar_t>();
     const scalar_t* rho = w_rho.data_ptr<scalar_t>();
@@ -153,7 +180,7 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
     const at::Tensor gsum = grad_y.sum(1, false, at::kDouble).contiguous();  // (S, N)
     dbmu = alloc_like(*b_mu);
     dbrho = alloc_like(*b_rho);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bayes_linear_bwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(b_mu->scalar_type(), "bayes_linear_bwd_cpu", [&] {
       const double* gs = gsum.data_ptr<double>();
       const scalar_t* rho = b_rho->data_ptr<scalar_t>();
       for (int64_t n = 0; n < N; ++n) {
@@ -167,6 +194,15 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
         dbrho.data_ptr<scalar_t>()[n] = static_cast<scalar_t>(r) * sigmoid<scalar_t>(rho[n]);
       }
     });
+  }
+  if (red) {
+    const auto dt = x.scalar_type();
+    dmu = dmu.to(dt);
+    drho = drho.to(dt);
+    if (b_mu.has_value()) {
+      dbmu = dbmu.to(dt);
+      dbrho = dbrho.to(dt);
+    }
   }
   return {dx, dmu, drho, dbmu, dbrho};
 }

@@ -1,8 +1,11 @@
 // ensemble_linear on the CPU: the GEMMs go to oneDNN or MKL (detail::stacked_linear in gemm.cpp,
-// which also applies bias + relu when there is no dropout); otherwise bias, activation and dropout
-// are one fused, parallel epilogue pass, and the backward's
+// which also adds the bias and applies relu when there is no dropout); otherwise bias, activation
+// and dropout are one fused, parallel epilogue pass, and the backward's
 // activation/dropout gradient and bias reduction are one fused prologue pass. The dropout mask
-// is regenerated from the key in the backward, never stored.
+// is regenerated from the key in the backward, never stored. bfloat16/float16 tensors are stored
+// in their dtype and computed in float32 (at::opmath_type): the GEMMs accumulate in float32, the
+// epilogues load, compute in float32 and round once on store; the bias gradient sums in double.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include "../common.h"
@@ -29,27 +32,28 @@ inline T activate(T v) {
 // The inner loop is branch-free (bit-mask relu, integer mask compare) so that it vectorizes.
 template <typename T, Act A, bool kDrop, bool kBias>
 void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t r1, int64_t B,
-                   int64_t N, uint32_t key, uint32_t thr, T scale) {
+                   int64_t N, uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
+  using C = at::opmath_type<T>;
   for (int64_t r = r0; r < r1; ++r) {
     const T* bb = kBias ? bias + (r / B) * N : nullptr;
     const int64_t off = r * N;
     const uint32_t c0 = static_cast<uint32_t>(off);
     for (int64_t n = 0; n < N; ++n) {
-      T v = src[off + n];
-      if constexpr (kBias) v += bb[n];
-      if constexpr (A == Act::kGelu) z[off + n] = v;
-      T a = activate<T, A>(v);
+      C v = static_cast<C>(src[off + n]);
+      if constexpr (kBias) v += static_cast<C>(bb[n]);
+      if constexpr (A == Act::kGelu) z[off + n] = static_cast<T>(v);
+      C a = activate<C, A>(v);
       if constexpr (kDrop) {
         a *= select_bits(dropout_keep(key, c0 + static_cast<uint32_t>(n), thr), scale);
       }
-      y[off + n] = a;
+      y[off + n] = static_cast<T>(a);
     }
   }
 }
 
 template <typename T, Act A, bool kDrop>
 void run_epilogue(const T* src, T* z, T* y, const T* bias, int64_t S, int64_t B, int64_t N,
-                  uint32_t key, uint32_t thr, T scale) {
+                  uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(N, 1));
   at::parallel_for(0, S * B, grain, [&](int64_t r0, int64_t r1) {
     if (bias) epilogue_rows<T, A, kDrop, true>(src, z, y, bias, r0, r1, B, N, key, thr, scale);
@@ -59,7 +63,8 @@ void run_epilogue(const T* src, T* z, T* y, const T* bias, int64_t S, int64_t B,
 
 template <typename T>
 void dispatch_epilogue(Act act, bool drop, const T* src, T* z, T* y, const T* bias, int64_t S,
-                       int64_t B, int64_t N, uint32_t key, uint32_t thr, T scale) {
+                       int64_t B, int64_t N, uint32_t key, uint32_t thr,
+                       at::opmath_type<T> scale) {
 #define FS_EPI(A)                                                                   \
   (drop ? run_epilogue<T, A, true>(src, z, y, bias, S, B, N, key, thr, scale)      \
         : run_epilogue<T, A, false>(src, z, y, bias, S, B, N, key, thr, scale))
@@ -78,7 +83,8 @@ template <typename T, Act A, bool kDrop, bool kWrite, bool kBias>
 void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ z,
              T* __restrict__ dz, double* __restrict__ dbias_acc, int64_t s, int64_t b0,
              int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
-             uint32_t key, uint32_t thr, T scale) {
+             uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
+  using C = at::opmath_type<T>;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t off = (s * B + b) * N;  // index in grad_y / y / z (all (S,B,N))
     const uint32_t c0 = static_cast<uint32_t>(off);
@@ -87,17 +93,18 @@ void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restri
     const T* __restrict__ yr = y + off;
     const T* __restrict__ zr = A == Act::kGelu ? z + off : nullptr;
     for (int64_t n = 0; n < N; ++n) {
-      T d;
+      C d;
+      const C gv = static_cast<C>(gr[n]);
       if constexpr (A == Act::kRelu) {
         // y > 0 iff z > 0 and the element was kept, so relu needs neither z nor the mask.
-        d = gr[n] * select_bits(positive_bits(yr[n]), scale);
+        d = gv * select_bits(positive_bits(static_cast<C>(yr[n])), scale);
       } else {
-        d = A == Act::kGelu ? gr[n] * gelu_grad_cpu(zr[n]) : gr[n];
+        d = A == Act::kGelu ? gv * gelu_grad_cpu(static_cast<C>(zr[n])) : gv;
         if constexpr (kDrop) {
           d *= select_bits(dropout_keep(key, c0 + static_cast<uint32_t>(n), thr), scale);
         }
       }
-      if constexpr (kWrite) out[n] = d;
+      if constexpr (kWrite) out[n] = static_cast<T>(d);
       if constexpr (kBias) dbias_acc[n] += static_cast<double>(d);
     }
   }
@@ -105,7 +112,7 @@ void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restri
 
 template <typename T, Act A, bool kDrop>
 void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64_t S, int64_t B,
-            int64_t N, bool shared, uint32_t key, uint32_t thr, T scale) {
+            int64_t N, bool shared, uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
   const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
   // stacked dz (S,B,N): member s, row b at (s*B + b)*N; shared dz (B,S,N): at (b*S + s)*N.
   const int64_t row_stride = shared ? S * N : N;
@@ -129,7 +136,7 @@ void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64
 template <typename T>
 void dispatch_dz(Act act, bool drop, const T* g, const T* y, const T* z, T* dz,
                  double* dbias_part, int64_t S, int64_t B, int64_t N, bool shared, uint32_t key,
-                 uint32_t thr, T scale) {
+                 uint32_t thr, at::opmath_type<T> scale) {
 #define FS_DZ(A)                                                                            \
   (drop ? run_dz<T, A, true>(g, y, z, dz, dbias_part, S, B, N, shared, key, thr, scale)    \
         : run_dz<T, A, false>(g, y, z, dz, dbias_part, S, B, N, shared, key, thr, scale))
@@ -155,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   const uint32_t thr = dropout_threshold(t, dropout_p);
   const bool drop = dropout_p > 0.0;
 
-  if ((act == Act::kNone || act == Act::kRelu) && !drop) {  // bias and relu applied by the GEMM
+  if ((act == Act::kNone || act == Act::kRelu) && !drop) {  // bias and relu fused in the GEMM
     return {detail::stacked_linear(x, weight, bias, act == Act::kRelu), x.new_empty({0})};
   }
   // One GEMM into y, or into z for gelu, then one fused pass for bias + activation + dropout
@@ -163,12 +170,13 @@ std::tuple<at::Tensor, at::Tensor> ensemble_linear_fwd(const at::Tensor& x,
   const at::Tensor acc = detail::stacked_linear(x, weight, std::nullopt, /*relu=*/false);
   at::Tensor y = act == Act::kGelu ? alloc({d.S, d.B, d.N}, x.options()) : acc;
   at::Tensor z = act == Act::kGelu ? acc : x.new_empty({0});
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ensemble_linear_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "ensemble_linear_fwd_cpu", [&] {
     const scalar_t* bptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* zptr = act == Act::kGelu ? z.data_ptr<scalar_t>() : nullptr;
     dispatch_epilogue<scalar_t>(act, drop, acc.data_ptr<scalar_t>(), zptr, y.data_ptr<scalar_t>(),
                                 bptr, d.S, d.B, d.N, k, thr,
-                                static_cast<scalar_t>(dropout_scale(dropout_p)));
+                                static_cast<at::opmath_type<scalar_t>>(dropout_scale(dropout_p)));
   });
   return {y, z};
 }
@@ -200,13 +208,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
 
   const bool dz_is_grad = dz.is_same(grad_y);
   if (!dz_is_grad || bias.has_value()) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ensemble_linear_bwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                    "ensemble_linear_bwd_cpu", [&] {
       const scalar_t* zptr = act == Act::kGelu ? z.data_ptr<scalar_t>() : nullptr;
       double* dbp = bias.has_value() ? dbias_part.data_ptr<double>() : nullptr;
       scalar_t* dzp = dz_is_grad ? nullptr : dz.data_ptr<scalar_t>();
       dispatch_dz<scalar_t>(act, drop, grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), zptr,
                             dzp, dbp, S, B, N, d.shared, k, thr,
-                            static_cast<scalar_t>(dropout_scale(dropout_p)));
+                            static_cast<at::opmath_type<scalar_t>>(dropout_scale(dropout_p)));
     });
   }
 

@@ -32,9 +32,21 @@ inline void check_label(const Target& t, int64_t label, int64_t b, int64_t C) {
 
 }  // namespace
 
+// bfloat16/float16 logits are computed in float32 (one conversion pass): the loss is float32
+// (acc dtype) for them anyway, and the gradient is rounded to the logits' dtype once.
+static bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+static at::Tensor to_float_if(bool soft, const at::Tensor& target) {
+  return soft ? target.to(at::kFloat) : target;
+}
+
 at::Tensor ensemble_cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target) {
   const Target t = cpu_target("ensemble_cross_entropy_fwd_cpu");
   const bool soft = check_ensemble_xent(t, logits, target);
+  if (is_reduced(logits)) {
+    return ensemble_cross_entropy_fwd(logits.to(at::kFloat), to_float_if(soft, target));
+  }
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   const int64_t nchunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
   std::vector<double> partial(S * nchunks, 0.0);
@@ -80,6 +92,10 @@ at::Tensor ensemble_cross_entropy_bwd(const at::Tensor& grad, const at::Tensor& 
   const bool soft = check_ensemble_xent(t, logits, target);
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   check_grad_scalar_per_member(t, grad, S);
+  if (is_reduced(logits)) {
+    return ensemble_cross_entropy_bwd(grad, logits.to(at::kFloat), to_float_if(soft, target))
+        .to(logits.scalar_type());
+  }
   const at::Tensor g = grad.to(at::kDouble).contiguous();
   at::Tensor dlogits = alloc_like(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ensemble_cross_entropy_bwd_cpu", [&] {

@@ -12,11 +12,18 @@ namespace {
 
 constexpr int64_t kKlChunk = 1 << 13;  // elements per partial sum
 
+// bfloat16/float16 inputs are computed in float32 (one conversion pass; these ops read each
+// element once, so the conversion costs as much as the op) and results follow the contract.
+inline bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
 }  // namespace
 
 at::Tensor gaussian_kl_fwd(const at::Tensor& mu, const at::Tensor& rho, double prior_sigma) {
   const Target t = cpu_target("gaussian_kl_fwd_cpu");
   check_gaussian_kl(t, mu, rho, prior_sigma);
+  if (is_reduced(mu)) return gaussian_kl_fwd(mu.to(at::kFloat), rho.to(at::kFloat), prior_sigma);
   const int64_t n = mu.numel();
   const int64_t nchunks = (n + kKlChunk - 1) / kKlChunk;
   std::vector<double> partial(nchunks, 0.0);
@@ -52,6 +59,10 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_bwd(const at::Tensor& grad, const
   check_gaussian_kl(t, mu, rho, prior_sigma);
   TORCH_CHECK(grad.numel() == 1, t.fn, ": grad must be a scalar, got sizes ", grad.sizes());
   check_device(t, grad, "grad");
+  if (is_reduced(mu)) {
+    auto [dm, dr] = gaussian_kl_bwd(grad, mu.to(at::kFloat), rho.to(at::kFloat), prior_sigma);
+    return {dm.to(mu.scalar_type()), dr.to(rho.scalar_type())};
+  }
   const double g = grad.item<double>();
   at::Tensor dmu = alloc_like(mu), drho = alloc_like(rho);
   const int64_t n = mu.numel();

@@ -1,18 +1,26 @@
-// The per-member GEMMs of the CPU ops, in one place (the shared-input backward of ensemble_linear
-// and bayes_linear is one at::mm over all members and stays on MKL). float32 goes to oneDNN one
-// member at a time, through ATen's own registered op `mkldnn::_linear_pointwise` (the oneDNN
-// inner-product primitive with a fused bias; relu is torch's relu_ after it, which keeps NaN
-// where the fused oneDNN post-op gives 0): on AVX-512 machines where MKL runs
-// its AVX2 code (AMD Zen 4/5) that is ~2.2x the rate of at::bmm (measured in
-// docs/benchmarks.md). Everything else — other dtypes, empty shapes, a torch built without
-// oneDNN, FASTSTEAL_CPU_GEMM=bmm — uses at::bmm / baddbmm (MKL or OpenBLAS). Both are plain fp32
-// GEMMs; they differ only in summation order.
+// The per-member GEMMs of the CPU ops, in one place, with every candidate library exposed so
+// that Python measures them on the host and picks (faststeal/ops/tuning.py; the choice is made
+// per op and shape class and handed down through a thread-local path, set_cpu_gemm_path):
+//
+//   onednn  one oneDNN inner product per member through ATen's registered op
+//           `mkldnn::_linear_pointwise` (bias fused; the results are then stacked). On AMD Zen 4/5,
+//           where MKL runs its AVX2 code, ~2x the rate of at::bmm; on Intel AVX-512/AMX hosts
+//           often slower than one at::bmm (docs/benchmarks.md).
+//   bmm     one at::bmm / at::baddbmm over all members (MKL, or oneDNN/AMX for bfloat16).
+//   mm      a shared input (every member sees the same rows): ONE at::mm / addmm against the
+//           (S*N, K) stack of all members' weights, then one transposing copy; a stacked input:
+//           one at::mm per member written into its slice of the output (no stack copy).
+//   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, else
+//           at::bmm — the rule measured on the AMD host, documented in docs/benchmarks.md.
+//
+// All paths are plain GEMMs with float32 accumulation (bfloat16/float16 inputs are multiplied
+// with float32 accumulation by every library); they differ only in summation order. relu is
+// applied after the GEMM with at::relu_, which keeps NaN (oneDNN's fused relu post-op maps NaN to
+// 0), so a diverged network stays visibly NaN on every path.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "../ops.h"
@@ -21,10 +29,12 @@ namespace faststeal {
 namespace cpu {
 namespace {
 
-// A short reduction (the dW GEMM of a small batch: reduction over the batch rows) produces a
-// large output per member that at::stack then copies; there at::bmm is faster (measured: S=16
+// The default rule's threshold: a short reduction (the dW GEMM of a small batch) produces a
+// large output per member that at::stack then copies; there at::bmm was faster (AMD host, S=16
 // MLP step at batch 32).
 constexpr int64_t kMinReduction = 64;
+
+thread_local GemmPath g_path = GemmPath::kDefault;
 
 const c10::OperatorHandle* onednn_linear() {
   static const std::optional<c10::OperatorHandle> op =
@@ -33,22 +43,11 @@ const c10::OperatorHandle* onednn_linear() {
 }
 
 // Set once a oneDNN call throws (e.g. a future torch changed the private op's schema): from then
-// on every GEMM takes at::bmm, after one warning.
+// on the onednn path runs at::bmm, after one warning.
 std::atomic<bool> g_onednn_failed{false};
 
-// Why float32 GEMMs cannot take oneDNN in this process, or nullptr.
-const char* onednn_unavailable() {
-  const char* env = std::getenv("FASTSTEAL_CPU_GEMM");
-  if (env != nullptr && std::strcmp(env, "bmm") == 0) return "FASTSTEAL_CPU_GEMM=bmm";
-  if (onednn_linear() == nullptr) return "this torch has no mkldnn::_linear_pointwise";
-  if (g_onednn_failed.load(std::memory_order_relaxed)) return "a oneDNN call failed earlier";
-  return nullptr;
-}
-
-bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0) return false;
-  if (a.size(-1) < kMinReduction) return false;
-  return onednn_unavailable() == nullptr;
+bool onednn_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 at::Tensor onednn_member(const c10::OperatorHandle& op, const at::Tensor& a, const at::Tensor& b,
@@ -58,53 +57,105 @@ at::Tensor onednn_member(const c10::OperatorHandle& op, const at::Tensor& a, con
   stack.emplace_back(a);
   stack.emplace_back(b);
   stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
-  stack.emplace_back(std::string("none"));  // no fused relu: oneDNN's maps NaN to 0
+  stack.emplace_back(std::string("none"));
   stack.emplace_back(c10::List<std::optional<at::Scalar>>());
   stack.emplace_back(c10::IValue());  // algorithm: None
   op.callBoxed(&stack);
   return stack.back().toTensor();
 }
 
+// std::nullopt when the oneDNN call failed (then the caller falls back to at::bmm).
+std::optional<at::Tensor> onednn_linear_all(const at::Tensor& a, const at::Tensor& b,
+                                            const OptTensor& bias, bool shared) {
+  const int64_t S = b.size(0);
+  std::vector<at::Tensor> outs;
+  outs.reserve(S);
+  try {
+    for (int64_t s = 0; s < S; ++s) {
+      outs.push_back(onednn_member(*onednn_linear(), shared ? a : a.select(0, s), b.select(0, s),
+                                   bias.has_value() ? OptTensor(bias->select(0, s))
+                                                    : OptTensor()));
+    }
+    return at::stack(outs);
+  } catch (const c10::Error& e) {
+    g_onednn_failed.store(true);
+    TORCH_WARN_ONCE("faststeal: the oneDNN GEMM (mkldnn::_linear_pointwise) failed, the CPU ops ",
+                    "use at::bmm instead from now on: ", e.what_without_backtrace());
+  }
+  return std::nullopt;
+}
+
+at::Tensor bmm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
+                      bool shared) {
+  const int64_t S = b.size(0);
+  const at::Tensor a3 = shared ? a.unsqueeze(0).expand({S, a.size(0), a.size(1)}) : a;
+  return bias.has_value() ? at::baddbmm(bias->unsqueeze(1), a3, b.transpose(1, 2))
+                          : at::bmm(a3, b.transpose(1, 2));
+}
+
+at::Tensor mm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
+                     bool shared) {
+  const int64_t S = b.size(0), M = a.size(-2), N = b.size(1), K = b.size(2);
+  if (shared) {
+    // (M, K) @ (K, S*N) in one GEMM; b's (S, N, K) is (S*N, K) when its last two dims are dense.
+    const at::Tensor b2 = b.reshape({S * N, K});
+    const at::Tensor o = bias.has_value() ? at::addmm(bias->reshape({S * N}), a, b2.t())
+                                          : at::mm(a, b2.t());
+    return o.view({M, S, N}).transpose(0, 1).contiguous();
+  }
+  at::Tensor out = at::empty({S, M, N}, a.options());
+  for (int64_t s = 0; s < S; ++s) {
+    at::Tensor o = out.select(0, s);
+    if (bias.has_value()) {
+      at::addmm_out(o, bias->select(0, s), a.select(0, s), b.select(0, s).t());
+    } else {
+      at::mm_out(o, a.select(0, s), b.select(0, s).t());
+    }
+  }
+  return out;
+}
+
 }  // namespace
+
+GemmPath set_cpu_gemm_path(GemmPath path) {
+  const GemmPath prev = g_path;
+  g_path = path;
+  return prev;
+}
 
 namespace detail {
 
 at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                           bool relu) {
-  const int64_t S = b.size(0);
   const bool shared = a.dim() == 2;
-  if (use_onednn(a, b)) {
-    const c10::OperatorHandle& op = *onednn_linear();
-    std::vector<at::Tensor> outs;
-    outs.reserve(S);
-    try {
-      for (int64_t s = 0; s < S; ++s) {
-        outs.push_back(onednn_member(op, shared ? a : a.select(0, s), b.select(0, s),
-                                     bias.has_value() ? OptTensor(bias->select(0, s))
-                                                      : OptTensor()));
-        // oneDNN's fused relu post-op turns NaN into 0; torch's relu_ keeps it (the reference),
-        // on the member's output while it is still in cache
-        if (relu) outs.back().relu_();
-      }
-      return at::stack(outs);
-    } catch (const c10::Error& e) {
-      g_onednn_failed.store(true);
-      TORCH_WARN_ONCE("faststeal: the oneDNN GEMM (mkldnn::_linear_pointwise) failed, the CPU ops ",
-                      "use at::bmm from now on: ", e.what_without_backtrace());
-    }
+  const bool empty = a.numel() == 0 || b.numel() == 0;
+  GemmPath path = g_path;
+  if (path == GemmPath::kDefault) {
+    path = (a.scalar_type() == at::kFloat && a.size(-1) >= kMinReduction) ? GemmPath::kOneDNN
+                                                                          : GemmPath::kBmm;
   }
-  const at::Tensor a3 = shared ? a.unsqueeze(0).expand({S, a.size(0), a.size(1)}) : a;
-  at::Tensor out = bias.has_value() ? at::baddbmm(bias->unsqueeze(1), a3, b.transpose(1, 2))
-                                    : at::bmm(a3, b.transpose(1, 2));
-  if (relu) out.relu_();
-  return out;
+  if (path == GemmPath::kOneDNN &&
+      (empty || !onednn_dtype(a.scalar_type()) || onednn_linear() == nullptr ||
+       g_onednn_failed.load(std::memory_order_relaxed))) {
+    path = GemmPath::kBmm;  // oneDNN cannot run this call: the documented fallback
+  }
+  std::optional<at::Tensor> out;
+  if (path == GemmPath::kOneDNN) out = onednn_linear_all(a, b, bias, shared);
+  if (!out.has_value()) {
+    out = (path == GemmPath::kMm && !empty) ? mm_linear(a, b, bias, shared)
+                                            : bmm_linear(a, b, bias, shared);
+  }
+  if (relu) out->relu_();  // NaN-preserving, unlike oneDNN's fused relu
+  return *out;
 }
 
 std::string cpu_gemm_library() {
-  const char* why = onednn_unavailable();
-  if (why != nullptr) return std::string("torch.bmm (") + why + ")";
-  return "oneDNN (mkldnn::_linear_pointwise) for float32 with a reduction >= " +
-         std::to_string(kMinReduction) + ", else torch.bmm";
+  std::string s = "paths onednn (mkldnn::_linear_pointwise per member";
+  if (onednn_linear() == nullptr) s += ": unavailable, this torch has no such op";
+  if (g_onednn_failed.load()) s += ": unavailable, a oneDNN call failed earlier";
+  s += "), bmm (torch.bmm), mm (torch.mm); default without tuning: onednn for float32 with a "
+       "reduction >= " + std::to_string(kMinReduction) + ", else bmm";
+  return s;
 }
 
 }  // namespace detail

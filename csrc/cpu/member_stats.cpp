@@ -134,6 +134,10 @@ void stats_block(const T* logits, const int64_t* targets, const Outs& o, int64_t
 std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTensor& targets) {
   const Target t = cpu_target("member_stats_fwd_cpu");
   check_member_stats(t, logits, targets);
+  // bfloat16/float16 logits: computed in float32 (the outputs are float32 for every dtype)
+  if (logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kHalf) {
+    return member_stats_fwd(logits.to(at::kFloat), targets);
+  }
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor mean_probs = alloc({B, C}, f32);

@@ -102,8 +102,10 @@ class Method(abc.ABC):
 
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict[str, Any]] = {}
-    #: hyperparameters shared by every method
-    COMMON_DEFAULTS: ClassVar[dict[str, Any]] = {"weight_decay": 0.0}
+    #: hyperparameters shared by every method; ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16
+    #: compute in the stacked layers for training and prediction, float32 weights, optimizer
+    #: state, loss and statistics: :mod:`faststeal.train_step`)
+    COMMON_DEFAULTS: ClassVar[dict[str, Any]] = {"weight_decay": 0.0, "precision": "fp32"}
     #: whether ``fit(checkpoint=...)`` can capture everything training depends on mid-way; a
     #: subclass that accumulates state it cannot put in ``_checkpoint_state`` sets False
     supports_checkpoint: ClassVar[bool] = True
@@ -136,6 +138,7 @@ class Method(abc.ABC):
         self.device = torch.device(device)
         self._hp: dict[str, Any] = {**defaults, **hparams}
         self._hp["weight_decay"] = _check_float("weight_decay", self._hp["weight_decay"], 0.0)
+        train_step.check_precision(self._hp["precision"])
         self._validate_hparams(self._hp)
         self._resolved: dict[str, Any] = {}
         self.trace: list[dict] = []
@@ -288,6 +291,12 @@ class Method(abc.ABC):
                 self._record(probe, 0, steps)
             bar = _progress(total, progress, self.name)
             bar.update(it)
+            # the one training step (benchmarked in benchmarks/bench_train.py): forward and
+            # loss under the method's precision, backward, optimizer step, grads set to None
+            step_fn = train_step.TrainStep(
+                self.model, optimizer, compute_loss=lambda xb, yb: self._train_loss(xb, yb, n),
+                precision=self._hp["precision"])
+            optimizer.zero_grad(set_to_none=True)  # the step clears them after each update
             for epoch in range(first_epoch, epochs):
                 self._on_epoch_start(epoch, optimizer)
                 order = self._epoch_order(order_gen, n, s_data, pool).to(self.device)
@@ -297,11 +306,7 @@ class Method(abc.ABC):
                         xb, yb = x[idx[0]], y[idx[0]]
                     else:
                         xb, yb = x[idx], y[idx]
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = self._train_loss(xb, yb, n)
-                    loss.backward()
-                    optimizer.step()
-                    self._last_loss = loss.detach()
+                    self._last_loss = step_fn(xb, yb)
                     it += 1
                     self._on_step(it, epoch, step)
                     if step == steps - 1:
@@ -333,8 +338,9 @@ class Method(abc.ABC):
         try:
             outs = []
             for start in range(0, x.shape[0], batch_size):
-                with seeded(subseed(self.seed, STREAM_PREDICT), self.device):
-                    outs.append(self._predict_chunk(x[start:start + batch_size]))
+                with seeded(subseed(self.seed, STREAM_PREDICT), self.device), \
+                        train_step.autocast(self.device.type, self._hp["precision"]):
+                    outs.append(self._predict_chunk(x[start:start + batch_size]).float())
             if not outs:
                 return x.new_empty(self.num_members, 0, self.num_classes)
             return torch.cat(outs, dim=1)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..checks import positive_int
+from ..ops import tuning
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -223,6 +224,48 @@ def _check_index(i, members: int) -> None:
 # ----------------------------------------------------------------------------- conv
 
 CONV_STRATEGIES = ("auto", "grouped", "unfold", "loop")
+CONV_ENV = "FASTSTEAL_CONV_STRATEGY"
+
+
+def default_conv_strategy(x: torch.Tensor) -> str:
+    """The strategy ``auto`` takes without tuning (``FASTSTEAL_TUNE=0``): ``loop`` for a stacked
+    input on the CPU, ``grouped`` otherwise (the measurements in :class:`EnsembleConv2d`)."""
+    return "loop" if (x.device.type == "cpu" and x.dim() == 5) else "grouped"
+
+
+def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  stride: tuple[int, int], padding: tuple[int, int]) -> str:
+    """The strategy ``auto`` runs for this call: measured once per shape class, dtype, device
+    model, thread count and mode (forward only under no_grad, forward + backward otherwise) by
+    :mod:`faststeal.ops.tuning`; ``FASTSTEAL_CONV_STRATEGY`` forces one."""
+    names = CONV_STRATEGIES[1:]
+    train = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    amp = (str(torch.get_autocast_dtype(x.device.type))[6:]
+           if torch.is_autocast_enabled(x.device.type) else "")
+    shape = tuning.shape_class(x, weight, bias is not None, stride, padding,
+                               "train" if train else "eval", amp)
+
+    def candidates():
+        # detached leaves: timing must not touch the caller's graph or the global RNG
+        xd, wd = x.detach(), weight.detach()
+        bd = None if bias is None else bias.detach()
+
+        def run(strategy: str) -> None:
+            if not train:
+                with torch.no_grad():
+                    ensemble_conv2d(xd, wd, bd, stride, padding, strategy)
+                return
+            with torch.enable_grad():
+                xr = xd.clone().requires_grad_(True) if x.requires_grad else xd
+                wr = wd.clone().requires_grad_(True)
+                br = None if bd is None else bd.clone().requires_grad_(True)
+                y = ensemble_conv2d(xr, wr, br, stride, padding, strategy)
+                y.backward(torch.ones_like(y))
+
+        return {n: (lambda n=n: run(n)) for n in names}
+
+    return tuning.decide("ensemble_conv2d", x.device.type, shape, candidates,
+                         default_conv_strategy(x), names, force_env=CONV_ENV)
 
 
 def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -234,8 +277,8 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a batch-major
     view (see the module docstring).
 
-    Strategies (all loop-free except ``loop``; ``auto``, the default, takes ``loop`` for a stacked
-    input on the CPU and ``grouped`` otherwise — measured, see :class:`EnsembleConv2d`):
+    Strategies (all loop-free except ``loop``; ``auto``, the default, times the three on this
+    machine for this shape class and keeps the fastest — :func:`conv_strategy`):
     ``grouped`` members folded into channel groups: one ``F.conv2d(groups=S)`` on (B, S*C, H, W);
       a shared input needs no groups at all (the S filter banks are concatenated).
     ``unfold``  members folded into a batched GEMM: im2col (``F.unfold``) then ``torch.bmm``.
@@ -244,7 +287,7 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     s, co, ci, kh, kw = weight.shape
     shared = x.dim() == 4
     if strategy == "auto":
-        strategy = "loop" if (x.device.type == "cpu" and not shared) else "grouped"
+        strategy = conv_strategy(x, weight, bias, stride, padding)
     if strategy == "grouped":
         wf = weight.reshape(s * co, ci, kh, kw)
         bf = bias.reshape(s * co) if bias is not None else None
@@ -290,9 +333,13 @@ class EnsembleConv2d(nn.Module):
     member initialised independently like ``nn.Conv2d``. With ``members == 1`` an input of S' > 1
     copies is folded into the batch (one conv).
 
-    ``strategy`` (see :func:`ensemble_conv2d`): ``auto`` (default) is ``loop`` for a stacked input
-    on the CPU and ``grouped`` otherwise; ``grouped``, ``unfold`` and ``loop`` stay selectable. Measured 2026-11-26 (float32, B=128, 28x28x1 input, one training
-    step = forward + cross-entropy + backward of the whole stacked model, median ms):
+    ``strategy`` (see :func:`ensemble_conv2d`): ``auto`` (default) measures the three strategies
+    on the host the first time a shape class is seen and keeps the fastest
+    (:func:`conv_strategy`; ``FASTSTEAL_CONV_STRATEGY`` forces one; with ``FASTSTEAL_TUNE=0`` it is
+    ``loop`` for a stacked input on the CPU and ``grouped`` otherwise, from these measurements);
+    ``grouped``, ``unfold`` and ``loop`` stay selectable. Measured 2026-11-26 (float32, B=128,
+    28x28x1 input, one training step = forward + cross-entropy + backward of the whole stacked
+    model, median ms):
 
     ===========================================  =======  =======  ======
     where, model, S                              grouped  unfold   loop
@@ -312,8 +359,9 @@ class EnsembleConv2d(nn.Module):
     39.3 ms (oneDNN's grouped convolution plus the batch-major ReLU cost more than S plain
     convolutions). On the GPU ``grouped`` is 1.4-2.3x faster than ``loop`` (one cuDNN call
     instead of S) and keeps the batch-major layout that lets batch norm and pooling run without
-    copies. Hence ``auto``: ``loop`` for stacked input on the CPU, ``grouped`` elsewhere (a shared
-    input then takes one convolution with the S filter banks concatenated).
+    copies. Hence the un-tuned default: ``loop`` for stacked input on the CPU, ``grouped``
+    elsewhere (a shared input then takes one convolution with the S filter banks concatenated).
+    Hosts differ (an Intel AMX host is not the AMD one above), so ``auto`` measures.
     """
 
     def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: IntPair,

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from . import _checks, dispatch, rng
+from .ensemble_linear import autocast_inputs
 from .reference import acc_dtype
 
 
@@ -77,11 +78,14 @@ def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
     counter-based RNG (:mod:`faststeal.ops.rng`, streams 1 and 2) so backward regenerates them.
     x: (batch, in_features) shared, or (samples, batch, in_features); w_mu, w_rho:
     (out_features, in_features); b_mu, b_rho: (out_features,) or both None.
-    Returns (samples, batch, out_features). Differentiable in x, mu and rho.
+    Returns (samples, batch, out_features). Differentiable in x, mu and rho. Inside
+    ``torch.autocast`` the inputs are cast to its dtype first (see ``ensemble_linear``).
     """
     _checks.tensor("x", x, (2, 3))
     _checks.tensor("w_mu", w_mu, (2,))
     _checks.tensor("w_rho", w_rho, (2,))
+    # inside torch.autocast: compute in its dtype (float32 accumulation), like ensemble_linear
+    x, w_mu, w_rho, b_mu, b_rho = autocast_inputs(x.device.type, x, w_mu, w_rho, b_mu, b_rho)
     _checks.same("w_mu", w_mu, "x", x)
     _checks.same("w_rho", w_rho, "x", x)
     if w_rho.shape != w_mu.shape:

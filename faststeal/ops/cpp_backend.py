@@ -1,13 +1,20 @@
 """The ``cpp`` backend: the C++ CPU kernels of ``faststeal._C`` (``csrc/cpu``).
 
-Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32 and
-float64. The kernels are compiled for those two dtypes only; float16/bfloat16 CPU tensors (rare
-on CPU, and slower than float32 there) are passed to the reference implementation.
+Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32,
+float64, bfloat16 and float16. The GEMM ops (``ensemble_linear``, ``bayes_linear``) multiply in the
+input dtype with float32 accumulation (AMX / AVX512-BF16 where the CPU has them) and run their
+elementwise passes in float32; the reduction ops convert bfloat16/float16 inputs to float32.
+
+The GEMM ops come in variants, one per GEMM library of ``csrc/cpu/gemm.cpp`` (:data:`GEMM_PATHS`):
+:func:`variants` hands them to the measured dispatch (:mod:`faststeal.ops.dispatch`), which times
+them on the host; ``FASTSTEAL_CPU_GEMM=onednn|bmm|mm`` forces one. The plain functions use the
+extension's default rule (no tuning).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 
@@ -15,7 +22,36 @@ from .. import _ext
 from . import reference
 from .reference import MemberStats
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+#: The GEMM paths of the C++ CPU ops (csrc/cpu/gemm.cpp), by their code in the extension.
+GEMM_PATHS = {"onednn": 1, "bmm": 2, "mm": 3}
+_GEMM_OPS = ("ensemble_linear", "bayes_linear")
+GEMM_ENV = "FASTSTEAL_CPU_GEMM"
+
+
+def _with_gemm_path(name: str, code: int) -> Callable:
+    def run(*args):
+        prev = _ext.C._set_cpu_gemm_path(code)
+        try:
+            return globals()[name](*args)  # looked up per call (tests may patch the function)
+        finally:
+            _ext.C._set_cpu_gemm_path(prev)
+
+    return run
+
+
+def variants(op: str, kind: str) -> Optional[dict[str, Callable]]:
+    """``{GEMM path: function}`` for the GEMM ops (all paths, or the one ``FASTSTEAL_CPU_GEMM``
+    forces); None for the other ops (one implementation each)."""
+    if op not in _GEMM_OPS:
+        return None
+    forced = os.environ.get(GEMM_ENV, "").strip().lower()
+    if forced and forced != "auto" and forced not in GEMM_PATHS:
+        raise ValueError(f"{GEMM_ENV} must be 'auto' or one of {tuple(GEMM_PATHS)}, "
+                         f"got {forced!r}")
+    paths = [forced] if forced and forced != "auto" else list(GEMM_PATHS)
+    return {p: _with_gemm_path(f"{op}_{kind}", GEMM_PATHS[p]) for p in paths}
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:

@@ -10,6 +10,18 @@ from . import _checks, dispatch, rng
 from .reference import ACTIVATIONS
 
 
+def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
+    """Inside ``torch.autocast(device_type, dtype)``: the floating tensors cast to ``dtype``
+    (float64 stays), as autocast does for ``torch.nn.functional.linear``; else unchanged. The
+    ops then compute in that dtype with float32 accumulation, and autograd returns the gradients
+    of the float32 master weights through the cast."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
+
+
 @torch.library.custom_op("faststeal::ensemble_linear", mutates_args=())
 def _ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +85,12 @@ def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     activation: ``"none"``, ``"relu"`` or ``"gelu"`` (exact); dropout_p in [0, 1); seed: the
     counter-based RNG seed (see :mod:`faststeal.ops.rng`) — the same seed gives the same mask.
     Returns (members, batch, out_features) in x's dtype. Differentiable in x, weight and bias.
+    Inside ``torch.autocast`` (e.g. bfloat16) the inputs are cast to the autocast dtype first and
+    the result has that dtype.
     """
     _checks.tensor("x", x, (2, 3))
     _checks.tensor("weight", weight, (3,))
+    x, weight, bias = autocast_inputs(x.device.type, x, weight, bias)
     _checks.same("weight", weight, "x", x)
     s, n, k = weight.shape
     _checks.dim_eq("x", x, -1, k, "input features (weight is (S, N, K))")

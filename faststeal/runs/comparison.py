@@ -71,6 +71,7 @@ class Config:
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
+    precision: str = "fp32"  # "bf16": bfloat16 compute, float32 weights/optimizer/loss
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -115,6 +116,9 @@ class Config:
         choice("victim_arch", self.victim_arch, ARCHS)
         choice("surrogate_arch", self.surrogate_arch, ARCHS)
         choice("output_mode", self.output_mode, OUTPUT_MODES)
+        from ..train_step import PRECISIONS
+
+        choice("precision", self.precision, PRECISIONS)
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
         if not isinstance(self.methods, (list, tuple)):
@@ -195,6 +199,8 @@ class Config:
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
                   "member_chunk", "download"):
             d.pop(k)
+        if d["precision"] == "fp32":  # keep hashes of float32 runs unchanged
+            d.pop("precision")
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
             d.pop("defense_params")
@@ -333,6 +339,8 @@ class ComparisonStudy(Study):
 
         c, setup, ctx = self.settings, run.setup, run.ctx
         hp = dict(c.method_params.get(cell.method, {}))
+        if c.precision != "fp32":  # fp32 cells keep their hparams (and resume) as before
+            hp.setdefault("precision", c.precision)
         if cell.members is not None:
             hp["members"] = cell.members
         gather = None
