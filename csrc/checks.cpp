@@ -1,6 +1,7 @@
 // Input validation shared by the CPU and CUDA entry points of faststeal._C. Every message starts
 // with the entry point's name and names the offending argument with its sizes, dtype or device.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <limits>
 #include <sstream>
@@ -210,7 +211,8 @@ void check_gaussian_kl(const Target& t, const at::Tensor& mu, const at::Tensor& 
   check_like(t, rho, "rho", mu, "mu");
   TORCH_CHECK(rho.sizes() == mu.sizes(), t.fn, ": rho must have mu's sizes ", mu.sizes(),
               ", got ", rho.sizes());
-  TORCH_CHECK(prior_sigma > 0.0, t.fn, ": prior_sigma must be positive, got ", prior_sigma);
+  TORCH_CHECK(prior_sigma > 0.0 && std::isfinite(prior_sigma), t.fn,
+              ": prior_sigma must be a positive finite number, got ", prior_sigma);
 }
 
 void check_member_stats(const Target& t, const at::Tensor& logits,
@@ -227,6 +229,23 @@ void check_member_stats(const Target& t, const at::Tensor& logits,
     check_contiguous(t, tg, "targets");
     TORCH_CHECK(tg.size(0) == logits.size(1), t.fn, ": targets has ", tg.size(0),
                 " rows but logits (S, B, C) has ", logits.size(1), " (sizes ", logits.sizes(), ")");
+    // Labels outside [0, C) would silently count as wrong predictions (ensemble_cross_entropy
+    // rejects them too). On CUDA this reads the labels back: member_stats is a metric.
+    const int64_t C = logits.size(2);
+    if (tg.device().is_cpu()) {
+      const int64_t* lab = tg.data_ptr<int64_t>();
+      for (int64_t b = 0; b < tg.size(0); ++b) {
+        TORCH_CHECK(lab[b] >= 0 && lab[b] < C, t.fn, ": targets[", b, "] = ", lab[b],
+                    " is not a class index in [0, ", C, ")");
+      }
+    } else {
+      const at::Tensor bad = ((tg < 0) | (tg >= C)).nonzero();
+      if (bad.size(0) > 0) {
+        const int64_t b = bad[0][0].item<int64_t>();
+        TORCH_CHECK(false, t.fn, ": targets[", b, "] = ", tg[b].item<int64_t>(),
+                    " is not a class index in [0, ", C, ")");
+      }
+    }
   }
 }
 

@@ -81,9 +81,10 @@ FS_HD T sigmoid(T r) {
   return T(1) / (T(1) + FS_STD::exp(-r));
 }
 
-// Exact (erf) GELU and its derivative.
+// Exact (erf) GELU and its derivative; gelu(+-inf) is NaN, as in the reference.
 template <typename T>
 FS_HD T gelu(T z) {
+  if (FS_STD::isinf(z)) return T(NAN);
   return T(0.5) * z * (T(1) + FS_STD::erf(z * T(0.70710678118654752440)));
 }
 template <typename T>

@@ -142,13 +142,15 @@ class ActiveConfig:
 
 
 def evaluate_surrogate(method: Any, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
-                       victim_probs: Optional[Tensor] = None) -> dict[str, float]:
-    """:func:`faststeal.metrics.evaluate` of a fitted surrogate on the test set."""
+                       victim_probs: Optional[Tensor] = None,
+                       who: str = "surrogate") -> dict[str, float]:
+    """:func:`faststeal.metrics.evaluate` of a fitted surrogate on the test set; NaN/inf
+    predictions raise :class:`faststeal.metrics.NonFiniteError` naming ``who``."""
     members = method.predict_members(test_x)
     return metrics.evaluate(members, victim_labels.to(members.device), test_y.to(members.device),
                             mean_probs=method.predict_proba(test_x),
                             victim_probs=None if victim_probs is None
-                            else victim_probs.to(members.device))
+                            else victim_probs.to(members.device), who=who)
 
 
 def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labels: Tensor,
@@ -376,7 +378,8 @@ def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory,
                            victim_labels: Tensor, test_y: Tensor, victim_probs: Optional[Tensor],
                            t_start: float, checkpoint: Optional[str] = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    run_m = evaluate_surrogate(running, test_x, victim_labels, test_y, victim_probs)
+    run_m = evaluate_surrogate(running, test_x, victim_labels, test_y, victim_probs,
+                               who=f"{config.method} (seed {config.seed}, running, {used} queries)")
     if (not config.warm_start and config.eval_method in (None, config.method)
             and config.eval_seed_offset == 0):
         ret_m, ret_s = run_m, 0.0  # cold running surrogate == the retrained one
@@ -387,7 +390,10 @@ def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory,
                   batch_size=config.batch_size, lr=config.lr, progress=False,
                   **({"checkpoint": checkpoint} if checkpoint and fresh.supports_checkpoint
                      else {}))
-        ret_m = evaluate_surrogate(fresh, test_x, victim_labels, test_y, victim_probs)
+        ret_m = evaluate_surrogate(
+            fresh, test_x, victim_labels, test_y, victim_probs,
+            who=f"{config.eval_method or config.method} (seed "
+                f"{config.seed + config.eval_seed_offset}, retrained, {used} queries)")
         ret_s = time.perf_counter() - t1
     return {"budget": used, "used": used, "epochs": config.epochs_for(int(x_l.shape[0])),
             "retrained": ret_m, "running": run_m,

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import metrics, ops
 from .checks import positive_int
+from .metrics import NonFiniteError  # noqa: F401  (raised by check_finite; public name here)
 from .methods import METHODS, build_method
 from .methods.deep_ensemble import DeepEnsemble
 from .oracle import PREFLIGHT_ROWS, Oracle, check_victim_output
@@ -155,10 +156,10 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
             probs = m.predict_proba(test_x)
             ood_probs = None if ood_x is None else m.predict_proba(ood_x)
         trace, hp_out = list(m.trace), dict(m.hparams())
-    check_finite(method, members, trace)
+    check_finite(method, members, trace, seed)
     res = metrics.evaluate(members, victim_labels, test_y, mean_probs=probs,
                            victim_probs=victim_probs, ood_member_logits=ood_members,
-                           ood_mean_probs=ood_probs)
+                           ood_mean_probs=ood_probs, who=f"{method} (seed {seed})")
     res["train_seconds"] = train_s
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
@@ -333,12 +334,11 @@ def _combine_traces(blocks: list[dict[str, Any]], gather) -> list[dict]:
     return out
 
 
-class NonFiniteError(FloatingPointError):
-    """A member produced NaN/Inf: the cell is stopped, never averaged over."""
-
-
-def check_finite(method: str, member_logits: torch.Tensor, trace: Sequence[dict]) -> None:
-    """Raise :class:`NonFiniteError` naming the method, the members and the first bad iteration."""
+def check_finite(method: str, member_logits: torch.Tensor, trace: Sequence[dict],
+                 seed: Optional[int] = None) -> None:
+    """Raise :class:`NonFiniteError` (a diverged cell is stopped, never averaged over) naming the
+    method, the seed, the members whose test predictions hold NaN/inf and the first bad
+    iteration."""
     bad_loss = [t["iteration"] for t in trace
                 if t.get("loss") is not None and not math.isfinite(t["loss"])]
     finite = torch.isfinite(member_logits.reshape(member_logits.shape[0], -1)).all(1)
@@ -346,8 +346,9 @@ def check_finite(method: str, member_logits: torch.Tensor, trace: Sequence[dict]
     if bad_members or bad_loss:
         where = (f"first non-finite training loss at iteration {bad_loss[0]}" if bad_loss
                  else "training loss finite at every record point")
+        who = method if seed is None else f"{method} (seed {seed})"
         raise NonFiniteError(
-            f"{method}: member(s) {bad_members or 'none'} of {member_logits.shape[0]} produced "
+            f"{who}: member(s) {bad_members or 'none'} of {member_logits.shape[0]} produced "
             f"non-finite outputs ({where}); lower the learning rate or check the targets")
 
 

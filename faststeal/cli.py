@@ -294,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "study":
             return _study(args)
         return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError,
+            FloatingPointError) as exc:  # FloatingPointError: a diverged surrogate (NonFiniteError)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)

@@ -106,11 +106,31 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.xlogy(p, p).sum(-1)
 
 
+class NonFiniteError(FloatingPointError):
+    """A surrogate's predictions hold NaN/inf: it diverged, and no metric is computed from it."""
+
+
+def check_finite_members(member_logits: torch.Tensor, who: str,
+                         mean_probs: Optional[torch.Tensor] = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``who`` and the members whose (S, B, C) predictions
+    hold a NaN/inf (an argmax over NaN is class 0, a plausible but meaningless fidelity)."""
+    finite = torch.isfinite(member_logits.reshape(member_logits.shape[0], -1)).all(1)
+    bad = (~finite).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(
+            f"{who}: member(s) {bad} of {member_logits.shape[0]} produced non-finite (NaN/inf) "
+            f"predictions on the evaluation set: the surrogate diverged and gets no metrics")
+    if mean_probs is not None and not bool(torch.isfinite(mean_probs).all()):
+        raise NonFiniteError(f"{who}: the predictive probabilities hold NaN/inf although every "
+                             f"member's predictions are finite: no metrics are computed")
+
+
 def evaluate(member_logits: torch.Tensor, victim_labels: torch.Tensor, labels: torch.Tensor,
              *, mean_probs: Optional[torch.Tensor] = None,
              victim_probs: Optional[torch.Tensor] = None,
              ood_member_logits: Optional[torch.Tensor] = None,
-             ood_mean_probs: Optional[torch.Tensor] = None) -> dict[str, float]:
+             ood_mean_probs: Optional[torch.Tensor] = None,
+             who: str = "surrogate") -> dict[str, float]:
     """All comparison metrics of one surrogate on one evaluation set.
 
     member_logits: (S, B, C); victim_labels, labels: (B,) int64 (victim's answer and ground truth).
@@ -118,10 +138,13 @@ def evaluate(member_logits: torch.Tensor, victim_labels: torch.Tensor, labels: t
     predictive); victim_probs: (B, C) enables the KL. ood_member_logits: (S, B_ood, C) the same
     members on out-of-distribution inputs (with ``ood_mean_probs`` the override of p̄ there)
     enables the OOD AUROCs; those of mutual information and variance need S > 1 (with one member
-    both are identically zero). Returns plain floats.
+    both are identically zero). Returns plain floats. Non-finite
+    predictions (here or on the OOD set) raise :class:`NonFiniteError` naming ``who`` (e.g. method and seed) and the
+    members, rather than being averaged into a fidelity.
     """
     if member_logits.dim() != 3:
         raise ValueError(f"member_logits must be (S, B, C), got shape {tuple(member_logits.shape)}")
+    check_finite_members(member_logits, who, mean_probs)
     b = member_logits.shape[1]
     for name, t in (("victim_labels", victim_labels), ("labels", labels)):
         if t.shape != (b,):
@@ -156,6 +179,7 @@ def evaluate(member_logits: torch.Tensor, victim_labels: torch.Tensor, labels: t
     if victim_probs is not None:
         out["kl"] = kl_divergence(victim_probs.to(p_bar.device), p_bar)
     if ood_member_logits is not None:
+        check_finite_members(ood_member_logits, f"{who} on the OOD set", ood_mean_probs)
         so = member_stats(ood_member_logits.to(member_logits.device))
         p_ood = so.mean_probs if ood_mean_probs is None else ood_mean_probs.to(p_bar)
         out["ood_auroc_entropy"] = auroc(_entropy(p_bar.double()), _entropy(p_ood.double()))

@@ -536,7 +536,7 @@ def test_check_bayes_linear():
 def test_check_gaussian_kl():
     with pytest.raises(RuntimeError, match=r"gaussian_kl_fwd_cpu: rho must have mu's sizes \[3\]"):
         _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(4), 1.0)
-    with pytest.raises(RuntimeError, match=r"prior_sigma must be positive, got -1"):
+    with pytest.raises(RuntimeError, match=r"prior_sigma must be a positive finite number, got -1"):
         _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(3), -1.0)
     with pytest.raises(RuntimeError, match=r"rho has dtype Double but mu has dtype Float"):
         _ext.C.gaussian_kl_fwd_cpu(torch.randn(3), torch.randn(3).double(), 1.0)

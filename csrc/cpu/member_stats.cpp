@@ -5,6 +5,10 @@
 // its row max, so large or mean-shifted logits (e.g. +1e4) are exact to float32 rounding; the
 // variance across members is two-pass on the probabilities of a block of rows held in a
 // per-thread scratch (S x rows x C floats, <= 64 KiB for small C), never E[p^2] - E[p]^2.
+// Non-finite logits follow the reference: a NaN or +inf in a member's row makes x - max NaN for
+// that row (inf - inf), so its sum, probabilities and every statistic of the batch row are NaN,
+// and the argmax loops (strict >) leave a NaN row at class 0, torch.argmax's first NaN; the row's
+// probabilities are all NaN or none, so no mixed case arises. -inf logits have probability 0.
 #include <ATen/Parallel.h>
 
 #include "../common.h"
@@ -68,7 +72,9 @@ void stats_block(const T* logits, const int64_t* targets, const Outs& o, int64_t
       float px = 0.0f;
       for (int64_t c = 0; c < C; ++c) {
         pr[c] *= inv;
-        px += pr[c] * xr[c];
+        // 0 log 0 = 0: a class of probability 0 (x = -inf, or a gap beyond -87) adds nothing
+        // rather than 0 * -inf = NaN; a NaN p (bits != 0) is kept
+        px += select_bits(float_to_bits(pr[c]) != 0u, pr[c] * xr[c]);
       }
       int64_t arg = 0;  // first index among ties (strict >)
       for (int64_t c = 1; c < C; ++c) arg = pr[c] > pr[arg] ? c : arg;
@@ -109,7 +115,8 @@ void stats_block(const T* logits, const int64_t* targets, const Outs& o, int64_t
     o.variance[b] = var_sum * inv_s / static_cast<float>(C);
     o.entropy_of_mean[b] = eom;
     o.mean_entropy[b] = me;
-    o.mutual_info[b] = eom - me;
+    const float mi = eom - me;
+    o.mutual_info[b] = mi < 0.0f ? 0.0f : mi;  // >= 0 (the entropies round differently); NaN kept
     o.pred[b] = pred;
     int64_t disagree = 0;
     for (int64_t s = 0; s < S; ++s) disagree += member_pred[s * R + r] != pred;

@@ -1,7 +1,8 @@
 // Branch-free float math for the CPU kernels, written so that GCC auto-vectorizes the loops that
 // use it without -ffast-math. Under the default -ftrapping-math GCC will not if-convert a
 // floating-point compare-and-select, so clamps, signs and relu masks work on the bit patterns
-// (integer compares and masks) instead.
+// (integer compares and masks) instead. NaN propagates through every helper, whatever its sign
+// bit (inf - inf is 0xFFC00000 on x86): bit tricks must not treat it as a large negative number.
 #pragma once
 
 #include <cmath>
@@ -24,12 +25,21 @@ inline uint32_t float_to_bits(float f) {
   return u;
 }
 
+// All-ones if x is a NaN (any sign: x86 produces inf - inf as the sign-bit NaN 0xFFC00000),
+// else 0: an integer compare on the magnitude bits.
+inline uint32_t nan_mask(float x) {
+  return 0u - static_cast<uint32_t>((float_to_bits(x) & 0x7FFFFFFFu) > 0x7F800000u);
+}
+
 // exp(x) for x <= 0: Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2/2; relative error
-// ~2e-7. x is clamped to -87 (for x <= 0 a larger magnitude is a larger bit pattern), so
-// exp(-inf..-87) gives ~1.6e-38 instead of underflowing: an absolute error below 2e-38.
+// ~2e-7. Below -87 (-inf included; for x <= 0 a larger magnitude is a larger bit pattern) the
+// result is +0 rather than a subnormal: an absolute error below 1.2e-38, and exactly 0 for -inf
+// so that 0 * log 0 terms can be dropped. A NaN of either sign is returned as is.
 inline float exp_nonpos(float x) {
   const uint32_t u = float_to_bits(x);
-  x = bits_to_float(u < 0xC2AE0000u ? u : 0xC2AE0000u);
+  const uint32_t nan = nan_mask(x);
+  const uint32_t under = (0u - static_cast<uint32_t>(u > 0xC2AE0000u)) & ~nan;
+  x = bits_to_float(u & ~(nan | under));  // the polynomial runs on 0 for NaN / underflow
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2**22)
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -40,13 +50,16 @@ inline float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  p *= bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return bits_to_float((float_to_bits(p) & ~(nan | under)) | (u & nan));
 }
 
 // log(x) for x > 0 (Cephes' logf, ~1 ulp); x below FLT_MIN (zero or subnormal) is treated as
-// FLT_MIN, which is what x * log(x) -> 0 needs.
+// FLT_MIN, which is what x * log(x) -> 0 needs. +inf and NaN are returned as is.
 inline float log_pos(float x) {
-  uint32_t u = float_to_bits(x);
+  const uint32_t x_bits = float_to_bits(x);
+  const uint32_t special = 0u - static_cast<uint32_t>((x_bits & 0x7FFFFFFFu) >= 0x7F800000u);
+  uint32_t u = x_bits & ~special;  // the polynomial runs on FLT_MIN for inf / NaN
   u = u > 0x00800000u ? u : 0x00800000u;
   int32_t e = static_cast<int32_t>(u >> 23) - 127;
   const uint32_t mant = u & 0x007FFFFFu;
@@ -69,7 +82,8 @@ inline float log_pos(float x) {
   const float ef = static_cast<float>(e);
   y += ef * -2.12194440e-4f;
   y += -0.5f * z;
-  return (f + y) + ef * 0.693359375f;
+  const float r = (f + y) + ef * 0.693359375f;
+  return bits_to_float((float_to_bits(r) & ~special) | (x_bits & special));
 }
 
 // erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), the approximation ATen's own
@@ -89,8 +103,14 @@ inline float erf_fast(float x) {
 }
 
 // Exact-erf GELU and its derivative: the fast float path, std::erf in double (gradcheck).
-inline float gelu_cpu(float z) { return 0.5f * z * (1.0f + erf_fast(z * 0.70710678118654752f)); }
-inline double gelu_cpu(double z) { return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752440)); }
+// gelu(+-inf) is NaN as in the reference (F.gelu's float32 result): + (z - z) adds 0 to a finite
+// z and NaN to an infinite one (GCC keeps it: no -ffinite-math-only).
+inline float gelu_cpu(float z) {
+  return 0.5f * z * (1.0f + erf_fast(z * 0.70710678118654752f)) + (z - z);
+}
+inline double gelu_cpu(double z) {
+  return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752440)) + (z - z);
+}
 inline float gelu_grad_cpu(float z) {
   const float cdf = 0.5f * (1.0f + erf_fast(z * 0.70710678118654752f));
   return cdf + z * exp_nonpos(-0.5f * z * z) * 0.39894228040143267794f;
@@ -112,23 +132,30 @@ inline double select_bits(bool cond, double v) {
   return v;
 }
 
-// x > 0 (and +NaN) from the sign/magnitude bits, an integer compare.
-inline bool positive_bits(float x) { return static_cast<int32_t>(float_to_bits(x)) > 0; }
+// x > 0 from the sign/magnitude bits, an integer compare: false for a NaN of either sign
+// (as x > 0 is), the relu gradient's mask.
+inline bool positive_bits(float x) {
+  return float_to_bits(x) - 1u < 0x7F800000u;  // bits in [1, 0x7F800000]: +denormal .. +inf
+}
 inline bool positive_bits(double x) {
-  int64_t b;
+  uint64_t b;
   std::memcpy(&b, &x, sizeof(b));
-  return b > 0;
+  return b - 1u < 0x7FF0000000000000ull;
 }
 
-// relu by masking the bits: x for x > 0, +0 otherwise (no -inf * 0 NaNs).
+// relu by masking the bits: x for x > 0 and for a NaN of either sign (torch.relu keeps NaN), +0
+// otherwise (no -inf * 0 NaNs).
 inline float relu_bits(float x) {
-  const int32_t b = static_cast<int32_t>(float_to_bits(x));
-  return bits_to_float(static_cast<uint32_t>(b & -static_cast<int32_t>(b > 0)));
+  const uint32_t b = float_to_bits(x);
+  const bool keep = (b & 0x7FFFFFFFu) > 0x7F800000u || static_cast<int32_t>(b) > 0;
+  return bits_to_float(b & (0u - static_cast<uint32_t>(keep)));
 }
 inline double relu_bits(double x) {
-  int64_t b;
+  uint64_t b;
   std::memcpy(&b, &x, sizeof(b));
-  b &= -static_cast<int64_t>(b > 0);
+  const bool keep = (b & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull ||
+                    static_cast<int64_t>(b) > 0;
+  b &= 0ull - static_cast<uint64_t>(keep);
   double r;
   std::memcpy(&r, &b, sizeof(r));
   return r;

@@ -14,7 +14,7 @@ constexpr int kThreads = 256;
 
 template <typename T, Act A>
 __device__ __forceinline__ T activate(T v) {
-  if constexpr (A == Act::kRelu) return v > T(0) ? v : T(0);
+  if constexpr (A == Act::kRelu) return v < T(0) ? T(0) : v;  // keeps NaN, like torch.relu
   else if constexpr (A == Act::kGelu) return gelu<T>(v);
   else return v;
 }
@@ -36,7 +36,8 @@ __global__ void epilogue_kernel(const T* src, T* z, T* y, const T* __restrict__ 
     if constexpr (kBias) v += to_acc(bias[s * N + n]);
     if constexpr (A == Act::kGelu) z[i] = static_cast<T>(v);
     acc_t a = activate<acc_t, A>(v);
-    if constexpr (kDrop) a = dropout_keep(key, static_cast<uint32_t>(i), thr) ? a * scale : acc_t(0);
+    // a dropped NaN stays NaN (nan * 0), as in the reference
+    if constexpr (kDrop) a *= dropout_keep(key, static_cast<uint32_t>(i), thr) ? scale : acc_t(0);
     y[i] = static_cast<T>(a);
   }
 }
@@ -65,10 +66,12 @@ __global__ void dz_kernel(const T* __restrict__ g, const T* __restrict__ y,
       acc_t d;
       if constexpr (A == Act::kRelu) {
         // y > 0 iff z > 0 and the element was kept: relu needs neither z nor the mask.
-        d = to_acc(y[i]) > acc_t(0) ? gv * scale : acc_t(0);
+        d = gv * (to_acc(y[i]) > acc_t(0) ? scale : acc_t(0));  // a NaN gv stays NaN
       } else {
         d = A == Act::kGelu ? gv * gelu_grad<acc_t>(to_acc(z[i])) : gv;
-        if constexpr (kDrop) d = dropout_keep(key, static_cast<uint32_t>(i), thr) ? d * scale : acc_t(0);
+        if constexpr (kDrop) {
+          d *= dropout_keep(key, static_cast<uint32_t>(i), thr) ? scale : acc_t(0);
+        }
       }
       const T dt = static_cast<T>(d);
       if constexpr (kWrite) dz[dz_bsn ? (b * S + s) * N + n : i] = dt;

@@ -6,6 +6,8 @@
 // exp((x - max_s) - logsum_s), which keeps full precision for mean-shifted logits (never
 // exp(x - lse) with lse ~ 1e4), then the two-pass mean/variance across members, the entropy of
 // the mean and its argmax. Logits are read in their dtype and computed in float32.
+// Non-finite logits follow the reference (see csrc/cpu/member_stats.cpp): NaN / +inf rows give
+// NaN statistics and argmax 0, -inf logits probability 0.
 #include "cuda_common.cuh"
 #include "ops_cuda.h"
 
@@ -49,7 +51,7 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
       const float xm = static_cast<float>(row[c]) - m;
       const float e = __expf(xm);
       sum += e;
-      ex += e * xm;
+      ex += e == 0.0f ? 0.0f : e * xm;  // 0 log 0 = 0 for xm = -inf; a NaN e is kept
     }
     sum = warp_sum(sum);
     ex = warp_sum(ex);
@@ -59,7 +61,9 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
     if (lane == 0) {
       smax[s] = m;
       slog[s] = ls;
-      sarg[s] = static_cast<int>(arg);
+      // A NaN or +inf logit makes sum NaN and every p_s(c) NaN: the reference's argmax of a NaN
+      // row is class 0 (the first NaN), whatever the finite logits' argmax was.
+      sarg[s] = isnan(ls) ? 0 : static_cast<int>(arg);
     }
   }
   __syncwarp();
@@ -80,7 +84,7 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
       sq += dlt * dlt;
     }
     var_acc += sq * inv_s;
-    if (mean > 0.0f) eom -= mean * __logf(mean);
+    if (mean != 0.0f) eom -= mean * __logf(mean);  // xlogy: 0 log 0 = 0; NaN kept
     if (mean > best) {
       best = mean;
       pred = c;
@@ -90,6 +94,9 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
   var_acc = warp_sum(var_acc);
   eom = warp_sum(eom);
   warp_argmax(best, pred);
+  // The mean row is all NaN exactly when some member's sum was NaN, i.e. when ent_sum is NaN
+  // (identical in every lane: xor-butterfly sums); its argmax is class 0 like torch.argmax's.
+  if (isnan(ent_sum)) pred = 0;
   int dis = 0;
   const int64_t tb = targets ? targets[b] : -1;
   for (int64_t s = lane; s < S; s += 32) {
@@ -102,7 +109,8 @@ __global__ void member_stats_kernel(const T* __restrict__ logits,
     variance[b] = var_acc / static_cast<float>(C);
     eom_out[b] = eom;
     me_out[b] = me;
-    mi_out[b] = eom - me;
+    const float mi = eom - me;
+    mi_out[b] = mi < 0.0f ? 0.0f : mi;  // >= 0 (the entropies round differently); NaN kept
     pred_out[b] = pred;
     disagree[b] = static_cast<float>(dis) * inv_s;
     if (targets) correct[b] = pred == tb ? 1.0f : 0.0f;

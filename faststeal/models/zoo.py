@@ -22,6 +22,7 @@ pixels (fused into the previous :class:`~faststeal.nn.EnsembleLinear` where ther
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -510,8 +511,8 @@ def build_model(arch: str, input_shape: Sequence[int], num_classes: int, *,
                                 or members < 1):
         raise ValueError(f"members must be a positive int or None, got {members!r}")
     if (isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float))
-            or prior_sigma <= 0):
-        raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
+            or not (math.isfinite(prior_sigma) and prior_sigma > 0)):
+        raise ValueError(f"prior_sigma must be a positive finite float, got {prior_sigma!r}")
     if bayesian:
         if members not in (None, 1):
             raise ValueError(f"bayesian=True builds a one-member model that draws its members "

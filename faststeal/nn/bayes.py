@@ -23,8 +23,8 @@ from .layers import IntPair, _check_rank, _describe, _pair, ensemble_conv2d, nex
 
 def _check_prior(prior_sigma) -> float:
     if (isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float))
-            or prior_sigma <= 0):
-        raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
+            or not (math.isfinite(prior_sigma) and prior_sigma > 0)):
+        raise ValueError(f"prior_sigma must be a positive finite float, got {prior_sigma!r}")
     return float(prior_sigma)
 
 

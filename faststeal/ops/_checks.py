@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -53,4 +55,21 @@ def probability(name: str, value) -> float:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def class_labels(name: str, t: torch.Tensor, num_classes: int) -> None:
+    """Every label in [0, num_classes) (reads a CUDA tensor back: for metrics, not hot loops)."""
+    bad = (t < 0) | (t >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(t[i])} is not a class index in [0, {num_classes})"
+                         f" ({describe(t)})")
+
+
+def positive_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     return float(value)

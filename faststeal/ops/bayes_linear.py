@@ -157,6 +157,5 @@ def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float = 1.0) -
     _checks.same("rho", rho, "mu", mu)
     if rho.shape != mu.shape:
         raise ValueError(f"rho must have mu's shape {tuple(mu.shape)}, got {_checks.describe(rho)}")
-    if isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float)) or prior_sigma <= 0:
-        raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
-    return _gaussian_kl(mu.contiguous(), rho.contiguous(), float(prior_sigma))
+    prior_sigma = _checks.positive_finite("prior_sigma", prior_sigma)  # nan / inf rejected
+    return _gaussian_kl(mu.contiguous(), rho.contiguous(), prior_sigma)

@@ -48,6 +48,9 @@ def ensemble_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.
     logits: (members, batch, classes); target: (batch,) integer labels or (batch, classes)
     probabilities (soft labels). Returns (members,) float32; the training loss of a stacked
     model is its sum, so every member gets its own gradient. Differentiable in logits.
+    A label outside [0, classes) raises ValueError for CPU tensors; on a GPU it makes that
+    member's loss NaN instead (checking would need a host sync every step), which training
+    reports as a non-finite loss.
     """
     _checks.tensor("logits", logits, (3,))
     s, b, c = logits.shape
@@ -64,5 +67,7 @@ def ensemble_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.
         if target.dtype == torch.bool or tuple(target.shape) != (b,):
             raise ValueError(f"hard target must be (batch,) = ({b},) integer labels, got "
                              f"{_checks.describe(target)}")
+        if target.device.type == "cpu":  # free here; on a GPU it would cost a sync per step
+            _checks.class_labels("target", target, c)
         target = target.to(torch.int64)
     return _ensemble_xent(logits.contiguous(), target.contiguous())

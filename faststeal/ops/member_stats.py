@@ -33,7 +33,10 @@ def member_stats(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -
     """Across-member statistics of member logits.
 
     logits: (members, batch, classes), any float dtype (computed in float32, stable for large and
-    shifted logits); targets: (batch,) integer labels (e.g. the victim's) or None.
+    shifted logits); targets: (batch,) integer labels in [0, classes) (e.g. the victim's) or None.
+    Non-finite logits give what :func:`faststeal.ops.reference.member_stats_fwd` gives: a member
+    row with a NaN or +inf makes that batch row's statistics NaN (its ``pred`` is 0, the first
+    NaN, like ``torch.argmax``); a -inf logit is a class of probability 0.
     Returns :class:`MemberStats` (mean probabilities, variance, entropies, mutual information,
     ensemble argmax, disagreement; ``correct`` and ``member_correct`` are empty without targets).
     Not differentiable: this is a metric.
@@ -48,5 +51,6 @@ def member_stats(logits: torch.Tensor, targets: Optional[torch.Tensor] = None) -
         if targets.device != logits.device:
             raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
         _checks.dim_eq("targets", targets, 0, logits.shape[1], "rows (logits is (S, B, C))")
+        _checks.class_labels("targets", targets, logits.shape[2])
         targets = targets.to(torch.int64).contiguous()
     return MemberStats(*_member_stats(logits.detach().contiguous(), targets))

@@ -32,6 +32,16 @@ validated and contiguous, keys come from :func:`faststeal.ops.rng.rng_key`):
 
 ``softplus(r) = r if r > 20 else log1p(exp(r))`` (torch's threshold), derivative ``sigmoid(r)``.
 Argmax ties resolve to the first (lowest) class index everywhere.
+
+Non-finite values (every backend gives exactly what this module gives, tested in
+``tests/test_nonfinite.py``): NaN propagates and is never turned into a number (``relu(nan) =
+nan`` like ``torch.relu``, a dropped NaN stays NaN as in ``nan * 0``); ``gelu`` of a +-inf
+pre-activation is NaN (what ``torch.nn.functional.gelu`` gives for float32) and finite up to the
+float32 maximum; in ``member_stats`` a member row holding a NaN or a +inf logit has NaN
+probabilities (torch's ``log_softmax``), so every statistic of that batch row is NaN and its
+argmax is class 0 (``torch.argmax`` returns the first NaN); a -inf logit, or a finite one whose
+gap to the row max overflows, is a class of probability 0 that adds 0 to the entropies
+(0 log 0 = 0).
 """
 
 from __future__ import annotations
@@ -49,10 +59,11 @@ class MemberStats(NamedTuple):
     """Across-member statistics of (S, B, C) logits; one pass in the fused backends.
 
     mean_probs (B, C): p̄ = mean_s softmax(logits_s); variance (B,): mean_c Var_s p_s(c) with
-    correction 0; entropy_of_mean (B,): H[p̄]; mean_entropy (B,): mean_s H[p_s]; mutual_info (B,):
-    H[p̄] - mean_s H[p_s]; pred (B,) int64: argmax p̄; disagreement (B,): fraction of members whose
-    argmax differs from ``pred``; correct (B,): 1[pred == target]; member_correct (S,): fraction of
-    rows where member s's argmax equals the target.
+    correction 0 (>= 0); entropy_of_mean (B,): H[p̄]; mean_entropy (B,): mean_s H[p_s];
+    mutual_info (B,): max(H[p̄] - mean_s H[p_s], 0) (clamps rounding); pred (B,) int64: argmax
+    p̄; disagreement (B,): fraction of members whose argmax differs from ``pred``; correct (B,):
+    1[pred == target]; member_correct (S,): fraction of rows where member s's argmax equals the
+    target.
     """
 
     mean_probs: torch.Tensor
@@ -71,9 +82,12 @@ ACTIVATIONS = ("none", "relu", "gelu")
 
 def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
-        return torch.relu(z)
+        return torch.relu(z)  # keeps NaN
     if activation == "gelu":
-        return F.gelu(z)  # exact (erf) GELU
+        # Exact (erf) GELU. F.gelu overflows to inf above 1.7e38 (float32), where gelu(z) = z
+        # (exactly so from z = 10 on); +-inf -> NaN (+ (z - z)), what F.gelu gives for float32
+        # (for float64 it depends on the tensor's size), so that every dtype and backend agrees.
+        return torch.where(z > 10.0, z, F.gelu(z)) + (z - z)
     return z
 
 
@@ -141,16 +155,23 @@ def softplus(r: torch.Tensor) -> torch.Tensor:
     return F.softplus(r, beta=1.0, threshold=20.0)
 
 
-def bayes_weights(w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
-    """Materialise the S sampled weights (S, N, K) and biases (S, N) (reference only)."""
+def bayes_eps(w_mu, b_mu, samples, key_w, key_b):
+    """The standard normal samples eps (S, N, K) and eps' (S, N) (None without bias)."""
     n, k = w_mu.shape
     idx = torch.arange(samples * n * k, device=w_mu.device)
     eps_w = rng.normal(key_w, idx).view(samples, n, k).to(w_mu.dtype)
-    w = w_mu.unsqueeze(0) + softplus(w_rho).unsqueeze(0) * eps_w
-    b = None
+    eps_b = None
     if b_mu is not None:
         eps_b = rng.normal(key_b, torch.arange(samples * n, device=w_mu.device)).view(samples, n)
-        b = b_mu.unsqueeze(0) + softplus(b_rho).unsqueeze(0) * eps_b.to(b_mu.dtype)
+        eps_b = eps_b.to(b_mu.dtype)
+    return eps_w, eps_b
+
+
+def bayes_weights(w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b):
+    """Materialise the S sampled weights (S, N, K) and biases (S, N) (reference only)."""
+    eps_w, eps_b = bayes_eps(w_mu, b_mu, samples, key_w, key_b)
+    w = w_mu.unsqueeze(0) + softplus(w_rho).unsqueeze(0) * eps_w
+    b = None if b_mu is None else b_mu.unsqueeze(0) + softplus(b_rho).unsqueeze(0) * eps_b
     return w, b
 
 
@@ -167,12 +188,13 @@ def bayes_linear_bwd(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b,
     w, b = bayes_weights(w_mu, w_rho, b_mu, b_rho, samples, key_w, key_b)
     dx, dw, db = _linear_grads(grad_y, x, w, b_mu is not None, need_dx)
     # w = mu + softplus(rho) * eps  =>  dmu = sum_s dW_s, drho = sum_s dW_s * eps_s * sigmoid(rho)
-    eps_w = (w - w_mu.unsqueeze(0)) / softplus(w_rho).unsqueeze(0)
+    # (eps regenerated, never recovered as (w - mu) / softplus(rho): that is 0/0 = NaN where
+    # softplus underflows, e.g. rho = -110)
+    eps_w, eps_b = bayes_eps(w_mu, b_mu, samples, key_w, key_b)
     dmu = dw.sum(0)
     drho = (dw * eps_w).sum(0) * torch.sigmoid(w_rho)
     dbmu = dbrho = None
     if b_mu is not None:
-        eps_b = (b - b_mu.unsqueeze(0)) / softplus(b_rho).unsqueeze(0)
         dbmu = db.sum(0)
         dbrho = (db * eps_b).sum(0) * torch.sigmoid(b_rho)
     return dx, dmu, drho, dbmu, dbrho
@@ -203,15 +225,20 @@ def gaussian_kl_bwd(grad, mu, rho, prior_sigma):
 
 
 def member_stats_fwd(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> MemberStats:
-    s = logits.shape[0]
     logp = torch.log_softmax(logits.float(), dim=-1)  # (S, B, C), stable for large logits
     p = logp.exp()
     mean_p = p.mean(0)
-    # two-pass population variance across members, then mean over classes
+    # two-pass population variance across members (a mean of squares: >= 0), then mean over
+    # classes
     variance = ((p - mean_p.unsqueeze(0)) ** 2).mean(0).mean(-1)
     entropy_of_mean = -torch.xlogy(mean_p, mean_p).sum(-1)
-    mean_entropy = -(p * logp).sum(-1).mean(0)
-    pred = mean_p.argmax(-1)
+    # 0 log 0 = 0 for a class of probability 0 (logp = -inf: a -inf logit or an overflowing
+    # gap), without hiding a NaN
+    mean_entropy = -torch.where(p == 0, 0.0, p * logp).sum(-1).mean(0)
+    # MI >= 0 mathematically; the two entropies round differently (-7e-7 for identical
+    # members), so it is clamped at 0 (clamp_min keeps NaN)
+    mutual_info = (entropy_of_mean - mean_entropy).clamp_min(0.0)
+    pred = mean_p.argmax(-1)  # a NaN row (all classes NaN) gives 0, like torch.argmax
     member_pred = p.argmax(-1)  # (S, B)
     disagreement = (member_pred != pred.unsqueeze(0)).float().mean(0)
     if targets is None:
@@ -221,9 +248,8 @@ def member_stats_fwd(logits: torch.Tensor, targets: Optional[torch.Tensor]) -> M
         t = targets.to(torch.int64)
         correct = (pred == t).float()
         member_correct = (member_pred == t.unsqueeze(0)).float().mean(1)
-    del s
-    return MemberStats(mean_p, variance, entropy_of_mean, mean_entropy,
-                       entropy_of_mean - mean_entropy, pred, disagreement, correct, member_correct)
+    return MemberStats(mean_p, variance, entropy_of_mean, mean_entropy, mutual_info, pred,
+                       disagreement, correct, member_correct)
 
 
 def ensemble_cross_entropy(logits, target):

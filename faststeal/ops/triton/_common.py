@@ -99,5 +99,6 @@ def log1p(u):
 
 @triton.jit
 def softplus(r):
-    """torch's softplus with threshold 20: r if r > 20 else log1p(exp(r))."""
-    return tl.where(r > 20.0, r, log1p(tl.exp(tl.minimum(r, 20.0))))
+    """torch's softplus with threshold 20: r if r > 20 else log1p(exp(r)). NaN stays NaN
+    (tl.minimum(nan, 20) is 20 on GPUs and in the interpreter, so the clamp is a tl.where)."""
+    return tl.where(r > 20.0, r, log1p(tl.exp(tl.where(r > 20.0, 20.0, r))))

@@ -28,7 +28,9 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 @triton.jit
 def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    # gelu(+-inf) = NaN, as in the reference
+    y = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    return tl.where(tl.abs(z) == float("inf"), float("nan"), y)
 
 
 @triton.jit
@@ -72,14 +74,16 @@ def _ensemble_linear_fwd_kernel(
     idx = (s * B + offs_m[:, None]) * N + offs_n[None, :]  # int64 linear index of y
     if STORE_Z:
         tl.store(z_ptr + idx, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+    # NaN is kept like the reference: relu as a tl.where (tl.maximum(nan, 0) is 0), and dropout
+    # multiplies by 0 (a dropped NaN stays NaN, as nan * 0 does)
     if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)
     elif ACTIVATION == 2:
         acc = _gelu(acc)
     if HAS_DROPOUT:
         keep = dropout_keep(idx.to(tl.uint32), key.to(tl.uint32, bitcast=True),
                             threshold.to(tl.uint32))
-        acc = tl.where(keep, acc * scale, 0.0)
+        acc = acc * tl.where(keep, scale, 0.0)
     tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -94,7 +98,7 @@ def _dz_tile(dy_ptr, y_ptr, z_ptr, s, offs_b, offs_n, B, N, key, threshold, scal
     if ACTIVATION == 1:
         # y = relu(z) * keep * scale with scale > 0, so y > 0 <=> (kept and z > 0)
         y = tl.load(y_ptr + idx, mask=mask, other=0.0)
-        dz = tl.where(y > 0, dy * scale, 0.0)
+        dz = dy * tl.where(y > 0, scale, 0.0)  # a NaN dy stays NaN, as in the reference
     else:
         if ACTIVATION == 2:
             z = tl.load(z_ptr + idx, mask=mask, other=0.0).to(ACC)
@@ -104,7 +108,7 @@ def _dz_tile(dy_ptr, y_ptr, z_ptr, s, offs_b, offs_n, B, N, key, threshold, scal
         if HAS_DROPOUT:
             keep = dropout_keep(idx.to(tl.uint32), key.to(tl.uint32, bitcast=True),
                                 threshold.to(tl.uint32))
-            dz = tl.where(keep, dz * scale, 0.0)
+            dz = dz * tl.where(keep, scale, 0.0)
     return dz
 
 

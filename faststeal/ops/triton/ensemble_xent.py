@@ -21,11 +21,15 @@ from . import _common as C
 def _row_lse_state(logits_ptr, tgt_ptr, row_off, t_off, r_mask, C, SOFT: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Online (max, sum exp(x - max)) per row and, for soft targets, sum t and sum t (x - ref)
-    with ref the row's first logit (same scale as the row, so no catastrophic cancellation for
-    shifted logits, and nothing to rebase when the max moves)."""
+    with ref the max of the row's first chunk (same scale as the row, so no catastrophic
+    cancellation for shifted logits, and nothing to rebase when the max moves). For a row of
+    one chunk ref is the row max, so x - ref <= 0 never overflows: gaps beyond the float range
+    give the reference's inf (a first-logit ref gave inf - inf = NaN)."""
     cols = tl.arange(0, BLOCK_C)
-    ref = tl.load(logits_ptr + row_off, mask=r_mask, other=0.0).to(ACC)
-    ref = tl.where(tl.abs(ref) < float("inf"), ref, 0.0)
+    x0 = tl.load(logits_ptr + row_off[:, None] + cols[None, :],
+                 mask=r_mask[:, None] & (cols[None, :] < C), other=-float("inf")).to(ACC)
+    ref = tl.max(x0, axis=1)
+    ref = tl.where(tl.abs(ref) < float("inf"), ref, 0.0)  # NaN / inf / padded rows: 0
     m = tl.full((BLOCK_B,), -float("inf"), ACC)
     ssum = tl.zeros((BLOCK_B,), ACC)
     tsum = tl.zeros((BLOCK_B,), ACC)

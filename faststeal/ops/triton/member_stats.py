@@ -25,9 +25,13 @@ MAX_CLASSES = 16384
 
 @triton.jit
 def _first_argmax(v, cols, valid, BLOCK_C: tl.constexpr):
-    """Row-wise argmax of a (rows, BLOCK_C) tile, ties to the lowest column."""
-    vmax = tl.max(tl.where(valid, v, -float("inf")), axis=1)
-    hit = valid & (v == vmax[:, None])
+    """Row-wise argmax of a (rows, BLOCK_C) tile, ties to the lowest column; like torch.argmax a
+    NaN counts as the maximum (the first NaN's column), never the padded width BLOCK_C (tl.max's
+    NaN handling differs between the interpreter and GPUs, so NaN is decided separately)."""
+    is_nan = valid & (v != v)
+    has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+    vmax = tl.max(tl.where(valid & (v == v), v, -float("inf")), axis=1)
+    hit = tl.where(has_nan[:, None], is_nan, valid & (v == vmax[:, None]))
     return tl.min(tl.where(hit, cols[None, :], BLOCK_C), axis=1)
 
 
@@ -61,7 +65,8 @@ def _member_stats_kernel(
         shifted = x - tl.max(x, axis=1)[:, None]
         logp = shifted - tl.log(tl.sum(tl.exp(shifted), axis=1))[:, None]
         p = tl.exp(logp)
-        ent_sum += -tl.sum(p * tl.where(col_ok, logp, 0.0), axis=1)
+        # 0 log 0 = 0 for padded and probability-0 classes (logp = -inf); NaN stays NaN
+        ent_sum += -tl.sum(tl.where(col_ok & (p != 0.0), p * logp, 0.0), axis=1)
         p_sum += p
         delta = p - w_mean
         w_mean += delta / ((s + 1) * 1.0)
@@ -76,15 +81,19 @@ def _member_stats_kernel(
     out_rc = rows[:, None].to(tl.int64) * C + cols[None, :]
     tl.store(mean_ptr + out_rc, mean_p, mask=valid)
     variance = tl.sum(tl.where(col_ok, w_m2, 0.0), axis=1) / S_F / C
-    pos = col_ok & (mean_p > 0)  # xlogy: 0 log 0 = 0
+    # Welford's M2 is >= 0 but may round below: clamp (tl.where, not tl.maximum, keeps NaN)
+    variance = tl.where(variance < 0.0, 0.0, variance)
+    pos = col_ok & (mean_p != 0.0)  # xlogy: 0 log 0 = 0, NaN stays NaN
     eom = -tl.sum(tl.where(pos, mean_p * tl.log(tl.where(pos, mean_p, 1.0)), 0.0), axis=1)
     ment = ent_sum / S_F
+    mi = eom - ment
+    mi = tl.where(mi < 0.0, 0.0, mi)  # >= 0: the two entropies round differently
     pred = _first_argmax(mean_p, cols, col_ok, BLOCK_C)
     agree = tl.sum(tl.where(cols[None, :] == pred[:, None], votes, 0), axis=1)
     tl.store(var_ptr + rows, variance, mask=r_mask)
     tl.store(eom_ptr + rows, eom, mask=r_mask)
     tl.store(ment_ptr + rows, ment, mask=r_mask)
-    tl.store(mi_ptr + rows, eom - ment, mask=r_mask)
+    tl.store(mi_ptr + rows, mi, mask=r_mask)
     tl.store(pred_ptr + rows, pred.to(tl.int64), mask=r_mask)
     tl.store(dis_ptr + rows, (S - agree).to(tl.float32) / S_F, mask=r_mask)
     if HAS_TARGETS:
