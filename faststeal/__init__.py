@@ -11,7 +11,8 @@ Heavy modules (data, methods, experiment) load on first use, so ``import fastste
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "run_comparison", "steal", "__version__"]
+__all__ = ["Config", "StolenModel", "load", "run_comparison", "stack", "stack_from", "steal",
+           "unstack", "__version__"]
 
 
 def __getattr__(name):
@@ -19,6 +20,14 @@ def __getattr__(name):
         from . import experiment
 
         return getattr(experiment, name)
+    if name in ("stack", "stack_from", "unstack"):
+        import importlib
+
+        return getattr(importlib.import_module("faststeal.nn.stack"), name)
+    if name in ("StolenModel", "load"):
+        from . import stolen
+
+        return getattr(stolen, name)
     if name == "steal":
         from .attack import steal
 

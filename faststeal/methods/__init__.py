@@ -7,7 +7,7 @@ on the command line and in results files to the classes; :func:`build_method` bu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from .base import Method
 from .baseline import Baseline
@@ -36,9 +36,14 @@ from .diverse import DIVERSE_METHODS  # noqa: E402
 METHODS.update(DIVERSE_METHODS)
 
 
-def build_method(name: str, arch: str, input_shape: tuple, num_classes: int,
-                 **kwargs: Any) -> Method:
-    """``METHODS[name](arch, input_shape, num_classes, **kwargs)``; ValueError for unknown names."""
+def build_method(name: str, arch: Any = None, input_shape: Optional[tuple] = None,
+                 num_classes: Optional[int] = None, **kwargs: Any) -> Method:
+    """``METHODS[name](arch, input_shape, num_classes, **kwargs)``; ValueError for unknown names.
+
+    ``arch`` (a zoo name) or ``surrogate=`` (a zoo name, ``"torchvision:NAME"``,
+    ``"module:factory"``, an ``nn.Module`` template or a zero-argument factory) names the
+    surrogate; see :class:`~faststeal.methods.base.Method`.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid names: {', '.join(METHODS)}")
     return METHODS[name](arch, input_shape, num_classes, **kwargs)
