@@ -203,7 +203,7 @@ class TestMethodContract:
 def test_build_method_rejects_unknown_names():
     with pytest.raises(ValueError, match="valid names: baseline, deep-ensemble"):
         build_method("dropout-ensemble", "mlp", SHAPE, C)
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match="unknown surrogate .vgg."):
         build_method("baseline", "vgg", SHAPE, C)
     # UQ_METHODS: the paper's five, all registered; METHODS adds the baseline and the variants
     assert UQ_METHODS == ("deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")

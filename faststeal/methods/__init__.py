@@ -49,5 +49,46 @@ def build_method(name: str, arch: Any = None, input_shape: Optional[tuple] = Non
     return METHODS[name](arch, input_shape, num_classes, **kwargs)
 
 
+def parse_methods(methods: Any) -> list[str]:
+    """Method names from a list or a comma-separated string; ``"all"`` is the baseline and the
+    five UQ methods. ValueError naming an unknown method."""
+    if isinstance(methods, str):
+        methods = ["baseline", *UQ_METHODS] if methods.strip() == "all" else [
+            m.strip() for m in methods.split(",") if m.strip()]
+    if not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"methods must be 'all', a comma-separated string or a non-empty list of "
+                         f"names from {tuple(METHODS)}, got {methods!r}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r} (in methods); valid: {tuple(METHODS)}")
+    return list(methods)
+
+
+def check_method_params(method_params: Any, methods: Optional[Any] = None) -> dict[str, dict]:
+    """Validate ``{method: {hyperparameter: value}}``: method names, dicts, hyperparameter names
+    (the command line's and ``faststeal.steal``'s one check; values are checked when the method
+    is built). Returns a copy (``{}`` for None)."""
+    if method_params is None:
+        return {}
+    if not isinstance(method_params, dict):
+        raise TypeError(f"method_params must be a dict of per-method dicts, got "
+                        f"{type(method_params).__name__}")
+    out = {}
+    for m, hp in method_params.items():
+        if m not in METHODS:
+            raise ValueError(f"method_params key must be one of {tuple(METHODS)}, got {m!r}")
+        if not isinstance(hp, dict):
+            raise TypeError(f"method_params[{m!r}] must be a dict, got {type(hp).__name__}")
+        cls = METHODS[m]
+        valid = {**cls.COMMON_DEFAULTS, **cls.DEFAULTS}
+        unknown = sorted(set(hp) - set(valid) - ({"samples"} if "members" in valid else set()))
+        if unknown:
+            raise TypeError(f"method_params[{m!r}]: unknown hyperparameter(s) {unknown}; "
+                            f"valid: {sorted(valid)}")
+        out[m] = dict(hp)
+    return out
+
+
 __all__ = ["METHODS", "UQ_METHODS", "Method", "Baseline", "DeepEnsemble", "MCDropout",
-           "BayesByBackprop", "SWAG", "Laplace", "build_method", "CheckpointError"]
+           "BayesByBackprop", "SWAG", "Laplace", "build_method", "CheckpointError",
+           "check_method_params", "parse_methods"]
