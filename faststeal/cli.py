@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
     r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
     r.add_argument("--victim-arch", default=None)
-    r.add_argument("--surrogate-arch", default=None)
+    r.add_argument("--surrogate-arch", default=None,
+                   help="zoo name (mlp, lenet, cnn-wide, resnet-small), torchvision:NAME (built "
+                        "with the dataset's class count) or module.path:factory (importable "
+                        "from the working directory)")
     r.add_argument("--victim-epochs", type=int, default=None)
     r.add_argument("--budget", type=int, default=None, help="query budget (images)")
     r.add_argument("--output-mode", choices=OUTPUT_MODES, default=None)
@@ -62,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="discard results in --out that belong to another configuration")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--save-models", action="store_true",
+                   help="write every trained surrogate to OUT/models/<cell>.pt "
+                        "(faststeal.load reads them)")
     rep = sub.add_parser("report", help="rebuild results files and figures from a run folder")
     rep.add_argument("dir")
     sub.add_parser("info", help="versions, extension, CUDA/Triton and the backend of each op")
@@ -107,6 +113,7 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
     cfg.force = args.force
     cfg.progress = not args.no_progress
     cfg.shard_members = args.shard_members
+    cfg.save_models = args.save_models
     cfg.validate()
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         from .distributed import relaunch_with_torchrun

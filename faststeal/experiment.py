@@ -48,7 +48,7 @@ class Config:
     pool_dataset: Optional[str] = None
     data_root: Optional[str] = None
     victim_arch: str = "lenet"
-    surrogate_arch: str = "mlp"
+    surrogate_arch: str = "mlp"  # a zoo name, "torchvision:NAME" or "module:factory"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
     victim_fraction: float = 0.5
     budget: int = 10000
@@ -70,6 +70,7 @@ class Config:
     method_params: dict = field(default_factory=dict)
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
+    save_models: bool = False  # write every trained surrogate to OUT/models/<cell>.pt
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -111,7 +112,9 @@ class Config:
         if self.pool_dataset is not None:
             choice("pool_dataset", self.pool_dataset, DATASETS)
         choice("victim_arch", self.victim_arch, ARCHS)
-        choice("surrogate_arch", self.surrogate_arch, ARCHS)
+        from .models import check_surrogate_name
+
+        check_surrogate_name(self.surrogate_arch, "surrogate_arch")
         choice("output_mode", self.output_mode, OUTPUT_MODES)
         if isinstance(self.methods, str):
             self.methods = parse_methods(self.methods)
@@ -184,7 +187,7 @@ class Config:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
-                  "member_chunk"):
+                  "member_chunk", "save_models"):
             d.pop(k)
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
@@ -355,7 +358,8 @@ def run_comparison(config: Config) -> dict[str, Any]:
             ckpt = cell_checkpoint(config.out, cell_id(kind, method, seed, members))
             train = dict(probe=probe if kind == "main" else None,
                          record_every=config.record_every, hparams=hp, gather=gather,
-                         member_chunk=config.member_chunk, checkpoint=ckpt, log=_log, **common)
+                         member_chunk=config.member_chunk, checkpoint=ckpt, log=_log,
+                         keep_model=config.save_models, **common)
             try:
                 r = attack.train_and_evaluate(method, config.surrogate_arch, x, targets,
                                               seed=seed, **train)
@@ -371,6 +375,9 @@ def run_comparison(config: Config) -> dict[str, Any]:
                            seed=seed, members=r["hparams"]["num_members"], metrics=r["metrics"],
                            hparams=r["hparams"], seconds=r["seconds"], trace=r["trace"])
             attack.remove_checkpoints(ckpt)  # the row is committed: the cell is safe
+            if r.get("stolen") is not None:  # --save-models
+                r["stolen"].save(os.path.join(config.out, "models", cell_id(
+                    kind, method, seed, members).replace("/", "_") + ".pt"))
             timing[f"{kind}:{method}:s{seed}" + (f":S{members}" if members else "")] = r["seconds"]
             m = r["metrics"]
             _log(f"{method} (seed {seed}{', S=' + str(members) if members else ''}"

@@ -120,7 +120,6 @@ class Laplace(Method):
         w, b = self._head()
         return torch.cat([w, b[:, None]], dim=1).detach().double()
 
-    @torch.no_grad()
     def _features(self, xb: Tensor) -> Tensor:
         return self.model.features(xb)[0]  # (B, F)
 

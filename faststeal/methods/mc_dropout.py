@@ -52,8 +52,8 @@ class MCDropout(Method):
         # a user model keeps its own dropout layers unless dropout= was given explicitly
         p = self._hp["dropout"] if "dropout" in self._given else 0.0
         model = self._make_stack(1, dropout=p)
-        from ..nn.layers import _MCDropoutMixin
-        if not any(isinstance(m, _MCDropoutMixin) for m in model.modules()):
+        from ..nn import EnsembleDropout
+        if not any(isinstance(m, EnsembleDropout) and m.p > 0 for m in model.modules()):
             raise ValueError(f"MC Dropout: the surrogate {self.arch!r} has no dropout layer "
                              f"(nn.Dropout/Dropout1d/2d/3d/AlphaDropout); add one, or pass "
                              f"dropout=p to put nn.Dropout(p) before each Linear")

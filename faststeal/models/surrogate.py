@@ -173,6 +173,23 @@ def _dry_run(model: nn.Module, name: str, input_shape: tuple, num_classes: int) 
                          f"returned {got}")
 
 
+def check_surrogate_name(spec: Any, name: str = "surrogate") -> None:
+    """Check a surrogate given by name before any data is loaded: a zoo name,
+    ``"torchvision:NAME"`` or an importable ``"module:factory"`` (ValueError naming ``name``)."""
+    from .zoo import ARCHS
+
+    if not isinstance(spec, str):
+        raise ValueError(f"{name} must be a zoo name {ARCHS}, 'torchvision:NAME' or "
+                         f"'module.path:factory', got {type(spec).__name__} ({spec!r})")
+    if spec in ARCHS or (spec.startswith("torchvision:") and len(spec) > len("torchvision:")):
+        return
+    if ":" in spec and not spec.startswith("torchvision:"):
+        _import_factory(spec)
+        return
+    raise ValueError(f"{name} must be one of {ARCHS}, 'torchvision:NAME' or "
+                     f"'module.path:factory', got {spec!r}")
+
+
 def resolve_surrogate(spec: SurrogateLike, input_shape: Optional[Sequence[int]],
                       num_classes: Optional[int], *, check: bool = True) -> Surrogate:
     """Resolve a surrogate given as a zoo name, ``"torchvision:NAME"``, ``"module:factory"``, an
