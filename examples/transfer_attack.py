@@ -7,7 +7,7 @@ on each stolen model (``StolenModel.to_art()``) and reports how often they fool 
 (transfer rate, on test images the victim classifies correctly).
 
     pip install 'faststeal[art]'
-    python examples/transfer_attack.py [--epochs 10] [--eps 0.3]
+    python examples/transfer_attack.py [--epochs 10] [--eps 0.2]
 """
 
 import argparse
@@ -42,8 +42,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--budget", type=int, default=600)
-    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--eps", type=float, default=0.2)
     ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--images", type=int, default=200, help="test images to attack")
+    ap.add_argument("--pgd-steps", type=int, default=10)
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -70,13 +72,14 @@ def main(argv=None):
     xt = x[test_idx].numpy()
     v_pred = victim.predict(xt).argmax(-1)
     keep = v_pred == y[test_idx].numpy()  # attack images the victim gets right
-    xt, v_pred = xt[keep], v_pred[keep]
+    xt, v_pred = xt[keep][:args.images], v_pred[keep][:args.images]
     rows = []
     for method in ("baseline", "deep-ensemble"):
         art_model = res.stolen(method).to_art(clip_values=(0.0, 1.0))
-        attacks = {"FGSM": FastGradientMethod(art_model, eps=args.eps),
+        attacks = {"FGSM": FastGradientMethod(art_model, eps=args.eps, batch_size=256),
                    "PGD": ProjectedGradientDescent(art_model, eps=args.eps,
-                                                   eps_step=args.eps / 8, max_iter=20,
+                                                   eps_step=args.eps / 4,
+                                                   max_iter=args.pgd_steps, batch_size=256,
                                                    verbose=False)}
         for name, attack in attacks.items():
             adv = attack.generate(xt.astype(np.float32))
