@@ -90,7 +90,7 @@ def _fresh(stacked):
     return [m.train(stacked.training) for m in unstack(stacked)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS[-1:])  # the backend only serves the fc layer here
 def test_resnet18_matches_loop(backend):
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)

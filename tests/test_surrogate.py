@@ -211,7 +211,7 @@ def test_steal_with_own_surrogate_matches_plain_pytorch():
     victim, pool_x, test = _digits_problem()
     budget, epochs, seeds = 500, 8, [0, 1, 2]
     res = faststeal.steal(victim, pool=pool_x, test=test, budget=budget, surrogate=MyNet,
-                          methods="all", seeds=seeds[:1], epochs=epochs, progress=False,
+                          methods="all", seeds=seeds[:1], epochs=2, progress=False,
                           method_params=SMALL)
     assert set(res["results"]) == set(ALL)
     for name in ALL:
