@@ -288,3 +288,31 @@ def test_steal_options_reach_the_oracle_and_strategies():
     with pytest.raises(TypeError, match="not both"):
         faststeal.steal(victim, pool=x, test=x, budget=10, surrogate="mlp",
                         surrogate_arch="mlp")
+
+
+def test_cli_user_surrogate_and_save_models(tmp_path, monkeypatch, capsys):
+    """`faststeal run --surrogate-arch module:factory --save-models` writes loadable models."""
+    from faststeal import cli
+
+    (tmp_path / "thiefnets.py").write_text(
+        "import torch\n"
+        "def small(input_shape, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(32, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    rc = cli.main(["run", "--dataset", "digits", "--victim-arch", "mlp", "--victim-epochs", "3",
+                   "--surrogate-arch", "thiefnets:small", "--methods", "baseline,deep-ensemble",
+                   "--budget", "200", "--seeds", "1", "--epochs", "2", "--member-sweep", "",
+                   "--method-params", '{"deep-ensemble": {"members": 2}}', "--save-models",
+                   "--no-progress", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    files = sorted(p.name for p in (out / "models").glob("*.pt"))
+    assert any("deep-ensemble" in f for f in files) and any("baseline" in f for f in files)
+    sm = faststeal.load(out / "models" / next(f for f in files if "deep-ensemble" in f))
+    assert sm.num_members == 2 and sm.method.arch == "thiefnets:small"
+    capsys.readouterr()
+    assert cli.main(["run", "--surrogate-arch", "vgg", "--out", str(tmp_path / "x")]) != 0
+    assert "surrogate_arch must be one of" in capsys.readouterr().err
+    sys.modules.pop("thiefnets", None)

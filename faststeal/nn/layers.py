@@ -575,7 +575,7 @@ class EnsembleMaxPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-# ----------------------------------------------------------------------------- layer norm, embedding
+# --------------------------------------------------------------------------- layer norm, embedding
 
 class EnsembleLayerNorm(nn.Module):
     """Per-member layer normalisation: x (S, B, ..., *normalized_shape) -> same shape.
