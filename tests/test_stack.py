@@ -318,3 +318,30 @@ def test_template_is_not_modified():
         warnings.simplefilter("error")
         stack(t, 2, seed=0)
     assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())
+
+
+def test_new_stacked_layers_check_their_inputs():
+    from faststeal.nn import EnsembleConv2d, EnsembleEmbedding, EnsembleLayerNorm, ensemble_conv2d
+
+    ln = EnsembleLayerNorm(2, 5)
+    with pytest.raises(ValueError, match=r"x must be \(members, batch, ..., \(5,\)\)"):
+        ln(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="EnsembleLayerNorm has 2 members but x has 3"):
+        ln(torch.randn(3, 4, 5))
+    emb = EnsembleEmbedding(2, 7, 3)
+    with pytest.raises(ValueError, match="idx must be an integer tensor"):
+        emb(torch.randn(2, 4))
+    out = emb(torch.tensor([[1, 2], [1, 2]]))
+    torch.testing.assert_close(out[1], emb.weight[1, [1, 2]])
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=4"):
+        EnsembleConv2d(2, 4, 6, 3, groups=3)
+    w = torch.randn(2, 4, 2, 3, 3)
+    with pytest.raises(ValueError, match="strategy 'unfold' supports groups=1"):
+        ensemble_conv2d(torch.randn(2, 1, 4, 5, 5), w, None, (1, 1), (1, 1), "unfold",
+                        groups=2)
+    # grouped == loop with groups and dilation, shared and stacked inputs
+    x = torch.randn(2, 3, 4, 9, 9)
+    for xi in (x, x[0]):
+        ref = ensemble_conv2d(xi, w, None, (1, 1), (2, 2), "loop", (2, 2), 2)
+        got = ensemble_conv2d(xi, w, None, (1, 1), (2, 2), "grouped", (2, 2), 2)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
