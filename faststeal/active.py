@@ -179,8 +179,6 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     indices in query order), ``used``, ``refused_at`` (oracle.used when a defence refused, else
     None) and ``seconds``.
     """
-    from tqdm.auto import tqdm
-
     from .defenses import QueryRefusedError
 
     if oracle.used != 0:
@@ -237,8 +235,10 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
         idx = torch.cat(queried)
         return pool_x[idx], torch.cat(targets)
 
-    bar = tqdm(total=cps[-1], desc=f"active:{strategy.name}", unit="q", disable=not progress,
-               leave=False)
+    from .progress import progress_bar
+
+    bar = progress_bar(total=cps[-1], desc=f"active:{strategy.name}", unit="q",
+                       disable=not progress, leave=False)
     # the seed set: the same for every strategy given the seed
     seed_idx = torch.randperm(n_pool, generator=torch.Generator().manual_seed(
         config.seed * 7919 + 1))[:seed_n]

@@ -20,7 +20,7 @@ from torch import nn
 from . import metrics, ops
 from .methods import METHODS, build_method
 from .methods.deep_ensemble import DeepEnsemble
-from .oracle import Oracle
+from .oracle import PREFLIGHT_ROWS, Oracle, check_victim_output
 
 TensorOrDataset = Union[torch.Tensor, tuple, torch.utils.data.Dataset]
 
@@ -36,12 +36,12 @@ def random_queries(pool_size: int, budget: int, seed: int) -> torch.Tensor:
 def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
           progress: bool = True) -> tuple[torch.Tensor, Any]:
     """Ask the oracle about ``indices`` in batches; returns (training targets, raw answers list)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     targets = []
     answers = []
-    for start in tqdm(range(0, len(indices), batch_size), desc="querying victim", unit="batch",
-                      disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(indices), batch_size), desc="querying victim",
+                              unit="batch", disable=not progress, leave=False):
         a = oracle.query(indices[start:start + batch_size])
         answers.append(a)
         targets.append(oracle.targets(a))
@@ -51,7 +51,11 @@ def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
 @torch.no_grad()
 def victim_outputs(victim: Callable, x: torch.Tensor, batch_size: int = 1024,
                    outputs: str = "logits") -> torch.Tensor:
-    """The victim's probabilities on evaluation data (the experimenter's view, not the attacker's)."""
+    """The victim's probabilities on evaluation data (the experimenter's view, not the attacker's).
+
+    Checked as the oracle checks its answers (:func:`faststeal.oracle.check_victim_output`):
+    (N, C), finite, probabilities when ``outputs="probs"``.
+    """
     was_training = isinstance(victim, nn.Module) and victim.training
     if isinstance(victim, nn.Module):
         victim.eval()
@@ -60,8 +64,21 @@ def victim_outputs(victim: Callable, x: torch.Tensor, batch_size: int = 1024,
     finally:
         if was_training:
             victim.train()
+    num_classes = None
+    for o, i in zip(out, range(0, len(x), batch_size)):  # one C across all batches
+        num_classes = check_victim_output(o, len(x[i:i + batch_size]), outputs,
+                                          num_classes=num_classes).shape[1]
     out = torch.cat(out).float()
     return out.softmax(-1) if outputs == "logits" else out
+
+
+def check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every label of ``y`` lies in [0, num_classes) (the victim's
+    classes): a label the victim cannot answer makes every accuracy meaningless."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}) (the victim answers "
+                         f"{num_classes} classes), got labels from {int(y.min())} to "
+                         f"{int(y.max())}")
 
 
 def train_and_evaluate(method: str, arch: Any, x: torch.Tensor, targets: torch.Tensor, *,
@@ -432,14 +449,7 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
             victim_outputs_kind = ("probs" if _looks_like_probs(victim(test_x[:16].to(device)))
                                    else "logits")
     victim_outputs_kind = victim_outputs_kind or "logits"
-    vprobs = victim_outputs(victim, test_x.to(device), outputs=victim_outputs_kind)
-    vlabels = vprobs.argmax(-1)
-    num_classes = vprobs.shape[-1]
-    spec = resolve_surrogate(surrogate, tuple(pool_x.shape[1:]), num_classes)
-    for method in method_list:  # hyperparameter values are checked before any query is spent
-        build_method(method, surrogate=spec, input_shape=spec.input_shape,
-                     num_classes=num_classes, seed=0, device="cpu", **params.get(method, {}))
-    from .defenses import build_defense
+    from .defenses import build_defense, query_until_refused
 
     dfn = build_defense(defense, **(defense_params or {}))
     oracle_victim, oracle_outputs = dfn.wrap_victim(victim, victim_outputs_kind)
@@ -447,11 +457,24 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
                     temperature=temperature, decimals=decimals, device=device,
                     victim_outputs=oracle_outputs)
     oracle = dfn.wrap_oracle(oracle)
+    idx = random_queries(len(pool_x), budget, query_seed) if query == "random" else None
+    if idx is not None:
+        # before any work: a few pool images through the victim (charged, reused as answers),
+        # so a pool the victim cannot take fails at once with a message naming its shape and
+        # dtype; then the test set, so bad test labels are found before the budget is spent
+        oracle.query(idx[:PREFLIGHT_ROWS])
+    vprobs = victim_outputs(victim, test_x.to(device), outputs=victim_outputs_kind)
+    vlabels = vprobs.argmax(-1)
+    num_classes = vprobs.shape[-1]
+    if test_y is not None:
+        check_labels("test labels", test_y, num_classes)
+    spec = resolve_surrogate(surrogate, tuple(pool_x.shape[1:]), num_classes)
+    for method in method_list:  # hyperparameter values are checked before more queries
+        build_method(method, surrogate=spec, input_shape=spec.input_shape,
+                     num_classes=num_classes, seed=0, device="cpu", **params.get(method, {}))
     test_y = vlabels if test_y is None else test_y.to(device)
     vp = vprobs if output_mode in ("probs", "logits") else None
-    if query == "random":
-        idx = random_queries(len(pool_x), budget, query_seed)
-    else:
+    if idx is None:
         from .active import ActiveConfig, run_active
 
         acfg = ActiveConfig(strategy=query, strategy_params=dict(query_params or {}),
@@ -467,11 +490,13 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
                          test_y=test_y, victim_probs=vp, device=device, method_factory=factory,
                          eval_factory=factory, progress=progress)
         idx = torch.as_tensor(run["queried"], dtype=torch.int64)
-    from .defenses import query_until_refused
-
     idx, targets, refused = query_until_refused(oracle, idx)  # cached answers are free
     if idx.numel() == 0:
         raise RuntimeError("the defended victim refused every query")
+    answered = getattr(oracle, "num_classes", None)
+    if answered is not None and num_classes != answered:
+        raise ValueError(f"the victim answers {answered} classes on the pool but "
+                         f"{num_classes} on the test set")
     x = pool_x[idx].to(device)
     results: dict[str, list] = {}
     models: dict[str, list] = {}

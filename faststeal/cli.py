@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None, help="victim dataset (default fashion-mnist)")
     r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
     r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
+    r.add_argument("--download", action="store_true",
+                   help="download a missing mnist/cifar10/fashion-mnist with torchvision "
+                        "(into --data-root, else the cache folder)")
     r.add_argument("--victim-arch", default=None)
     r.add_argument("--surrogate-arch", default=None,
                    help="zoo name (mlp, lenet, cnn-wide, resnet-small), torchvision:NAME (built "
@@ -83,7 +86,8 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
         victim_epochs=args.victim_epochs, budget=args.budget, output_mode=args.output_mode,
         topk=args.topk, temperature=args.temperature, decimals=args.decimals, seeds=args.seeds,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-        out=args.out, cache_dir=args.cache_dir, methods=args.methods)
+        out=args.out, cache_dir=args.cache_dir, methods=args.methods,
+        download=args.download or None)
     if args.member_sweep is not None:
         try:
             overrides["member_sweep"] = tuple(int(s) for s in args.member_sweep.split(",") if s)
@@ -167,7 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         return _run(args, argv)
     except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
-        print(f"faststeal: error: {exc}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

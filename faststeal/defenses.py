@@ -340,6 +340,9 @@ class PradaOracle:
         self._inner = oracle
         self.detector = detector or PradaDetector()
         self.refused_at: Optional[int] = None
+        # images the detector has seen: not the inner oracle's answered set, which an answer
+        # journal fills from an earlier run (a resumed run replays the same stream to PRADA)
+        self._seen = torch.zeros(oracle.pool_size, dtype=torch.bool)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_inner":
@@ -359,12 +362,9 @@ class PradaOracle:
                 f"query refused: PRADA flagged this client's query stream after "
                 f"{self.refused_at} charged images (W={self.detector.last_w:.4f} < delta="
                 f"{self.detector.delta})")
-        before = self._inner.answered_indices
-        answered = torch.zeros(self._inner.pool_size, dtype=torch.bool)
-        answered[before] = True
         answers = self._inner.query(indices)
         idx = answers.indices
-        seen = answered.clone()
+        seen = self._seen
         order = []
         for j, i in enumerate(idx.tolist()):  # new images, first occurrence, in the order asked
             if not seen[i]:
@@ -417,6 +417,15 @@ class Defense:
         if self.prada is not None:
             return PradaDetector(**self.prada).params()
         return {}
+
+    def probs_atol(self, num_classes: int) -> float:
+        """How far the served probabilities may sum from 1 (``Oracle(probs_atol=...)``):
+        rounding to d digits moves each of the C values by up to 0.5 * 10**-d."""
+        from .oracle import PROBS_ATOL
+
+        if isinstance(self.output, Rounding):
+            return PROBS_ATOL + 0.5 * num_classes * 10.0 ** -self.output.decimals
+        return PROBS_ATOL
 
     def wrap_victim(self, victim: Any, victim_outputs: str = "logits") -> tuple[Any, str]:
         if self.output is None:

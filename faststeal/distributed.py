@@ -11,6 +11,12 @@ Two kinds of parallelism, both over the standard process group (no home-made poo
 
 The oracle is queried once, by rank 0, and its answers broadcast: the budget is counted once.
 
+Failure: a rank that raises leaves without waiting for the others (``shutdown(ctx,
+failed=True)`` skips the final barrier, which the other ranks, blocked in some other collective,
+would never join). Its exit closes its Gloo/NCCL connections, so the other ranks' pending
+collective fails at once, and torchrun stops the remaining workers: the whole job ends within
+seconds with the failing rank's message (``faststeal: error (rank R of W): ...``).
+
 Launch: ``faststeal run --nproc 4 ...`` (re-executes itself under ``torch.distributed.run``) or
 ``torchrun --nproc-per-node 4 -m faststeal run ...``. Several nodes: ``torchrun --nnodes 2
 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m faststeal run --out
@@ -59,8 +65,12 @@ def init(device: str = "cpu") -> Context:
     return Context(dist.get_rank(), dist.get_world_size())
 
 
-def shutdown(ctx: Context) -> None:
+def shutdown(ctx: Context, failed: bool = False) -> None:
+    """Leave the process group: after a final barrier when this rank finished its work, at once
+    when it ``failed`` (the other ranks may be inside a collective this rank never joins)."""
     if ctx.enabled and dist.is_initialized():
+        if failed:
+            return  # exiting closes the connections; the others' collectives then fail
         dist.barrier()
         dist.destroy_process_group()
 
@@ -97,8 +107,19 @@ def my_cells(ctx: Context, cells: Sequence) -> list:
     return [c for i, c in enumerate(cells) if i % ctx.world_size == ctx.rank]
 
 
+def can_shard(ctx: Context, members: int) -> bool:
+    """Whether ``members`` can be split over the ranks (at least one member per rank)."""
+    return members >= ctx.world_size
+
+
 def member_shard(ctx: Context, members: int) -> tuple[int, int]:
-    """[start, stop) of this rank's contiguous block of ``members`` (sizes differ by at most 1)."""
+    """[start, stop) of this rank's contiguous block of ``members`` (sizes differ by at most 1).
+
+    Needs ``members >= world_size`` (every rank trains at least one member); a smaller ensemble
+    is trained whole by one rank (:func:`can_shard`)."""
+    if not can_shard(ctx, members):
+        raise ValueError(f"cannot split {members} member(s) over {ctx.world_size} ranks: every "
+                         "rank needs at least one member; train this ensemble on one rank")
     base, extra = divmod(members, ctx.world_size)
     start = ctx.rank * base + min(ctx.rank, extra)
     return start, start + base + (1 if ctx.rank < extra else 0)

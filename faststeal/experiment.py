@@ -47,6 +47,7 @@ class Config:
     dataset: str = "fashion-mnist"
     pool_dataset: Optional[str] = None
     data_root: Optional[str] = None
+    download: bool = False  # let torchvision fetch a missing dataset (mnist, cifar10, fashion)
     victim_arch: str = "lenet"
     surrogate_arch: str = "mlp"  # a zoo name, "torchvision:NAME" or "module:factory"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
@@ -89,6 +90,12 @@ class Config:
                 raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
             base.update(PRESETS[preset])
         base.update({k: v for k, v in overrides.items() if v is not None})
+        from .data import DATASET_INFO
+
+        info = DATASET_INFO.get(base.get("dataset", cls.dataset))
+        if preset is not None and overrides.get("budget") is None and info is not None \
+                and info.max_preset_budget is not None:  # presets are sized for Fashion-MNIST
+            base["budget"] = min(base["budget"], info.max_preset_budget)
         unknown = set(base) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown config field(s): {sorted(unknown)}")
@@ -187,7 +194,7 @@ class Config:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
-                  "member_chunk", "save_models"):
+                  "member_chunk", "download", "save_models"):
             d.pop(k)
         if d["defense"] is None:  # keep hashes of runs without a defence unchanged
             d.pop("defense")
@@ -214,12 +221,10 @@ def _log(msg: str) -> None:
 
 def run_comparison(config: Config) -> dict[str, Any]:
     """Run (or resume) the comparison described by ``config``; returns the summary dict."""
-    from tqdm.auto import tqdm
-
     from . import attack
     from .data import make_splits
     from .methods.checkpoint import CheckpointError
-    from .oracle import Oracle
+    from .oracle import JournalError, Oracle, set_aside
     from .results import ResultStore
     from .results.report import write_report
     from .victim import train_victim
@@ -248,11 +253,13 @@ def run_comparison(config: Config) -> dict[str, Any]:
     if not ctx.is_main:
         store = ResultStore(config.out, config.result_affecting())
     timing: dict[str, float] = {}
+    failed = True  # until the run returns: a failing rank must not wait in the final barrier
     try:
         t0 = time.perf_counter()
         splits = make_splits(config.dataset, seed=config.split_seed,
                              victim_fraction=config.victim_fraction,
-                             pool_dataset=config.pool_dataset, root=config.data_root)
+                             pool_dataset=config.pool_dataset, root=config.data_root,
+                             download=config.download)
         timing["data_s"] = time.perf_counter() - t0
         log(f"data: {splits.name}, victim-train {len(splits.victim_train)}, pool "
             f"{len(splits.pool)}, test {len(splits.test)}, input {splits.input_shape}")
@@ -286,11 +293,29 @@ def run_comparison(config: Config) -> dict[str, Any]:
 
             defense = build_defense(config.defense, **config.defense_params)
             served, kind = defense.wrap_victim(victim)
-            oracle = defense.wrap_oracle(Oracle(
-                served, splits.pool.x, config.budget, output_mode=config.output_mode,
+            # every answer is journaled in the run folder before it is used: a rerun asks the
+            # victim only for images it never answered (the budget is spent once, ever)
+            journal = os.path.join(config.out, ANSWER_JOURNAL)
+            oracle_kw = dict(
+                output_mode=config.output_mode,
                 k=config.topk if config.output_mode == "topk" else 1,
                 temperature=config.temperature, decimals=config.decimals, device=dev,
-                victim_outputs=kind))
+                victim_outputs=kind, probs_atol=defense.probs_atol(splits.num_classes),
+                journal=journal, journal_key={"victim": os.path.basename(vic.cache_path or ""),
+                                              "defense": defense.name,
+                                              "defense_params": defense.params()})
+            try:
+                oracle = Oracle(served, splits.pool.x, config.budget, **oracle_kw)
+            except JournalError:  # answers of another victim/pool/mode
+                if not config.force:
+                    raise
+                log(f"--force: moved the answer journal of another configuration to "
+                    f"{set_aside(journal)}")
+                oracle = Oracle(served, splits.pool.x, config.budget, **oracle_kw)
+            oracle = defense.wrap_oracle(oracle)
+            if oracle.answered_from_journal:
+                log(f"{oracle.answered_from_journal} answers ({oracle.used} images charged) "
+                    f"loaded from {journal}; only images it lacks go to the victim")
             answered, targets, refused = query_until_refused(oracle, idx)
             if refused:
                 log(f"defense {config.defense!r} refused after {len(answered)} answered queries; "
@@ -309,6 +334,7 @@ def run_comparison(config: Config) -> dict[str, Any]:
         x = splits.pool.x[idx].to(dev)
         test_x, test_y = splits.test.x.to(dev), splits.test.y.to(dev)
         vprobs = attack.victim_outputs(victim, test_x)
+        attack.check_labels("test labels", test_y, vprobs.shape[-1])
         vlabels = vprobs.argmax(-1)
         g = torch.Generator().manual_seed(config.split_seed + 2)
         probe = test_x[torch.randperm(len(test_x), generator=g)[:config.probe_size].to(dev)]
@@ -330,12 +356,20 @@ def run_comparison(config: Config) -> dict[str, Any]:
             log(f"resuming: {len(cells) + len(sweep) - len(todo)} finished cells kept, "
                 f"{len(todo)} to run")
         shardable = {"deep-ensemble"} if (config.shard_members and ctx.enabled) else set()
-        collective = [c for c in todo if c[1] in shardable]
-        mine = [c for c in todo if c[1] not in shardable]
-        mine = collective + distributed.my_cells(ctx, mine)
+        from .methods import METHODS
+
+        def ensemble_size(c):  # an ensemble smaller than the world is trained by one rank
+            return c[3] or config.method_params.get(c[1], {}).get(
+                "members", METHODS[c[1]].DEFAULTS.get("members", 1))
+
+        collective = [c for c in todo
+                      if c[1] in shardable and distributed.can_shard(ctx, ensemble_size(c))]
+        mine = collective + distributed.my_cells(ctx, [c for c in todo if c not in collective])
         committed_elsewhere = []  # this rank's checkpoints of collective cells rank 0 commits
-        for kind, method, seed, members in tqdm(mine, desc="cells", unit="cell",
-                                                disable=not progress):
+        from .progress import progress_bar
+
+        for kind, method, seed, members in progress_bar(mine, desc="cells", unit="cell",
+                                                        disable=not progress):
             hp = dict(config.method_params.get(method, {}))
             if members is not None:
                 hp["members"] = members
@@ -351,9 +385,9 @@ def run_comparison(config: Config) -> dict[str, Any]:
                     log(f"{method} (seed {seed}, S={members}): reused the main cell")
                     continue
             gather = None
-            if method in shardable:
-                total = hp.get("members", 5)
-                hp["member_range"] = distributed.member_shard(ctx, total)
+            if (kind, method, seed, members) in collective:
+                hp["member_range"] = distributed.member_shard(ctx, ensemble_size(
+                    (kind, method, seed, members)))
                 gather = lambda t: distributed.all_gather_members(ctx, t)  # noqa: E731
             ckpt = cell_checkpoint(config.out, cell_id(kind, method, seed, members))
             train = dict(probe=probe if kind == "main" else None,
@@ -406,15 +440,19 @@ def run_comparison(config: Config) -> dict[str, Any]:
             summary["timing"] = timing
             with open(os.path.join(config.out, "timing.json"), "w") as fh:
                 json.dump(timing, fh, indent=2)
+        failed = False
         return summary
     finally:
         store.close()
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, failed=failed)
 
 
 def cell_id(kind: str, method: str, seed: int, members: Optional[int]) -> str:
     return f"{kind}/{method}/seed={seed}" + (f"/S={members}" if members is not None else "")
 
+
+#: the oracle's answer journal in the run folder (:class:`faststeal.oracle.AnswerJournal`)
+ANSWER_JOURNAL = "answers.journal"
 
 #: sub-folder of the run folder holding the training checkpoints of unfinished cells
 CHECKPOINT_DIR = "checkpoints"

@@ -6,7 +6,12 @@ index and gets back only what the output mode reveals (hard label, top-k, probab
 logits). Accounting: one query = one image; answers are cached per pool index, so asking for
 an image again costs nothing; a batch that would take the number of distinct charged images
 past the budget is refused whole (:class:`BudgetExceededError`) and nothing of it is answered
-or charged.
+or charged. Images are charged when they are sent to the victim, so a batch the victim fails on
+stays charged: the victim never sees more images than the budget.
+
+Every answer is checked before it is used (:func:`check_victim_output`: shape, one class count,
+finite values, probabilities that are probabilities), and with ``journal=`` persisted as it
+arrives (:class:`AnswerJournal`), so a restarted run asks the victim nothing it answered before.
 
 The victim is held privately: no public attribute or method returns it or its parameters, and
 the oracle refuses to be pickled or deep-copied (which would copy the victim). This is an API
@@ -15,11 +20,16 @@ boundary that keeps experiment code honest, not a sandbox against Python introsp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
 import os
+import struct
+import tempfile
 import time
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +42,26 @@ OUTPUT_MODES: tuple[str, ...] = ("label", "topk", "probs", "logits")
 VICTIM_OUTPUTS: tuple[str, ...] = ("logits", "probs")
 
 
+#: Images in the oracle's first victim call: a pool the victim cannot take fails on a few images.
+PREFLIGHT_ROWS = 8
+#: How far a row of declared probabilities may sum from 1 by default.
+PROBS_ATOL = 1e-3
+
+
 class BudgetExceededError(RuntimeError):
     """A query batch would take the number of charged images past the oracle's budget."""
+
+
+class VictimError(ValueError):
+    """The victim raised on a batch of pool images (the pool does not fit the victim)."""
+
+
+class VictimOutputError(ValueError):
+    """The victim's answer is unusable: not (B, C), non-finite, or not probabilities."""
+
+
+class JournalError(ValueError):
+    """An answer journal is corrupt or belongs to another victim, pool or output mode."""
 
 
 @dataclass
@@ -91,6 +119,20 @@ class Oracle:
     temperature: probabilities are softmax(logits / temperature) (``probs``, topk scores).
     decimals: round revealed real values (probabilities, scores, logits) to this many digits.
     num_classes: number of victim classes if known (else inferred from the first answer).
+    probs_atol: how far a row of declared probabilities may sum from 1 (raise it for a victim
+        that rounds its probabilities to d digits: C * 0.5 * 10**-d).
+    journal: file that persists every answer as it arrives (:class:`AnswerJournal`); an
+        existing journal is loaded first, so its images are answered from it, free, and count
+        towards ``used`` (the budget is spent once across restarts).
+    journal_key: JSON-able identity of the victim (e.g. its checkpoint), stored in the journal
+        with the pool's digest and the output settings; a journal with another identity is
+        refused (:class:`JournalError`).
+
+    Every victim answer is checked before it is used or cached (:func:`check_victim_output`):
+    a (B, C) tensor with one C across all calls, finite, and with ``victim_outputs="probs"``
+    rows in [0, 1] summing to 1 (a warning when declared logits look like probabilities). The
+    first victim call sends at most ``PREFLIGHT_ROWS`` images, so a pool the victim cannot
+    take fails cheaply with :class:`VictimError` naming the pool's shape and dtype.
     """
 
     def __init__(self, victim: nn.Module | Callable[[Tensor], Tensor], pool_x: Tensor,
@@ -98,7 +140,9 @@ class Oracle:
                  with_scores: bool = True, temperature: float = 1.0,
                  decimals: int | None = None, batch_size: int = 1024,
                  device: str | torch.device = "cpu", victim_outputs: str = "logits",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, probs_atol: float = PROBS_ATOL,
+                 journal: str | os.PathLike | None = None,
+                 journal_key: Any = None) -> None:
         if not callable(victim):
             raise TypeError(f"victim must be an nn.Module or a callable, got "
                             f"{type(victim).__name__}")
@@ -132,6 +176,10 @@ class Oracle:
                              else _as_positive_int("num_classes", num_classes))
         if self._num_classes is not None and self._mode == "topk" and self._k > self._num_classes:
             raise ValueError(f"k={self._k} exceeds num_classes={self._num_classes}")
+        if isinstance(probs_atol, bool) or not isinstance(probs_atol, (int, float)) \
+                or not 0 < probs_atol < math.inf:
+            raise ValueError(f"probs_atol must be a finite number > 0, got {probs_atol!r}")
+        self._probs_atol = float(probs_atol)
 
         if isinstance(victim, nn.Module):
             victim = victim.to(self._device).eval()
@@ -142,6 +190,25 @@ class Oracle:
         self._cache: dict[str, Tensor] = {}  # allocated on the first answer (needs C)
         self._used = 0
         self._log: list[dict[str, Any]] = []
+        self._victim_ok = False  # set after the first valid victim answer
+        self._journal: AnswerJournal | None = None
+        self._saved_logs: dict[str, list] = {}  # query log files: entries of earlier sessions
+        if journal is not None:
+            fingerprint = {"pool": tensor_digest(self._pool_x), "pool_size": n,
+                           "victim": journal_key, "victim_outputs": self._victim_outputs,
+                           "output_mode": self._mode, "k": self._k,
+                           "with_scores": self._with_scores, "temperature": self._temperature,
+                           "decimals": self._decimals}
+            self._journal = AnswerJournal(journal, fingerprint)
+            for kind, rows, raw in self._journal.replay():
+                if kind == "sent":
+                    self._used += int(rows.numel())
+                else:
+                    raw = check_victim_output(raw, rows.numel(), self._victim_outputs,
+                                              num_classes=self._num_classes,
+                                              probs_atol=self._probs_atol, warn=False)
+                    self._store(rows, raw)
+                    self._victim_ok = True
 
     # -- public read-only state ---------------------------------------------------------------
     @property
@@ -191,20 +258,49 @@ class Oracle:
         return self._num_classes
 
     @property
+    def journal_path(self) -> Path | None:
+        """The answer journal's file (None without one)."""
+        return None if self._journal is None else self._journal.path
+
+    @property
+    def answered_from_journal(self) -> int:
+        """Images whose answers were loaded from the journal when this oracle was built."""
+        return 0 if self._journal is None else self._journal.loaded_answers
+
+    @property
     def log(self) -> list[dict[str, Any]]:
-        """Per call: time (unix s), requested, charged, used (cumulative), refused, indices."""
+        """Per call of this session: time (unix s), requested, charged, used (cumulative),
+        refused, indices (and error, when the victim failed part-way)."""
         return [dict(e, indices=list(e["indices"])) for e in self._log]
 
     def save_log(self, path: str | os.PathLike) -> Path:
-        """Write the query log and the oracle's settings as JSON."""
+        """Write the query log and the oracle's settings as JSON.
+
+        Appends: the entries already in an existing file (an earlier run on the same run
+        folder) are kept before this session's entries; ``used`` is the budget spent in all.
+        """
         path = Path(path)
+        key = os.fspath(path.resolve())
+        if key not in self._saved_logs:
+            previous: list = []
+            if path.exists():
+                try:
+                    previous = list(json.loads(path.read_text())["queries"])
+                except (ValueError, KeyError, TypeError, OSError) as exc:
+                    keep = path.with_name(path.name + f".unreadable-{int(time.time())}")
+                    os.replace(path, keep)
+                    warnings.warn(f"query log {path} is unreadable ({type(exc).__name__}); "
+                                  f"kept it as {keep} and started a new one", RuntimeWarning,
+                                  stacklevel=2)
+            self._saved_logs[key] = previous
         doc = {"budget": self._budget, "used": self._used, "pool_size": self.pool_size,
                "output_mode": self._mode, "k": self._k, "with_scores": self._with_scores,
                "temperature": self._temperature, "decimals": self._decimals,
-               "queries": self._log}
+               "queries": self._saved_logs[key] + self._log}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc, indent=1))
         os.replace(tmp, path)
         return path
 
@@ -243,7 +339,11 @@ class Oracle:
         """Answer the pool images ``indices`` (1-D ints); charges only images not yet answered.
 
         Raises BudgetExceededError (and charges/answers nothing) if the batch's new images
-        would exceed the budget.
+        would exceed the budget. The new images go to the victim in batches of ``batch_size``
+        (the oracle's very first victim call: at most ``PREFLIGHT_ROWS`` images); each batch is
+        charged when it is sent, so a batch the victim fails on (:class:`VictimError`) or answers
+        with invalid values (:class:`VictimOutputError`) stays charged and unanswered, and the
+        batches answered before it stay answered.
         """
         idx = self._check_indices(indices)
         new = torch.unique(idx[~self._answered[idx]])  # sorted, distinct, uncharged
@@ -258,33 +358,57 @@ class Oracle:
                 f"{int(self._answered[idx].sum())} already answered) but the budget "
                 f"is {self._budget} with {self._used} used ({self.remaining} remaining); "
                 "nothing was answered or charged")
-        if n_new:
-            self._answer_new(new)
-        self._used += n_new
+        used_before = self._used
+        try:
+            if n_new:
+                self._answer_new(new)
+        except BaseException as exc:
+            entry["charged"], entry["used"] = self._used - used_before, self._used
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            self._log.append(entry)
+            raise
         entry["charged"], entry["used"] = n_new, self._used
         self._log.append(entry)
         return self._gather(idx, n_new)
 
-    def _victim_forward(self, x: Tensor) -> Tensor:
-        out = self.__victim(x.to(self._device))
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"victim must return ({x.shape[0]}, num_classes) scores for a batch "
-                             f"of {x.shape[0]}, got {got}")
-        return out.detach().float().cpu()
+    def _victim_forward(self, rows: Tensor) -> Tensor:
+        x = self._pool_x[rows]
+        try:
+            with torch.no_grad():
+                out = self.__victim(x.to(self._device))
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            raise VictimError(
+                f"the victim failed on a batch of {x.shape[0]} pool images (pool_x: shape "
+                f"{tuple(self._pool_x.shape)}, dtype {self._pool_x.dtype}; batch sent to device "
+                f"{self._device}): {type(exc).__name__}: {first}. Check that the pool matches "
+                "the victim's expected input shape and dtype") from exc
+        return check_victim_output(out, x.shape[0], self._victim_outputs,
+                                   num_classes=self._num_classes, probs_atol=self._probs_atol)
 
     def _answer_new(self, new: Tensor) -> None:
-        with torch.no_grad():
-            outs = [self._victim_forward(self._pool_x[new[i:i + self._batch_size]])
-                    for i in range(0, new.numel(), self._batch_size)]
-        raw = torch.cat(outs)
-        c = raw.shape[1]
+        start = 0
+        while start < new.numel():
+            size = self._batch_size if self._victim_ok else min(self._batch_size, PREFLIGHT_ROWS)
+            rows = new[start:start + size]
+            start += size
+            # charge (and journal) before the victim sees the rows: a crash or an exception in
+            # the victim afterwards cannot make the victim see more images than the budget
+            if self._journal is not None:
+                self._journal.append_sent(rows)
+            self._used += int(rows.numel())
+            raw = self._victim_forward(rows)
+            if self._num_classes is None and self._mode == "topk" and self._k > raw.shape[1]:
+                raise ValueError(f"k={self._k} exceeds the victim's {raw.shape[1]} classes")
+            if self._journal is not None:  # persisted before the answer is used
+                self._journal.append_answer(rows, raw)
+            self._store(rows, raw)
+            self._victim_ok = True
+
+    def _store(self, rows: Tensor, raw: Tensor) -> None:
+        """Cache the revealed form of the raw victim outputs ``raw`` (n, C) for pool ``rows``."""
         if self._num_classes is None:
-            if self._mode == "topk" and self._k > c:
-                raise ValueError(f"k={self._k} exceeds the victim's {c} classes")
-            self._num_classes = c
-        elif c != self._num_classes:
-            raise ValueError(f"victim returned {c} classes but num_classes={self._num_classes}")
+            self._num_classes = int(raw.shape[1])
         if self._victim_outputs == "logits":
             logits = raw
             probs = torch.softmax(raw / self._temperature, dim=1)
@@ -312,8 +436,8 @@ class Oracle:
             if key not in self._cache:
                 self._cache[key] = torch.zeros((self.pool_size,) + tuple(val.shape[1:]),
                                                dtype=val.dtype)
-            self._cache[key][new] = val
-        self._answered[new] = True
+            self._cache[key][rows] = val
+        self._answered[rows] = True
 
     def _round(self, t: Tensor) -> Tensor:
         return t if self._decimals is None else torch.round(t, decimals=self._decimals)
@@ -369,3 +493,210 @@ def _renormalise(p: Tensor) -> Tensor:
     s = p.sum(dim=1, keepdim=True)
     uniform = torch.full_like(p, 1.0 / max(p.shape[1], 1))
     return torch.where(s > 0, p / s.clamp_min(1e-30), uniform)
+
+
+# -- answer validation ---------------------------------------------------------------------------
+def check_victim_output(out: Any, rows: int, victim_outputs: str, *,
+                        num_classes: int | None = None, probs_atol: float = PROBS_ATOL,
+                        warn: bool = True) -> Tensor:
+    """Check one victim answer and return it as a float32 CPU tensor.
+
+    out: what the victim returned for ``rows`` inputs; must be a (rows, C) tensor of finite
+    values with C == ``num_classes`` when given (one C across all answers). With
+    ``victim_outputs="probs"`` every value must lie in [0, 1] and every row sum to 1 within
+    ``probs_atol``; with ``"logits"``, answers that look like probabilities (every row in
+    [0, 1] summing to 1) give a warning: they would be softmaxed a second time. Raises
+    :class:`VictimOutputError`.
+    """
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != rows:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise VictimOutputError(f"victim must return ({rows}, num_classes) scores for a batch "
+                                f"of {rows}, got {got}")
+    if out.is_complex() or out.dtype == torch.bool:
+        raise VictimOutputError(f"victim must return real-valued scores, got dtype {out.dtype}")
+    out = out.detach().float().cpu()
+    c = int(out.shape[1])
+    if num_classes is not None and c != num_classes:
+        raise VictimOutputError(f"victim returned {c} classes but num_classes={num_classes} "
+                                "(earlier answers or the caller's setting)")
+    finite = torch.isfinite(out).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise VictimOutputError(
+            f"victim returned non-finite values (NaN or inf) in {bad.numel()} of {rows} rows "
+            f"(e.g. batch rows {bad[:5].tolist()}); an argmax over NaN would look like a "
+            "valid answer, so the run stops")
+    sums = out.sum(dim=1)
+    in_unit = bool(((out >= -1e-6) & (out <= 1 + 1e-6)).all())
+    if victim_outputs == "probs":
+        worst = float((sums - 1).abs().max()) if rows else 0.0
+        if not in_unit or worst > probs_atol:
+            raise VictimOutputError(
+                f"victim_outputs='probs' but the answers are not probabilities (values in "
+                f"[{float(out.min()):.4g}, {float(out.max()):.4g}], row sums off 1 by up to "
+                f"{worst:.4g} > probs_atol={probs_atol:g}); if the victim returns logits, "
+                "declare victim_outputs='logits' (steal(victim_outputs_kind='logits'))")
+    elif warn and rows and c > 1 and in_unit and float((sums - 1).abs().max()) <= PROBS_ATOL:
+        warnings.warn("victim_outputs='logits' but the victim's answers look like "
+                      "probabilities (every row in [0, 1], summing to 1): they would be "
+                      "softmaxed a second time; declare victim_outputs='probs' "
+                      "(steal(victim_outputs_kind='probs'))", RuntimeWarning, stacklevel=4)
+    return out
+
+
+def tensor_digest(t: Tensor) -> str:
+    """Content hash (blake2b) of a tensor's shape, dtype and values."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- the answer journal --------------------------------------------------------------------------
+_JOURNAL_MAGIC = b"faststeal-answer-journal-v1\n"
+_RECORD = struct.Struct("<4sqqI")  # tag, rows, classes, crc32 of the payload
+_SENT, _ANSWER = b"SENT", b"ANSW"
+
+
+class AnswerJournal:
+    """Append-only, crash-safe file of everything an :class:`Oracle` sent to its victim.
+
+    Layout: a magic line, a length-prefixed JSON header (the fingerprint: pool digest, victim
+    identity, output settings), then records ``tag, n, C, crc32, payload``: ``SENT`` (n pool
+    indices, int64) is written before a batch goes to the victim, ``ANSW`` (the indices and the
+    victim's raw (n, C) float32 outputs) after its answer was checked. Every record is fsync'd
+    before the oracle goes on. Replaying gives the budget spent (all ``SENT`` rows: a batch that
+    was sent but never answered stays charged) and the answers. A torn last record (a crash
+    while writing) is ignored with a warning and cut off; damage anywhere else, or a header with
+    another fingerprint, raises :class:`JournalError`.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # JSON round trip: comparable
+        self.loaded_answers = 0
+        if self.path.is_dir():
+            raise JournalError(f"answer journal {self.path} is a directory, not a file")
+        if not self.path.exists():
+            self._create()
+
+    def _create(self) -> None:
+        head = json.dumps(self.fingerprint, sort_keys=True).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".",
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_JOURNAL_MAGIC + struct.pack("<q", len(head)) + head)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path.parent)
+
+    def replay(self) -> list[tuple[str, Tensor, Tensor | None]]:
+        """The journal's records in order: ("sent", rows, None) and ("answer", rows, raw)."""
+        data = self.path.read_bytes()
+        what = f"answer journal {self.path}"
+        if not data.startswith(_JOURNAL_MAGIC) or len(data) < len(_JOURNAL_MAGIC) + 8:
+            raise JournalError(f"{what} is not a faststeal answer journal (bad header); move it "
+                               "away to start a new one")
+        pos = len(_JOURNAL_MAGIC)
+        (hlen,) = struct.unpack_from("<q", data, pos)
+        pos += 8
+        try:
+            header = json.loads(data[pos:pos + hlen])
+        except ValueError:
+            raise JournalError(f"{what} has an unreadable header; move it away to start a new "
+                               "one") from None
+        pos += hlen
+        if header != self.fingerprint:
+            diff = sorted(k for k in set(header) | set(self.fingerprint)
+                          if header.get(k) != self.fingerprint.get(k))
+            raise JournalError(
+                f"{what} holds the answers of another victim, pool or output mode (differs in: "
+                f"{', '.join(diff)}); use another run folder, or move the journal away to query "
+                "again (the images it records were already sent to its victim)")
+        out: list[tuple[str, Tensor, Tensor | None]] = []
+        while pos < len(data):
+            torn = None
+            if len(data) - pos < _RECORD.size:
+                torn = "a truncated record header"
+            else:
+                tag, n, c, crc = _RECORD.unpack_from(data, pos)
+                size = n * 8 + n * c * 4
+                body = data[pos + _RECORD.size:pos + _RECORD.size + size]
+                bad = tag not in (_SENT, _ANSWER) or n < 0 or c < 0
+                if not bad and len(body) < size:
+                    torn = "a truncated record"
+                elif bad or zlib.crc32(body) != crc:
+                    if pos + _RECORD.size + max(size, 0) >= len(data):
+                        torn = "a damaged last record"
+                    else:
+                        raise JournalError(f"{what} is damaged at byte {pos} (not at its end: "
+                                           "not a torn write); move it away to start a new one")
+            if torn is not None:
+                # later records must follow a clean end: cut the tail off, keeping a copy of
+                # the file as it was (nothing written is ever lost)
+                keep = self.path.with_name(f"{self.path.name}.torn-{int(time.time())}")
+                keep.write_bytes(data)
+                warnings.warn(f"{what} ends with {torn} ({len(data) - pos} bytes, a write cut "
+                              f"off by a crash); ignoring it (the file as it was: {keep})",
+                              RuntimeWarning, stacklevel=3)
+                with open(self.path, "r+b") as fh:
+                    fh.truncate(pos)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                break
+            rows = torch.from_numpy(np.frombuffer(body, dtype=np.int64, count=n).copy())
+            if tag == _SENT:
+                out.append(("sent", rows, None))
+            else:
+                raw = np.frombuffer(body, dtype=np.float32, offset=n * 8).copy()
+                out.append(("answer", rows, torch.from_numpy(raw).view(n, c)))
+                self.loaded_answers += n
+            pos += _RECORD.size + size
+        return out
+
+    def append_sent(self, rows: Tensor) -> None:
+        self._append(_SENT, rows, None)
+
+    def append_answer(self, rows: Tensor, raw: Tensor) -> None:
+        self._append(_ANSWER, rows, raw)
+
+    def _append(self, tag: bytes, rows: Tensor, raw: Tensor | None) -> None:
+        body = rows.to(torch.int64).contiguous().numpy().tobytes()
+        c = 0
+        if raw is not None:
+            c = int(raw.shape[1])
+            body += raw.to(torch.float32).contiguous().numpy().tobytes()
+        rec = _RECORD.pack(tag, int(rows.numel()), c, zlib.crc32(body)) + body
+        with open(self.path, "ab") as fh:
+            fh.write(rec)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename ``path`` to ``<path>.set-aside-<unix time>`` (nothing is deleted); returns the new
+    name. For a journal that belongs to another configuration (``faststeal run --force``)."""
+    path = Path(path)
+    new = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+    os.replace(path, new)
+    return new
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible everywhere (e.g. Windows); the data itself is fsync'd
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

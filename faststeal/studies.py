@@ -231,8 +231,8 @@ def _fmt(m: float, s: float, pct: bool = True, digits: int = 1) -> str:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
+    from .progress import progress_bar
+    return progress_bar(total=total, desc=desc, unit="cell", disable=not progress)
 
 
 def _plt():

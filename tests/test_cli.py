@@ -58,3 +58,24 @@ def test_console_entry_point_runs():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "backend used by `auto`" in r.stdout
+
+
+def test_download_flag_reaches_the_data_loader(monkeypatch, capsys, tmp_path):
+    import faststeal.data
+
+    def fake_make_splits(*args, **kwargs):
+        raise ValueError(f"stopped here with download={kwargs.get('download')}")
+
+    monkeypatch.setattr(faststeal.data, "make_splits", fake_make_splits)
+    args = ["run", "--dataset", "mnist", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main([*args, "--download"]) == 2
+    assert "stopped here with download=True" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 2
+    assert "stopped here with download=False" in capsys.readouterr().err
+
+
+def test_import_extension_before_torch():
+    pytest.importorskip("faststeal._C")  # not built here: nothing to check
+    code = "import faststeal._C; import torch; print(faststeal._C.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "faststeal._C" in r.stdout, r.stderr[-2000:]

@@ -360,3 +360,30 @@ def test_load_dataset_unknown_name():
 def test_cross_pool_allows_whole_train_split_for_victim():
     s = make_splits("digits", pool_dataset="mnist5k", victim_fraction=1.0)
     assert len(s.victim_train) == 1438 and len(s.pool) == 5000
+
+
+def test_torchvision_download_when_asked(tmp_path, monkeypatch):
+    """--download / download=True reaches torchvision's download=True, into the given root."""
+    import types
+
+    import faststeal.data.torchvision_sets as tvs
+
+    calls = []
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            if not download and not (Path(root) / "fetched").exists():
+                raise RuntimeError("Dataset not found. You can use download=True to download it")
+            (Path(root) / "fetched").touch()
+            n = 6 if train else 2
+            self.data = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+            self.targets = torch.arange(n) % 10
+
+    monkeypatch.setattr(tvs, "_torchvision_datasets",
+                        lambda: types.SimpleNamespace(MNIST=FakeMNIST))
+    with pytest.raises(DatasetNotFoundError, match="download=True"):
+        load_dataset("mnist", root=tmp_path)  # not there, not asked to download
+    train, test = load_dataset("mnist", root=tmp_path, download=True)
+    assert (len(train), len(test)) == (6, 2)
+    assert (str(tmp_path), True, True) in calls

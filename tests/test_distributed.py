@@ -3,16 +3,20 @@ same members), with the oracle budget counted once."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
 from faststeal import distributed
 
+# the member sweep's S=1 ensemble is smaller than the world: one rank trains it whole (it hung)
 ARGS = ["run", "--preset", "quick", "--dataset", "digits", "--victim-arch", "mlp",
         "--victim-epochs", "10", "--budget", "300", "--seeds", "2", "--epochs", "2",
-        "--methods", "baseline,deep-ensemble", "--member-sweep", "", "--no-progress",
+        "--methods", "baseline,deep-ensemble", "--member-sweep", "1", "--no-progress",
         "--method-params", '{"deep-ensemble": {"members": 3}}']
 
 
@@ -48,6 +52,12 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
 def test_member_shards_cover_members_exactly():
     for world in (1, 2, 3, 5):
         for members in (1, 2, 5, 7, 16):
+            if members < world:
+                assert not distributed.can_shard(distributed.Context(0, world), members)
+                with pytest.raises(ValueError, match=f"cannot split {members} member"):
+                    distributed.member_shard(distributed.Context(world - 1, world), members)
+                continue
+            assert distributed.can_shard(distributed.Context(0, world), members)
             blocks = [distributed.member_shard(distributed.Context(r, world), members)
                       for r in range(world)]
             assert blocks[0][0] == 0 and blocks[-1][1] == members
@@ -60,3 +70,46 @@ def test_round_robin_cells():
     cells = list(range(7))
     got = sorted(c for r in range(3) for c in distributed.my_cells(distributed.Context(r, 3), cells))
     assert got == cells
+
+
+_FAILING_RANK = textwrap.dedent("""
+    import os, sys, time
+    import faststeal.attack as attack
+    from faststeal import cli
+
+    real = attack.train_and_evaluate
+
+    def train(*args, **kw):  # rank 1 fails in its first cell; rank 0 goes on to a collective
+        if os.environ["RANK"] == "1":
+            with open(os.environ["RAISED_AT"], "w") as fh:
+                fh.write(repr(time.time()))
+            raise ValueError("injected failure in rank 1")
+        return real(*args, **kw)
+
+    attack.train_and_evaluate = train
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_failing_rank_ends_the_whole_job_with_its_message(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_FAILING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAISED_AT": str(tmp_path / "raised_at")}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script), *ARGS, "--shard-members", "--epochs", "1",
+           "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    # own session: a hung job is killed whole (torchrun and both workers) when the test gives up
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    ended = time.time()
+    assert proc.returncode != 0, text[-3000:]
+    assert "faststeal: error (rank 1 of 2): injected failure in rank 1" in text, text[-3000:]
+    raised = float((tmp_path / "raised_at").read_text())
+    assert ended - raised < 30, f"the job ran {ended - raised:.0f}s after rank 1 failed"

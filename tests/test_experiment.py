@@ -54,6 +54,43 @@ def test_rerun_resumes_without_retraining(digits_run, capsys):
     assert again["methods"]["swag"]["fidelity"] == summary["methods"]["swag"]["fidelity"]
 
 
+def test_rerun_after_a_crash_asks_the_victim_nothing(tmp_path, monkeypatch):
+    """The budget is spent once, ever: a run that dies after querying is rerun, and the victim
+    is not asked again (its answers come from OUT/answers.journal)."""
+    from faststeal import attack, defenses
+
+    calls = []
+    wrap_victim = defenses.Defense.wrap_victim
+
+    def counting_wrap(self, victim, victim_outputs="logits"):  # counts every oracle call
+        served, kind = wrap_victim(self, victim, victim_outputs)
+        return (lambda x: calls.append(int(x.shape[0])) or served(x)), kind
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed after querying")
+
+    monkeypatch.setattr(defenses.Defense, "wrap_victim", counting_wrap)
+    train = attack.train_and_evaluate
+    monkeypatch.setattr(attack, "train_and_evaluate", crash)
+    cfg = Config(**{**TINY, "methods": ("baseline",), "member_sweep": (), "epochs": 1},
+                 out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="killed after querying"):
+        faststeal.run_comparison(cfg)
+    assert sum(calls) == 500
+    monkeypatch.setattr(attack, "train_and_evaluate", train)
+    calls.clear()
+    summary = faststeal.run_comparison(cfg)
+    assert calls == []  # no victim call at all on the rerun
+    assert summary["queries"]["used"] == 500
+    log = json.loads((tmp_path / "query_log.json").read_text())
+    charged = [e["charged"] for e in log["queries"]]
+    assert sum(charged) == 500 == log["used"] and charged[-1] == 0  # appended, not overwritten
+    # another configuration in the same folder with --force: the old journal is set aside
+    calls.clear()
+    faststeal.run_comparison(Config(**{**cfg.__dict__, "output_mode": "probs", "force": True}))
+    assert sum(calls) == 500 and list(tmp_path.glob("answers.journal.set-aside-*"))
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("dataset", "imagenet", "dataset must be one of"),
     ("victim_arch", "vgg", "victim_arch must be one of"),
@@ -101,3 +138,16 @@ def test_defense_validation():
         Config(defense="firewall").validate()
     with pytest.raises(ValueError, match="not 'logits'"):
         Config(defense="top1", output_mode="logits").validate()
+
+
+def test_presets_fit_the_small_offline_datasets():
+    """`faststeal run --dataset digits` (default preset, budget 10,000) must fit digits' pool of
+    719 images: the presets' budget is capped per dataset; an explicit budget is kept."""
+    from faststeal.data import DATASET_INFO
+
+    for preset in ("quick", "default", "full"):
+        cfg = Config.from_preset(preset, dataset="digits").validate()
+        assert cfg.budget == DATASET_INFO["digits"].max_preset_budget == 600
+        assert Config.from_preset(preset, dataset="mnist5k").budget == 1500
+    assert Config.from_preset("default").budget == 10000  # fashion-mnist: unchanged
+    assert Config.from_preset("quick", dataset="digits", budget=700).budget == 700

@@ -12,7 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from faststeal.oracle import OUTPUT_MODES, Answers, BudgetExceededError, Oracle
+import warnings
+
+from faststeal.oracle import (OUTPUT_MODES, PREFLIGHT_ROWS, Answers, BudgetExceededError,
+                              JournalError, Oracle, VictimError, VictimOutputError)
 
 N_POOL, C = 40, 6
 
@@ -183,7 +186,7 @@ def test_budget_accounting_property(budget, batches):
 
     def victim(x):
         seen_images.extend(x[:, 0].long().tolist())
-        return torch.nn.functional.one_hot(x[:, 0].long() % 3, 3).float()
+        return 5.0 * torch.nn.functional.one_hot(x[:, 0].long() % 3, 3).float()
 
     o = Oracle(victim, pool_x, budget)
     answered: set[int] = set()
@@ -298,3 +301,181 @@ def test_bad_victim_pool_and_indices(pool):
         Oracle(CountingVictim(), pool, 5, output_mode="topk", k=7).query([0])
     with pytest.raises(ValueError, match=r"victim must return \(2, num_classes\)"):
         Oracle(lambda x: x.sum(), pool, 5).query([0, 1])
+
+
+# -- every answer is checked ----------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_answers_are_refused(pool, bad):
+    v = CountingVictim()
+
+    def victim(x):
+        out = v.net(x)
+        out[1, 2] = bad
+        return out
+
+    o = Oracle(victim, pool, budget=20)
+    with pytest.raises(VictimOutputError, match=r"non-finite values \(NaN or inf\) in 1 of 8 rows"):
+        o.query(torch.arange(10))
+    assert len(o.answered_indices) == 0  # nothing answered from an invalid batch ...
+    assert o.used == PREFLIGHT_ROWS  # ... but the victim saw it: charged
+
+
+def test_one_class_count_across_batches(pool):
+    calls = []
+
+    def victim(x):
+        calls.append(x.shape[0])
+        return torch.randn(x.shape[0], C if len(calls) == 1 else C + 1)
+
+    o = Oracle(victim, pool, budget=40, batch_size=4)
+    with pytest.raises(VictimOutputError, match=f"victim returned {C + 1} classes but "
+                                                f"num_classes={C}"):
+        o.query(torch.arange(12))
+    assert o.used == 8 and len(o.answered_indices) == 4  # the first batch stays answered
+
+
+def test_declared_probabilities_must_be_probabilities(pool):
+    v = CountingVictim()
+    with pytest.raises(VictimOutputError, match="victim_outputs='probs' but the answers are not "
+                                                "probabilities"):
+        Oracle(lambda x: v.net(x), pool, 10, victim_outputs="probs").query([0, 1])
+    with pytest.raises(VictimOutputError, match="row sums off 1 by up to 0.5"):
+        Oracle(lambda x: torch.full((x.shape[0], 2), 0.25), pool, 10,
+               victim_outputs="probs").query([0])
+    # rounded probabilities: accepted within a tolerance the caller declares
+    rounded = Oracle(lambda x: torch.round(torch.softmax(v.net(x), 1), decimals=1), pool, 10,
+                     victim_outputs="probs", probs_atol=0.5 * C * 0.1 + 1e-3)
+    assert len(rounded.query([0, 1, 2])) == 3
+    with pytest.raises(ValueError, match="probs_atol must be a finite number > 0"):
+        Oracle(v, pool, 10, probs_atol=0)
+
+
+def test_declared_logits_that_look_like_probabilities_warn(pool):
+    v = CountingVictim()
+    with pytest.warns(RuntimeWarning, match="look like probabilities"):
+        Oracle(lambda x: torch.softmax(v.net(x), 1), pool, 10).query([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Oracle(v, pool, 10).query([0, 1])  # real logits: no warning
+
+
+def test_incompatible_pool_fails_on_a_few_images_naming_shape_and_dtype(pool):
+    v = CountingVictim()
+    wrong = torch.randn(N_POOL, 3, 5, 5, dtype=torch.float64)
+    o = Oracle(v, wrong, budget=40)
+    with pytest.raises(VictimError, match=r"pool_x: shape \(40, 3, 5, 5\), dtype torch.float64"
+                                          r".*RuntimeError: mat1 and mat2"):
+        o.query(torch.arange(40))
+    assert o.used == v.images == PREFLIGHT_ROWS  # only the small first batch, charged
+    v = CountingVictim()
+    ok = Oracle(v, pool, budget=40)
+    ok.query(torch.arange(40))
+    assert v.calls == 2 and v.images == 40  # PREFLIGHT_ROWS first, then the rest in one batch
+
+
+def test_victim_failing_part_way_never_sees_more_than_the_budget(pool):
+    """Budget 40, batches of 16, the victim fails on its second call: the retries must not make
+    the victim see more than 40 images (it saw 56 when failed batches were not charged)."""
+    seen = []
+    v = CountingVictim()
+
+    def flaky(x):
+        seen.append(x.shape[0])
+        if len(seen) == 2:
+            raise RuntimeError("service unavailable")
+        return v.net(x)
+
+    o = Oracle(flaky, pool, budget=40, batch_size=16)
+    with pytest.raises(VictimError, match="service unavailable"):
+        o.query(torch.arange(40))
+    assert o.used == PREFLIGHT_ROWS + 16 and o.log[-1]["charged"] == PREFLIGHT_ROWS + 16
+    for _ in range(3):  # an attacker retrying the same batch
+        try:
+            o.query(torch.arange(40))
+        except BudgetExceededError:
+            pass
+    assert sum(seen) <= 40 and o.used <= 40
+    a = o.query(torch.arange(PREFLIGHT_ROWS))  # what was answered stays answered, free
+    assert a.charged == 0
+
+
+# -- the answer journal ---------------------------------------------------------------------------
+def test_journal_answers_a_restart_without_the_victim(pool, tmp_path):
+    path = tmp_path / "answers.journal"
+    v = CountingVictim()
+    o = Oracle(v, pool, budget=30, output_mode="probs", journal=path, journal_key="v1")
+    first = o.query(torch.arange(20))
+    o.save_log(tmp_path / "log.json")
+    v2 = CountingVictim()
+    o2 = Oracle(v2, pool, budget=30, output_mode="probs", journal=path, journal_key="v1")
+    assert (o2.used, o2.answered_from_journal, o2.remaining) == (20, 20, 10)
+    again = o2.query(torch.arange(20))
+    assert v2.images == 0 and again.charged == 0
+    assert torch.equal(again.probs, first.probs) and torch.equal(again.labels, first.labels)
+    o2.query(torch.arange(20, 25))  # new images: asked, and journaled too
+    assert v2.images == 5
+    with pytest.raises(BudgetExceededError):
+        o2.query(torch.arange(25, 31))  # the budget counts across restarts
+    o2.save_log(tmp_path / "log.json")  # appended, not overwritten
+    doc = json.loads((tmp_path / "log.json").read_text())
+    assert [e["charged"] for e in doc["queries"]] == [20, 0, 5, 0] and doc["used"] == 25
+    o3 = Oracle(CountingVictim(), pool, budget=30, output_mode="probs", journal=path,
+                journal_key="v1")
+    assert o3.used == 25 and len(o3.answered_indices) == 25
+
+
+def test_journal_charges_what_was_sent_but_never_answered(pool, tmp_path):
+    path = tmp_path / "answers.journal"
+    v = CountingVictim()
+    calls = []
+
+    def dies(x):  # the process is killed while the victim works on the second batch
+        calls.append(x.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return v.net(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        Oracle(dies, pool, budget=40, batch_size=10, journal=path).query(torch.arange(30))
+    o = Oracle(v, pool, budget=40, batch_size=10, journal=path)
+    assert o.used == PREFLIGHT_ROWS + 10 and o.answered_from_journal == PREFLIGHT_ROWS
+
+
+@pytest.mark.parametrize("change, differs", [
+    (dict(pool_shift=1.0), "pool"), (dict(output_mode="label"), "output_mode"),
+    (dict(journal_key="another victim"), "victim"), (dict(temperature=2.0), "temperature")])
+def test_journal_of_another_victim_pool_or_mode_is_refused(pool, tmp_path, change, differs):
+    path = tmp_path / "answers.journal"
+    Oracle(CountingVictim(), pool, 10, output_mode="probs", journal=path,
+           journal_key="v1").query([0, 1])
+    kw = dict(output_mode="probs", journal_key="v1")
+    shift = change.pop("pool_shift", 0.0)
+    kw.update(change)
+    with pytest.raises(JournalError, match=f"another victim, pool or output mode \\(differs in: "
+                                           f"{differs}\\)"):
+        Oracle(CountingVictim(), pool + shift, 10, journal=path, **kw)
+
+
+def test_journal_torn_tail_is_ignored_with_a_warning_and_damage_is_an_error(pool, tmp_path):
+    path = tmp_path / "answers.journal"
+    o = Oracle(CountingVictim(), pool, 40, batch_size=10, journal=path)
+    o.query(torch.arange(18))  # records: sent 8, answer 8, sent 10, answer 10
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # a crash in the middle of writing the last answer
+    with pytest.warns(RuntimeWarning, match="ends with a truncated record"):
+        o2 = Oracle(CountingVictim(), pool, 40, batch_size=10, journal=path)
+    assert o2.used == 18 and o2.answered_from_journal == 8  # sent, never answered: charged
+    assert list(tmp_path.glob("answers.journal.torn-*"))  # the file as it was is kept
+    v = CountingVictim()
+    o3 = Oracle(v, pool, 40, batch_size=10, journal=path)
+    o3.query(torch.arange(18))  # the lost 10 are asked again (and journaled after the cut)
+    assert v.images == 10 and o3.used == 28
+    assert Oracle(v, pool, 40, journal=path).used == 28
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a record in the middle, not at the end
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(JournalError, match="is damaged at byte"):
+        Oracle(v, pool, 40, journal=path)
+    path.write_bytes(b"something else entirely")
+    with pytest.raises(JournalError, match="not a faststeal answer journal"):
+        Oracle(v, pool, 40, journal=path)

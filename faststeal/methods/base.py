@@ -551,5 +551,5 @@ member_loss_sum = train_step.ensemble_loss
 
 
 def _progress(total: int, enabled: bool, name: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, disable=not enabled, desc=name, leave=False, dynamic_ncols=True)
+    from ..progress import progress_bar
+    return progress_bar(total=total, disable=not enabled, desc=name, leave=False)
