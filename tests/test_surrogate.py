@@ -276,7 +276,7 @@ def test_steal_options_reach_the_oracle_and_strategies():
                               surrogate="mlp", methods="baseline", epochs=1, progress=False,
                               query="entropy", query_method="baseline",
                               query_params={"candidates": 100}, output_mode="topk", topk=2,
-                              defense="rounding", defense_params={"decimals": 1})
+                              defense="noise", defense_params={"sigma": 0.01})
     assert res["queries"]["used"] == 60
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         faststeal.steal(victim, pool=x, test=x, budget=10, method_params={"swag": {"x": 1}})
