@@ -434,6 +434,8 @@ USER_GRIDS = {
     "smoke": [("functional-cnn", 2, 4)],
     "cpu": [(m, s, b) for m in ("functional-cnn", "resnet18") for s in (4, 16)
             for b in (32, 128)],
+    # the resnet18 cases that fit a loaded 2-core machine's time, and the zoo comparison
+    "cpu-resnet": [("resnet18", 4, 32), ("resnet18", 16, 32)],
 }
 
 
@@ -492,7 +494,8 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
 
 
 def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
-                    log=print) -> dict[str, Any]:
+                    log=print, on_case: Optional[Callable[[dict], None]] = None
+                    ) -> dict[str, Any]:
     """``faststeal.stack`` vs a Python loop vs ``torch.func`` vmap on user models, and the zoo's
     StackedModel vs the same architecture stacked by ``faststeal.stack``; each case's variants
     timed interleaved in one run (:func:`common.bench_many`)."""
@@ -521,6 +524,8 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
                          "member_samples_per_s": s * b / (t.median_ms / 1e3),
                          "speedup_vs_first": None if ref is None else ref / t.median_ms})
         log(f"user models: {model} S={s} B={b} done")
+        if on_case is not None:  # e.g. write the JSON so far: long grids keep finished cases
+            on_case({"rows": rows})
     return {"rows": rows}
 
 
@@ -552,8 +557,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if args.user_models:
+        meta = common.env_metadata(dev)
+        save = (lambda r: common.write_json(args.json, {**r, "meta": meta})) if args.json \
+            else None
         res = run_user_models(dev, args.user_models,
-                              min_run_time=0.05 if args.user_models == "smoke" else 1.0)
+                              min_run_time=0.05 if args.user_models == "smoke" else 1.0,
+                              on_case=save)
         res["meta"] = common.env_metadata(dev)
         print(user_markdown(res))
         if args.json:

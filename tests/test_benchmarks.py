@@ -32,3 +32,14 @@ def test_run_all_smoke_writes_json_and_markdown(tmp_path):
     assert "e2e" in res and isinstance(res["targets"], list)
     md = (tmp_path / "benchmarks.md").read_text()
     assert "## Ops" in md and "## Training step and inference" in md and "× loop" in md
+
+
+def test_user_model_benchmark_smoke():
+    """bench_train --user-models: stack, loop and vmap rows for a user CNN (no timing asserted)."""
+    from benchmarks import bench_train
+
+    res = bench_train.run_user_models("cpu", "smoke", min_run_time=0.01, log=lambda *_: None)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"stack", "loop", "vmap"}
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    assert "functional-cnn" in bench_train.user_markdown(res)
