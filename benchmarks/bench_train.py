@@ -434,8 +434,9 @@ USER_GRIDS = {
     "smoke": [("functional-cnn", 2, 4)],
     "cpu": [(m, s, b) for m in ("functional-cnn", "resnet18") for s in (4, 16)
             for b in (32, 128)],
-    # the resnet18 cases that fit a loaded 2-core machine's time, and the zoo comparison
-    "cpu-resnet": [("resnet18", 4, 32), ("resnet18", 16, 32)],
+    # what fits a loaded 2-core machine's time (plus the zoo comparison, as in "cpu")
+    "cpu-quick": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
+                  ("functional-cnn", 16, 32), ("resnet18", 4, 32)],
 }
 
 
@@ -561,7 +562,8 @@ def main(argv=None) -> int:
         save = (lambda r: common.write_json(args.json, {**r, "meta": meta})) if args.json \
             else None
         res = run_user_models(dev, args.user_models,
-                              min_run_time=0.05 if args.user_models == "smoke" else 1.0,
+                              min_run_time={"smoke": 0.05, "cpu-quick": 0.5}.get(
+                                  args.user_models, 1.0),
                               on_case=save)
         res["meta"] = common.env_metadata(dev)
         print(user_markdown(res))
