@@ -1,6 +1,6 @@
 """Wall time of the full five-method stealing comparison, with its breakdown.
 
-Runs :func:`faststeal.experiment.run_comparison` for a preset (``default``: the README's main job;
+Runs :func:`faststeal.runs.run_comparison` for a preset (``default``: the README's main job;
 the target is ≤ 10 minutes on a 2-core CPU) in a fresh folder with a fresh victim cache, so the
 victim is trained, not loaded, and reports: data loading, victim training, querying, each
 method's training and evaluation (summed over seeds), the member sweep, and the rest (report
@@ -37,7 +37,7 @@ TARGET_S = 600.0  # the default comparison must finish in 10 minutes on the 2-co
 
 def run(device="cpu", preset: str = "default", log=print,
         keep: Optional[str] = None) -> dict[str, Any]:
-    from faststeal.experiment import Config, run_comparison
+    from faststeal.runs import Config, run_comparison
     from faststeal.results import ResultStore
 
     spec = PRESETS[preset]

@@ -353,11 +353,9 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
 
 
 def write_json(path: str, data: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)
+    from faststeal.files import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
 # ----------------------------------------------------------------------------- formatting

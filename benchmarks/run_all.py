@@ -221,8 +221,9 @@ def main(argv=None) -> int:
         res["loadavg_end"] = common.loadavg()
         res["targets"] = check_targets(res, dev)
         common.write_json(json_path, res)
-        with open(md_path, "w") as fh:
-            fh.write(markdown(res) + "\n")
+        from faststeal.files import atomic_write
+
+        atomic_write(md_path, markdown(res) + "\n")
 
     log(f"[run_all] mode {mode} on {res['meta']['device_name']} ({device}); sections {sections}; "
         f"load {res['meta']['loadavg_start']}")

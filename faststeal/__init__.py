@@ -6,7 +6,7 @@ Quick use::
     summary = faststeal.run_comparison(faststeal.Config.from_preset("quick", out="runs/q"))
     res = faststeal.steal(my_model, pool=pool_x, test=(test_x, test_y), budget=1000)
 
-Heavy modules (data, methods, experiment) load on first use, so ``import faststeal`` stays cheap.
+Heavy modules (data, methods, runs) load on first use, so ``import faststeal`` stays cheap.
 """
 
 import importlib.abc as _abc
@@ -37,9 +37,9 @@ __all__ = ["Config", "StolenModel", "load", "run_comparison", "stack", "stack_fr
 
 def __getattr__(name):
     if name in ("Config", "run_comparison"):
-        from . import experiment
+        from . import runs
 
-        return getattr(experiment, name)
+        return getattr(runs, name)
     if name in ("stack", "stack_from", "unstack"):
         import importlib
 

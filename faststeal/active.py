@@ -1,4 +1,4 @@
-"""The active-stealing loop and its checkpoint protocol.
+"""The active-stealing loop and its evaluation protocol at budget milestones.
 
 Loop (:func:`run_active`): query a random *seed set* (``seed_fraction`` of the budget), then
 repeat rounds of **train → select → query** until the oracle's budget is spent:
@@ -7,7 +7,7 @@ repeat rounds of **train → select → query** until the oracle's budget is spe
    weights from the previous round and trains ``round_epochs`` more epochs; cold: rebuilt from the
    same initialisation and trained ``epochs`` epochs);
 2. the strategy (:mod:`faststeal.query`) picks ``k = min(round_size, remaining budget, images to
-   the next checkpoint)`` not-yet-queried pool images, scoring the pool with the running surrogate;
+   the next milestone)`` not-yet-queried pool images, scoring the pool with the running surrogate;
 3. the oracle answers them.
 
 Budget. The budget is the oracle's (``oracle.budget``); a round never asks for more images than
@@ -16,8 +16,8 @@ oracle would refuse a batch that did — a test checks this for every strategy o
 seed and round sizes). A defence that refuses to answer
 (:class:`faststeal.defenses.QueryRefusedError`) ends the loop early; the result records where.
 
-Checkpoints (the protocol of mebench's retrain-from-scratch evaluation). At each budget
-checkpoint (e.g. 1k, 2k, 5k ...), two surrogates are evaluated on the test set:
+Milestones (the protocol of mebench's retrain-from-scratch evaluation). At each budget
+milestone (e.g. 1k, 2k, 5k ...), two surrogates are evaluated on the test set:
 
 * ``retrained`` — a fresh surrogate built with the SAME seed (hence the same initialisation and
   data order generator for every strategy) and trained ``epochs`` epochs on exactly the queried
@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 
 from . import metrics
+from .checks import positive_int
+from .methods import build_method
 from .query import Strategy, make_strategy
 
 MethodFactory = Callable[[int], Any]
@@ -50,18 +52,19 @@ class ActiveConfig:
     """Settings of one active-stealing run (validated by :meth:`validate`).
 
     strategy / strategy_params: see :class:`faststeal.query.Strategy`.
-    checkpoints: budgets at which surrogates are evaluated (ascending; the last is the budget the
-        loop spends; default: the oracle's whole budget).
+    milestones: budgets at which surrogates are evaluated (ascending; the last is the budget the
+        loop spends; default: the oracle's whole budget). (Not training checkpoints: those are
+        :mod:`faststeal.methods.checkpoint`.)
     seed_fraction / seed_size: size of the random seed set (``seed_size`` wins when given);
-        clipped to the first checkpoint.
+        clipped to the first milestone.
     round_size: images per selection round (default: the seed set's size).
-    method / arch / hparams: the surrogate (a :data:`faststeal.methods.METHODS` or
-        :data:`faststeal.methods.diverse.DIVERSE_METHODS` name); eval_method: the retrained
+    method / arch / hparams: the surrogate (a :data:`faststeal.methods.METHODS` name);
+        eval_method: the retrained
         surrogate's method (default: ``method``).
     epochs: training epochs of the retrained surrogate (and of a cold-started running one);
         min_steps: but at least this many optimizer steps (more epochs on small sets, so that
-        a 500-image checkpoint is not judged on a barely trained surrogate; the same for every
-        strategy at a checkpoint since the set sizes are equal);
+        a 500-image milestone is not judged on a barely trained surrogate; the same for every
+        strategy at a milestone since the set sizes are equal);
         round_epochs: epochs the warm-started running surrogate trains per round.
     seed: one seed for the seed set, the selection RNG, and every surrogate's initialisation.
     eval_seed_offset: the retrained surrogate is built with ``seed + eval_seed_offset`` (0: the
@@ -71,7 +74,7 @@ class ActiveConfig:
 
     strategy: str = "random"
     strategy_params: dict = field(default_factory=dict)
-    checkpoints: Optional[Sequence[int]] = None
+    milestones: Optional[Sequence[int]] = None
     seed_fraction: float = 0.1
     seed_size: Optional[int] = None
     round_size: Optional[int] = None
@@ -89,37 +92,28 @@ class ActiveConfig:
     eval_seed_offset: int = 0
 
     def validate(self, budget: int) -> "ActiveConfig":
-        def pos_int(name: str, v: Any) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-
         make_strategy(self.strategy, **self.strategy_params)  # raises on a bad strategy
         for name in ("epochs", "round_epochs", "batch_size"):
-            pos_int(name, getattr(self, name))
-        if self.checkpoints is not None:
-            cps = [int(c) for c in self.checkpoints]
+            positive_int(name, getattr(self, name))
+        if self.milestones is not None:
+            cps = [int(c) for c in self.milestones]
             if not cps:
-                raise ValueError("checkpoints must name at least one budget")
+                raise ValueError("milestones must name at least one budget")
             for c in cps:
-                pos_int("checkpoint", c)
+                positive_int("milestone", c)
             if sorted(set(cps)) != cps:
-                raise ValueError(f"checkpoints must be strictly ascending, got {cps}")
+                raise ValueError(f"milestones must be strictly ascending, got {cps}")
             if cps[-1] > budget:
-                raise ValueError(f"the last checkpoint ({cps[-1]}) exceeds the oracle's budget "
+                raise ValueError(f"the last milestone ({cps[-1]}) exceeds the oracle's budget "
                                  f"({budget})")
         if not 0.0 < self.seed_fraction <= 1.0:
             raise ValueError(f"seed_fraction must be in (0, 1], got {self.seed_fraction}")
-        if self.seed_size is not None:
-            pos_int("seed_size", self.seed_size)
-        if self.round_size is not None:
-            pos_int("round_size", self.round_size)
-        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) \
-                or self.min_steps < 0:
-            raise ValueError(f"min_steps must be an int >= 0, got {self.min_steps!r}")
+        positive_int("seed_size", self.seed_size, allow_none=True)
+        positive_int("round_size", self.round_size, allow_none=True)
+        positive_int("min_steps", self.min_steps, minimum=0)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        positive_int("seed", self.seed, minimum=0)
         return self
 
     def epochs_for(self, n: int) -> int:
@@ -128,25 +122,13 @@ class ActiveConfig:
         return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
     def plan(self, budget: int) -> tuple[list[int], int, int]:
-        """(checkpoints, seed set size, round size) for an oracle with ``budget``."""
-        cps = [int(c) for c in self.checkpoints] if self.checkpoints is not None else [budget]
+        """(milestones, seed set size, round size) for an oracle with ``budget``."""
+        cps = [int(c) for c in self.milestones] if self.milestones is not None else [budget]
         seed_n = self.seed_size if self.seed_size is not None else max(
             1, int(round(self.seed_fraction * cps[-1])))
         seed_n = min(seed_n, cps[0])
         round_n = self.round_size if self.round_size is not None else seed_n
         return cps, seed_n, round_n
-
-
-def make_method(name: str, arch: str, input_shape: tuple, num_classes: int, *, seed: int,
-                device: Any, **hparams: Any) -> Any:
-    """Build a surrogate by name from the UQ methods or the diversity-keeping variants."""
-    from .methods import METHODS, build_method
-    from .methods.diverse import DIVERSE_METHODS
-
-    if name in DIVERSE_METHODS and name not in METHODS:
-        return DIVERSE_METHODS[name](arch, input_shape, num_classes, seed=seed, device=device,
-                                     **hparams)
-    return build_method(name, arch, input_shape, num_classes, seed=seed, device=device, **hparams)
 
 
 def evaluate_surrogate(method: Any, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
@@ -164,15 +146,15 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
                method_factory: Optional[MethodFactory] = None,
                eval_factory: Optional[MethodFactory] = None,
                progress: bool = True) -> dict[str, Any]:
-    """Run one strategy's active loop against ``oracle`` and evaluate it at every checkpoint.
+    """Run one strategy's active loop against ``oracle`` and evaluate it at every milestone.
 
     oracle: a :class:`faststeal.oracle.Oracle` (or a defence wrapper of one) whose ``pool_x`` is
         the attacker's pool; it must not have been queried before (its budget is the loop's).
     test_x / victim_labels / test_y (/ victim_probs): the experimenter's evaluation set.
     method_factory(seed) / eval_factory(seed): override how the running / retrained surrogates are
-        built (default: :func:`make_method` from ``config``).
+        built (default: :func:`faststeal.methods.build_method` from ``config``).
 
-    Returns a JSON-ready dict: ``config``, ``strategy``, ``checkpoints`` (per checkpoint:
+    Returns a JSON-ready dict: ``config``, ``strategy``, ``milestones`` (per milestone:
     ``budget``, ``used``, ``retrained`` and ``running`` metrics, seconds), ``rounds`` (per round:
     ``used`` before it, ``k``, selection seconds split into forward/stats/features/select, the
     running surrogate's training seconds, the number of candidates scored), ``queried`` (pool
@@ -199,8 +181,8 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
         return c if c is not None else int(victim_labels.max().item()) + 1
 
     def default_factory(name: str) -> MethodFactory:
-        return lambda seed: make_method(name, config.arch, input_shape, num_classes(), seed=seed,
-                                        device=device, **config.hparams)
+        return lambda seed: build_method(name, config.arch, input_shape, num_classes(),
+                                         seed=seed, device=device, **config.hparams)
 
     method_factory = method_factory or default_factory(config.method)
     eval_factory = eval_factory or default_factory(config.eval_method or config.method)
@@ -212,7 +194,7 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     targets: list[Tensor] = []
     labeled_mask = torch.zeros(n_pool, dtype=torch.bool)
     rounds: list[dict[str, Any]] = []
-    checkpoints: list[dict[str, Any]] = []
+    milestones: list[dict[str, Any]] = []
     refused_at: Optional[int] = None
 
     def ask(idx: Tensor) -> bool:
@@ -259,15 +241,15 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
             running.fit(x_l, y_l, epochs=config.round_epochs, **fit_kw)
         train_s = time.perf_counter() - t0
         if used == next_cp:
-            checkpoints.append(_checkpoint(used, running, eval_factory, config, x_l, y_l,
-                                           test_x, victim_labels, test_y, victim_probs,
-                                           t_start))
-            bar.set_postfix(fid=f"{checkpoints[-1]['retrained']['fidelity']:.3f}",
+            milestones.append(_evaluate_at_milestone(used, running, eval_factory, config, x_l,
+                                                     y_l, test_x, victim_labels, test_y,
+                                                     victim_probs, t_start))
+            bar.set_postfix(fid=f"{milestones[-1]['retrained']['fidelity']:.3f}",
                             refresh=False)
             next_cp = next(cp_iter, None)
             if next_cp is None:
                 break
-        # 2. select (never more than the budget left, never past the next checkpoint)
+        # 2. select (never more than the budget left, never past the next milestone)
         k = min(round_n, int(oracle.remaining), next_cp - used)
         if k <= 0:
             break
@@ -285,16 +267,16 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
         bar.update(int(picks.numel()) if ok else 0)
     bar.close()
     if refused_at is not None and running is not None and (
-            not checkpoints or checkpoints[-1]["used"] < int(labeled_mask.sum())):
+            not milestones or milestones[-1]["used"] < int(labeled_mask.sum())):
         # a defence stopped the loop: evaluate what the attacker has at that point
         x_l, y_l = current()
-        checkpoints.append(_checkpoint(int(labeled_mask.sum()), running, eval_factory, config,
-                                       x_l, y_l, test_x, victim_labels, test_y, victim_probs,
-                                       t_start))
-        checkpoints[-1]["refused"] = True
+        milestones.append(_evaluate_at_milestone(int(labeled_mask.sum()), running, eval_factory,
+                                                 config, x_l, y_l, test_x, victim_labels,
+                                                 test_y, victim_probs, t_start))
+        milestones[-1]["refused"] = True
     all_q = torch.cat(queried) if queried else torch.empty(0, dtype=torch.int64)
     return {"strategy": strategy.params(), "config": _jsonable(asdict(config)),
-            "checkpoints": checkpoints, "rounds": rounds, "queried": all_q.tolist(),
+            "milestones": milestones, "rounds": rounds, "queried": all_q.tolist(),
             "used": int(oracle.used), "budget": budget, "refused_at": refused_at,
             "seconds": time.perf_counter() - t_start}
 
@@ -306,7 +288,7 @@ def oracle_num_classes(oracle: Any) -> Optional[int]:
         return None
 
 
-def _checkpoint(used: int, running: Any, eval_factory: MethodFactory, config: ActiveConfig,
+def _evaluate_at_milestone(used: int, running: Any, eval_factory: MethodFactory, config: ActiveConfig,
                 x_l: Tensor, y_l: Tensor, test_x: Tensor, victim_labels: Tensor, test_y: Tensor,
                 victim_probs: Optional[Tensor], t_start: float) -> dict[str, Any]:
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 ``steal`` is the bring-your-own-victim entry point: any classifier (an ``nn.Module`` or a callable
 from a batch of inputs to logits/probabilities), the attacker's pool and the test set as tensors
-or torch Datasets. :func:`faststeal.experiment.run_comparison` drives the same functions for the
+or torch Datasets. :func:`faststeal.runs.run_comparison` drives the same functions for the
 registry datasets and the zoo victims.
 """
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics, ops
+from .checks import positive_int
 from .methods import METHODS, build_method
 from .methods.deep_ensemble import DeepEnsemble
 from .oracle import PREFLIGHT_ROWS, Oracle, check_victim_output
@@ -33,8 +34,8 @@ def random_queries(pool_size: int, budget: int, seed: int) -> torch.Tensor:
     return torch.randperm(pool_size, generator=g)[:budget]
 
 
-def query(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
-          progress: bool = True) -> tuple[torch.Tensor, Any]:
+def query_oracle(oracle: Oracle, indices: torch.Tensor, batch_size: int = 1024,
+                 progress: bool = True) -> tuple[torch.Tensor, Any]:
     """Ask the oracle about ``indices`` in batches; returns (training targets, raw answers list)."""
     from .progress import progress_bar
 
@@ -435,10 +436,9 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     params = check_method_params(method_params, method_list)
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
     pool_x, _ = _as_xy("pool", pool)
     test_x, test_y = _as_xy("test", test)
+    positive_int("budget", budget)
     if not pool_x.dtype.is_floating_point and surrogate in ("mlp", "lenet", "cnn-wide",
                                                             "resnet-small"):
         raise TypeError(f"pool must hold floating inputs, got dtype {pool_x.dtype}")

@@ -1,21 +1,35 @@
 """The ``faststeal`` command: a thin layer over the Python API.
 
     faststeal run [--preset quick|default|full] [--methods all|a,b] [--dataset ...] ...
-    faststeal report DIR     rebuild tables and figures from DIR/results.sqlite
+    faststeal study {active,diversity,defense} [--quick] [--out DIR] ...
+    faststeal report DIR     rebuild tables and figures of any run folder from its results.sqlite
     faststeal info           versions, extension, CUDA/Triton, backend per op
+
+Ctrl-C (SIGINT) or SIGTERM stops a run with one line and exit code 130 / 143; rerunning the
+same command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import sys
-from typing import Optional, Sequence
+import typing
+from typing import Any, Optional, Sequence
+
+INTERRUPTED = "faststeal: interrupted; rerun the same command to resume"
+
+
+class _Terminated(Exception):
+    """Raised in the main thread by the SIGTERM handler."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .experiment import ALL_METHODS, OUTPUT_MODES, PRESETS
+    from .methods import METHODS, PAPER_METHODS
+    from .runs import OUTPUT_MODES, PRESETS, STUDIES
 
     p = argparse.ArgumentParser(prog="faststeal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="budget/epochs/seeds bundle (default: %(default)s)")
     r.add_argument("--methods", default=None,
-                   help=f"'all' or comma-separated subset of {','.join(ALL_METHODS)}")
+                   help=f"'all' (= {','.join(PAPER_METHODS)}) or a comma-separated list of "
+                        f"{','.join(METHODS)}")
     r.add_argument("--dataset", default=None, help="victim dataset (default fashion-mnist)")
     r.add_argument("--pool-dataset", default=None, help="attacker pool from another dataset")
     r.add_argument("--data-root", default=None, help="dataset folder (or FASTSTEAL_DATA)")
@@ -71,14 +86,110 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--save-models", action="store_true",
                    help="write every trained surrogate to OUT/models/<cell>.pt "
                         "(faststeal.load reads them)")
+    st = sub.add_parser("study", help="run (or resume) a study beyond the paper")
+    studies = st.add_subparsers(dest="study", required=True)
+    for name, cls in STUDIES.items():
+        if name == "comparison":
+            continue  # that is `faststeal run`
+        doc = sys.modules[cls.__module__].__doc__ or name
+        sp = studies.add_parser(name, help=doc.strip().splitlines()[0],
+                                description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_settings_arguments(sp, _settings_class(cls))
+        sp.add_argument("--quick", action="store_true",
+                        help="smoke-test scale (minutes on a CPU): " +
+                             ", ".join(f"{k}={v}" for k, v in
+                                       _settings_class(cls).QUICK.items()))
+        sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     rep = sub.add_parser("report", help="rebuild results files and figures from a run folder")
     rep.add_argument("dir")
     sub.add_parser("info", help="versions, extension, CUDA/Triton and the backend of each op")
     return p
 
 
+def _settings_class(study_cls: Any) -> Any:
+    return typing.get_type_hints(study_cls)["settings"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_settings_arguments(p: argparse.ArgumentParser, cls: Any) -> None:
+    """One option per settings field (``--no-progress`` for ``progress``), default None: only
+    the options given override the dataclass defaults."""
+    for f in dataclasses.fields(cls):
+        if f.name == "progress":
+            p.add_argument("--no-progress", action="store_true")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            p.add_argument(_flag(f.name), action="store_true", default=None)
+            continue
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(str(v) for v in default)
+        elif isinstance(default, dict):
+            shown = json.dumps(default)
+        else:
+            shown = default
+        p.add_argument(_flag(f.name), default=None, metavar=f.name.upper(),
+                       help=f"default: {shown}")
+
+
+def _convert(cls: Any, name: str, text: str) -> Any:
+    """A command-line string as the type of settings field ``name``; ValueError naming it."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = typing.get_origin(hint) or hint
+    if base is typing.Union:  # Optional[X]
+        hint = args[0]
+        base = typing.get_origin(hint) or hint
+        args = list(typing.get_args(hint))
+    try:
+        if base in (dict,):
+            if not text.lstrip().startswith("{") and hasattr(cls, "named"):
+                return cls.named(name, text)
+            return json.loads(text)
+        if base in (list, tuple) or base is getattr(typing, "Sequence") or \
+                str(base).endswith("Sequence'>"):
+            item = args[0] if args and args[0] in (int, float, str) else str
+            return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+        if base in (int, float, str):
+            return base(text)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{_flag(name)}: cannot read {text!r} ({exc})") from None
+    return text
+
+
+def _study(args) -> int:
+    import torch
+
+    from .runs import STUDIES, run_study
+
+    cls = STUDIES[args.study]
+    settings_cls = _settings_class(cls)
+    values: dict[str, Any] = dict(settings_cls.QUICK) if args.quick else {}
+    for f in dataclasses.fields(settings_cls):
+        if f.name == "progress":
+            values["progress"] = not args.no_progress
+            continue
+        given = getattr(args, f.name)
+        if given is None:
+            continue
+        values[f.name] = given if isinstance(given, bool) else _convert(settings_cls, f.name,
+                                                                        given)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_study(cls(settings_cls(**values)))
+    if summary:
+        print(cls.markdown(summary))
+        print(f"results written to {values.get('out', settings_cls.out)}/ (results.sqlite, "
+              "results.json, results.md, figures)")
+    return 0
+
+
 def _run(args, argv: Optional[Sequence[str]] = None) -> int:
-    from .experiment import Config, run_comparison
+    from .runs import Config, run_comparison
 
     overrides = dict(
         dataset=args.dataset, pool_dataset=args.pool_dataset, data_root=args.data_root,
@@ -154,10 +265,19 @@ def _member_chunk(value: str):
     return n
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .results.store import StoreMismatchError
 
     args = _parser().parse_args(argv)
+    previous = None
+    try:  # only the main thread may set handlers (tests may call main from another)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        pass
     try:
         if args.command == "info":
             from .info import collect, format_info
@@ -165,16 +285,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(format_info(collect()))
             return 0
         if args.command == "report":
-            from .results.report import markdown, write_report
+            from .runs import STUDIES, write_report
 
-            print(markdown(write_report(args.dir)))
+            summary = write_report(args.dir)
+            print(STUDIES[summary.get("study", "comparison")].markdown(summary))
             return 0
+        if args.command == "study":
+            return _study(args)
         return _run(args, argv)
     except (ValueError, TypeError, FileNotFoundError, StoreMismatchError) as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print(INTERRUPTED, file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

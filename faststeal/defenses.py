@@ -1,6 +1,6 @@
 """Oracle defences: what a deployed victim can do against model stealing.
 
-Two kinds, both usable by the comparison (:mod:`faststeal.experiment`) and the active loop
+Two kinds, both usable by the comparison (:mod:`faststeal.runs.comparison`) and the active loop
 (:mod:`faststeal.active`); :func:`build_defense` gives either from a name and its parameters.
 
 **Output perturbations** wrap the victim: :class:`DefendedVictim` (an ``nn.Module``) runs the

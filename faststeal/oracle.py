@@ -23,10 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import os
 import struct
-import tempfile
 import time
 import warnings
 import zlib
@@ -37,6 +35,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .checks import positive_int
+from .files import atomic_write
 
 OUTPUT_MODES: tuple[str, ...] = ("label", "topk", "probs", "logits")
 VICTIM_OUTPUTS: tuple[str, ...] = ("logits", "probs")
@@ -86,18 +87,6 @@ class Answers:
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
-
-
-def _as_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v}")
-    return v
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -152,13 +141,13 @@ class Oracle:
             raise ValueError(f"pool_x must be an (N, ...) tensor of query inputs, got {got}")
         if pool_x.shape[0] == 0:
             raise ValueError("pool_x is empty: the attacker needs at least one image to query")
-        self._budget = _as_positive_int("budget", budget)
+        self._budget = positive_int("budget", budget)
         self._mode = _choice("output_mode", output_mode, OUTPUT_MODES)
         self._victim_outputs = _choice("victim_outputs", victim_outputs, VICTIM_OUTPUTS)
         if self._mode == "logits" and self._victim_outputs == "probs":
             raise ValueError("output_mode='logits' needs a victim that outputs logits "
                              "(victim_outputs='logits'); this victim outputs probabilities")
-        self._k = _as_positive_int("k", k)
+        self._k = positive_int("k", k)
         if self._mode != "topk" and self._k != 1:
             raise ValueError(f"k={k} only applies to output_mode='topk', not {self._mode!r}")
         self._with_scores = bool(with_scores)
@@ -170,10 +159,10 @@ class Oracle:
                                      or decimals < 0):
             raise ValueError(f"decimals must be None or an int >= 0, got {decimals!r}")
         self._decimals = decimals
-        self._batch_size = _as_positive_int("batch_size", batch_size)
+        self._batch_size = positive_int("batch_size", batch_size)
         self._device = torch.device(device)
         self._num_classes = (None if num_classes is None
-                             else _as_positive_int("num_classes", num_classes))
+                             else positive_int("num_classes", num_classes))
         if self._num_classes is not None and self._mode == "topk" and self._k > self._num_classes:
             raise ValueError(f"k={self._k} exceeds num_classes={self._num_classes}")
         if isinstance(probs_atol, bool) or not isinstance(probs_atol, (int, float)) \
@@ -297,11 +286,7 @@ class Oracle:
                "output_mode": self._mode, "k": self._k, "with_scores": self._with_scores,
                "temperature": self._temperature, "decimals": self._decimals,
                "queries": self._saved_logs[key] + self._log}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, indent=1))
         return path
 
     def __repr__(self) -> str:
@@ -582,19 +567,7 @@ class AnswerJournal:
 
     def _create(self) -> None:
         head = json.dumps(self.fingerprint, sort_keys=True).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(_JOURNAL_MAGIC + struct.pack("<q", len(head)) + head)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, _JOURNAL_MAGIC + struct.pack("<q", len(head)) + head)
         _fsync_dir(self.path.parent)
 
     def replay(self) -> list[tuple[str, Tensor, Tensor | None]]:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,9 +27,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .checks import positive_int
 from .data import cache_root
 from .data.registry import ArrayDataset
 from .data.splits import Splits
+from .files import atomic_write
 
 # Default epochs (used when epochs=None). Measured on Fashion-MNIST, victim_fraction=0.5 (30k
 # images), seed 0, batch 128, Adam lr 1e-3 with the cosine decay below, one CPU thread of a
@@ -103,12 +104,6 @@ def accuracy(model: nn.Module, ds: ArrayDataset, batch_size: int = 1024,
     return correct / len(ds)
 
 
-def _check_pos_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _default_model_fn(arch: str) -> ModelFn:
     from .models import ARCHS, build_model
 
@@ -138,19 +133,6 @@ def _load_checkpoint(path: Path, key: dict) -> dict | None:
                       RuntimeWarning, stacklevel=3)
         return None
     return ckpt
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _train(model: nn.Module, ds: ArrayDataset, *, seed: int, epochs: int, batch_size: int,
@@ -215,9 +197,9 @@ def train_victim(splits: Splits, arch: str = "cnn-wide", *, seed: int = 0,
         epochs = own.get("epochs", {}).get(arch, DEFAULT_EPOCHS.get(arch, FALLBACK_EPOCHS))
     batch_size = own.get("batch_size", DEFAULT_BATCH_SIZE) if batch_size is None else batch_size
     lr = own.get("lr", DEFAULT_LR) if lr is None else lr
-    _check_pos_int("epochs", epochs)
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("seed", seed, minimum=0)
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
+    positive_int("seed", seed, minimum=0)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if len(splits.victim_train) == 0 or not splits.victim_train.labeled:
@@ -263,8 +245,9 @@ def train_victim(splits: Splits, arch: str = "cnn-wide", *, seed: int = 0,
     _warn_if_weak(splits.name, arch, acc)
     if path is not None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _save_atomic({"format": _FORMAT, "key": key, "state_dict": state, "test_accuracy": acc,
-                      "test_digest": test_digest, "train_seconds": train_seconds}, path)
+        _save_checkpoint({"format": _FORMAT, "key": key, "state_dict": state,
+                          "test_accuracy": acc, "test_digest": test_digest,
+                          "train_seconds": train_seconds}, path)
     return VictimResult(model, acc, None if path is None else str(path), True,
                         time.perf_counter() - t_start, train_seconds)
 
@@ -288,3 +271,7 @@ def victim_logits(model: nn.Module, x: Tensor, batch_size: int = 1024,
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
                           for i in range(0, x.shape[0], batch_size)])
+
+
+def _save_checkpoint(obj: dict, path: Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -274,9 +274,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def flaky_save(obj, f, *a, **kw):
         calls.append(f)
-        if len(calls) == 2:
-            with open(f, "wb") as fh:
-                fh.write(b"half a checkpo")
+        if len(calls) == 2:  # f: the temporary file object faststeal.files.atomic_write opened
+            f.write(b"half a checkpo")
             raise OSError("disk full")
         return real_save(obj, f, *a, **kw)
 

@@ -1,5 +1,6 @@
 """The command line: errors on bad configuration, info, report."""
 
+import re
 import subprocess
 import sys
 
@@ -32,11 +33,31 @@ def test_bad_output_mode_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_info_lists_backends_per_op(capsys):
+def _info_rows(out):
+    """{op: backend} of the `cpu` rows of `faststeal info`."""
+    return dict(re.findall(r"^  cpu +(\S+) +(\S+)", out, re.M))
+
+
+def test_info_lists_backends_per_op(capsys, monkeypatch):
+    import torch
+
+    from faststeal import _ext
+    from faststeal.ops import dispatch
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("torch", "triton", "extension", "member_stats", "ensemble_linear"):
-        assert key in out
+    assert re.search(rf"^torch +{re.escape(torch.__version__)}$", out, re.M)
+    rows = _info_rows(out)
+    assert rows == {op: dispatch.resolve(op, "cpu") for op in dispatch.OPS}
+    # the rows report the state, not a fixed text: without the extension nothing runs on `cpp`
+    monkeypatch.setattr(_ext, "C", None)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", "ImportError: hidden by the test")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^extension +not loaded: ImportError: hidden by the test$", out, re.M)
+    rows = _info_rows(out)
+    assert rows == {op: "reference" for op in dispatch.OPS}
+    assert "skipped cpp: faststeal._C is not loaded (ImportError: hidden by the test)" in out
 
 
 def test_info_reports_the_cpu_settings(capsys, monkeypatch):

@@ -340,9 +340,9 @@ def test_as_array_dataset_rejects_bad_input():
     (dict(dataset="digits", victim_fraction=1.0), ValueError, r"pool needs the rest"),
     (dict(dataset="digits", victim_fraction=float("nan")), ValueError, "victim_fraction"),
     (dict(dataset="digits", victim_fraction="half"), TypeError, "victim_fraction must be a float"),
-    (dict(dataset="digits", seed=-1), ValueError, "seed must be >= 0"),
-    (dict(dataset="digits", seed=1.5), TypeError, "seed must be an int"),
-    (dict(dataset="digits", max_test=0), ValueError, "max_test must be >= 1"),
+    (dict(dataset="digits", seed=-1), ValueError, "seed must be a non-negative integer"),
+    (dict(dataset="digits", seed=1.5), TypeError, "seed must be a non-negative integer, got float"),
+    (dict(dataset="digits", max_test=0), ValueError, "max_test must be a positive integer"),
     (dict(dataset="digits", max_train=4, victim_fraction=0.1), ValueError, "both need at least"),
 ])
 def test_make_splits_bad_arguments(kwargs, exc, match):

@@ -204,9 +204,9 @@ def test_active_loop_stops_at_a_refusal():
             return self.predict_members(x)[0].softmax(-1)
 
     # a seed set below PRADA's 100-distance minimum passes; random rounds then get flagged
-    cfg = ActiveConfig(strategy="random", checkpoints=[400], seed_size=60, round_size=30)
+    cfg = ActiveConfig(strategy="random", milestones=[400], seed_size=60, round_size=30)
     res = run_active(oracle, cfg, test_x=pool[:50], victim_labels=vl, test_y=vl, progress=False,
                      method_factory=Tiny, eval_factory=Tiny)
     assert res["refused_at"] is not None and 60 < res["used"] < 400
-    last = res["checkpoints"][-1]
+    last = res["milestones"][-1]
     assert last["refused"] and last["used"] == len(res["queried"]) < res["used"]

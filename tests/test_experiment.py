@@ -6,7 +6,7 @@ import os
 import pytest
 
 import faststeal
-from faststeal.experiment import Config, parse_methods
+from faststeal.runs import Config, parse_methods
 
 TINY = dict(dataset="digits", victim_arch="mlp", surrogate_arch="mlp", victim_epochs=15,
             budget=500, seeds=1, epochs=6, member_sweep=(1, 2), probe_size=64, record_every=5,
@@ -138,6 +138,39 @@ def test_defense_validation():
         Config(defense="firewall").validate()
     with pytest.raises(ValueError, match="not 'logits'"):
         Config(defense="top1", output_mode="logits").validate()
+
+
+def test_one_method_registry_config_and_parse_methods_agree():
+    from faststeal.methods import METHODS, PAPER_METHODS, REGISTRY, VARIANTS
+
+    assert parse_methods("all") == PAPER_METHODS
+    assert PAPER_METHODS == ("baseline", "deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
+    assert set(VARIANTS) and not set(VARIANTS) & set(PAPER_METHODS)
+    assert set(METHODS) == set(REGISTRY) == set(PAPER_METHODS) | set(VARIANTS)
+    for name in METHODS:  # every registered name is accepted by both, or by neither
+        assert parse_methods(name) == (name,)
+        Config(methods=(name,)).validate()
+    for bad in ("dropconnect", "Baseline"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_methods(bad)
+        with pytest.raises(ValueError, match="method must be one of"):
+            Config(methods=(bad,)).validate()
+
+
+@pytest.mark.parametrize("params,exc,match", [
+    ({"deep-ensemble": {"members": 0}}, ValueError, "members must be a positive integer"),
+    ({"swag": {"rnak": 3}}, TypeError, r"unknown hyperparameter\(s\) \['rnak'\]"),
+    ({"mc-dropout": {"dropout": 1.5}}, ValueError, "dropout"),
+])
+def test_method_param_values_checked_by_validate(params, exc, match):
+    with pytest.raises(exc, match=match):
+        Config(method_params=params).validate()
+
+
+def test_sweep_needs_a_method_with_members():
+    with pytest.raises(ValueError, match="no member count to sweep"):
+        Config(sweep_method="swag", member_sweep=(1, 2)).validate()
+    Config(sweep_method="swag", member_sweep=()).validate()
 
 
 def test_presets_fit_the_small_offline_datasets():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import faststeal
-from faststeal.experiment import Config, cell_checkpoint
+from faststeal.runs import Config
+from faststeal.runs.runner import cell_checkpoint
 from faststeal.methods.deep_ensemble import DeepEnsemble
 
 TINY = dict(dataset="digits", victim_arch="mlp", surrogate_arch="mlp", victim_epochs=5,

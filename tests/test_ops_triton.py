@@ -334,8 +334,22 @@ def test_member_stats_ties_and_shift(device, seed_all):
 @pytest.mark.parametrize("device", DEVICES)
 def test_member_stats_wide_rows_fall_back(device, monkeypatch, seed_all):
     monkeypatch.setattr(T_member_stats, "MAX_CLASSES", 8)
+    real = R.member_stats_fwd
+    calls = []
+
+    def spy(logits, targets):
+        calls.append(tuple(logits.shape))
+        return real(logits, targets)
+
+    monkeypatch.setattr(R, "member_stats_fwd", spy)
+    narrow = torch.randn(2, 3, 8, device=device)
+    _check_stats(T.member_stats_fwd(narrow, None), real(narrow, None))
+    assert calls == []  # at the limit the kernel runs
+    monkeypatch.setattr(T_member_stats, "_member_stats_kernel", None)  # a launch would fail
     logits = torch.randn(2, 3, 9, device=device)
-    _check_stats(T.member_stats_fwd(logits, None), R.member_stats_fwd(logits, None))
+    out = T.member_stats_fwd(logits, None)
+    assert calls == [(2, 3, 9)]  # past it, the reference ran, once
+    _check_stats(out, real(logits, None))
 
 
 # ---------------------------------------------------------------- ensemble_cross_entropy

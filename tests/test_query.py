@@ -237,12 +237,12 @@ class SpyOracle(Oracle):
         return super().query(indices)
 
 
-def _run(strategy, budget, seed_size, round_size, checkpoints, n_pool=120, mode="label",
+def _run(strategy, budget, seed_size, round_size, milestones, n_pool=120, mode="label",
          warm=True):
     victim, pool, test, vl = _problem(n_pool)
     oracle = SpyOracle(victim, pool, budget, output_mode=mode)
     cfg = ActiveConfig(strategy=strategy, strategy_params={"proj_dim": 4, "mix_factor": 2},
-                       checkpoints=checkpoints, seed_size=seed_size, round_size=round_size,
+                       milestones=milestones, seed_size=seed_size, round_size=round_size,
                        epochs=1, round_epochs=1, warm_start=warm, seed=0)
     res = run_active(oracle, cfg, test_x=test, victim_labels=vl, test_y=vl, progress=False,
                      method_factory=lambda s: TinyMethod(s, 16, 3),
@@ -254,11 +254,11 @@ def _run(strategy, budget, seed_size, round_size, checkpoints, n_pool=120, mode=
 def test_active_loop_spends_exactly_the_budget(strategy):
     oracle, res = _run(strategy, 50, 8, 7, [10, 30, 50])
     assert oracle.used == 50 and res["used"] == 50
-    assert [c["budget"] for c in res["checkpoints"]] == [10, 30, 50]
+    assert [c["budget"] for c in res["milestones"]] == [10, 30, 50]
     assert len(res["queried"]) == 50 and len(set(res["queried"])) == 50
     for new, remaining in oracle.calls:
         assert new <= remaining
-    assert all(0 <= c["retrained"]["fidelity"] <= 1 for c in res["checkpoints"])
+    assert all(0 <= c["retrained"]["fidelity"] <= 1 for c in res["milestones"])
     assert res["refused_at"] is None
 
 
@@ -273,7 +273,7 @@ def test_no_strategy_ever_queries_past_the_budget(budget, seed_size, round_size,
     assert oracle.used == budget
     assert all(new <= remaining for new, remaining in oracle.calls)
     assert len(set(res["queried"])) == len(res["queried"]) == budget
-    assert [c["budget"] for c in res["checkpoints"]] == cps
+    assert [c["budget"] for c in res["milestones"]] == cps
     assert all(r["k"] <= round_size for r in res["rounds"])
 
 
@@ -286,17 +286,17 @@ def test_same_seed_set_for_every_strategy_and_soft_labels():
 
 def test_cold_start_reuses_the_running_surrogate_as_retrained():
     _, res = _run("variance", 30, 10, 10, [20, 30], warm=False)
-    for c in res["checkpoints"]:
+    for c in res["milestones"]:
         assert c["retrained"] == c["running"] and c["retrain_seconds"] == 0.0
 
 
-def test_active_config_rejects_bad_checkpoints():
+def test_active_config_rejects_bad_milestones():
     victim, pool, test, vl = _problem()
     with pytest.raises(ValueError, match="exceeds the oracle's budget"):
-        run_active(Oracle(victim, pool, 20), ActiveConfig(checkpoints=[10, 30]), test_x=test,
+        run_active(Oracle(victim, pool, 20), ActiveConfig(milestones=[10, 30]), test_x=test,
                    victim_labels=vl, test_y=vl, progress=False)
     with pytest.raises(ValueError, match="ascending"):
-        run_active(Oracle(victim, pool, 20), ActiveConfig(checkpoints=[10, 5]), test_x=test,
+        run_active(Oracle(victim, pool, 20), ActiveConfig(milestones=[10, 5]), test_x=test,
                    victim_labels=vl, test_y=vl, progress=False)
     used = Oracle(victim, pool, 20)
     used.query([0, 1])
@@ -309,62 +309,11 @@ def test_active_loop_with_a_real_deep_ensemble():
     """End to end with the library's own surrogate (tiny inputs, one epoch)."""
     victim, pool, test, vl = _problem(80, shape=(1, 6, 6))
     oracle = Oracle(victim, pool, 30)
-    cfg = ActiveConfig(strategy="mix", checkpoints=[15, 30], seed_size=10, round_size=10,
+    cfg = ActiveConfig(strategy="mix", milestones=[15, 30], seed_size=10, round_size=10,
                        method="deep-ensemble", hparams={"members": 2}, epochs=1, round_epochs=1,
                        batch_size=16)
     res = run_active(oracle, cfg, test_x=test, victim_labels=vl, test_y=vl, progress=False)
     assert oracle.used == 30
-    assert [c["budget"] for c in res["checkpoints"]] == [15, 30]
+    assert [c["budget"] for c in res["milestones"]] == [15, 30]
     r = res["rounds"][0]
     assert r["forward_seconds"] > 0 and r["features_seconds"] > 0
-
-
-# ------------------------------------------------------------------ the study runner
-
-def _tiny_setup():
-    from types import SimpleNamespace
-
-    from faststeal.studies import Setup
-
-    victim, pool, test, vl = _problem(150, shape=(1, 6, 6))
-    splits = SimpleNamespace(pool=SimpleNamespace(x=pool), num_classes=3)
-    with torch.no_grad():
-        vp = victim(test).softmax(-1)
-    info = {"victim_test_accuracy": 1.0, "torch": torch.__version__, "processor": "test",
-            "device": "cpu"}
-    return Setup(splits, victim, 1.0, test, vl, vp, vl, test[:20], info)
-
-
-def test_active_study_writes_results_and_resumes(tmp_path):
-    pytest.importorskip("matplotlib")
-    from faststeal.studies import read_cells, run_active_study
-
-    kw = dict(strategies=["random", "bald"], checkpoints=[15, 30], seeds=1, members=2,
-              epochs=1, round_size=10, setup=_tiny_setup(), progress=False)
-    s = run_active_study(tmp_path, **kw)
-    root = tmp_path / "active"
-    for f in ("results.json", "results.md", "fidelity_vs_budget.png", "settings.json"):
-        assert (root / f).exists(), f
-    assert not list(root.rglob("*.tmp*"))  # atomic writes leave no temporaries
-    assert {c["key"] for c in read_cells(root)} == {"random_seed0", "bald_seed0"}
-    assert s["fidelity"]["bald"]["retrained"]["30"]["paired"] == 1
-    assert "| bald |" in (root / "results.md").read_text()
-    mtime = (root / "cells" / "bald_seed0.json").stat().st_mtime_ns
-    run_active_study(tmp_path, **kw)  # resume: nothing recomputed
-    assert (root / "cells" / "bald_seed0.json").stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="different settings"):
-        run_active_study(tmp_path, **{**kw, "epochs": 2})
-
-
-def test_cell_store_pins_settings_and_victim(tmp_path):
-    from faststeal.studies import CellStore
-
-    st = {"budget": 10, "victim_epochs": None}
-    CellStore(tmp_path, st, victim="v1.pt").put("a", {"x": 1})
-    CellStore(tmp_path, {"budget": 10, "victim_epochs": 8}, victim="v1.pt")  # epochs: not digested
-    with pytest.raises(ValueError, match="another victim"):
-        CellStore(tmp_path, st, victim="v2.pt")
-    with pytest.raises(ValueError, match="different settings"):
-        CellStore(tmp_path, {"budget": 11, "victim_epochs": None}, victim="v1.pt")
-    store = CellStore(tmp_path, st, victim="v2.pt", force=True)  # discards the old cells
-    assert store.all() == []

@@ -7,7 +7,6 @@ import os
 import pytest
 
 from faststeal.results import ResultStore, StoreMismatchError
-from faststeal.results.report import write_report
 
 CFG = {"dataset": "digits", "budget": 100}
 
@@ -24,6 +23,8 @@ def _cell(store, method, seed, fid, kind="main", members=None):
 
 
 def test_roundtrip_aggregate_and_exports(tmp_path):
+    from faststeal.runs import write_report
+
     s = ResultStore(str(tmp_path), CFG)
     s.set_meta("victim", {"arch": "mlp", "dataset": "digits", "test_accuracy": 0.9})
     for seed, (b, d) in enumerate([(0.80, 0.83), (0.82, 0.84)]):
@@ -70,6 +71,8 @@ def test_corrupt_database_named_in_error(tmp_path):
 
 
 def test_report_on_non_run_folder(tmp_path):
+    from faststeal.runs import write_report
+
     with pytest.raises(FileNotFoundError, match="results.sqlite"):
         write_report(str(tmp_path))
 

@@ -139,10 +139,11 @@ def test_zoo_architecture(splits, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(epochs=0), ValueError, "epochs must be an int >= 1"),
-    (dict(batch_size=-3), ValueError, "batch_size must be an int >= 1"),
+    (dict(epochs=0), ValueError, "epochs must be a positive integer"),
+    (dict(epochs=2.5), TypeError, "epochs must be a positive integer, got float"),
+    (dict(batch_size=-3), ValueError, "batch_size must be a positive integer"),
     (dict(lr=0.0), ValueError, "lr must be a positive finite number"),
-    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+    (dict(seed=-1), ValueError, "seed must be a non-negative integer"),
     (dict(model_fn=5), TypeError, "model_fn must be callable"),
 ])
 def test_bad_arguments(splits, tmp_path, kwargs, exc, match):
@@ -158,7 +159,7 @@ def test_splits_type_checked(tmp_path):
 def test_digits_victim_is_strong_with_the_defaults(tmp_path):
     """The comparison's default victim (lenet) on digits with no training settings: >= 95%
     test accuracy (51.8% with the Fashion-MNIST defaults: 12 epochs of 6 steps), no warning."""
-    from faststeal.experiment import Config
+    from faststeal.runs import Config
 
     arch = Config().victim_arch
     with warnings.catch_warnings():

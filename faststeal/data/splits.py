@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import positive_int
 from .registry import (DEFAULT_DATASET, ArrayDataset, check_name, load_dataset, load_raw,
                        normalise)
 
@@ -92,16 +93,6 @@ def adapt_images(x_unit: Tensor, input_shape: tuple[int, int, int],
     return normalise(x_unit.contiguous(), mean, std)
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def make_splits(dataset: str = DEFAULT_DATASET, seed: int = 0, victim_fraction: float = 0.5,
                 pool_dataset: str | None = None, root: str | Path | None = None,
                 download: bool = False, max_test: int | None = None,
@@ -119,15 +110,15 @@ def make_splits(dataset: str = DEFAULT_DATASET, seed: int = 0, victim_fraction: 
     if pool_dataset is not None:
         check_name(pool_dataset, "pool_dataset")
     cross = pool_dataset is not None and pool_dataset != dataset
-    seed = _check_int("seed", seed, 0)
+    seed = positive_int("seed", seed, 0)
     if isinstance(victim_fraction, bool) or not isinstance(victim_fraction, (int, float)):
         raise TypeError(f"victim_fraction must be a float, got {type(victim_fraction).__name__}")
     hi_ok = cross and victim_fraction == 1.0
     if not (0.0 < victim_fraction < 1.0 or hi_ok) or math.isnan(victim_fraction):
         allowed = "(0, 1]" if cross else "(0, 1) (the pool needs the rest)"
         raise ValueError(f"victim_fraction must be in {allowed}, got {victim_fraction}")
-    max_test = _check_int("max_test", max_test, 1, allow_none=True)
-    max_train = _check_int("max_train", max_train, 2, allow_none=True)
+    max_test = positive_int("max_test", max_test, 1, allow_none=True)
+    max_train = positive_int("max_train", max_train, 2, allow_none=True)
 
     train, test = load_dataset(dataset, root=root, download=download)
     rng = np.random.default_rng(seed)

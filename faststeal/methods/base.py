@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, train_step
+from ..checks import positive_int as _check_positive_int  # noqa: F401 (methods import it)
 from . import checkpoint as _ckpt
 
 # Sub-seed streams derived from the method seed.
@@ -76,14 +77,6 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_float(name: str, value: Any, low: float, high: float = math.inf,

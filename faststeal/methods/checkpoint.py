@@ -14,7 +14,7 @@ A later ``fit`` with the same ``checkpoint`` and the same arguments restores tha
 on with the next epoch; the result is bit-identical to an uninterrupted fit. A checkpoint written
 by a different fit raises :class:`CheckpointError` (a ``ValueError``) naming the file and what
 differs; an unreadable one raises it too. The file is NOT deleted when ``fit`` returns (the
-caller removes it once the result is stored safely: :func:`faststeal.experiment.run_comparison`
+caller removes it once the result is stored safely: :func:`faststeal.runs.run_comparison`
 does so after the cell's row is committed).
 """
 
@@ -26,6 +26,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from ..files import atomic_write
 
 FORMAT = "faststeal-fit-checkpoint"
 VERSION = 1
@@ -82,15 +84,8 @@ def state_digest(state: Mapping[str, Tensor]) -> str:
 
 def save(path: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, "version": VERSION, **payload},
+                                             fh))
 
 
 def load(path: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The paper's explanation for the small fidelity gain of UQ surrogates is that members converge
 (the prediction variance V(t) collapses over training). Each variant here attacks one cause, and
-each is measured against the plain Deep Ensemble in the same run (``faststeal.studies``,
+each is measured against the plain Deep Ensemble in the same run (``faststeal study diversity``,
 docs/studies.md). All are S stacked members behind the :class:`~faststeal.methods.base.Method`
 interface, trained with ONE optimizer step per iteration.
 
@@ -114,7 +114,7 @@ class HeterogeneousEnsemble(Method):
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
         from ..models.zoo import ARCHS
 
-        if self.surrogate.zoo is None:
+        if getattr(self, "surrogate", None) is not None and self.surrogate.zoo is None:
             raise ValueError("hetero-ensemble mixes zoo architectures (archs=); it does not take "
                              "a user surrogate")
         _check_positive_int("members", hp["members"])

@@ -17,13 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..checks import positive_int
 from .layers import IntPair, _check_rank, _describe, _pair, ensemble_conv2d, next_seed
-
-
-def _check_positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def _check_prior(prior_sigma) -> float:
@@ -36,7 +31,7 @@ def _check_prior(prior_sigma) -> float:
 def _resolve_samples(x: torch.Tensor, stacked_rank: int, samples: Optional[int], layer: str) -> int:
     """Sample count: ``samples`` (default 1) for a shared input, else the input's member axis."""
     if samples is not None:
-        _check_positive_int("samples", samples)
+        positive_int("samples", samples)
     if x.dim() == stacked_rank:
         if samples is not None and samples != x.shape[0]:
             raise ValueError(f"{layer}: samples={samples} but x has {x.shape[0]} samples on its "
@@ -83,8 +78,8 @@ class BayesLinear(_BayesMixin, nn.Module):
                  prior_sigma: float = 1.0, rho_init: float = -5.0, local_reparam: bool = False,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
         self.prior_sigma = _check_prior(prior_sigma)
         self.rho_init = float(rho_init)
         self.local_reparam = bool(local_reparam)
@@ -165,8 +160,8 @@ class BayesConv2d(_BayesMixin, nn.Module):
                  prior_sigma: float = 1.0, rho_init: float = -5.0, device=None, dtype=None,
                  dilation: IntPair = 1, groups: int = 1) -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..checks import positive_int
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -29,12 +30,6 @@ IntPair = Union[int, tuple[int, int]]
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_members(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_rank(x, ranks: tuple[int, ...], what: str) -> None:
@@ -134,9 +129,9 @@ class EnsembleLinear(_MCDropoutMixin, nn.Module):
                  activation: str = "none", dropout: float = 0.0,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.members = _check_members("members", members)
-        self.in_features = _check_members("in_features", in_features)
-        self.out_features = _check_members("out_features", out_features)
+        self.members = positive_int("members", members)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
         if activation not in ("none", "relu", "gelu"):
             raise ValueError(f"activation must be one of ('none', 'relu', 'gelu'), "
                              f"got {activation!r}")
@@ -336,9 +331,9 @@ class EnsembleConv2d(nn.Module):
                  strategy: str = "auto", device=None, dtype=None, dilation: IntPair = 1,
                  groups: int = 1) -> None:
         super().__init__()
-        self.members = _check_members("members", members)
-        self.in_channels = _check_members("in_channels", in_channels)
-        self.out_channels = _check_members("out_channels", out_channels)
+        self.members = positive_int("members", members)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -437,8 +432,8 @@ class EnsembleBatchNorm(nn.Module):
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        self.members = _check_members("members", members)
-        self.num_features = _check_members("num_features", num_features)
+        self.members = positive_int("members", members)
+        self.num_features = positive_int("num_features", num_features)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine

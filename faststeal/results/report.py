@@ -1,4 +1,5 @@
-"""Tables and figures rebuilt from a run's database (``faststeal report DIR``).
+"""The comparison's tables and figures, rebuilt from its database (``faststeal report DIR``
+dispatches here through :class:`faststeal.runs.comparison.ComparisonStudy`).
 
 Exports: ``results.json`` (schema in the README), ``results.csv`` (one row per method and
 metric), ``results.md`` (the comparison table), and the figures ``variance_curve.png`` (V(t) per
@@ -9,19 +10,17 @@ method, mean ± std over seeds), ``fidelity.png`` (fidelity per method with erro
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
 from collections import defaultdict
 from typing import Any, Optional
 
 import numpy as np
 
+from ..files import atomic_write
 from .store import ResultStore
 
 METRICS = ("fidelity", "accuracy", "mean_member_fidelity", "ensemble_gain", "gain_over_baseline",
            "kl", "variance", "mutual_info", "disagreement")
-METHOD_ORDER = ("baseline", "deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -31,8 +30,11 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 
 def _order(methods) -> list[str]:
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+    """The registry's order (the paper's methods first, then the variants), then the rest."""
+    from ..methods import METHODS
+
+    known = [m for m in METHODS if m in methods]
+    return known + sorted(m for m in methods if m not in METHODS)
 
 
 def aggregate(store: ResultStore) -> dict[str, Any]:
@@ -111,23 +113,29 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def write_csv(summary: dict[str, Any], path: str) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "metric", "mean", "std", "n"])
-        for name, m in summary["methods"].items():
-            for k in METRICS:
-                if k in m:
-                    w.writerow([name, k, m[k]["mean"], m[k]["std"], m[k]["n"]])
-        for method, d in summary.get("member_sweep", {}).items():
-            for s, st in d.items():
-                w.writerow([f"{method}@S={s}", "fidelity", st["mean"], st["std"], st["n"]])
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["method", "metric", "mean", "std", "n"])
+    for name, m in summary["methods"].items():
+        for k in METRICS:
+            if k in m:
+                w.writerow([name, k, m[k]["mean"], m[k]["std"], m[k]["n"]])
+    for method, d in summary.get("member_sweep", {}).items():
+        for s, st in d.items():
+            w.writerow([f"{method}@S={s}", "fidelity", st["mean"], st["std"], st["n"]])
+    atomic_write(path, buf.getvalue())
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def plt_agg() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (ImportError without matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figures(store: ResultStore, summary: dict[str, Any], directory: str) -> list[str]:
@@ -197,31 +205,3 @@ def figures(store: ResultStore, summary: dict[str, Any], directory: str) -> list
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
-
-
-def write_report(directory: str, store: Optional[ResultStore] = None,
-                 with_figures: bool = True) -> dict[str, Any]:
-    """Rebuild results.json/csv/md (and figures) in ``directory`` from its database."""
-    own = store is None
-    if own:
-        if not os.path.exists(os.path.join(directory, "results.sqlite")):
-            raise FileNotFoundError(f"no results.sqlite in {directory!r}: not a faststeal run folder")
-        store = ResultStore(directory)
-    try:
-        summary = aggregate(store)
-        _atomic_write(os.path.join(directory, "results.json"),
-                      json.dumps(summary, indent=2, default=_json_default))
-        write_csv(summary, os.path.join(directory, "results.csv"))
-        _atomic_write(os.path.join(directory, "results.md"), markdown(summary))
-        if with_figures:
-            summary["figures"] = figures(store, summary, directory)
-        return summary
-    finally:
-        if own:
-            store.close()
-
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
