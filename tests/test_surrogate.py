@@ -280,7 +280,7 @@ def test_steal_options_reach_the_oracle_and_strategies():
     assert res["queries"]["used"] == 60
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         faststeal.steal(victim, pool=x, test=x, budget=10, method_params={"swag": {"x": 1}})
-    with pytest.raises(ValueError, match="members must be >= 1"):
+    with pytest.raises(ValueError, match="swag: members must be a positive integer, got 0"):
         faststeal.steal(victim, pool=x, test=x, budget=10, methods="swag",
                         method_params={"swag": {"members": 0}})
     with pytest.raises(ValueError, match="output_mode must be one of"):

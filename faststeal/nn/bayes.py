@@ -166,7 +166,7 @@ class BayesConv2d(_BayesMixin, nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        self.groups = _check_positive_int("groups", groups)
+        self.groups = positive_int("groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")

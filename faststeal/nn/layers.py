@@ -338,7 +338,7 @@ class EnsembleConv2d(nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        self.groups = _check_members("groups", groups)
+        self.groups = positive_int("groups", groups)
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
             raise ValueError(f"kernel_size, stride and dilation must be >= 1, got "
                              f"{kernel_size!r}, {stride!r}, {dilation!r}")
@@ -584,7 +584,7 @@ class EnsembleLayerNorm(nn.Module):
                  elementwise_affine: bool = True, bias: bool = True, device=None,
                  dtype=None) -> None:
         super().__init__()
-        self.members = _check_members("members", members)
+        self.members = positive_int("members", members)
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
         self.normalized_shape = tuple(int(d) for d in shape)
         self.eps = eps
@@ -625,9 +625,9 @@ class EnsembleEmbedding(nn.Module):
     def __init__(self, members: int, num_embeddings: int, embedding_dim: int, device=None,
                  dtype=None) -> None:
         super().__init__()
-        self.members = _check_members("members", members)
-        self.num_embeddings = _check_members("num_embeddings", num_embeddings)
-        self.embedding_dim = _check_members("embedding_dim", embedding_dim)
+        self.members = positive_int("members", members)
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int("embedding_dim", embedding_dim)
         self.weight = nn.Parameter(torch.empty(members, num_embeddings, embedding_dim,
                                                device=device, dtype=dtype))
         self.reset_parameters()
