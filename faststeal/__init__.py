@@ -31,7 +31,8 @@ class _TorchBeforeExtension(_abc.MetaPathFinder):
 if not any(isinstance(f, _TorchBeforeExtension) for f in _sys.meta_path):
     _sys.meta_path.insert(0, _TorchBeforeExtension())
 
-__all__ = ["Config", "run_comparison", "steal", "__version__"]
+__all__ = ["Config", "StolenModel", "load", "run_comparison", "stack", "stack_from", "steal",
+           "unstack", "__version__"]
 
 
 def __getattr__(name):
@@ -39,6 +40,14 @@ def __getattr__(name):
         from . import runs
 
         return getattr(runs, name)
+    if name in ("stack", "stack_from", "unstack"):
+        import importlib
+
+        return getattr(importlib.import_module("faststeal.nn.stack"), name)
+    if name in ("StolenModel", "load"):
+        from . import stolen
+
+        return getattr(stolen, name)
     if name == "steal":
         from .attack import steal
 

@@ -83,7 +83,7 @@ def check_labels(name: str, y: torch.Tensor, num_classes: int) -> None:
                          f"{int(y.max())}")
 
 
-def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.Tensor, *,
+def train_and_evaluate(method: str, arch: Any, x: torch.Tensor, targets: torch.Tensor, *,
                        test_x: torch.Tensor, test_y: torch.Tensor, victim_labels: torch.Tensor,
                        victim_probs: Optional[torch.Tensor], num_classes: int, seed: int,
                        epochs: int, batch_size: int, lr: float, device: str,
@@ -94,13 +94,17 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
                        member_chunk: Union[int, str, None] = None,
                        checkpoint: Optional[str] = None,
                        log: Optional[Callable[[str], None]] = None,
-                       ood_x: Optional[torch.Tensor] = None) -> dict[str, Any]:
+                       ood_x: Optional[torch.Tensor] = None,
+                       keep_model: bool = False) -> dict[str, Any]:
     """Train one method on the queried set and evaluate it on the test set.
 
-    ``record_every``: optimizer steps between diversity-trace records on ``probe`` (None:
+    ``arch``: the surrogate — a zoo name or anything :func:`faststeal.models.resolve_surrogate`
+    takes. ``record_every``: optimizer steps between diversity-trace records on ``probe`` (None:
     :func:`trace_interval`, about ``TRACE_POINTS`` points). ``ood_x``: (N_ood, ...)
     out-of-distribution inputs (another dataset, in the test set's input space); with it the
-    metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`.
+    metrics include the OOD AUROCs of :func:`faststeal.metrics.evaluate`. ``keep_model``: also
+    return the trained surrogate as ``"stolen"`` (a :class:`faststeal.stolen.StolenModel`; None
+    when the members were trained in blocks).
 
     ``gather`` combines member predictions across ranks when the members are sharded
     (:mod:`faststeal.distributed`); metrics are then computed on all members.
@@ -123,8 +127,9 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
         record_every = trace_interval(len(x), batch_size, epochs)
     fit_kw = dict(epochs=epochs, batch_size=batch_size, lr=lr, record_every=record_every,
                   progress=progress)
-    build_kw = dict(arch=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
+    build_kw = dict(surrogate=arch, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
                     seed=seed, device=device)
+    m = None
     t0 = time.perf_counter()
     if member_chunk is not None and not member_chunkable(method):
         log(f"{method}: --member-chunk ignored (only the Deep Ensemble family trains its members "
@@ -163,7 +168,11 @@ def train_and_evaluate(method: str, arch: str, x: torch.Tensor, targets: torch.T
     res["train_seconds"] = train_s
     res["eval_seconds"] = time.perf_counter() - t_eval
     hp_out["num_members"] = int(members.shape[0])
-    return {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+    out = {"metrics": res, "trace": trace, "hparams": hp_out, "seconds": train_s}
+    if keep_model:
+        from .stolen import StolenModel
+        out["stolen"] = None if m is None or gather is not None else StolenModel(m)
+    return out
 
 
 def _mean_softmax(members: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -353,72 +362,197 @@ def check_finite(method: str, member_logits: torch.Tensor, trace: Sequence[dict]
 
 
 def _as_xy(name: str, data: TensorOrDataset) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    if isinstance(data, torch.Tensor):
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return data[0], data[1]
+    from .methods.base import as_tensor
+
+    if isinstance(data, torch.Tensor) or type(data).__module__ == "numpy":
+        return as_tensor(name, data), None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and (
+            isinstance(data[0], torch.Tensor) or type(data[0]).__module__ == "numpy"):
+        return as_tensor(f"{name}[0]", data[0]), as_tensor(f"{name}[1]", data[1])
     if isinstance(data, torch.utils.data.Dataset):
         items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
         if isinstance(items[0], (tuple, list)):
             return (torch.stack([torch.as_tensor(i[0]) for i in items]),
                     torch.as_tensor([int(i[1]) for i in items]))
         return torch.stack([torch.as_tensor(i) for i in items]), None
-    raise TypeError(f"{name} must be a tensor, an (x, y) tuple of tensors or a torch Dataset, "
-                    f"got {type(data).__name__}")
+    raise TypeError(f"{name} must be a tensor or numpy array, an (x, y) tuple of them or a torch "
+                    f"Dataset, got {type(data).__name__}")
 
 
-def steal(victim: Callable, pool: TensorOrDataset, test: TensorOrDataset, budget: int, *,
-          methods: Sequence[str] = ("baseline",), surrogate_arch: str = "mlp",
-          output_mode: str = "label", seeds: Union[int, Sequence[int]] = 1, epochs: int = 10,
+class ArtVictim:
+    """An ART classifier (anything with ``predict(np.ndarray) -> np.ndarray``) as a victim
+    callable on tensors. ``outputs``: what ``predict`` returns (``"probs"`` or ``"logits"``)."""
+
+    def __init__(self, classifier: Any) -> None:
+        self.classifier = classifier
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        out = self.classifier.predict(x.detach().cpu().numpy().astype(np.float32))
+        return torch.as_tensor(np.asarray(out), dtype=torch.float32, device=x.device)
+
+
+def _is_art(victim: Any) -> bool:
+    return not isinstance(victim, nn.Module) and callable(getattr(victim, "predict", None))
+
+
+def _looks_like_probs(out: torch.Tensor) -> bool:
+    return bool((out >= 0).all()) and torch.allclose(out.sum(-1), torch.ones_like(out[:, 0]),
+                                                      atol=1e-3)
+
+
+class StealResult(dict):
+    """``faststeal.steal``'s result: the dict of metrics it always was
+    (``victim_test_accuracy``, ``queries``, ``results``: {method: [per-seed metrics]}), plus the
+    trained surrogates: ``models`` {method: [:class:`~faststeal.stolen.StolenModel` per seed]}
+    and :meth:`stolen`."""
+
+    models: dict
+
+    def stolen(self, method: Optional[str] = None, seed: Optional[int] = None):
+        """The StolenModel of ``method`` (default: the only/first one) for ``seed`` (default:
+        the first seed)."""
+        if not self.models:
+            raise ValueError("no models were kept (keep_models=False)")
+        method = method if method is not None else next(iter(self.models))
+        if method not in self.models:
+            raise ValueError(f"no model for method {method!r}; have {sorted(self.models)}")
+        seeds = [r["seed"] for r in self["results"][method]]
+        if seed is None:
+            return self.models[method][0]
+        if seed not in seeds:
+            raise ValueError(f"no {method} model for seed {seed}; seeds: {seeds}")
+        return self.models[method][seeds.index(seed)]
+
+
+def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int, *,
+          methods: Union[str, Sequence[str]] = ("baseline",), surrogate: Any = None,
+          surrogate_arch: Optional[str] = None, output_mode: str = "label", topk: int = 1,
+          temperature: float = 1.0, decimals: Optional[int] = None,
+          query: str = "random", query_params: Optional[dict] = None,
+          query_method: str = "deep-ensemble", defense: Optional[str] = None,
+          defense_params: Optional[dict] = None,
+          seeds: Union[int, Sequence[int]] = 1, epochs: int = 10,
           batch_size: int = 128, lr: float = 1e-3, device: str = "cpu",
-          victim_outputs_kind: str = "logits", query_seed: int = 0, progress: bool = True,
+          victim_outputs_kind: Optional[str] = None, query_seed: int = 0, progress: bool = True,
           method_params: Optional[dict[str, dict]] = None,
-          precision: str = "fp32") -> dict[str, Any]:
-    """Steal ``victim`` with a query budget and report each method's metrics per seed.
+          keep_models: bool = True, precision: str = "fp32") -> StealResult:
+    """Steal ``victim`` with a query budget; train each method per seed and evaluate it.
 
-    victim: ``nn.Module`` or callable mapping a (B, ...) batch to (B, C) logits (or
-    probabilities with ``victim_outputs_kind="probs"``); pool: attacker images (N, ...) (labels,
-    if given, are ignored); test: (x, y) or a Dataset of (x, y) (or x alone: accuracy is then
-    against the victim). Returns ``{"victim_test_accuracy", "queries", "results": {method:
-    [per-seed metrics]}}``. precision: ``"fp32"`` or ``"bf16"`` (bfloat16 compute in the
-    surrogates' stacked layers, float32 weights, optimizer, loss and metrics).
+    victim: an ``nn.Module``, a callable mapping a (B, ...) batch to (B, C) logits (or
+    probabilities, ``victim_outputs_kind="probs"``), or an ART classifier (anything with
+    ``predict(np.ndarray)``; probabilities or logits detected from its answers).
+    pool: attacker inputs (N, ...) (labels, if given, are ignored); test: (x, y) or a Dataset of
+    (x, y) (or x alone: accuracy is then against the victim); tensors or numpy arrays.
+    methods: names from :data:`faststeal.methods.METHODS`, a comma-separated string, or
+    ``"all"`` (the baseline and the five UQ methods). surrogate: a zoo name (default ``"mlp"``),
+    ``"torchvision:NAME"``, ``"module:factory"``, an ``nn.Module`` template or a zero-argument
+    factory (``surrogate_arch`` is its old name). output_mode / topk / temperature / decimals:
+    what the victim's API returns (:class:`faststeal.oracle.Oracle`). query: the query strategy
+    (``random`` or one of :data:`faststeal.query.STRATEGIES`: the queries are chosen by an
+    active loop with a ``query_method`` surrogate, :func:`faststeal.active.run_active`);
+    query_params: the strategy's parameters. defense / defense_params: a defended victim
+    (:data:`faststeal.defenses.DEFENSES`; metrics stay against the undefended victim).
+    method_params: {method: hyperparameters}, validated (names and values) before any query.
+    precision: ``"fp32"`` or ``"bf16"`` (bfloat16 compute in the surrogates' stacked layers,
+    float32 weights, optimizer, loss and metrics).
+
+    Returns a :class:`StealResult`: ``{"victim_test_accuracy", "queries", "results": {method:
+    [per-seed metrics]}}`` and, with ``keep_models``, ``result.models`` / ``result.stolen()``.
     """
+    from .methods import UQ_METHODS, check_method_params, parse_methods
+    from .models import resolve_surrogate
+    from .oracle import OUTPUT_MODES
     from .train_step import check_precision
 
     check_precision(precision)
+
+    if surrogate is not None and surrogate_arch is not None:
+        raise TypeError("give surrogate= (surrogate_arch is its old name), not both")
+    surrogate = surrogate if surrogate is not None else (surrogate_arch or "mlp")
+    method_list = parse_methods(methods)
+    params = check_method_params(method_params, method_list)
+    if output_mode not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
     pool_x, _ = _as_xy("pool", pool)
     test_x, test_y = _as_xy("test", test)
     positive_int("budget", budget)
+    if not pool_x.dtype.is_floating_point and surrogate in ("mlp", "lenet", "cnn-wide",
+                                                            "resnet-small"):
+        raise TypeError(f"pool must hold floating inputs, got dtype {pool_x.dtype}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    oracle = Oracle(victim, pool_x, budget, output_mode=output_mode, device=device,
-                    victim_outputs=victim_outputs_kind)
-    idx = random_queries(len(pool_x), budget, query_seed)
-    # before any work: a few pool images through the victim (charged, reused as answers), so a
-    # pool the victim cannot take fails at once with a message naming its shape and dtype; then
-    # the test set, so bad test labels are found before the rest of the budget is spent
-    oracle.query(idx[:PREFLIGHT_ROWS])
+    if _is_art(victim):
+        victim = ArtVictim(victim)
+        if victim_outputs_kind is None:
+            victim_outputs_kind = ("probs" if _looks_like_probs(victim(test_x[:16].to(device)))
+                                   else "logits")
+    victim_outputs_kind = victim_outputs_kind or "logits"
+    from .defenses import build_defense, query_until_refused
+
+    dfn = build_defense(defense, **(defense_params or {}))
+    oracle_victim, oracle_outputs = dfn.wrap_victim(victim, victim_outputs_kind)
+    oracle = Oracle(oracle_victim, pool_x, budget, output_mode=output_mode, k=topk,
+                    temperature=temperature, decimals=decimals, device=device,
+                    victim_outputs=oracle_outputs)
+    oracle = dfn.wrap_oracle(oracle)
+    idx = random_queries(len(pool_x), budget, query_seed) if query == "random" else None
+    if idx is not None:
+        # before any work: a few pool images through the victim (charged, reused as answers),
+        # so a pool the victim cannot take fails at once with a message naming its shape and
+        # dtype; then the test set, so bad test labels are found before the budget is spent
+        oracle.query(idx[:PREFLIGHT_ROWS])
     vprobs = victim_outputs(victim, test_x.to(device), outputs=victim_outputs_kind)
     vlabels = vprobs.argmax(-1)
     num_classes = vprobs.shape[-1]
     if test_y is not None:
         check_labels("test labels", test_y, num_classes)
-    targets, _ = query_oracle(oracle, idx, progress=progress)
-    if num_classes != oracle.num_classes:
-        raise ValueError(f"the victim answers {oracle.num_classes} classes on the pool but "
-                         f"{num_classes} on the test set")
+    spec = resolve_surrogate(surrogate, tuple(pool_x.shape[1:]), num_classes)
+    for method in method_list:  # hyperparameter values are checked before more queries
+        build_method(method, surrogate=spec, input_shape=spec.input_shape,
+                     num_classes=num_classes, seed=0, device="cpu", **params.get(method, {}))
     test_y = vlabels if test_y is None else test_y.to(device)
+    vp = vprobs if output_mode in ("probs", "logits") else None
+    if idx is None:
+        from .active import ActiveConfig, run_active
+
+        acfg = ActiveConfig(strategy=query, strategy_params=dict(query_params or {}),
+                            method=query_method, epochs=epochs, batch_size=batch_size, lr=lr,
+                            seed=query_seed)
+        qhp = params.get(query_method, {})
+
+        def factory(seed: int):
+            return build_method(query_method, surrogate=spec, input_shape=spec.input_shape,
+                                num_classes=num_classes, seed=seed, device=device, **qhp)
+
+        run = run_active(oracle, acfg, test_x=test_x.to(device), victim_labels=vlabels,
+                         test_y=test_y, victim_probs=vp, device=device, method_factory=factory,
+                         eval_factory=factory, progress=progress)
+        idx = torch.as_tensor(run["queried"], dtype=torch.int64)
+    idx, targets, refused = query_until_refused(oracle, idx)  # cached answers are free
+    if idx.numel() == 0:
+        raise RuntimeError("the defended victim refused every query")
+    answered = getattr(oracle, "num_classes", None)
+    if answered is not None and num_classes != answered:
+        raise ValueError(f"the victim answers {answered} classes on the pool but "
+                         f"{num_classes} on the test set")
     x = pool_x[idx].to(device)
     results: dict[str, list] = {}
-    for method in methods:
+    models: dict[str, list] = {}
+    for method in method_list:
         for seed in seed_list:
             r = train_and_evaluate(
-                method, surrogate_arch, x, targets.to(device), test_x=test_x.to(device),
-                test_y=test_y, victim_labels=vlabels,
-                victim_probs=vprobs if output_mode in ("probs", "logits") else None,
+                method, spec, x, targets.to(device), test_x=test_x.to(device),
+                test_y=test_y, victim_labels=vlabels, victim_probs=vp,
                 num_classes=num_classes, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                device=device, progress=progress,
+                device=device, progress=progress, keep_model=keep_models,
                 hparams={**({"precision": precision} if precision != "fp32" else {}),
-                         **((method_params or {}).get(method) or {})})
+                         **(params.get(method) or {})})
             results.setdefault(method, []).append({"seed": seed, **r["metrics"]})
-    return {"victim_test_accuracy": float((vlabels == test_y).float().mean()),
-            "queries": {"used": oracle.used, "budget": oracle.budget}, "results": results}
+            if keep_models:
+                models.setdefault(method, []).append(r["stolen"])
+    out = StealResult({"victim_test_accuracy": float((vlabels == test_y).float().mean()),
+                       "queries": {"used": oracle.used, "budget": oracle.budget,
+                                   "refused": refused}, "results": results})
+    out.models = models
+    return out

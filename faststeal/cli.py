@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="download a missing mnist/cifar10/fashion-mnist with torchvision "
                         "(into --data-root, else the cache folder)")
     r.add_argument("--victim-arch", default=None)
-    r.add_argument("--surrogate-arch", default=None)
+    r.add_argument("--surrogate-arch", default=None,
+                   help="zoo name (mlp, lenet, cnn-wide, resnet-small), torchvision:NAME (built "
+                        "with the dataset's class count) or module.path:factory (importable "
+                        "from the working directory)")
     r.add_argument("--victim-epochs", type=int, default=None)
     r.add_argument("--budget", type=int, default=None, help="query budget (images)")
     r.add_argument("--output-mode", choices=OUTPUT_MODES, default=None)
@@ -86,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="discard results in --out that belong to another configuration")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--save-models", action="store_true",
+                   help="write every trained surrogate to OUT/models/<cell>.pt "
+                        "(faststeal.load reads them)")
     st = sub.add_parser("study", help="run (or resume) a study beyond the paper")
     studies = st.add_subparsers(dest="study", required=True)
     for name, cls in STUDIES.items():
@@ -230,6 +236,7 @@ def _run(args, argv: Optional[Sequence[str]] = None) -> int:
     cfg.force = args.force
     cfg.progress = not args.no_progress
     cfg.shard_members = args.shard_members
+    cfg.save_models = args.save_models
     cfg.validate()
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         from .distributed import relaunch_with_torchrun

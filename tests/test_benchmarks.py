@@ -68,3 +68,14 @@ def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
     assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("loop", "fp32")}
     assert all(r["wall_s"] > 0 and 0 <= r["fidelity"] <= 1 for r in res["rows"])
     assert "plain loop" in bench_e2e.compare_markdown(res)
+
+
+def test_user_model_benchmark_smoke():
+    """bench_train --user-models: stack, loop and vmap rows for a user CNN (no timing asserted)."""
+    from benchmarks import bench_train
+
+    res = bench_train.run_user_models("cpu", "smoke", min_run_time=0.01, log=lambda *_: None)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"stack", "loop", "vmap"}
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    assert "functional-cnn" in bench_train.user_markdown(res)

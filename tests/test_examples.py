@@ -30,3 +30,15 @@ def test_compare_methods_then_plot(tmp_path, monkeypatch):
     assert len(results["methods"]) == 6
     png = _load("plot_diversity").main([str(out)])
     assert os.path.getsize(png) > 0
+
+
+def test_transfer_attack():
+    pytest.importorskip("art")
+    rows = _load("transfer_attack").main(["--epochs", "8", "--budget", "400", "--members", "2",
+                                          "--images", "64", "--pgd-steps", "4"])
+    assert {(r["surrogate"], r["attack"]) for r in rows} == {
+        (s, a) for s in ("baseline", "deep-ensemble") for a in ("FGSM", "PGD")}
+    assert all(0.0 <= r["transfer_rate"] <= 1.0 for r in rows)
+    # white-box on the stolen model the attack works; some of it transfers to the victim
+    assert all(r["surrogate_fooled"] > 0.5 for r in rows)
+    assert max(r["transfer_rate"] for r in rows) > 0.1

@@ -169,8 +169,8 @@ def test_method_param_values_checked_by_validate(params, exc, match):
 
 def test_sweep_needs_a_method_with_members():
     with pytest.raises(ValueError, match="no member count to sweep"):
-        Config(sweep_method="swag", member_sweep=(1, 2)).validate()
-    Config(sweep_method="swag", member_sweep=()).validate()
+        Config(sweep_method="baseline", member_sweep=(1, 2)).validate()
+    Config(sweep_method="baseline", member_sweep=()).validate()
 
 
 def test_presets_fit_the_small_offline_datasets():

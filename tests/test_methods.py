@@ -40,10 +40,10 @@ PROBE = XT[:64]
 TEST_HP = {
     "baseline": {},
     "deep-ensemble": {"members": 3},
-    "mc-dropout": {"samples": 6},
-    "bbb": {"samples": 6},
-    "swag": {"samples": 6, "rank": 4, "collect_every": 2, "swa_start": 0.5},
-    "laplace": {"samples": 6},
+    "mc-dropout": {"members": 6},
+    "bbb": {"members": 6},
+    "swag": {"members": 6, "rank": 4, "collect_every": 2, "swa_start": 0.5},
+    "laplace": {"members": 6},
     # The diversity-keeping variants of faststeal.methods.diverse (docs/studies.md).
     "bootstrap-ensemble": {"members": 3},
     "hetero-ensemble": {"members": 3},
@@ -212,7 +212,7 @@ class TestMethodContract:
 def test_build_method_rejects_unknown_names():
     with pytest.raises(ValueError, match="valid names: baseline, deep-ensemble"):
         build_method("dropout-ensemble", "mlp", SHAPE, C)
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match="unknown surrogate .vgg."):
         build_method("baseline", "vgg", SHAPE, C)
     # UQ_METHODS: the paper's five, all registered; METHODS adds the baseline and the variants
     assert UQ_METHODS == ("deep-ensemble", "mc-dropout", "bbb", "swag", "laplace")
@@ -324,7 +324,7 @@ def test_soft_labels_train():
 # ============================================================================ MC Dropout
 
 def test_mc_dropout_masks_differ_and_eval_network_is_deterministic():
-    m = make("mc-dropout", samples=5)
+    m = make("mc-dropout", members=5)
     out = m.predict_members(XT[:16])
     assert out.shape == (5, 16, C)
     for s, t in itertools.combinations(range(5), 2):
@@ -441,7 +441,7 @@ def test_swag_samples_have_the_swag_covariance():
 
 
 def test_swag_refreshes_batchnorm_per_sample():
-    m = make("swag", arch="resnet-small", samples=3, rank=2, collect_every=1, swa_start=0.5)
+    m = make("swag", arch="resnet-small", members=3, rank=2, collect_every=1, swa_start=0.5)
     x, y = X[:64], Y[:64]
     m.fit(x, y, epochs=1, batch_size=16, lr=1e-2, progress=False)
     stack = m.sampled_model

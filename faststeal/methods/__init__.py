@@ -62,9 +62,14 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build_method(name: str, arch: str, input_shape: tuple, num_classes: int,
-                 **kwargs: Any) -> Method:
-    """``METHODS[name](arch, input_shape, num_classes, **kwargs)``; ValueError for unknown names."""
+def build_method(name: str, arch: Any = None, input_shape: Optional[tuple] = None,
+                 num_classes: Optional[int] = None, **kwargs: Any) -> Method:
+    """``METHODS[name](arch, input_shape, num_classes, **kwargs)``; ValueError for unknown names.
+
+    ``arch`` (a zoo name) or ``surrogate=`` (a zoo name, ``"torchvision:NAME"``,
+    ``"module:factory"``, an ``nn.Module`` template or a zero-argument factory) names the
+    surrogate; see :class:`~faststeal.methods.base.Method`.
+    """
     return method_class(name)(arch, input_shape, num_classes, **kwargs)
 
 
@@ -92,6 +97,8 @@ def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp
         raise TypeError(f"the hyperparameters of {name!r} must be a dict, got "
                         f"{type(hparams).__name__}")
     defaults = {**cls.COMMON_DEFAULTS, **cls.DEFAULTS}
+    if "samples" in hparams and "members" in defaults and "samples" not in defaults:
+        hparams = {("members" if k == "samples" else k): v for k, v in hparams.items()}
     unknown = sorted(set(hparams) - set(defaults))
     if unknown:
         raise TypeError(f"{cls.__name__} got unknown hyperparameter(s) {unknown}; "
@@ -106,6 +113,27 @@ def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp
         raise type(exc)(f"{name}: {exc}") from None
 
 
+def check_method_params(method_params: Any, methods: Optional[Any] = None) -> dict[str, dict]:
+    """Validate ``{method: {hyperparameter: value}}`` (method names, dicts, hyperparameter names
+    and values, :func:`check_hparams`) for ``faststeal.steal``. Returns a copy (``{}`` for
+    None)."""
+    if method_params is None:
+        return {}
+    if not isinstance(method_params, dict):
+        raise TypeError(f"method_params must be a dict of per-method dicts, got "
+                        f"{type(method_params).__name__}")
+    out = {}
+    for m, hp in method_params.items():
+        if m not in METHODS:
+            raise ValueError(f"method_params key must be one of {tuple(METHODS)}, got {m!r}")
+        if not isinstance(hp, dict):
+            raise TypeError(f"method_params[{m!r}] must be a dict, got {type(hp).__name__}")
+        check_hparams(m, hp)
+        out[m] = dict(hp)
+    return out
+
+
 __all__ = ["REGISTRY", "METHODS", "PAPER_METHODS", "UQ_METHODS", "VARIANTS", "Method",
            "Baseline", "DeepEnsemble", "MCDropout", "BayesByBackprop", "SWAG", "Laplace",
-           "method_class", "build_method", "check_hparams", "parse_methods", "CheckpointError"]
+           "method_class", "build_method", "check_hparams", "check_method_params", "parse_methods",
+           "CheckpointError"]

@@ -43,6 +43,7 @@ import abc
 import contextlib
 import math
 import os
+import warnings
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
@@ -94,10 +95,15 @@ def _check_float(name: str, value: Any, low: float, high: float = math.inf,
 class Method(abc.ABC):
     """A UQ surrogate: S stacked members trained as one batched computation.
 
-    ``Method(arch, input_shape, num_classes, *, seed=0, device="cpu", **hparams)``; ``arch`` is one
-    of :data:`faststeal.models.zoo.ARCHS`, ``input_shape`` is (channels, height, width). Unknown
-    hyperparameters raise ``TypeError`` naming them; bad values raise ``ValueError``. Defaults
-    live in each subclass's ``DEFAULTS`` and are documented (with their source) in its module.
+    ``Method(arch, input_shape, num_classes, *, seed=0, device="cpu", **hparams)`` or
+    ``Method(surrogate=..., input_shape=..., num_classes=...)``: ``arch`` is one of
+    :data:`faststeal.models.zoo.ARCHS`; ``surrogate`` is a zoo name, an ``nn.Module`` (a template:
+    its architecture, re-initialised per member) or a zero-argument factory returning one (see
+    :func:`faststeal.models.resolve_surrogate`). ``input_shape`` is one example's shape:
+    (channels, height, width) for the zoo, any shape the user's model accepts (``(F,)`` for
+    tabular data). Every method's member count is ``members``. Unknown hyperparameters raise
+    ``TypeError`` naming them; bad values raise ``ValueError``. Defaults live in each subclass's
+    ``DEFAULTS`` and are documented (with their source) in its module.
     """
 
     name: ClassVar[str] = ""
@@ -110,32 +116,41 @@ class Method(abc.ABC):
     #: subclass that accumulates state it cannot put in ``_checkpoint_state`` sets False
     supports_checkpoint: ClassVar[bool] = True
 
-    def __init__(self, arch: str, input_shape: tuple, num_classes: int, *, seed: int = 0,
+    def __init__(self, arch: Optional[str] = None, input_shape: Optional[tuple] = None,
+                 num_classes: Optional[int] = None, *, surrogate: Any = None, seed: int = 0,
                  device="cpu", **hparams: Any) -> None:
-        from ..models import zoo
+        from ..models import resolve_surrogate
 
-        if not isinstance(arch, str) or arch not in zoo.ARCHS:
-            raise ValueError(f"arch must be one of {tuple(zoo.ARCHS)}, got {arch!r}")
-        if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
-                or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
-                       for d in input_shape)):
-            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, "
-                             f"got {input_shape!r}")
+        if arch is not None and surrogate is not None:
+            raise TypeError("give the surrogate once: arch (a zoo name) or surrogate= (a zoo "
+                            "name, an nn.Module template or a zero-argument factory)")
+        spec = resolve_surrogate(surrogate if surrogate is not None else arch, input_shape,
+                                 num_classes)
         _check_positive_int("num_classes", num_classes, 2)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         defaults = {**self.COMMON_DEFAULTS, **self.DEFAULTS}
+        if "samples" in hparams and "members" in defaults and "samples" not in defaults:
+            # the member count used to be `samples` in the sampling methods: old keyword kept
+            warnings.warn(f"{type(self).__name__}: hyperparameter 'samples' is now 'members'",
+                          DeprecationWarning, stacklevel=2)
+            if "members" in hparams:
+                raise TypeError("give 'members' only (its deprecated alias 'samples' too)")
+            hparams["members"] = hparams.pop("samples")
         unknown = sorted(set(hparams) - set(defaults))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown hyperparameter(s) {unknown}; "
                             f"valid: {sorted(defaults)}")
-        self.arch = arch
-        self.input_shape = tuple(int(d) for d in input_shape)
+        #: the surrogate: a zoo architecture (``spec.zoo``) or the user's template/factory
+        self.surrogate = spec
+        self.arch = spec.name
+        self.input_shape = spec.input_shape
         self.num_classes = int(num_classes)
         self.seed = seed
         self.device = torch.device(device)
+        self._given = frozenset(hparams)  # hyperparameters the caller set explicitly
         self._hp: dict[str, Any] = {**defaults, **hparams}
         self._hp["weight_decay"] = _check_float("weight_decay", self._hp["weight_decay"], 0.0)
         train_step.check_precision(self._hp["precision"])
@@ -146,6 +161,18 @@ class Method(abc.ABC):
         self._last_loss: Optional[Tensor] = None
         with seeded(subseed(seed, STREAM_INIT), self.device):
             self.model = self._build().to(self.device)
+
+    def _make_stack(self, members: int, *, dropout: float = 0.0, bayesian: bool = False,
+                    prior_sigma: float = 1.0, init: str = "reset") -> torch.nn.Module:
+        """The stacked model of this method's surrogate: the zoo's hand-built
+        :class:`~faststeal.models.zoo.StackedModel` for a zoo name, else
+        :func:`faststeal.nn.stack` of the user's model (``init="copy"``: every member starts
+        from the template's weights, for stacks that are overwritten at once). ``dropout > 0``
+        adds dropout (zoo: its dropout positions; user model: before every Linear but the
+        first parameterised layer)."""
+        return self.surrogate.build(members, dropout=dropout, bayesian=bayesian,
+                                    prior_sigma=prior_sigma, init=init,
+                                    last_layer=self._hp.get("last_layer"))
 
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
@@ -445,18 +472,18 @@ class Method(abc.ABC):
 
     # ------------------------------------------------------------------ internals
     def _check_inputs(self, name: str, x: Tensor) -> Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+        x = as_tensor(name, x)
+        if x.dim() != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"{name} must be (N, {', '.join(map(str, self.input_shape))}), got "
                              f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-        return x.to(self.device, torch.float32)
+        if x.dtype.is_floating_point:
+            return x.to(self.device, torch.float32)
+        if self.surrogate.zoo is None and x.dtype not in (torch.bool, torch.uint8):
+            return x.to(self.device, torch.int64)  # token / category ids (nn.Embedding)
+        raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
 
     def _check_targets(self, y: Tensor, n: int) -> Tensor:
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        y = as_tensor("y", y)
         c = self.num_classes
         if y.dtype.is_floating_point:
             if tuple(y.shape) != (n, c):
@@ -499,6 +526,22 @@ class Method(abc.ABC):
                            "members": int(logits.shape[0]), "variance": values[0],
                            "mutual_info": values[1], "disagreement": values[2],
                            "loss": values[3] if len(values) > 3 else None})
+
+
+def as_tensor(name: str, x: Any) -> Tensor:
+    """``x`` as a tensor: tensors pass through, numpy arrays are wrapped once (no copy); anything
+    else is a TypeError naming ``name``."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        np = None
+    if np is not None and isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be a numeric array, got numpy dtype {x.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
 #: Scalar training loss: the sum over members of each member's mean cross-entropy (shared or

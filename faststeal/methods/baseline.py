@@ -28,8 +28,7 @@ class Baseline(Method):
         pass
 
     def _build(self) -> torch.nn.Module:
-        from ..models.zoo import build_model
-        return build_model(self.arch, self.input_shape, self.num_classes, members=1)
+        return self._make_stack(1)
 
     @property
     def num_members(self) -> int:

@@ -26,7 +26,7 @@ Defaults and their source:
   in Bayes-by-Backprop implementations; Blundell et al. do not state theirs).
 * ``train_samples=1`` — one weight sample per step, the usual unbiased one-sample estimate; it
   keeps the per-step cost of one network pass (as for the baseline).
-* ``samples=20`` — weight samples at prediction (the members S).
+* ``members=20`` — weight samples at prediction (the members S).
 * Adam at the ``lr`` given to :meth:`fit`, same epochs and batch size as every other method.
 """
 
@@ -47,7 +47,7 @@ class BayesByBackprop(Method):
     name: ClassVar[str] = "bbb"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "kl_weight": 1.0, "prior_sigma": 1.0, "rho_init": -5.0, "train_samples": 1,
-        "samples": 20,
+        "members": 20,
     }
 
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
@@ -55,12 +55,10 @@ class BayesByBackprop(Method):
         hp["prior_sigma"] = _check_float("prior_sigma", hp["prior_sigma"], 0.0, low_open=True)
         hp["rho_init"] = _check_float("rho_init", hp["rho_init"], -math.inf, 20.0)
         _check_positive_int("train_samples", hp["train_samples"])
-        _check_positive_int("samples", hp["samples"])
+        _check_positive_int("members", hp["members"])
 
     def _build(self) -> torch.nn.Module:
-        from ..models.zoo import build_model
-        model = build_model(self.arch, self.input_shape, self.num_classes, members=1,
-                            bayesian=True, prior_sigma=self._hp["prior_sigma"])
+        model = self._make_stack(1, bayesian=True, prior_sigma=self._hp["prior_sigma"])
         n_bayes = 0
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -68,12 +66,13 @@ class BayesByBackprop(Method):
                     p.fill_(self._hp["rho_init"])
                     n_bayes += 1
         if n_bayes == 0:
-            raise RuntimeError(f"build_model({self.arch!r}, bayesian=True) has no rho parameters")
+            raise ValueError(f"Bayes by Backprop: the surrogate {self.arch!r} has no nn.Linear or "
+                             f"nn.Conv2d layer to make Bayesian")
         return model
 
     @property
     def num_members(self) -> int:
-        return self._hp["samples"]
+        return self._hp["members"]
 
     def kl(self) -> Tensor:
         """KL(q || prior) of the whole network (a float32 scalar, differentiable)."""
@@ -88,4 +87,4 @@ class BayesByBackprop(Method):
         return nll + (self._hp["kl_weight"] / n_train) * self.model.kl()
 
     def _predict_chunk(self, xb: Tensor) -> Tensor:
-        return self.model(xb, samples=self._hp["samples"])
+        return self.model(xb, samples=self._hp["members"])

@@ -54,15 +54,13 @@ class DeepEnsemble(Method):
             hp["member_range"] = (int(r[0]), int(r[1]))
 
     def _build(self) -> torch.nn.Module:
-        from ..models.zoo import build_model
-        full = build_model(self.arch, self.input_shape, self.num_classes,
-                           members=self._hp["members"])
+        full = self._make_stack(self._hp["members"])
         if self._hp["member_range"] is None:
             return full
         # Member sharding (faststeal.distributed): build all M members exactly as one process
         # would, keep this shard's block, so member i is the same network on every layout.
         a, b = self._hp["member_range"]
-        shard = build_model(self.arch, self.input_shape, self.num_classes, members=b - a)
+        shard = self._make_stack(b - a, init="copy")
         for i in range(a, b):
             shard.load_member(i - a, full.member(i))
         return shard

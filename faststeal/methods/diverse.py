@@ -114,6 +114,9 @@ class HeterogeneousEnsemble(Method):
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
         from ..models.zoo import ARCHS
 
+        if getattr(self, "surrogate", None) is not None and self.surrogate.zoo is None:
+            raise ValueError("hetero-ensemble mixes zoo architectures (archs=); it does not take "
+                             "a user surrogate")
         _check_positive_int("members", hp["members"])
         if hp["archs"] is None:
             hp["archs"] = (self.arch,) + tuple(a for a in ARCHS if a != self.arch)
@@ -326,9 +329,7 @@ class _PenalizedEnsemble(Method):
         hp["strength"] = _check_float("strength", hp["strength"], 0.0)
 
     def _build(self) -> nn.Module:
-        from ..models.zoo import build_model
-        return build_model(self.arch, self.input_shape, self.num_classes,
-                           members=self._hp["members"])
+        return self._make_stack(self._hp["members"])
 
     @property
     def num_members(self) -> int:

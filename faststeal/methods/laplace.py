@@ -31,7 +31,7 @@ is the usual post-hoc evidence optimisation (laplace-torch's ``optimize_prior_pr
 with ``method="marglik"`` does the same with gradient steps). A float fixes delta instead.
 
 Predictive (``predictive``):
-* ``"mc"`` (default): ``samples=20`` last layers theta_s ~ N(theta_MAP, P^-1), drawn once from a
+* ``"mc"`` (default): ``members=20`` last layers theta_s ~ N(theta_MAP, P^-1), drawn once from a
   fixed seed; members' logits = ``ensemble_linear(phi shared, W_s, b_s)`` — the body runs once.
 * ``"probit"``: ``predict_proba`` returns softmax(f_MAP / sqrt(1 + pi/8 var_f)) (the extended
   probit approximation, per class, Laplace Redux sec. 3 / MacKay 1992); ``predict_members``
@@ -76,29 +76,39 @@ class Laplace(Method):
 
     name: ClassVar[str] = "laplace"
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "hessian": "kfac", "predictive": "mc", "samples": 20, "prior_precision": None,
+        "hessian": "kfac", "predictive": "mc", "members": 20, "prior_precision": None,
+        "last_layer": None,
     }
 
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
+        if hp["last_layer"] is not None and not isinstance(hp["last_layer"], str):
+            raise ValueError(f"last_layer must be the qualified name of an nn.Linear of the "
+                             f"surrogate (e.g. 'fc'), got {hp['last_layer']!r}")
         if hp["hessian"] not in HESSIANS:
             raise ValueError(f"hessian must be one of {HESSIANS}, got {hp['hessian']!r}")
         if hp["predictive"] not in PREDICTIVES:
             raise ValueError(f"predictive must be one of {PREDICTIVES}, got {hp['predictive']!r}")
-        _check_positive_int("samples", hp["samples"])
+        _check_positive_int("members", hp["members"])
         if hp["prior_precision"] is not None:
             hp["prior_precision"] = _check_float("prior_precision", hp["prior_precision"], 0.0,
                                                  low_open=True)
 
     def _build(self) -> torch.nn.Module:
-        from ..models.zoo import build_model
         self._post: Optional[dict[str, Tensor]] = None
         self._w_s: Optional[Tensor] = None
         self._b_s: Optional[Tensor] = None
-        return build_model(self.arch, self.input_shape, self.num_classes, members=1)
+        if self._hp["last_layer"] is not None and self.surrogate.zoo is not None:
+            raise ValueError(f"last_layer is for user surrogates; the zoo's {self.arch!r} "
+                             f"has its head")
+        model = self._make_stack(1)
+        if getattr(model.head, "bias", None) is None:
+            raise ValueError(f"Laplace needs a last layer with a bias; {model.last_layer!r} "
+                             f"has none (name another nn.Linear with last_layer=)")
+        return model
 
     @property
     def num_members(self) -> int:
-        return self._hp["samples"] if self._post is not None else 1
+        return self._hp["members"] if self._post is not None else 1
 
     # ------------------------------------------------------------------ curvature
     def _head(self) -> tuple[Tensor, Tensor]:
@@ -110,7 +120,6 @@ class Laplace(Method):
         w, b = self._head()
         return torch.cat([w, b[:, None]], dim=1).detach().double()
 
-    @torch.no_grad()
     def _features(self, xb: Tensor) -> Tensor:
         return self.model.features(xb)[0]  # (B, F)
 
@@ -128,6 +137,13 @@ class Laplace(Method):
             xb, yb = x[start:start + max(batch_size, 256)], y[start:start + max(batch_size, 256)]
             phi = self._features(xb)
             logits = ops.ensemble_linear(phi, w[None], b[None])[0].double()
+            if start == 0 and self.surrogate.zoo is None:
+                out = self.model(xb)[0].double()
+                if not torch.allclose(out, logits, rtol=1e-4, atol=1e-4):
+                    raise ValueError(
+                        f"Laplace's last layer {self.model.last_layer!r} does not produce the "
+                        f"surrogate's output (the model transforms it afterwards); name the "
+                        f"layer whose output is the logits with last_layer=")
             phi = torch.cat([phi.double(), phi.new_ones(phi.shape[0], 1, dtype=torch.float64)], 1)
             logp = torch.log_softmax(logits, -1)
             p = logp.exp()
@@ -228,7 +244,7 @@ class Laplace(Method):
 
     def _draw_samples(self) -> None:
         gen = torch.Generator().manual_seed(subseed(self.seed, STREAM_PREDICT))
-        theta = self.sample_last_layer(self._hp["samples"], gen).float()
+        theta = self.sample_last_layer(self._hp["members"], gen).float()
         self._w_s = theta[..., :-1].contiguous()
         self._b_s = theta[..., -1].contiguous()
 

@@ -37,7 +37,7 @@ Defaults and their source:
   ``collected_at`` the steps.
 * ``rank=10`` (K) — the paper uses K = 20; short runs rarely collect 20 snapshots. With fewer
   than K snapshots the K' collected are used (dividing by sqrt(K' - 1)).
-* ``scale=0.5``, ``samples=20`` (the paper averages 30 samples; 20 for parity with the other
+* ``scale=0.5``, ``members=20`` (the paper averages 30 samples; 20 for parity with the other
   methods), ``bn_update_batches=10`` (skipped for architectures without BatchNorm).
 
 Diversity trace V(t): before the first snapshot the method is one network (S = 1, V = 0); after
@@ -62,13 +62,13 @@ class SWAG(Method):
 
     name: ClassVar[str] = "swag"
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "samples": 20, "rank": 10, "swa_start": 0.75, "collect_every": None, "sgd_lr": None,
+        "members": 20, "rank": 10, "swa_start": 0.75, "collect_every": None, "sgd_lr": None,
         "swa_lr": None, "momentum": 0.9, "scale": 0.5, "bn_update_batches": 10,
         "record_iterates": False,
     }
 
     def _validate_hparams(self, hp: dict[str, Any]) -> None:
-        _check_positive_int("samples", hp["samples"])
+        _check_positive_int("members", hp["members"])
         _check_positive_int("rank", hp["rank"])
         hp["swa_start"] = _check_float("swa_start", hp["swa_start"], 0.0, 1.0, high_open=True)
         if hp["collect_every"] not in (None, "epoch"):
@@ -86,8 +86,10 @@ class SWAG(Method):
             raise ValueError(f"record_iterates must be a bool, got {hp['record_iterates']!r}")
 
     def _build(self) -> torch.nn.Module:
-        from ..models.zoo import build_model
-        model = build_model(self.arch, self.input_shape, self.num_classes, members=1)
+        model = self._make_stack(1)
+        if getattr(model, "vmap_fallbacks", None):
+            raise ValueError(f"SWAG samples into one stack of all parameters; submodule(s) "
+                             f"{model.vmap_fallbacks} of {self.arch!r} have no stacked twin")
         self._reset_moments(model)
         self._sampled: Optional[torch.nn.Module] = None
         self._x_train: Optional[Tensor] = None
@@ -95,7 +97,7 @@ class SWAG(Method):
 
     @property
     def num_members(self) -> int:
-        return self._hp["samples"] if self._sampled is not None else 1
+        return self._hp["members"] if self._sampled is not None else 1
 
     # ------------------------------------------------------------------ moments
     def _reset_moments(self, model: torch.nn.Module) -> None:
@@ -168,11 +170,9 @@ class SWAG(Method):
     # ------------------------------------------------------------------ sampled stack
     @torch.no_grad()
     def _load_samples(self, flat: Tensor) -> torch.nn.Module:
-        from ..models.zoo import build_model
         s = flat.shape[0]
         if self._sampled is None or getattr(self._sampled, "members", None) != s:
-            self._sampled = build_model(self.arch, self.input_shape, self.num_classes,
-                                        members=s).to(self.device)
+            self._sampled = self._make_stack(s, init="copy").to(self.device)
         mine = dict(self.model.named_parameters())
         offset = 0
         for name, q in self._sampled.named_parameters():
@@ -216,7 +216,7 @@ class SWAG(Method):
 
     def _resample(self, x: Optional[Tensor], batch_size: int) -> None:
         gen = torch.Generator().manual_seed(subseed(self.seed, STREAM_PREDICT))
-        self._load_samples(self.sample_flat(self._hp["samples"], gen))
+        self._load_samples(self.sample_flat(self._hp["members"], gen))
         self._refresh_bn(x, batch_size)
 
     # ------------------------------------------------------------------ training hooks
@@ -319,7 +319,6 @@ class SWAG(Method):
         self.iterates = [t.to(self.device) for t in state.get("iterates", [])]
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        from ..models.zoo import build_model
         self.n_collected = int(state["n_collected"])
         self.mean = state["mean"].to(self.device).clone()
         self.sq_mean = state["sq_mean"].to(self.device).clone()
@@ -328,7 +327,6 @@ class SWAG(Method):
         self.collected_at = [int(i) for i in state.get("collected_at", [])]
         self._sampled = None
         if state.get("sampled") is not None:
-            self._sampled = build_model(self.arch, self.input_shape, self.num_classes,
-                                        members=self._hp["samples"]).to(self.device)
+            self._sampled = self._make_stack(self._hp["members"], init="copy").to(self.device)
             self._sampled.load_state_dict(state["sampled"])
             self._sampled.eval()

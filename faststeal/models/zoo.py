@@ -524,6 +524,33 @@ def build_model(arch: str, input_shape: Sequence[int], num_classes: int, *,
     return StackedModel(spec, members)
 
 
+def mlp(input_shape: Sequence[int], num_classes: int, dropout: float = 0.0) -> PlainModel:
+    """The zoo's ``mlp`` as a plain model (a factory for :func:`faststeal.stack`)."""
+    return PlainModel(arch_spec("mlp", input_shape, num_classes, dropout))
+
+
+def lenet(input_shape: Sequence[int], num_classes: int, dropout: float = 0.0) -> PlainModel:
+    """The zoo's ``lenet`` as a plain model."""
+    return PlainModel(arch_spec("lenet", input_shape, num_classes, dropout))
+
+
+def cnn_wide(input_shape: Sequence[int], num_classes: int, dropout: float = 0.0) -> PlainModel:
+    """The zoo's ``cnn-wide`` as a plain model."""
+    return PlainModel(arch_spec("cnn-wide", input_shape, num_classes, dropout))
+
+
+def resnet_small(input_shape: Sequence[int], num_classes: int,
+                 dropout: float = 0.0) -> PlainModel:
+    """The zoo's ``resnet-small`` as a plain model."""
+    return PlainModel(arch_spec("resnet-small", input_shape, num_classes, dropout))
+
+
+#: the zoo as four ready-made plain-model factories ``f(input_shape, num_classes, dropout=0)``;
+#: on the command line ``--surrogate-arch faststeal.models.zoo:lenet`` stacks one with
+#: :func:`faststeal.stack` (the bare name ``lenet`` uses the hand-fused :class:`StackedModel`)
+FACTORIES = {"mlp": mlp, "lenet": lenet, "cnn-wide": cnn_wide, "resnet-small": resnet_small}
+
+
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements in ``module`` (only those requiring grad if asked)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -157,17 +157,23 @@ class BayesConv2d(_BayesMixin, nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair,
                  stride: IntPair = 1, padding: IntPair = 0, bias: bool = True,
-                 prior_sigma: float = 1.0, rho_init: float = -5.0, device=None, dtype=None) -> None:
+                 prior_sigma: float = 1.0, rho_init: float = -5.0, device=None, dtype=None,
+                 dilation: IntPair = 1, groups: int = 1) -> None:
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
         self.prior_sigma = _check_prior(prior_sigma)
         self.rho_init = float(rho_init)
         kw = {"device": device, "dtype": dtype}
-        shape = (out_channels, in_channels, *self.kernel_size)
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.w_mu = nn.Parameter(torch.empty(shape, **kw))
         self.w_rho = nn.Parameter(torch.empty(shape, **kw))
         if bias:
@@ -179,7 +185,8 @@ class BayesConv2d(_BayesMixin, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self._init(self.in_channels * self.kernel_size[0] * self.kernel_size[1], self.rho_init)
+        self._init(self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1],
+                   self.rho_init)
 
     def forward(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
         _check_rank(x, (4, 5), "(samples, batch, C, H, W) or shared (batch, C, H, W)")
@@ -193,7 +200,8 @@ class BayesConv2d(_BayesMixin, nn.Module):
         if self.b_mu is not None:
             b = self.b_mu + F.softplus(self.b_rho) * torch.randn(
                 (s, self.out_channels), dtype=self.b_mu.dtype, device=self.b_mu.device)
-        return ensemble_conv2d(x, w, b, self.stride, self.padding, "grouped")
+        return ensemble_conv2d(x, w, b, self.stride, self.padding, "grouped", self.dilation,
+                               self.groups)
 
     @torch.no_grad()
     def load_member(self, i: int, conv: nn.Conv2d) -> None:
@@ -213,8 +221,8 @@ class BayesConv2d(_BayesMixin, nn.Module):
         if i != 0:
             raise ValueError(f"a Bayesian layer has one parameter set (member 0), got index {i!r}")
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.b_mu is not None, device=self.w_mu.device,
-                         dtype=self.w_mu.dtype)
+                         self.padding, self.dilation, self.groups, bias=self.b_mu is not None,
+                         device=self.w_mu.device, dtype=self.w_mu.dtype)
         conv.weight.copy_(self.w_mu)
         if self.b_mu is not None:
             conv.bias.copy_(self.b_mu)

@@ -270,12 +270,14 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: tuple[int, int], padding: tuple[int, int],
-                    strategy: str = "auto") -> torch.Tensor:
+                    strategy: str = "auto", dilation: tuple[int, int] = (1, 1),
+                    groups: int = 1) -> torch.Tensor:
     """S 2-D convolutions at once.
 
-    x: (S, B, C, H, W) stacked or (B, C, H, W) shared; weight: (S, C', C, kh, kw); bias: (S, C')
-    or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a batch-major
-    view (see the module docstring).
+    x: (S, B, C, H, W) stacked or (B, C, H, W) shared; weight: (S, C', C // groups, kh, kw);
+    bias: (S, C') or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a
+    batch-major view (see the module docstring). ``dilation`` and ``groups`` mean what they mean
+    for ``F.conv2d`` (per member); ``unfold`` supports ``groups == 1`` only.
 
     Strategies (all loop-free except ``loop``; ``auto``, the default, times the three on this
     machine for this shape class and keeps the fastest — :func:`conv_strategy`):
@@ -284,21 +286,28 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ``unfold``  members folded into a batched GEMM: im2col (``F.unfold``) then ``torch.bmm``.
     ``loop``    one ``F.conv2d`` per member (the baseline people write).
     """
-    s, co, ci, kh, kw = weight.shape
+    s, co, ci, kh, kw = weight.shape  # ci: input channels per group
     shared = x.dim() == 4
     if strategy == "auto":
         strategy = conv_strategy(x, weight, bias, stride, padding)
     if strategy == "grouped":
         wf = weight.reshape(s * co, ci, kh, kw)
         bf = bias.reshape(s * co) if bias is not None else None
-        if shared:
-            y = F.conv2d(x, wf, bf, stride, padding)
+        if shared and groups == 1:
+            y = F.conv2d(x, wf, bf, stride, padding, dilation)
             b = x.shape[0]
         else:
+            # member s reads channels [s*C, (s+1)*C) of the folded input; its own `groups`
+            # groups subdivide that block, so S*groups groups in all
+            if shared:
+                x = x.unsqueeze(0).expand(s, *x.shape)
             b = x.shape[1]
-            xt = x.transpose(0, 1).reshape(b, s * ci, *x.shape[3:])
-            y = F.conv2d(xt, wf, bf, stride, padding, groups=s)
+            xt = x.transpose(0, 1).reshape(b, s * ci * groups, *x.shape[3:])
+            y = F.conv2d(xt, wf, bf, stride, padding, dilation, groups=s * groups)
         return y.view(b, s, co, *y.shape[2:]).transpose(0, 1)
+    if strategy == "unfold" and (groups != 1 or tuple(dilation) != (1, 1)):
+        raise ValueError(f"strategy 'unfold' supports groups=1 and dilation=1 only, got "
+                         f"groups={groups}, dilation={dilation}")
     if strategy == "unfold":
         xs = x if shared else x.reshape(-1, *x.shape[2:])  # (S*B or B, C, H, W)
         h, w_ = xs.shape[-2:]
@@ -321,7 +330,8 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         # gradients (O(S^2) memory traffic); unbind's backward is one stack
         xs = [x] * s if shared else x.unbind(0)
         bs = [None] * s if bias is None else bias.unbind(0)
-        outs = [F.conv2d(xi, wi, bi, stride, padding) for xi, wi, bi in zip(xs, weight.unbind(0), bs)]
+        outs = [F.conv2d(xi, wi, bi, stride, padding, dilation, groups)
+                for xi, wi, bi in zip(xs, weight.unbind(0), bs)]
         return torch.stack(outs)
     raise ValueError(f"strategy must be one of {CONV_STRATEGIES}, got {strategy!r}")
 
@@ -366,7 +376,8 @@ class EnsembleConv2d(nn.Module):
 
     def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: IntPair,
                  stride: IntPair = 1, padding: IntPair = 0, bias: bool = True,
-                 strategy: str = "auto", device=None, dtype=None) -> None:
+                 strategy: str = "auto", device=None, dtype=None, dilation: IntPair = 1,
+                 groups: int = 1) -> None:
         super().__init__()
         self.members = positive_int("members", members)
         self.in_channels = positive_int("in_channels", in_channels)
@@ -374,21 +385,27 @@ class EnsembleConv2d(nn.Module):
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
-        if min(self.kernel_size) < 1 or min(self.stride) < 1:
-            raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size!r}, "
-                             f"{stride!r}")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = positive_int("groups", groups)
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
+            raise ValueError(f"kernel_size, stride and dilation must be >= 1, got "
+                             f"{kernel_size!r}, {stride!r}, {dilation!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
         if strategy not in CONV_STRATEGIES:
             raise ValueError(f"strategy must be one of {CONV_STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
         kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(members, out_channels, in_channels,
+        self.weight = nn.Parameter(torch.empty(members, out_channels, in_channels // groups,
                                                *self.kernel_size, **kw))
         self.bias = nn.Parameter(torch.empty(members, out_channels, **kw)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # nn.Conv2d's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-        bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        bound = 1.0 / math.sqrt(self.in_channels // self.groups * self.kernel_size[0]
+                                * self.kernel_size[1])
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
             if self.bias is not None:
@@ -402,11 +419,12 @@ class EnsembleConv2d(nn.Module):
         if x.dim() == 5 and self.members == 1 and x.shape[0] > 1:
             xb, unfold = _fold_batch(x)
             y = F.conv2d(xb, self.weight[0], None if self.bias is None else self.bias[0],
-                         self.stride, self.padding)
+                         self.stride, self.padding, self.dilation, self.groups)
             return unfold(y)
         if x.dim() == 5:
             _check_stack(x, self.members, "EnsembleConv2d")
-        return ensemble_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.strategy)
+        return ensemble_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.strategy,
+                               self.dilation, self.groups)
 
     @torch.no_grad()
     def load_member(self, i: int, conv: nn.Conv2d) -> None:
@@ -415,9 +433,11 @@ class EnsembleConv2d(nn.Module):
         if tuple(conv.weight.shape) != tuple(self.weight.shape[1:]):
             raise ValueError(f"conv.weight must be {tuple(self.weight.shape[1:])}, "
                              f"got {tuple(conv.weight.shape)}")
-        if tuple(conv.stride) != self.stride or tuple(conv.padding) != self.padding:
-            raise ValueError(f"conv stride/padding {conv.stride}/{conv.padding} differ from "
-                             f"{self.stride}/{self.padding}")
+        if (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups) != \
+                (self.stride, self.padding, self.dilation, self.groups):
+            raise ValueError(f"conv stride/padding/dilation/groups {conv.stride}/{conv.padding}/"
+                             f"{conv.dilation}/{conv.groups} differ from {self.stride}/"
+                             f"{self.padding}/{self.dilation}/{self.groups}")
         self.weight[i].copy_(conv.weight)
         if self.bias is not None:
             if conv.bias is None:
@@ -429,8 +449,8 @@ class EnsembleConv2d(nn.Module):
         """Member ``i`` as a plain ``nn.Conv2d`` (a copy)."""
         _check_index(i, self.members)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, bias=self.bias is not None, device=self.weight.device,
-                         dtype=self.weight.dtype)
+                         self.padding, self.dilation, self.groups, bias=self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
         conv.weight.copy_(self.weight[i])
         if self.bias is not None:
             conv.bias.copy_(self.bias[i])
@@ -439,7 +459,8 @@ class EnsembleConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"members={self.members}, {self.in_channels}, {self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"bias={self.bias is not None}, strategy={self.strategy!r}")
+                f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+                f"strategy={self.strategy!r}")
 
 
 # ----------------------------------------------------------------------------- batch norm
@@ -595,3 +616,85 @@ class EnsembleMaxPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+# --------------------------------------------------------------------------- layer norm, embedding
+
+class EnsembleLayerNorm(nn.Module):
+    """Per-member layer normalisation: x (S, B, ..., *normalized_shape) -> same shape.
+
+    The normalisation itself has no parameters (one ``F.layer_norm`` over the whole stack); the
+    per-member affine ``weight``/``bias`` are (S, *normalized_shape), initialised like
+    ``nn.LayerNorm`` (ones, zeros).
+    """
+
+    def __init__(self, members: int, normalized_shape, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.members = positive_int("members", members)
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+        self.normalized_shape = tuple(int(d) for d in shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        kw = {"device": device, "dtype": dtype}
+        self.weight = (nn.Parameter(torch.ones(members, *self.normalized_shape, **kw))
+                       if elementwise_affine else None)
+        self.bias = (nn.Parameter(torch.zeros(members, *self.normalized_shape, **kw))
+                     if elementwise_affine and bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nd = len(self.normalized_shape)
+        if x.dim() < nd + 2 or tuple(x.shape[-nd:]) != self.normalized_shape:
+            raise ValueError(f"x must be (members, batch, ..., {self.normalized_shape}), "
+                             f"got {_describe(x)}")
+        _check_stack(x, self.members, "EnsembleLayerNorm")
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        view = (self.members,) + (1,) * (x.dim() - 1 - nd) + self.normalized_shape
+        if self.weight is not None:
+            y = y * self.weight.view(view)
+        if self.bias is not None:
+            y = y + self.bias.view(view)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"members={self.members}, {self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class EnsembleEmbedding(nn.Module):
+    """S embedding tables: indices (S, B, ...) int64 -> (S, B, ..., embedding_dim).
+
+    weight: (S, num_embeddings, embedding_dim), initialised N(0, 1) like ``nn.Embedding``. The
+    lookup is ONE ``F.embedding`` into the (S * num_embeddings, dim) table with member ``s``'s
+    indices offset by ``s * num_embeddings``.
+    """
+
+    def __init__(self, members: int, num_embeddings: int, embedding_dim: int, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.members = positive_int("members", members)
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int("embedding_dim", embedding_dim)
+        self.weight = nn.Parameter(torch.empty(members, num_embeddings, embedding_dim,
+                                               device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) \
+                or idx.dim() < 2:
+            raise ValueError(f"idx must be an integer tensor (members, batch, ...), got "
+                             f"{_describe(idx) if isinstance(idx, torch.Tensor) else type(idx)}")
+        _check_stack(idx, self.members, "EnsembleEmbedding")
+        s = idx.shape[0]
+        offs = torch.arange(s, device=idx.device, dtype=idx.dtype) * self.num_embeddings
+        if self.members == 1:
+            offs = offs * 0
+        flat = self.weight.reshape(-1, self.embedding_dim)
+        return F.embedding(idx + offs.view(s, *([1] * (idx.dim() - 1))), flat)
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, {self.num_embeddings}, {self.embedding_dim}"

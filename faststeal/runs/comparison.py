@@ -76,6 +76,7 @@ class Config:
     shard_members: bool = False
     member_chunk: Union[int, str, None] = None  # Deep Ensemble members per block, or "auto"
     precision: str = "fp32"  # "bf16": bfloat16 compute, float32 weights/optimizer/loss
+    save_models: bool = False  # write every trained surrogate to OUT/models/<cell>.pt
     defense: Optional[str] = None
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -118,7 +119,9 @@ class Config:
         if self.pool_dataset is not None:
             choice("pool_dataset", self.pool_dataset, DATASETS)
         choice("victim_arch", self.victim_arch, ARCHS)
-        choice("surrogate_arch", self.surrogate_arch, ARCHS)
+        from ..models import check_surrogate_name
+
+        check_surrogate_name(self.surrogate_arch, "surrogate_arch")
         choice("output_mode", self.output_mode, OUTPUT_MODES)
         from ..train_step import PRECISIONS
 
@@ -217,7 +220,7 @@ class Config:
         """The fields that change results (hashed into the store); not out/device/progress."""
         d = dataclasses.asdict(self)
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
-                  "member_chunk", "download"):
+                  "member_chunk", "download", "save_models"):
             d.pop(k)
         if d["precision"] == "fp32":  # keep hashes of float32 runs unchanged
             d.pop("precision")
@@ -366,9 +369,14 @@ class ComparisonStudy(Study):
             batch_size=c.batch_size, lr=c.lr, device=run.device, progress=run.progress,
             probe=setup.probe if cell.kind == "main" else None, record_every=c.record_every,
             hparams=hp, gather=gather, member_chunk=c.member_chunk, checkpoint=checkpoint,
-            log=log, ood_x=run.state.get("ood_x"))
+            log=log, ood_x=run.state.get("ood_x"), keep_model=c.save_models)
         if gather is not None and not ctx.is_main:
             return None  # rank 0 writes the collective cell
+        if r.get("stolen") is not None:  # --save-models
+            name = f"{cell.kind}_{cell.method}_seed={cell.seed}" + (
+                f"_S={cell.members}" if cell.members is not None else "")
+            r["stolen"].save(os.path.join(c.out, "models", name + ".pt"))
+            r["stolen"] = None
         return {**r, "members": r["hparams"]["num_members"]}
 
     def describe(self, cell: Cell, result: dict[str, Any]) -> str:

@@ -1,0 +1,250 @@
+"""What a surrogate can be, resolved once: :func:`resolve_surrogate`.
+
+Accepted everywhere a surrogate is named (methods, ``faststeal.steal``, ``Config``, the CLI):
+
+* a zoo name (``"mlp"``, ``"lenet"``, ``"cnn-wide"``, ``"resnet-small"``): the zoo's hand-fused
+  :class:`~faststeal.models.zoo.StackedModel` (images ``(C, H, W)`` only). The same four
+  architectures are also plain-model factories (:data:`faststeal.models.zoo.FACTORIES`,
+  ``"faststeal.models.zoo:lenet"`` on the command line), stacked by :func:`faststeal.stack`;
+* ``"torchvision:NAME"``: ``torchvision.models.get_model(NAME, num_classes=...)``;
+* ``"package.module:factory"``: a function importable from the working directory; it is called
+  with ``input_shape=`` and ``num_classes=`` when its signature has those parameters, else with
+  no arguments;
+* an ``nn.Module``: a template — its architecture, members re-initialised with each layer's
+  ``reset_parameters`` (pass a factory to keep a model's own initialisation scheme);
+* a zero-argument callable returning an ``nn.Module`` (a class or a function).
+
+Non-zoo surrogates are checked once with a forward pass on two zero inputs of ``input_shape``:
+the output must be ``(2, num_classes)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+SurrogateLike = Any  # str | nn.Module | Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """A resolved surrogate. ``name``: the zoo name, ``"torchvision:NAME"``, ``"module:factory"``
+    or ``"custom:<ClassName>"``; ``zoo``: the zoo architecture or None; ``recipe``: a string that
+    rebuilds it (None for an in-memory template or factory)."""
+
+    name: str
+    zoo: Optional[str]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    factory: Optional[Callable[[], nn.Module]] = None
+    template: Optional[nn.Module] = None
+    recipe: Optional[str] = None
+
+    def plain(self) -> nn.Module:
+        """A fresh plain (one-member) model of this architecture."""
+        if self.zoo is not None:
+            from .zoo import build_model
+            return build_model(self.zoo, self.input_shape, self.num_classes)
+        if self.template is not None:
+            return copy.deepcopy(self.template)
+        return _call_factory(self.factory)
+
+    def build(self, members: int, *, dropout: float = 0.0, bayesian: bool = False,
+              prior_sigma: float = 1.0, init: str = "reset",
+              last_layer: Optional[str] = None) -> nn.Module:
+        """The stacked model: ``members`` members (1 and ``bayesian`` for Bayes by Backprop)."""
+        if self.zoo is not None:
+            from .zoo import build_model
+            return build_model(self.zoo, self.input_shape, self.num_classes,
+                               members=None if bayesian else members, dropout=dropout,
+                               bayesian=bayesian, prior_sigma=prior_sigma)
+        from ..nn.stack import stack
+        src: Any
+        if self.template is not None:
+            src = self.template if dropout == 0 else insert_dropout(
+                copy.deepcopy(self.template), dropout)
+        elif dropout == 0:
+            src = self.factory
+        else:
+            factory = self.factory
+            src = lambda: insert_dropout(_call_factory(factory), dropout)  # noqa: E731
+        return stack(src, members, init=init, input_shape=self.input_shape, bayesian=bayesian,
+                     prior_sigma=prior_sigma, last_layer=last_layer)
+
+
+def _call_factory(factory: Callable[[], nn.Module]) -> nn.Module:
+    m = factory()
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"the surrogate factory must return an nn.Module, got "
+                        f"{type(m).__name__}")
+    return m
+
+
+def insert_dropout(model: nn.Module, p: float) -> nn.Module:
+    """Put ``nn.Dropout(p)`` before every ``nn.Linear`` of ``model`` except the first
+    parameterised layer (the raw input stays intact), in place; returns ``model``."""
+    first = next((n for n, m in model.named_modules() if any(True for _ in m.parameters(False))),
+                 None)
+    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != first]
+    if not targets:
+        raise ValueError(f"dropout={p}: the surrogate ({type(model).__name__}) has no nn.Linear "
+                         f"after its first layer to put dropout before")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Sequential(nn.Dropout(p), getattr(parent, child)))
+    return model
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"surrogate {spec!r}: expected 'package.module:factory'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # "importable from the working directory"
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"surrogate {spec!r}: cannot import module {mod_name!r} ({exc}); it "
+                         f"must be importable from the working directory") from exc
+    fn = mod
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"surrogate {spec!r}: module {mod_name!r} has no {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"surrogate {spec!r}: {attr!r} is not callable")
+    return fn  # type: ignore[return-value]
+
+
+def _bind_shape(fn: Callable[..., nn.Module], input_shape: tuple, num_classes: int
+                ) -> Callable[[], nn.Module]:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kw: dict[str, Any] = {}
+    if "input_shape" in params:
+        kw["input_shape"] = input_shape
+    if "num_classes" in params:
+        kw["num_classes"] = num_classes
+    return (lambda: fn(**kw)) if kw else fn
+
+
+def _check_shape(input_shape: Any, zoo: bool) -> tuple[int, ...]:
+    ok = isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) >= 1 and all(
+        not isinstance(d, bool) and isinstance(d, int) and d >= 1 for d in input_shape)
+    if not ok or (zoo and len(input_shape) != 3):
+        want = "(channels, height, width)" if zoo else "one example's shape, e.g. (C, H, W) or (F,)"
+        raise ValueError(f"input_shape must be {want} of positive ints, got {input_shape!r}")
+    return tuple(int(d) for d in input_shape)
+
+
+@torch.no_grad()
+def _dry_run(model: nn.Module, name: str, input_shape: tuple, num_classes: int) -> None:
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    was = model.training
+    model.eval()
+    try:
+        try:
+            out = model(torch.zeros(2, *input_shape, device=dev))
+        except Exception as exc:  # integer inputs (nn.Embedding)?
+            try:
+                out = model(torch.zeros(2, *input_shape, device=dev, dtype=torch.long))
+            except Exception:
+                raise ValueError(f"surrogate {name} cannot run on inputs of shape "
+                                 f"(batch, {', '.join(map(str, input_shape))}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"surrogate {name} must map (batch, {', '.join(map(str, input_shape))})"
+                         f" to (batch, num_classes={num_classes}) logits; on 2 inputs it "
+                         f"returned {got}")
+
+
+def check_surrogate_name(spec: Any, name: str = "surrogate") -> None:
+    """Check a surrogate given by name before any data is loaded: a zoo name,
+    ``"torchvision:NAME"`` or an importable ``"module:factory"`` (ValueError naming ``name``)."""
+    from .zoo import ARCHS
+
+    if not isinstance(spec, str):
+        raise ValueError(f"{name} must be a zoo name {ARCHS}, 'torchvision:NAME' or "
+                         f"'module.path:factory', got {type(spec).__name__} ({spec!r})")
+    if spec in ARCHS or (spec.startswith("torchvision:") and len(spec) > len("torchvision:")):
+        return
+    if ":" in spec and not spec.startswith("torchvision:"):
+        _import_factory(spec)
+        return
+    raise ValueError(f"{name} must be one of {ARCHS}, 'torchvision:NAME' or "
+                     f"'module.path:factory', got {spec!r}")
+
+
+def resolve_surrogate(spec: SurrogateLike, input_shape: Optional[Sequence[int]],
+                      num_classes: Optional[int], *, check: bool = True) -> Surrogate:
+    """Resolve a surrogate given as a zoo name, ``"torchvision:NAME"``, ``"module:factory"``, an
+    ``nn.Module`` template or a zero-argument factory (see the module docstring).
+
+    input_shape: one example's shape; num_classes: the victim's class count. ``check`` runs the
+    non-zoo model once on two zero inputs to validate its output shape. Raises ValueError /
+    TypeError naming what is wrong.
+    """
+    from .zoo import ARCHS
+
+    if isinstance(spec, Surrogate):
+        return spec
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if spec is None:
+        raise ValueError(f"a surrogate is required: a zoo name {ARCHS}, 'torchvision:NAME', "
+                         f"'module:factory', an nn.Module or a factory")
+    factory: Optional[Callable[[], nn.Module]] = None
+    template: Optional[nn.Module] = None
+    recipe: Optional[str] = None
+    if isinstance(spec, str):
+        if spec in ARCHS:
+            return Surrogate(spec, spec, _check_shape(input_shape, True), num_classes,
+                             recipe=spec)
+        shape = _check_shape(input_shape, False)
+        if spec.startswith("torchvision:"):
+            arch = spec.split(":", 1)[1]
+            try:
+                import torchvision
+            except ImportError as exc:
+                raise ValueError(f"surrogate {spec!r} needs torchvision (pip install "
+                                 f"torchvision)") from exc
+            if arch not in torchvision.models.list_models(torchvision.models):
+                raise ValueError(f"surrogate {spec!r}: torchvision has no classification model "
+                                 f"{arch!r}")
+            factory = lambda: torchvision.models.get_model(arch, num_classes=num_classes)  # noqa
+        elif ":" in spec:
+            factory = _bind_shape(_import_factory(spec), shape, num_classes)
+        else:
+            raise ValueError(f"unknown surrogate {spec!r}: a zoo name {ARCHS}, "
+                             f"'torchvision:NAME' or 'package.module:factory'")
+        name = recipe = spec
+    elif isinstance(spec, nn.Module):
+        shape = _check_shape(input_shape, False)
+        template, name = spec, f"custom:{type(spec).__name__}"
+    elif callable(spec):
+        shape = _check_shape(input_shape, False)
+        factory = spec
+        name = f"custom:{getattr(spec, '__qualname__', type(spec).__name__)}"
+    else:
+        raise TypeError(f"surrogate must be a zoo name, 'torchvision:NAME', 'module:factory', an "
+                        f"nn.Module or a zero-argument factory, got {type(spec).__name__}")
+    out = Surrogate(name, None, shape, num_classes, factory=factory, template=template,
+                    recipe=recipe)
+    if check:
+        _dry_run(out.plain(), repr(name), shape, num_classes)
+    return out

@@ -1,0 +1,632 @@
+"""Any ``nn.Module`` as S stacked members: :func:`stack`, :func:`stack_from`, :func:`unstack`.
+
+How a user's model becomes S members (module swap; the member axis folded into the batch):
+
+* every parameter-bearing layer with a stacked twin is replaced by it — ``nn.Linear`` ->
+  :class:`~faststeal.nn.EnsembleLinear` (the fused ``ensemble_linear`` op), ``nn.Conv2d`` (any
+  stride, padding, dilation, groups, bias or not) -> :class:`~faststeal.nn.EnsembleConv2d`,
+  ``nn.BatchNorm1d/2d`` -> :class:`~faststeal.nn.EnsembleBatchNorm` (per-member batch and running
+  statistics), ``nn.LayerNorm`` -> :class:`~faststeal.nn.EnsembleLayerNorm`, ``nn.Embedding`` ->
+  :class:`~faststeal.nn.EnsembleEmbedding`, ``nn.Dropout`` ->
+  :class:`~faststeal.nn.EnsembleDropout` (switchable to MC dropout); with ``bayesian=True``
+  Linear/Conv2d become :class:`~faststeal.nn.BayesLinear` / :class:`~faststeal.nn.BayesConv2d`;
+* everything else — the user's own ``forward`` code, activations, pooling, ``torch.flatten(x, 1)``,
+  ``x.view(x.size(0), -1)``, residual additions, ``torch.cat`` on channels — runs unchanged on a
+  member-folded batch ``(S*B, ...)`` (member-major: rows ``s*B .. (s+1)*B - 1`` are member s).
+  Each twin unfolds its input to ``(S, B, ...)``, runs the stacked op and folds the result back.
+  So any code that treats batch rows independently is correct as it stands;
+* a submodule that owns parameters (or persistent buffers) but has no twin (``nn.Conv1d``,
+  ``nn.MultiheadAttention``, a custom layer, a conv with ``padding_mode="reflect"``...) keeps S
+  separate copies that run through ``torch.func.vmap`` over the member axis (one
+  ``UserWarning`` naming it: correct, but without the fused ops);
+* before swapping, the model is traced with ``torch.fx`` (when it can be): code that reads a
+  swapped layer's parameters directly (``F.linear(x, self.fc.weight)``, weight tying) cannot run
+  on stacked parameters and raises a ``ValueError`` naming the graph node. A model fx cannot
+  trace (data-dependent control flow) is still stacked by the module swap.
+
+Design limits: code that mixes batch rows outside the supported layers (``x - x.mean(0)``,
+a hand-written batch norm) would mix members too; use ``nn.BatchNorm`` or a module (which then
+runs under vmap). The model's output must be one tensor ``(B, ...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bayes import BayesConv2d, BayesLinear
+from .layers import (EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout, EnsembleEmbedding,
+                     EnsembleLayerNorm, EnsembleLinear, next_seed)
+
+ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
+INITS = ("reset", "copy")
+
+
+class _Ctx:
+    """State shared by a stacked model and its twins: the member copies of the current call."""
+
+    def __init__(self) -> None:
+        self.copies = 1
+
+
+def _unfold(x: torch.Tensor, s: int) -> torch.Tensor:
+    if x.shape[0] % s:
+        raise ValueError(f"a stacked layer got {x.shape[0]} rows, not a multiple of its {s} "
+                         f"member copies: the model's code changed the batch dimension")
+    return x.reshape(s, x.shape[0] // s, *x.shape[1:])
+
+
+def _fold(y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+
+class _Twin:
+    """Mixin of the folded twins: member <-> plain-layer state in the plain layer's key names."""
+
+    _ctx: _Ctx
+
+    def _copies(self) -> int:
+        members = self.members  # type: ignore[attr-defined]
+        return members if members > 1 else self._ctx.copies
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in self._plain_items():
+            out[k] = v if v.dim() == 0 else v[i]
+        return out
+
+    @torch.no_grad()
+    def load_member_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        for k, v in self._plain_items():
+            src = state[k]
+            if v.dim() == 0:
+                v.copy_(src)
+            else:
+                v[i].copy_(src)
+
+    def _plain_items(self) -> list[tuple[str, torch.Tensor]]:
+        names = [n for n in ("weight", "bias", "running_mean", "running_var",
+                             "num_batches_tracked")]
+        return [(n, getattr(self, n)) for n in names if getattr(self, n, None) is not None]
+
+
+class _Linear(_Twin, EnsembleLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        lead = x.shape[:-1]
+        s = self.members if self.members > 1 else 1
+        y = super().forward(x.reshape(s, -1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+
+class _Conv2d(_Twin, EnsembleConv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.members == 1:  # one filter bank: the whole folded batch is one convolution
+            return F.conv2d(x, self.weight[0], None if self.bias is None else self.bias[0],
+                            self.stride, self.padding, self.dilation, self.groups)
+        return _fold(super().forward(_unfold(x, self.members)))
+
+
+class _BatchNorm(_Twin, EnsembleBatchNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # members == 1: the copies of MC dropout / Bayesian samples are one batch (as
+        # EnsembleBatchNorm does for a broadcast input)
+        s = self.members
+        xs = _unfold(x, s)
+        if x.dim() == 3:  # BatchNorm1d on (N, C, L): (S, B, C, L, 1) keeps the feature dim 2
+            xs = xs.unsqueeze(-1)
+        return super().forward(xs).reshape(x.shape)
+
+
+class _LayerNorm(_Twin, EnsembleLayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _fold(super().forward(_unfold(x, self.members)))
+
+
+class _Embedding(_Twin, EnsembleEmbedding):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _fold(super().forward(_unfold(idx, self.members)))
+
+
+_DROPOUT_FNS = {nn.Dropout: F.dropout, nn.Dropout1d: F.dropout1d, nn.Dropout2d: F.dropout2d,
+                nn.Dropout3d: F.dropout3d, nn.AlphaDropout: F.alpha_dropout}
+
+
+class _Dropout(EnsembleDropout):
+    """torch's dropout layers on the folded batch (independent masks per member and row), made
+    switchable to prediction-time (MC) dropout like every faststeal dropout."""
+
+    def __init__(self, p: float, kind: type) -> None:
+        super().__init__(p)
+        self.kind = kind.__name__
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._dropout_active(self.p):
+            return x
+        return _DROPOUT_FNS[getattr(nn, self.kind)](x, self.p, training=True)
+
+
+class _BayesLinear(_Twin, BayesLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        lead = x.shape[:-1]
+        s = self._ctx.copies  # one weight sample per copy
+        y = super().forward(x.reshape(s, -1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    def _plain_items(self):
+        return [(k, getattr(self, a)) for k, a in (("weight", "w_mu"), ("bias", "b_mu"))
+                if getattr(self, a) is not None]
+
+    def member_state(self, i):
+        return {k: v for k, v in self._plain_items()}
+
+    @torch.no_grad()
+    def load_member_state(self, i, state):
+        for k, v in self._plain_items():
+            v.copy_(state[k])
+
+
+class _BayesConv2d(_Twin, BayesConv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _fold(super().forward(_unfold(x, self._ctx.copies)))
+
+    _plain_items = _BayesLinear._plain_items
+    member_state = _BayesLinear.member_state
+    load_member_state = _BayesLinear.load_member_state
+
+
+class _VmapGroup(nn.Module):
+    """S copies of a submodule that has no stacked twin, run with ``torch.func.vmap``.
+
+    Tensor arguments arrive member-folded ``(S*B, ...)``; the copies' parameters and buffers are
+    stacked on every call (differentiable ``torch.stack``, so gradients reach the copies) and
+    buffers the module updates in place (running statistics) are written back afterwards.
+    """
+
+    def __init__(self, copies: Sequence[nn.Module], qualname: str, ctx: _Ctx) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+        self.qualname = qualname
+        self.__dict__["_ctx"] = ctx
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.func import functional_call, vmap
+
+        if len(self.copies) == 1:
+            return self.copies[0](*args, **kwargs)
+        s = len(self.copies)
+        names = [n for n, _ in self.copies[0].named_parameters()]
+        bnames = [n for n, _ in self.copies[0].named_buffers()]
+        params = {n: torch.stack([c.get_parameter(n) for c in self.copies]) for n in names}
+        buffers = {n: torch.stack([c.get_buffer(n) for c in self.copies]) for n in bnames}
+        dims = tuple(0 if isinstance(a, torch.Tensor) else None for a in args)
+        xs = tuple(_unfold(a, s) if isinstance(a, torch.Tensor) else a for a in args)
+        base = self.copies[0]
+
+        def one(p, b, *xi):
+            return functional_call(base, (p, b), xi, kwargs)
+
+        try:
+            out = vmap(one, in_dims=(0, 0, *dims))(params, buffers, *xs)
+        except Exception as exc:
+            raise RuntimeError(f"faststeal.stack: submodule {self.qualname!r} "
+                               f"({type(base).__name__}) has no stacked twin and failed under "
+                               f"torch.func.vmap: {exc}") from exc
+        with torch.no_grad():
+            for n in bnames:
+                for i, c in enumerate(self.copies):
+                    c.get_buffer(n).copy_(buffers[n][i])
+        return torch.utils._pytree.tree_map(
+            lambda t: _fold(t) if isinstance(t, torch.Tensor) else t, out)
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        return self.copies[i].state_dict()
+
+    @torch.no_grad()
+    def load_member_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        self.copies[i].load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _own_state(m: nn.Module) -> bool:
+    """Whether ``m`` itself (not its children) holds parameters or persistent buffers."""
+    persistent = [n for n in m._buffers if n not in m._non_persistent_buffers_set
+                  and m._buffers[n] is not None]
+    return any(p is not None for p in m._parameters.values()) or bool(persistent)
+
+
+def _conv_padding(m: nn.Conv2d) -> Optional[tuple[int, int]]:
+    """Symmetric integer padding of a zero-padded conv, or None (then it runs under vmap)."""
+    if m.padding_mode != "zeros":
+        return None
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return tuple(m.padding)  # type: ignore[return-value]
+
+
+def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
+          prior_sigma: float) -> Optional[nn.Module]:
+    """The stacked twin of ``mods`` (S plain layers of one type), or None if there is none."""
+    m0 = mods[0]
+    s = len(mods)
+    p0 = next(m0.parameters(), None)
+    kw = {} if p0 is None else {"device": p0.device, "dtype": p0.dtype}
+    t: Optional[nn.Module] = None
+    if type(m0) is nn.Linear:
+        if bayesian:
+            t = _BayesLinear(m0.in_features, m0.out_features, bias=m0.bias is not None,
+                             prior_sigma=prior_sigma, **kw)
+        else:
+            t = _Linear(s, m0.in_features, m0.out_features, bias=m0.bias is not None, **kw)
+    elif type(m0) is nn.Conv2d:
+        pad = _conv_padding(m0)
+        if pad is None:
+            return None
+        args = (m0.in_channels, m0.out_channels, m0.kernel_size)
+        if bayesian:
+            t = _BayesConv2d(*args, m0.stride, pad, bias=m0.bias is not None,
+                             prior_sigma=prior_sigma, dilation=m0.dilation, groups=m0.groups,
+                             **kw)
+        else:
+            t = _Conv2d(s, *args, m0.stride, pad, bias=m0.bias is not None,
+                        dilation=m0.dilation, groups=m0.groups, **kw)
+    elif type(m0) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if not m0.track_running_stats:
+            return None
+        t = _BatchNorm(s, m0.num_features, m0.eps, m0.momentum, m0.affine, **kw)
+        t.dims = 1 if type(m0) is nn.BatchNorm1d else 2
+        kw = {"device": m0.running_mean.device}
+    elif type(m0) is nn.LayerNorm:
+        t = _LayerNorm(s, m0.normalized_shape, m0.eps, m0.elementwise_affine,
+                       bias=getattr(m0, "bias", None) is not None, **kw)
+    elif type(m0) is nn.Embedding:
+        if (m0.padding_idx is not None or m0.max_norm is not None or m0.scale_grad_by_freq
+                or m0.sparse):
+            return None
+        t = _Embedding(s, m0.num_embeddings, m0.embedding_dim, **kw)
+    elif type(m0) in _DROPOUT_FNS:
+        return _Dropout(m0.p, type(m0)).train(m0.training)
+    if t is None:
+        return None
+    t.__dict__["_ctx"] = ctx
+    if bayesian and isinstance(t, (_BayesLinear, _BayesConv2d)):
+        t.load_member_state(0, m0.state_dict())
+    else:
+        for i, m in enumerate(mods):
+            t.load_member_state(i, m.state_dict())
+    return t.train(m0.training)
+
+
+def _convert(mods: Sequence[nn.Module], name: str, ctx: _Ctx, bayesian: bool,
+             prior_sigma: float, fallbacks: list) -> nn.Module:
+    m0 = mods[0]
+    twin = _twin(mods, ctx, bayesian, prior_sigma)
+    if twin is not None:
+        return twin
+    if _own_state(m0):
+        fallbacks.append((name or "<root>", type(m0).__name__))
+        return _VmapGroup([copy.deepcopy(m) for m in mods], name or "<root>", ctx)
+    children = {cname: _convert([m._modules[cname] for m in mods],
+                                f"{name}.{cname}" if name else cname, ctx, bayesian,
+                                prior_sigma, fallbacks)
+                for cname, child in m0._modules.items() if child is not None}
+    # copy the container (its python attributes, hooks, non-persistent buffers) with the
+    # converted children in place of the originals
+    memo: dict[int, Any] = {id(m0._modules[c]): new for c, new in children.items()}
+    return copy.deepcopy(m0, memo)
+
+
+def _check_structure(mods: Sequence[nn.Module]) -> None:
+    ref = [(n, type(m)) for n, m in mods[0].named_modules()]
+    shapes = {k: tuple(v.shape) for k, v in mods[0].state_dict().items()}
+    for i, m in enumerate(mods[1:], 1):
+        if [(n, type(x)) for n, x in m.named_modules()] != ref:
+            raise ValueError(f"modules[{i}] does not have the submodules of modules[0]; "
+                             f"stack_from needs S copies of one architecture")
+        other = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        if other != shapes:
+            bad = sorted(k for k in set(shapes) | set(other) if shapes.get(k) != other.get(k))
+            raise ValueError(f"modules[{i}] differs from modules[0] in state {bad[:5]}")
+
+
+def _fx_check(model: nn.Module, swapped: set[str]) -> None:
+    """Raise if the traced graph reads a parameter of a swapped layer directly."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # untraceable (data-dependent control flow...): the swap still works
+        return
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner = node.target.rpartition(".")[0]
+        if owner in swapped:
+            raise ValueError(
+                f"faststeal.stack: graph node {node.name!r} reads {node.target!r}, a parameter "
+                f"of the {type(model.get_submodule(owner)).__name__} {owner!r}, outside its "
+                f"forward (weight tying or a functional call on module weights); stacked "
+                f"parameters have a leading member axis there. Call the module instead, or put "
+                f"that code in its own nn.Module (it then runs under torch.func.vmap)")
+
+
+class StackedModule(nn.Module):
+    """S members of one user model run as one computation (built by :func:`stack`).
+
+    ``forward(x, samples=None)``: x ``(B, *input_shape)`` shared by all members, or
+    ``(S, B, *input_shape)`` one batch per member -> ``(S, B, ...)`` (the member model's output
+    with a leading member axis). Without ``input_shape`` every input is taken as shared.
+    ``samples``: for a one-member model (MC dropout, Bayesian), the number of copies to run
+    (default 1); each copy draws its own dropout masks / weight sample.
+
+    Attributes: ``members``, ``input_shape``, ``bayesian``, ``body`` (the converted model),
+    ``head`` (the last Linear twin, or the one named by ``last_layer``), ``vmap_fallbacks``
+    (names of submodules run under vmap).
+    """
+
+    def __init__(self, body: nn.Module, members: int, skeleton: nn.Module, *,
+                 input_shape: Optional[Sequence[int]] = None, bayesian: bool = False,
+                 last_layer: Optional[str] = None, fallbacks: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.body = body
+        self.members = members
+        self.bayesian = bayesian
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        self.vmap_fallbacks = list(fallbacks)
+        self.__dict__["_skeleton"] = skeleton  # plain CPU copy (not a submodule) for member()
+        self.__dict__["_ctx"] = next(
+            (m.__dict__["_ctx"] for m in body.modules() if "_ctx" in m.__dict__), _Ctx())
+        self.last_layer = last_layer if last_layer is not None else self._find_last_linear()
+
+    def _find_last_linear(self) -> Optional[str]:
+        names = [n for n, m in self.body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
+        return names[-1] if names else None
+
+    @property
+    def head(self) -> nn.Module:
+        if self.last_layer is None:
+            raise ValueError("the model has no nn.Linear layer; name its last layer with "
+                             "last_layer=")
+        return self.body.get_submodule(self.last_layer)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        h = self.head if self.last_layer is not None else None
+        return None if h is None else int(h.out_features)
+
+    def _stacked_input(self, x: torch.Tensor) -> bool:
+        if self.input_shape is None:
+            return False
+        nd = len(self.input_shape)
+        if x.dim() == nd + 2:
+            return True
+        if x.dim() != nd + 1:
+            raise ValueError(f"x must be (batch, {', '.join(map(str, self.input_shape))}) or "
+                             f"(members, batch, ...), got shape {tuple(x.shape)}")
+        return False
+
+    def _copies(self, x: torch.Tensor, samples: Optional[int]) -> tuple[int, bool]:
+        stacked = self._stacked_input(x)
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                    or samples < 1):
+            raise ValueError(f"samples must be a positive int or None, got {samples!r}")
+        if self.members > 1:
+            if samples is not None and samples != self.members:
+                raise ValueError(f"samples={samples} given to a model with {self.members} "
+                                 f"members; samples is for one-member (MC dropout / Bayesian) "
+                                 f"models")
+            if stacked and x.shape[0] != self.members:
+                raise ValueError(f"x has {x.shape[0]} members on dim 0 but the model has "
+                                 f"{self.members} (x shape {tuple(x.shape)})")
+            return self.members, stacked
+        if stacked:
+            if samples is not None and samples != x.shape[0]:
+                raise ValueError(f"samples={samples} but x has {x.shape[0]} copies on dim 0")
+            return x.shape[0], True
+        return (1 if samples is None else samples), False
+
+    def _run(self, x: torch.Tensor, samples: Optional[int]) -> tuple[torch.Tensor, int]:
+        copies, stacked = self._copies(x, samples)
+        if stacked:
+            xf = x.reshape(-1, *x.shape[2:])
+        elif copies > 1:
+            xf = x.unsqueeze(0).expand(copies, *x.shape).reshape(-1, *x.shape[1:])
+        else:
+            xf = x
+        self._ctx.copies = copies
+        y = self.body(xf)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"the stacked model must return one tensor, got {type(y).__name__}")
+        return y, copies
+
+    def forward(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
+        y, copies = self._run(x, samples)
+        return _unfold(y, copies)
+
+    def features(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
+        """The head's input, ``(S, B, F)`` (Laplace's penultimate features)."""
+        head = self.head
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            _, copies = self._run(x, samples)
+        finally:
+            hook.remove()
+        if not seen:
+            raise RuntimeError(f"the last layer {self.last_layer!r} was not called by forward")
+        return _unfold(seen[-1], copies)
+
+    def kl(self) -> torch.Tensor:
+        """Sum of the Bayesian layers' KL(q || prior); zero for a deterministic stack."""
+        terms = [m.kl() for m in self.modules() if isinstance(m, (BayesLinear, BayesConv2d))]
+        if not terms:
+            p = next(self.parameters())
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        return torch.stack(terms).sum()
+
+    def _stateful(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.body.named_modules()
+                if isinstance(m, (_Twin, _VmapGroup))]
+
+    def _check_index(self, i: int) -> None:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.members:
+            raise ValueError(f"member index must be an int in [0, {self.members}), got {i!r}")
+
+    @torch.no_grad()
+    def member(self, i: int) -> nn.Module:
+        """Member ``i`` as a plain module of the user's class (a copy; for a Bayesian stack the
+        posterior mean)."""
+        self._check_index(i)
+        plain = copy.deepcopy(self._skeleton)
+        state = plain.state_dict()
+        for name, m in self._stateful():
+            for k, v in m.member_state(i).items():
+                state[f"{name}.{k}" if name else k] = v.detach().clone().cpu()
+        plain.load_state_dict(state)
+        p0 = next(self.parameters(), None)
+        if p0 is not None:
+            plain = plain.to(p0.device)
+        return plain.train(self.training)
+
+    @torch.no_grad()
+    def load_member(self, i: int, plain: nn.Module) -> None:
+        """Copy a plain model's state (same architecture) into member ``i``."""
+        self._check_index(i)
+        state = plain.state_dict()
+        for name, m in self._stateful():
+            prefix = f"{name}." if name else ""
+            m.load_member_state(i, {k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix)})
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_model(model_or_factory: ModelOrFactory, what: str = "model_or_factory") -> nn.Module:
+    if isinstance(model_or_factory, nn.Module):
+        return model_or_factory
+    if callable(model_or_factory):
+        m = model_or_factory()
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{what} must return an nn.Module, got {type(m).__name__}")
+        return m
+    raise TypeError(f"{what} must be an nn.Module or a zero-argument factory returning one, "
+                    f"got {type(model_or_factory).__name__}")
+
+
+def _member_seed(seed: int, i: int) -> int:
+    return (seed * 1_000_003 + i * 7_919 + 101) % (2**63)
+
+
+@torch.no_grad()
+def _reset(m: nn.Module) -> None:
+    """Re-draw every parameter of ``m`` with its layers' own ``reset_parameters``."""
+    for sub in m.modules():
+        if hasattr(sub, "reset_parameters") and callable(sub.reset_parameters):
+            sub.reset_parameters()
+
+
+def stack(model_or_factory: ModelOrFactory, members: int, *, seed: Optional[int] = None,
+          init: str = "reset", input_shape: Optional[Sequence[int]] = None,
+          bayesian: bool = False, prior_sigma: float = 1.0,
+          last_layer: Optional[str] = None) -> StackedModule:
+    """``members`` copies of a model as one :class:`StackedModule` (see the module docstring).
+
+    model_or_factory: an ``nn.Module`` (the template) or a zero-argument callable returning one.
+    init: ``"reset"`` — member i is re-initialised under its own seed (derived from ``seed``;
+    ``seed=None`` draws one from torch's global RNG): a factory is called once per member, a
+    template is copied and every submodule's ``reset_parameters()`` re-run; ``"copy"`` — every
+    member starts from the template's weights. input_shape: one example's shape (e.g. (C, H, W)
+    or (F,)); with it ``forward`` tells a shared ``(B, ...)`` input from a stacked ``(S, B, ...)``
+    one. bayesian: Linear/Conv2d become mean-field Gaussian layers (members must be 1; draw S
+    weight samples with ``forward(x, samples=S)``). last_layer: the qualified name of the layer
+    whose input :meth:`StackedModule.features` returns (default: the last ``nn.Linear``).
+    """
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be a positive int, got {members!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    if bayesian and members != 1:
+        raise ValueError(f"a Bayesian stack has one parameter set (members=1) and draws its "
+                         f"members with forward(x, samples=S); got members={members}")
+    is_factory = not isinstance(model_or_factory, nn.Module)
+    template = _check_model(model_or_factory)
+    if init == "copy":
+        mods = [copy.deepcopy(template) for _ in range(members)]
+    else:
+        base = next_seed() if seed is None else seed
+        mods = []
+        for i in range(members):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_member_seed(base, i))
+                if is_factory:
+                    m = _check_model(model_or_factory)
+                else:
+                    m = copy.deepcopy(template)
+                    _reset(m)
+            mods.append(m)
+    return stack_from(mods, input_shape=input_shape, bayesian=bayesian, prior_sigma=prior_sigma,
+                      last_layer=last_layer)
+
+
+def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[int]] = None,
+               bayesian: bool = False, prior_sigma: float = 1.0,
+               last_layer: Optional[str] = None) -> StackedModule:
+    """Stack existing plain modules (one architecture) as the members, weights kept exactly.
+
+    ``unstack(stack_from(ms))`` returns modules whose ``state_dict`` equals ``ms``'s.
+    """
+    if isinstance(modules, nn.Module) or not isinstance(modules, (list, tuple)) or not modules:
+        raise TypeError("modules must be a non-empty list of nn.Module")
+    bad = [i for i, m in enumerate(modules) if not isinstance(m, nn.Module)]
+    if bad:
+        raise TypeError(f"modules[{bad[0]}] is a {type(modules[bad[0]]).__name__}, "
+                        f"not an nn.Module")
+    if bayesian and len(modules) != 1:
+        raise ValueError(f"bayesian=True stacks one module (its weights become the posterior "
+                         f"means), got {len(modules)}")
+    if (isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float))
+            or not prior_sigma > 0 or not math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be a positive float, got {prior_sigma!r}")
+    _check_structure(modules)
+    ctx = _Ctx()
+    fallbacks: list[tuple[str, str]] = []
+    body = _convert(modules, "", ctx, bayesian, float(prior_sigma), fallbacks)
+    swapped = {n for n, m in body.named_modules() if isinstance(m, _Twin)}
+    if "" not in swapped:  # a bare layer is its own twin; nothing else to check
+        _fx_check(modules[0], swapped)
+    for name, kind in fallbacks:
+        warnings.warn(f"faststeal.stack: submodule {name!r} ({kind}) has no stacked twin; its "
+                      f"{len(modules)} member(s) run through torch.func.vmap (correct, without "
+                      f"the fused ops)", UserWarning, stacklevel=3)
+    if last_layer is not None:
+        try:
+            layer = body.get_submodule(last_layer)
+        except AttributeError as exc:
+            raise ValueError(f"last_layer {last_layer!r} is not a submodule of the model") \
+                from exc
+        if not isinstance(layer, (_Linear, _BayesLinear)):
+            raise ValueError(f"last_layer {last_layer!r} must be an nn.Linear, got "
+                             f"{type(modules[0].get_submodule(last_layer)).__name__}")
+    skeleton = copy.deepcopy(modules[0]).cpu()
+    return StackedModule(body, len(modules), skeleton, input_shape=input_shape,
+                         bayesian=bayesian, last_layer=last_layer,
+                         fallbacks=[n for n, _ in fallbacks])
+
+
+def unstack(stacked: StackedModule) -> list[nn.Module]:
+    """The members of ``stacked`` as plain modules (copies)."""
+    if not isinstance(stacked, StackedModule):
+        raise TypeError(f"stacked must be a StackedModule (from faststeal.stack), got "
+                        f"{type(stacked).__name__}")
+    return [stacked.member(i) for i in range(stacked.members)]

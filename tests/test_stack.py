@@ -1,0 +1,347 @@
+"""faststeal.stack: any nn.Module as S stacked members == S plain copies run in a loop."""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import faststeal
+from faststeal import _ext
+from faststeal.nn import set_mc_dropout
+from faststeal.nn.stack import StackedModule, stack, stack_from, unstack
+from faststeal.ops import use_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKENDS = ["reference"] + (["cpp"] if _ext.C is not None else [])
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+class FunctionalCNN(nn.Module):
+    """A paper-style thief CNN written with F calls and view(x.size(0), -1)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 8, 3, bias=False, dilation=2, padding=2)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding="same", groups=2)
+        self.fc1 = nn.Linear(8 * 7 * 7, 32)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x + self.conv3(x), 2)  # residual addition on the folded batch
+        x = x.view(x.size(0), -1)
+        return self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+class TabularMLP(nn.Module):
+    def __init__(self, features: int = 7, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                 nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU())
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.net(x)[:, :8], self.net[0](x)[:, 8:]], dim=1))
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, idx):
+        return self.out(self.norm(self.emb(idx)).mean(1))
+
+
+def _loop(members, x, train):
+    for m in members:
+        m.train(train)
+    return torch.stack([m(x) for m in members])
+
+
+def _check_equal(stacked, members, x, train, atol=1e-5):
+    stacked.train(train)
+    y = stacked(x)
+    ref = _loop(members, x, train)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=1e-4)
+    (y.float() ** 2).sum().backward()
+    (ref.float() ** 2).sum().backward()
+    for name, p in stacked.named_parameters():
+        if p.grad is None:
+            continue
+        key = name.removeprefix("body.")
+        if ".copies." in key:  # a vmap group: copies.<i>.<param>
+            continue
+        g = torch.stack([m.get_parameter(key).grad for m in members])
+        torch.testing.assert_close(p.grad, g, atol=atol * 10, rtol=1e-3, msg=name)
+
+
+def _fresh(stacked):
+    return [m.train(stacked.training) for m in unstack(stacked)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[-1:])  # the backend only serves the fc layer here
+def test_resnet18_matches_loop(backend):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    st = stack(lambda: tv.models.resnet18(num_classes=10), 2, seed=3, input_shape=(3, 32, 32))
+    members = _fresh(st)
+    x = torch.randn(3, 3, 32, 32)
+    with use_backend(backend):
+        _check_equal(st, members, x, train=True, atol=2e-4)  # BatchNorm on batch statistics
+        # running statistics were updated identically: eval mode agrees too
+        with torch.no_grad():
+            torch.testing.assert_close(st.eval()(x), _loop(members, x, False), atol=2e-4,
+                                       rtol=1e-4)
+    assert torch.equal(st.body.bn1.running_mean[1], members[1].bn1.running_mean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + (["triton"] if TRITON else []))
+@pytest.mark.parametrize("model, x", [
+    (FunctionalCNN, torch.randn(4, 1, 28, 28)),
+    (TabularMLP, torch.randn(5, 7)),
+])
+def test_user_models_match_loop(backend, model, x):
+    torch.manual_seed(1)
+    st = stack(model, 3, seed=0, input_shape=tuple(x.shape[1:]))
+    members = _fresh(st)
+    with use_backend(backend):
+        _check_equal(st, members, x, train=False)
+        st2 = stack_from(_fresh(st), input_shape=tuple(x.shape[1:]))
+        members2 = _fresh(st2)
+        # train mode: BatchNorm statistics per member; no dropout randomness in the comparison
+        for m in [st2, *members2]:
+            for d in m.modules():
+                if isinstance(d, nn.Dropout) or type(d).__name__ == "_Dropout":
+                    d.p = 0.0
+        _check_equal(st2, members2, x, train=True)
+
+
+def test_stacked_input_one_batch_per_member():
+    st = stack(TabularMLP, 2, seed=0, input_shape=(7,))
+    members = _fresh(st.eval())
+    xs = torch.randn(2, 4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(st(xs), torch.stack([m.eval()(x) for m, x in zip(members, xs)]))
+
+
+def test_embedding_layernorm_and_integer_inputs():
+    st = stack(TokenModel, 3, seed=0, input_shape=(5,))
+    members = _fresh(st)
+    idx = torch.randint(0, 11, (4, 5))
+    _check_equal(st, members, idx, train=True)
+
+
+def test_adam_step_equals_separate_steps():
+    torch.manual_seed(0)
+    st = stack(FunctionalCNN, 3, seed=5, input_shape=(1, 28, 28))
+    members = _fresh(st.eval())
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    opt = torch.optim.Adam(st.parameters(), lr=1e-2)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in members]
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(st(x).flatten(0, 1), y.repeat(3), reduction="sum").backward()
+        opt.step()
+        for m, o in zip(members, opts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y, reduction="sum").backward()
+            o.step()
+    for a, b in zip(unstack(st), members):
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_round_trips_exactly():
+    ms = [FunctionalCNN() for _ in range(3)]
+    st = stack_from(ms)
+    back = unstack(st)
+    for a, b in zip(ms, back):
+        assert type(b) is FunctionalCNN
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(),
+                                                     b.state_dict().values()))
+    again = stack_from(back)
+    assert all(torch.equal(u, v) for u, v in zip(st.state_dict().values(),
+                                                 again.state_dict().values()))
+    st.load_member(1, ms[0])
+    assert torch.equal(st.member(1).fc2.weight, ms[0].fc2.weight)
+
+
+def test_init_reset_and_copy():
+    t = TabularMLP()
+    a = stack(t, 2, seed=1)
+    b = stack(t, 2, seed=1)
+    c = stack(t, 2, init="copy")
+    assert torch.equal(a.body.head.weight, b.body.head.weight)  # seeded: reproducible
+    assert not torch.equal(a.body.head.weight[0], a.body.head.weight[1])  # independent
+    assert not torch.equal(a.body.head.weight[0], t.head.weight)
+    assert torch.equal(c.body.head.weight[0], t.head.weight)
+    assert torch.equal(c.body.head.weight[1], t.head.weight)
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return x * self.s
+
+
+class WithUnsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.scale = _Scale()
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.scale(F.relu(self.fc(x)))
+        return self.out(self.conv(h.unsqueeze(1)).flatten(1))
+
+
+def test_vmap_fallback_warns_and_matches():
+    with pytest.warns(UserWarning, match=r"submodule 'scale' \(_Scale\) has no stacked twin"):
+        st = stack(WithUnsupported, 3, seed=0, input_shape=(4,))
+    assert set(st.vmap_fallbacks) == {"scale", "conv"}
+    members = _fresh(st)
+    x = torch.randn(5, 4)
+    _check_equal(st, members, x, train=True)
+    g = torch.stack([m.scale.s.grad for m in members])
+    got = torch.stack([c.s.grad for c in st.body.scale.copies])
+    torch.testing.assert_close(got, g)
+
+
+class TiedWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.fc.weight)
+
+
+def test_direct_parameter_use_names_the_node():
+    with pytest.raises(ValueError, match=r"graph node 'fc_weight' reads 'fc.weight'"):
+        stack(TiedWeights, 2)
+
+
+def test_mc_dropout_and_samples():
+    st = stack(FunctionalCNN, 1, seed=0, input_shape=(1, 28, 28)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        det = st(x, samples=4)
+        assert torch.equal(det[0], det[3])  # eval: no dropout
+        set_mc_dropout(st, True)
+        mc = st(x, samples=4)
+    assert mc.shape == (4, 2, 10) and not torch.equal(mc[0], mc[3])
+
+
+def test_bayesian_stack_draws_samples_and_keeps_means():
+    t = FunctionalCNN()
+    st = stack_from([t], bayesian=True, input_shape=(1, 28, 28)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    y = st(x, samples=3)
+    assert y.shape == (3, 2, 10) and not torch.equal(y[0], y[1])
+    assert float(st.kl().detach()) > 0
+    mean = st.member(0)
+    assert torch.equal(mean.fc2.weight, t.fc2.weight)
+
+
+def test_features_are_the_head_input():
+    st = stack(FunctionalCNN, 2, seed=0, input_shape=(1, 28, 28)).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        phi = st.features(x)
+        assert phi.shape == (2, 3, 32)
+        torch.testing.assert_close(torch.einsum("sbf,scf->sbc", phi, st.head.weight)
+                                   + st.head.bias[:, None], st(x), atol=1e-5, rtol=1e-5)
+
+
+def test_zoo_plain_factory_stacks():
+    from faststeal.models.zoo import FACTORIES, build_model
+
+    st = stack(lambda: FACTORIES["lenet"]((1, 28, 28), 10), 2, seed=0, input_shape=(1, 28, 28))
+    zoo = build_model("lenet", (1, 28, 28), 10, members=2)
+    for i in range(2):
+        zoo.load_member(i, st.member(i))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(st.eval()(x), zoo.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="members must be a positive int"):
+        stack(TabularMLP, 0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        stack(TabularMLP, 2, init="zeros")
+    with pytest.raises(TypeError, match="must be an nn.Module or a zero-argument factory"):
+        stack(3, 2)
+    with pytest.raises(TypeError, match="must return an nn.Module"):
+        stack(lambda: 3, 2)
+    with pytest.raises(ValueError, match="modules\\[1\\] does not have the submodules"):
+        stack_from([TabularMLP(), FunctionalCNN()])
+    with pytest.raises(ValueError, match="differs from modules\\[0\\] in state"):
+        stack_from([TabularMLP(7), TabularMLP(6)])
+    with pytest.raises(ValueError, match="bayesian=True stacks one module"):
+        stack_from([TabularMLP(), TabularMLP()], bayesian=True)
+    with pytest.raises(ValueError, match="last_layer 'nope' is not a submodule"):
+        stack(TabularMLP, 2, last_layer="nope")
+    st = stack(TabularMLP, 2, input_shape=(7,))
+    with pytest.raises(ValueError, match="member index must be an int in \\[0, 2\\)"):
+        st.member(2)
+    with pytest.raises(ValueError, match="x has 3 members on dim 0 but the model has 2"):
+        st(torch.randn(3, 4, 7))
+    with pytest.raises(ValueError, match="x must be \\(batch, 7\\)"):
+        st(torch.randn(3, 4, 5, 7))
+    with pytest.raises(TypeError, match="StackedModule"):
+        unstack(TabularMLP())
+    assert isinstance(faststeal.stack(TabularMLP, 1), StackedModule)
+
+
+def test_template_is_not_modified():
+    t = FunctionalCNN()
+    before = copy.deepcopy(t.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stack(t, 2, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())
+
+
+def test_new_stacked_layers_check_their_inputs():
+    from faststeal.nn import EnsembleConv2d, EnsembleEmbedding, EnsembleLayerNorm, ensemble_conv2d
+
+    ln = EnsembleLayerNorm(2, 5)
+    with pytest.raises(ValueError, match=r"x must be \(members, batch, ..., \(5,\)\)"):
+        ln(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="EnsembleLayerNorm has 2 members but x has 3"):
+        ln(torch.randn(3, 4, 5))
+    emb = EnsembleEmbedding(2, 7, 3)
+    with pytest.raises(ValueError, match="idx must be an integer tensor"):
+        emb(torch.randn(2, 4))
+    out = emb(torch.tensor([[1, 2], [1, 2]]))
+    torch.testing.assert_close(out[1], emb.weight[1, [1, 2]])
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=4"):
+        EnsembleConv2d(2, 4, 6, 3, groups=3)
+    w = torch.randn(2, 4, 2, 3, 3)
+    with pytest.raises(ValueError, match="strategy 'unfold' supports groups=1"):
+        ensemble_conv2d(torch.randn(2, 1, 4, 5, 5), w, None, (1, 1), (1, 1), "unfold",
+                        groups=2)
+    # grouped == loop with groups and dilation, shared and stacked inputs
+    x = torch.randn(2, 3, 4, 9, 9)
+    for xi in (x, x[0]):
+        ref = ensemble_conv2d(xi, w, None, (1, 1), (2, 2), "loop", (2, 2), 2)
+        got = ensemble_conv2d(xi, w, None, (1, 1), (2, 2), "grouped", (2, 2), 2)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
