@@ -529,7 +529,8 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
                          test_y=test_y, victim_probs=vp, device=device, method_factory=factory,
                          eval_factory=factory, progress=progress)
         idx = torch.as_tensor(run["queried"], dtype=torch.int64)
-    idx, targets, refused = query_until_refused(oracle, idx)  # cached answers are free
+    # cached answers are free
+    idx, targets, refused = query_until_refused(oracle, idx, progress=progress)
     if idx.numel() == 0:
         raise RuntimeError("the defended victim refused every query")
     answered = getattr(oracle, "num_classes", None)

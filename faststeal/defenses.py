@@ -446,16 +446,19 @@ def build_defense(name: Optional[str], **params: Any) -> Defense:
     return Defense(name or "none", **params)
 
 
-def query_until_refused(oracle: Any, indices: Tensor, batch_size: int = 1024
-                        ) -> tuple[Tensor, Tensor, bool]:
-    """Ask ``indices`` in batches until done or refused.
+def query_until_refused(oracle: Any, indices: Tensor, batch_size: int = 1024,
+                        progress: bool = False) -> tuple[Tensor, Tensor, bool]:
+    """Ask ``indices`` in batches until done or refused (``progress``: a "querying victim" bar).
 
     Returns (answered indices, their training targets from ``oracle.targets``, refused?). With a
     refusal, the answered prefix is what the attacker can train on.
     """
+    from .progress import progress_bar
+
     idx_out, tgt_out = [], []
     refused = False
-    for start in range(0, len(indices), batch_size):
+    for start in progress_bar(range(0, len(indices), batch_size), desc="querying victim",
+                              unit="batch", disable=not progress, leave=False):
         try:
             a = oracle.query(indices[start:start + batch_size])
         except QueryRefusedError:
