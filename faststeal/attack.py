@@ -494,7 +494,7 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     oracle_victim, oracle_outputs = dfn.wrap_victim(victim, victim_outputs_kind)
     oracle = Oracle(oracle_victim, pool_x, budget, output_mode=output_mode, k=topk,
                     temperature=temperature, decimals=decimals, device=device,
-                    victim_outputs=oracle_outputs)
+                    victim_outputs=oracle_outputs, probs_atol=dfn.probs_atol)
     oracle = dfn.wrap_oracle(oracle)
     idx = random_queries(len(pool_x), budget, query_seed) if query == "random" else None
     if idx is not None:

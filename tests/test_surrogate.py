@@ -277,7 +277,14 @@ def test_steal_options_reach_the_oracle_and_strategies():
                               query="entropy", query_method="baseline",
                               query_params={"candidates": 100}, output_mode="topk", topk=2,
                               defense="noise", defense_params={"sigma": 0.01})
+        # rounded probabilities sum to 1 only within C * 0.5 * 10**-d: steal() must give the
+        # oracle the defence's tolerance (was a VictimOutputError: 'not probabilities')
+        rounded = faststeal.steal(victim, pool=x[:200], test=(x[200:], y[200:]), budget=30,
+                                  methods="baseline", epochs=1, progress=False,
+                                  output_mode="probs", defense="rounding",
+                                  defense_params={"decimals": 1})
     assert res["queries"]["used"] == 60
+    assert rounded["queries"]["used"] == 30 and not rounded["queries"]["refused"]
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         faststeal.steal(victim, pool=x, test=x, budget=10, method_params={"swag": {"x": 1}})
     with pytest.raises(ValueError, match="swag: members must be a positive integer, got 0"):
