@@ -99,6 +99,9 @@ def test_rerun_after_a_crash_asks_the_victim_nothing(tmp_path, monkeypatch):
     ("budget", -5, "budget must be a positive integer"),
     ("methods", ("baseline", "dropconnect"), "method must be one of"),
     ("victim_fraction", 1.5, "victim_fraction"),
+    # before the run folder is touched (was: found after the victim had answered the queries)
+    ("surrogate_arch", "torchvision:nope", "torchvision has no classification model 'nope'"),
+    ("surrogate_arch", "nomodule_xyz:f", "cannot import module 'nomodule_xyz'"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
