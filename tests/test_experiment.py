@@ -115,6 +115,22 @@ def test_budget_larger_than_pool_rejected_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "c")  # failed before the victim was trained
 
 
+def test_surrogate_that_cannot_take_the_data_rejected_before_training(tmp_path, monkeypatch):
+    (tmp_path / "revthief.py").write_text(
+        "import torch\n"
+        "def three():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    cfg = Config(**{**TINY, "surrogate_arch": "revthief:three"}, out=str(out),
+                 cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"num_classes=10\) logits; on 2 inputs it returned "
+                                         r"\(2, 3\)"):
+        faststeal.run_comparison(cfg)
+    # failed before the victim was trained or queried, and before the folder was touched
+    assert not os.path.exists(tmp_path / "c") and not out.exists()
+
+
 def test_parse_methods():
     assert parse_methods("all")[0] == "baseline" and len(parse_methods("all")) == 6
     assert parse_methods("swag, laplace") == ("swag", "laplace")
