@@ -481,7 +481,18 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     if not pool_x.dtype.is_floating_point and surrogate in ("mlp", "lenet", "cnn-wide",
                                                             "resnet-small"):
         raise TypeError(f"pool must hold floating inputs, got dtype {pool_x.dtype}")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
+    seed_list = (list(range(positive_int("seeds", seeds))) if isinstance(seeds, int)
+                 else list(seeds))
+    if not seed_list:
+        raise ValueError("seeds must be a positive int or a non-empty list of seeds, got "
+                         f"{seeds!r}")
+    if query != "random":  # before the victim sees anything (the active loop starts later)
+        from .query import make_strategy
+
+        make_strategy(query, **(query_params or {}))
+        parse_methods(query_method)
     if _is_art(victim):
         victim = ArtVictim(victim)
         if victim_outputs_kind is None:

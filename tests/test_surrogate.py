@@ -295,6 +295,23 @@ def test_steal_options_reach_the_oracle_and_strategies():
     with pytest.raises(TypeError, match="not both"):
         faststeal.steal(victim, pool=x, test=x, budget=10, surrogate="mlp",
                         surrogate_arch="mlp")
+    # rejected before the victim sees anything (were found after the budget was spent, or, for
+    # seeds=0, not at all: an empty result)
+    counted = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    seen = []
+    counted.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    for kw, exc, match in [
+            (dict(seeds=0), ValueError, "seeds must be a positive integer, got 0"),
+            (dict(seeds=[]), ValueError, "seeds must be a positive int or a non-empty list"),
+            (dict(epochs=0), ValueError, "epochs must be a positive integer, got 0"),
+            (dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+            (dict(query="k-center"), ValueError, "strategy must be one of"),
+            (dict(query="entropy", query_params={"nope": 1}), TypeError, "nope"),
+            (dict(query="entropy", query_method="nope"), ValueError, "unknown method")]:
+        with pytest.raises(exc, match=match):
+            faststeal.steal(counted, pool=x[:200], test=(x[200:], y[200:]), budget=10,
+                            progress=False, **kw)
+    assert seen == []
 
 
 def test_cli_user_surrogate_and_save_models(tmp_path, monkeypatch, capsys):
