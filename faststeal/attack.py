@@ -471,6 +471,10 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     if surrogate is not None and surrogate_arch is not None:
         raise TypeError("give surrogate= (surrogate_arch is its old name), not both")
     surrogate = surrogate if surrogate is not None else (surrogate_arch or "mlp")
+    if isinstance(surrogate, str):  # a name is checked before any query; shapes after the test
+        from .models import check_surrogate_name
+
+        check_surrogate_name(surrogate)
     method_list = parse_methods(methods)
     params = check_method_params(method_params, method_list)
     if output_mode not in OUTPUT_MODES:

@@ -307,7 +307,9 @@ def test_steal_options_reach_the_oracle_and_strategies():
             (dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
             (dict(query="k-center"), ValueError, "strategy must be one of"),
             (dict(query="entropy", query_params={"nope": 1}), TypeError, "nope"),
-            (dict(query="entropy", query_method="nope"), ValueError, "unknown method")]:
+            (dict(query="entropy", query_method="nope"), ValueError, "unknown method"),
+            (dict(surrogate="vgg"), ValueError, "surrogate must be one of"),
+            (dict(surrogate="torchvision:nope"), ValueError, "no classification model 'nope'")]:
         with pytest.raises(exc, match=match):
             faststeal.steal(counted, pool=x[:200], test=(x[200:], y[200:]), budget=10,
                             progress=False, **kw)
