@@ -471,6 +471,10 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     if surrogate is not None and surrogate_arch is not None:
         raise TypeError("give surrogate= (surrogate_arch is its old name), not both")
     surrogate = surrogate if surrogate is not None else (surrogate_arch or "mlp")
+    if isinstance(surrogate, str):  # a name is checked before any query; shapes after the test
+        from .models import check_surrogate_name
+
+        check_surrogate_name(surrogate)
     method_list = parse_methods(methods)
     params = check_method_params(method_params, method_list)
     if output_mode not in OUTPUT_MODES:
@@ -481,7 +485,18 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     if not pool_x.dtype.is_floating_point and surrogate in ("mlp", "lenet", "cnn-wide",
                                                             "resnet-small"):
         raise TypeError(f"pool must hold floating inputs, got dtype {pool_x.dtype}")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
+    seed_list = (list(range(positive_int("seeds", seeds))) if isinstance(seeds, int)
+                 else list(seeds))
+    if not seed_list:
+        raise ValueError("seeds must be a positive int or a non-empty list of seeds, got "
+                         f"{seeds!r}")
+    if query != "random":  # before the victim sees anything (the active loop starts later)
+        from .query import make_strategy
+
+        make_strategy(query, **(query_params or {}))
+        parse_methods(query_method)
     if _is_art(victim):
         victim = ArtVictim(victim)
         if victim_outputs_kind is None:
@@ -494,7 +509,7 @@ def steal(victim: Any, pool: TensorOrDataset, test: TensorOrDataset, budget: int
     oracle_victim, oracle_outputs = dfn.wrap_victim(victim, victim_outputs_kind)
     oracle = Oracle(oracle_victim, pool_x, budget, output_mode=output_mode, k=topk,
                     temperature=temperature, decimals=decimals, device=device,
-                    victim_outputs=oracle_outputs)
+                    victim_outputs=oracle_outputs, probs_atol=dfn.probs_atol)
     oracle = dfn.wrap_oracle(oracle)
     idx = random_queries(len(pool_x), budget, query_seed) if query == "random" else None
     if idx is not None:

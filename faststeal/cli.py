@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "comparison":
             continue  # that is `faststeal run`
         doc = sys.modules[cls.__module__].__doc__ or name
-        sp = studies.add_parser(name, help=doc.strip().splitlines()[0],
+        sp = studies.add_parser(name, help=" ".join(doc.strip().split("\n\n")[0].split()),
                                 description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_settings_arguments(sp, _settings_class(cls))

@@ -109,7 +109,9 @@ class Oracle:
     decimals: round revealed real values (probabilities, scores, logits) to this many digits.
     num_classes: number of victim classes if known (else inferred from the first answer).
     probs_atol: how far a row of declared probabilities may sum from 1 (raise it for a victim
-        that rounds its probabilities to d digits: C * 0.5 * 10**-d).
+        that rounds its probabilities to d digits: C * 0.5 * 10**-d), or a function of the
+        class count C returning that tolerance (C is known only from the first answer, e.g.
+        ``DefensePipeline.probs_atol``).
     journal: file that persists every answer as it arrives (:class:`AnswerJournal`); an
         existing journal is loaded first, so its images are answered from it, free, and count
         towards ``used`` (the budget is spent once across restarts).
@@ -129,7 +131,8 @@ class Oracle:
                  with_scores: bool = True, temperature: float = 1.0,
                  decimals: int | None = None, batch_size: int = 1024,
                  device: str | torch.device = "cpu", victim_outputs: str = "logits",
-                 num_classes: int | None = None, probs_atol: float = PROBS_ATOL,
+                 num_classes: int | None = None,
+                 probs_atol: float | Callable[[int], float] = PROBS_ATOL,
                  journal: str | os.PathLike | None = None,
                  journal_key: Any = None) -> None:
         if not callable(victim):
@@ -165,10 +168,10 @@ class Oracle:
                              else positive_int("num_classes", num_classes))
         if self._num_classes is not None and self._mode == "topk" and self._k > self._num_classes:
             raise ValueError(f"k={self._k} exceeds num_classes={self._num_classes}")
-        if isinstance(probs_atol, bool) or not isinstance(probs_atol, (int, float)) \
-                or not 0 < probs_atol < math.inf:
-            raise ValueError(f"probs_atol must be a finite number > 0, got {probs_atol!r}")
-        self._probs_atol = float(probs_atol)
+        if not callable(probs_atol):
+            _check_probs_atol(probs_atol)
+            probs_atol = float(probs_atol)
+        self._probs_atol = probs_atol
 
         if isinstance(victim, nn.Module):
             victim = victim.to(self._device).eval()
@@ -481,15 +484,23 @@ def _renormalise(p: Tensor) -> Tensor:
 
 
 # -- answer validation ---------------------------------------------------------------------------
+def _check_probs_atol(probs_atol: Any) -> float:
+    if isinstance(probs_atol, bool) or not isinstance(probs_atol, (int, float)) \
+            or not 0 < probs_atol < math.inf:
+        raise ValueError(f"probs_atol must be a finite number > 0, got {probs_atol!r}")
+    return float(probs_atol)
+
+
 def check_victim_output(out: Any, rows: int, victim_outputs: str, *,
-                        num_classes: int | None = None, probs_atol: float = PROBS_ATOL,
+                        num_classes: int | None = None,
+                        probs_atol: float | Callable[[int], float] = PROBS_ATOL,
                         warn: bool = True) -> Tensor:
     """Check one victim answer and return it as a float32 CPU tensor.
 
     out: what the victim returned for ``rows`` inputs; must be a (rows, C) tensor of finite
     values with C == ``num_classes`` when given (one C across all answers). With
     ``victim_outputs="probs"`` every value must lie in [0, 1] and every row sum to 1 within
-    ``probs_atol``; with ``"logits"``, answers that look like probabilities (every row in
+    ``probs_atol`` (a number, or a function of C giving it); with ``"logits"``, answers that look like probabilities (every row in
     [0, 1] summing to 1) give a warning: they would be softmaxed a second time. Raises
     :class:`VictimOutputError`.
     """
@@ -514,6 +525,8 @@ def check_victim_output(out: Any, rows: int, victim_outputs: str, *,
     sums = out.sum(dim=1)
     in_unit = bool(((out >= -1e-6) & (out <= 1 + 1e-6)).all())
     if victim_outputs == "probs":
+        if callable(probs_atol):
+            probs_atol = _check_probs_atol(probs_atol(c))
         worst = float((sums - 1).abs().max()) if rows else 0.0
         if not in_unit or worst > probs_atol:
             raise VictimOutputError(

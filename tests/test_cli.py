@@ -33,6 +33,16 @@ def test_bad_output_mode_is_an_argparse_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_study_help_gives_each_study_its_whole_question(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    # was the docstring's first line only, cut mid-sentence
+    assert "does choosing queries with the surrogate's own uncertainty beat random queries" in out
+    assert "what do the usual oracle defences cost each method?" in out
+
+
 def _info_rows(out):
     """{op: backend} of the `cpu` rows of `faststeal info`."""
     return dict(re.findall(r"^  cpu +(\S+) +(\S+)", out, re.M))

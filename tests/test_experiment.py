@@ -99,6 +99,9 @@ def test_rerun_after_a_crash_asks_the_victim_nothing(tmp_path, monkeypatch):
     ("budget", -5, "budget must be a positive integer"),
     ("methods", ("baseline", "dropconnect"), "method must be one of"),
     ("victim_fraction", 1.5, "victim_fraction"),
+    # before the run folder is touched (was: found after the victim had answered the queries)
+    ("surrogate_arch", "torchvision:nope", "torchvision has no classification model 'nope'"),
+    ("surrogate_arch", "nomodule_xyz:f", "cannot import module 'nomodule_xyz'"),
 ])
 def test_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -110,6 +113,22 @@ def test_budget_larger_than_pool_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="larger than the attacker pool"):
         faststeal.run_comparison(cfg)
     assert not os.path.exists(tmp_path / "c")  # failed before the victim was trained
+
+
+def test_surrogate_that_cannot_take_the_data_rejected_before_training(tmp_path, monkeypatch):
+    (tmp_path / "revthief.py").write_text(
+        "import torch\n"
+        "def three():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    cfg = Config(**{**TINY, "surrogate_arch": "revthief:three"}, out=str(out),
+                 cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"num_classes=10\) logits; on 2 inputs it returned "
+                                         r"\(2, 3\)"):
+        faststeal.run_comparison(cfg)
+    # failed before the victim was trained or queried, and before the folder was touched
+    assert not os.path.exists(tmp_path / "c") and not out.exists()
 
 
 def test_parse_methods():

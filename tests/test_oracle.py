@@ -346,8 +346,19 @@ def test_declared_probabilities_must_be_probabilities(pool):
     rounded = Oracle(lambda x: torch.round(torch.softmax(v.net(x), 1), decimals=1), pool, 10,
                      victim_outputs="probs", probs_atol=0.5 * C * 0.1 + 1e-3)
     assert len(rounded.query([0, 1, 2])) == 3
+    # ... or as a function of the class count, known only from the first answer
+    seen = []
+    per_c = Oracle(lambda x: torch.round(torch.softmax(v.net(x), 1), decimals=1), pool, 10,
+                   victim_outputs="probs", probs_atol=lambda c: seen.append(c) or 0.05 * c + 1e-3)
+    assert len(per_c.query([0, 1, 2])) == 3 and seen and set(seen) == {C}
+    with pytest.raises(VictimOutputError, match="off 1 by up to 0.1 > probs_atol=0.03"):
+        Oracle(lambda x: torch.full((x.shape[0], 3), 0.3), pool, 10,  # sums 0.9
+               victim_outputs="probs", probs_atol=lambda c: 0.01 * c).query([0])
     with pytest.raises(ValueError, match="probs_atol must be a finite number > 0"):
         Oracle(v, pool, 10, probs_atol=0)
+    with pytest.raises(ValueError, match="probs_atol must be a finite number > 0, got -1"):
+        Oracle(lambda x: torch.full((x.shape[0], 2), 0.5), pool, 10, victim_outputs="probs",
+               probs_atol=lambda c: -1).query([0])
 
 
 def test_declared_logits_that_look_like_probabilities_warn(pool):

@@ -277,7 +277,14 @@ def test_steal_options_reach_the_oracle_and_strategies():
                               query="entropy", query_method="baseline",
                               query_params={"candidates": 100}, output_mode="topk", topk=2,
                               defense="noise", defense_params={"sigma": 0.01})
+        # rounded probabilities sum to 1 only within C * 0.5 * 10**-d: steal() must give the
+        # oracle the defence's tolerance (was a VictimOutputError: 'not probabilities')
+        rounded = faststeal.steal(victim, pool=x[:200], test=(x[200:], y[200:]), budget=30,
+                                  methods="baseline", epochs=1, progress=False,
+                                  output_mode="probs", defense="rounding",
+                                  defense_params={"decimals": 1})
     assert res["queries"]["used"] == 60
+    assert rounded["queries"]["used"] == 30 and not rounded["queries"]["refused"]
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         faststeal.steal(victim, pool=x, test=x, budget=10, method_params={"swag": {"x": 1}})
     with pytest.raises(ValueError, match="swag: members must be a positive integer, got 0"):
@@ -288,6 +295,25 @@ def test_steal_options_reach_the_oracle_and_strategies():
     with pytest.raises(TypeError, match="not both"):
         faststeal.steal(victim, pool=x, test=x, budget=10, surrogate="mlp",
                         surrogate_arch="mlp")
+    # rejected before the victim sees anything (were found after the budget was spent, or, for
+    # seeds=0, not at all: an empty result)
+    counted = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    seen = []
+    counted.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    for kw, exc, match in [
+            (dict(seeds=0), ValueError, "seeds must be a positive integer, got 0"),
+            (dict(seeds=[]), ValueError, "seeds must be a positive int or a non-empty list"),
+            (dict(epochs=0), ValueError, "epochs must be a positive integer, got 0"),
+            (dict(batch_size=0), ValueError, "batch_size must be a positive integer, got 0"),
+            (dict(query="k-center"), ValueError, "strategy must be one of"),
+            (dict(query="entropy", query_params={"nope": 1}), TypeError, "nope"),
+            (dict(query="entropy", query_method="nope"), ValueError, "unknown method"),
+            (dict(surrogate="vgg"), ValueError, "surrogate must be one of"),
+            (dict(surrogate="torchvision:nope"), ValueError, "no classification model 'nope'")]:
+        with pytest.raises(exc, match=match):
+            faststeal.steal(counted, pool=x[:200], test=(x[200:], y[200:]), budget=10,
+                            progress=False, **kw)
+    assert seen == []
 
 
 def test_cli_user_surrogate_and_save_models(tmp_path, monkeypatch, capsys):

@@ -145,6 +145,23 @@ def test_conv_auto_measures_the_strategies_once(tuned):
     assert set(d["times_ms"]) == {"grouped", "unfold", "loop"}
 
 
+@pytest.mark.parametrize("dilation,groups", [((2, 2), 1), ((1, 1), 2)])
+def test_conv_auto_times_a_dilated_or_grouped_conv_as_itself(tuned, dilation, groups):
+    # was: timed as a plain conv under the plain conv's key, so 'unfold' (which cannot run a
+    # dilated/grouped conv) could be chosen and raise, and grouped candidates all failed
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 4, 9, 9)
+    w = torch.randn(3, 6, 4 // groups, 3, 3, requires_grad=True)
+    b = torch.randn(3, 6)
+    y = ensemble_conv2d(x, w, b, (1, 1), (1, 1), "auto", dilation, groups)
+    ref = torch.stack([F.conv2d(x[s], w[s], b[s], 1, 1, dilation, groups) for s in range(3)])
+    torch.testing.assert_close(y, ref)
+    (d,) = [v for k, v in tuning.decisions().items() if k.startswith("ensemble_conv2d|")]
+    assert set(d["times_ms"]) == {"grouped", "loop"} and not d["default"]
+    assert all(t is not None for t in d["times_ms"].values())  # each candidate ran
+    assert f"groups={groups}" in next(k for k in tuning.decisions() if "ensemble_conv2d" in k)
+
+
 def test_bad_forcing_values_raise(monkeypatch):
     monkeypatch.setenv("FASTSTEAL_CONV_STRATEGY", "fastest")
     monkeypatch.setenv("FASTSTEAL_TUNE", "1")

@@ -173,6 +173,21 @@ def _dry_run(model: nn.Module, name: str, input_shape: tuple, num_classes: int) 
                          f"returned {got}")
 
 
+def _torchvision_arch(spec: str) -> tuple[str, Any]:
+    """The model name of ``"torchvision:NAME"`` and the torchvision module; ValueError when
+    torchvision is missing or has no classification model of that name."""
+    arch = spec.split(":", 1)[1]
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ValueError(f"surrogate {spec!r} needs torchvision (pip install "
+                         f"torchvision)") from exc
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise ValueError(f"surrogate {spec!r}: torchvision has no classification model "
+                         f"{arch!r}")
+    return arch, torchvision
+
+
 def check_surrogate_name(spec: Any, name: str = "surrogate") -> None:
     """Check a surrogate given by name before any data is loaded: a zoo name,
     ``"torchvision:NAME"`` or an importable ``"module:factory"`` (ValueError naming ``name``)."""
@@ -181,7 +196,10 @@ def check_surrogate_name(spec: Any, name: str = "surrogate") -> None:
     if not isinstance(spec, str):
         raise ValueError(f"{name} must be a zoo name {ARCHS}, 'torchvision:NAME' or "
                          f"'module.path:factory', got {type(spec).__name__} ({spec!r})")
-    if spec in ARCHS or (spec.startswith("torchvision:") and len(spec) > len("torchvision:")):
+    if spec in ARCHS:
+        return
+    if spec.startswith("torchvision:") and len(spec) > len("torchvision:"):
+        _torchvision_arch(spec)
         return
     if ":" in spec and not spec.startswith("torchvision:"):
         _import_factory(spec)
@@ -217,15 +235,7 @@ def resolve_surrogate(spec: SurrogateLike, input_shape: Optional[Sequence[int]],
                              recipe=spec)
         shape = _check_shape(input_shape, False)
         if spec.startswith("torchvision:"):
-            arch = spec.split(":", 1)[1]
-            try:
-                import torchvision
-            except ImportError as exc:
-                raise ValueError(f"surrogate {spec!r} needs torchvision (pip install "
-                                 f"torchvision)") from exc
-            if arch not in torchvision.models.list_models(torchvision.models):
-                raise ValueError(f"surrogate {spec!r}: torchvision has no classification model "
-                                 f"{arch!r}")
+            arch, torchvision = _torchvision_arch(spec)
             factory = lambda: torchvision.models.get_model(arch, num_classes=num_classes)  # noqa
         elif ":" in spec:
             factory = _bind_shape(_import_factory(spec), shape, num_classes)

@@ -234,16 +234,20 @@ def default_conv_strategy(x: torch.Tensor) -> str:
 
 
 def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  stride: tuple[int, int], padding: tuple[int, int]) -> str:
+                  stride: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int] = (1, 1), groups: int = 1) -> str:
     """The strategy ``auto`` runs for this call: measured once per shape class, dtype, device
     model, thread count and mode (forward only under no_grad, forward + backward otherwise) by
-    :mod:`faststeal.ops.tuning`; ``FASTSTEAL_CONV_STRATEGY`` forces one."""
+    :mod:`faststeal.ops.tuning`; ``FASTSTEAL_CONV_STRATEGY`` forces one. A dilated or grouped
+    convolution is timed as itself, under its own key, without ``unfold`` (which cannot run it)."""
+    plain = groups == 1 and tuple(dilation) == (1, 1)
     names = CONV_STRATEGIES[1:]
     train = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     amp = (str(torch.get_autocast_dtype(x.device.type))[6:]
            if torch.is_autocast_enabled(x.device.type) else "")
+    extra = () if plain else (f"dilation={tuple(dilation)}", f"groups={groups}")
     shape = tuning.shape_class(x, weight, bias is not None, stride, padding,
-                               "train" if train else "eval", amp)
+                               "train" if train else "eval", amp, *extra)
 
     def candidates():
         # detached leaves: timing must not touch the caller's graph or the global RNG
@@ -253,16 +257,16 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         def run(strategy: str) -> None:
             if not train:
                 with torch.no_grad():
-                    ensemble_conv2d(xd, wd, bd, stride, padding, strategy)
+                    ensemble_conv2d(xd, wd, bd, stride, padding, strategy, dilation, groups)
                 return
             with torch.enable_grad():
                 xr = xd.clone().requires_grad_(True) if x.requires_grad else xd
                 wr = wd.clone().requires_grad_(True)
                 br = None if bd is None else bd.clone().requires_grad_(True)
-                y = ensemble_conv2d(xr, wr, br, stride, padding, strategy)
+                y = ensemble_conv2d(xr, wr, br, stride, padding, strategy, dilation, groups)
                 y.backward(torch.ones_like(y))
 
-        return {n: (lambda n=n: run(n)) for n in names}
+        return {n: (lambda n=n: run(n)) for n in names if plain or n != "unfold"}
 
     return tuning.decide("ensemble_conv2d", x.device.type, shape, candidates,
                          default_conv_strategy(x), names, force_env=CONV_ENV)
@@ -289,7 +293,7 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     s, co, ci, kh, kw = weight.shape  # ci: input channels per group
     shared = x.dim() == 4
     if strategy == "auto":
-        strategy = conv_strategy(x, weight, bias, stride, padding)
+        strategy = conv_strategy(x, weight, bias, stride, padding, dilation, groups)
     if strategy == "grouped":
         wf = weight.reshape(s * co, ci, kh, kw)
         bf = bias.reshape(s * co) if bias is not None else None

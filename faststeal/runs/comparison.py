@@ -247,6 +247,12 @@ class ComparisonStudy(Study):
         if self.settings.budget > len(splits.pool):
             raise ValueError(f"budget ({self.settings.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
+        from ..models import resolve_surrogate
+
+        # a torchvision:/module:factory surrogate runs once on two zero inputs of the data's
+        # shape: one that cannot take them fails before the victim is trained or queried
+        resolve_surrogate(self.settings.surrogate_arch, tuple(splits.input_shape),
+                          splits.num_classes)
 
     def begin(self, run: Run) -> None:
         """Ask the oracle once (rank 0) and broadcast the answers: the budget is counted once."""

@@ -40,7 +40,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
@@ -685,12 +685,3 @@ def fmt(s: Optional[dict[str, Any]], pct: bool = True, digits: int = 2) -> str:
         return f"{k * s['mean']:.{digits}f} ± {k * s['std']:.{digits}f}"
     return f"{k * s['mean']:.{digits}f}"
 
-
-def comma_list(name: str, value: Any, cast: Callable[[str], Any] = str) -> list:
-    """A comma-separated command-line list (or a sequence) as a list; ValueError naming it."""
-    if isinstance(value, str):
-        try:
-            return [cast(v.strip()) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{name} must be a comma-separated list, got {value!r}") from None
-    return list(value)
