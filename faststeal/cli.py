@@ -273,17 +273,30 @@ def _member_chunk(value: str):
     return n
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+#: the first SIGINT/SIGTERM received (None: none). Library code interrupted mid-write (e.g. inside
+#: torch.save) may turn the KeyboardInterrupt into another exception while cleaning up, so the
+#: exit path looks at this flag, not only at the exception's type.
+_signalled: Optional[int] = None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _signalled
+    if _signalled is not None:  # a second signal during clean-up: let the clean-up finish
+        return
+    _signalled = signum
+    raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .results.store import StoreMismatchError
 
     args = _parser().parse_args(argv)
-    previous = None
+    global _signalled
+    _signalled = None
+    previous = {}
     try:  # only the main thread may set handlers (tests may call main from another)
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
     except ValueError:
         pass
     try:
@@ -301,21 +314,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "study":
             return _study(args)
         return _run(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, StoreMismatchError,
-            FloatingPointError) as exc:  # FloatingPointError: a diverged surrogate (NonFiniteError)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
-        print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 128 + signal.SIGINT
-    except _Terminated:
-        print(INTERRUPTED, file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except BaseException as exc:
+        if _signalled is not None or isinstance(exc, (KeyboardInterrupt, _Terminated)):
+            sig = _signalled or (signal.SIGINT if isinstance(exc, KeyboardInterrupt)
+                                 else signal.SIGTERM)
+            print(INTERRUPTED, file=sys.stderr)
+            return 128 + int(sig)
+        # FloatingPointError: a diverged surrogate (NonFiniteError)
+        if isinstance(exc, (ValueError, TypeError, FileNotFoundError, StoreMismatchError,
+                            FloatingPointError)):
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+            print(f"faststeal: error{rank}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
