@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..query import STRATEGIES
-from .runner import Cell, Run, Study, StudySettings, fmt, mean_std, register
+from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
 
 
 @dataclass
@@ -206,9 +206,7 @@ class ActiveStudy(Study):
             lines.append(f"| {strat} | {c['candidates']:.0f} | {c['forward']:.3f} | "
                          f"{c['stats']:.4f} | {c['features']:.3f} | {c['select']:.3f} | "
                          f"{c['total']:.3f} | {c['train']:.2f} |")
-        m = s.get("machine") or {}
-        lines += ["", f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
-                  f"device {m.get('device')}; total cell time {sum(s['seconds'].values()):.0f} s."]
+        lines += ["", f"{machine_line(s)}; total cell time {sum(s['seconds'].values()):.0f} s."]
         return "\n".join(lines) + "\n"
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..methods import PAPER_METHODS
-from .runner import Cell, Run, Study, StudySettings, fmt, mean_std, register
+from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
 
 #: defence name -> parameters (every defence of faststeal.defenses, and no defence)
 DEFENSE_SETTINGS: dict[str, dict[str, Any]] = {
@@ -242,9 +242,7 @@ class DefenseStudy(Study):
                 lines.append(f"| {k} | {'yes' if r['flagged'] else 'no'} | "
                              f"{r['flagged_at'] if r['flagged_at'] is not None else '—'} | "
                              f"{w(r['min_w'])} | {w(r['last_w'])} |")
-        m = s.get("machine") or {}
-        lines += ["", f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
-                  f"device {m.get('device')}."]
+        lines += ["", machine_line(s) + "."]
         return "\n".join(lines) + "\n"
 
     @classmethod

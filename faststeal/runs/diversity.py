@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .runner import Cell, Run, Study, StudySettings, fmt, mean_std, register
+from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
 
 #: the variants in table order: the reference, its shared-batch control, then the variants
 VARIANTS = ("deep-ensemble", "shared-batch-de", "bootstrap-ensemble", "hetero-ensemble",
@@ -202,14 +202,12 @@ class DiversityStudy(Study):
                 f"{r['variance']['mean']:.2e} | {r['v_ratio_vs_de']['mean']:.2f} | "
                 f"{r['v_final_over_peak']['mean']:.2f} | {r['mutual_info']['mean']:.3f} | "
                 f"{100 * r['disagreement']['mean']:.2f}% | {r['train_seconds']['mean']:.1f} |")
-        m = s.get("machine") or {}
         over = st.get("variant_params") or {}
         params = {name: {**VARIANT_PARAMS.get(name, {}), **over.get(name, {})}
                   for name in st.get("variants", [])}
         lines += ["", "Settings per variant: " + json.dumps({k: v for k, v in params.items()
                                                              if v}), "",
-                  f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
-                  f"device {m.get('device')}."]
+                  machine_line(s) + "."]
         return "\n".join(lines) + "\n"
 
     @classmethod

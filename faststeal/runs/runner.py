@@ -615,6 +615,13 @@ def machine_info(device: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ reports
 
+def machine_line(summary: dict[str, Any]) -> str:
+    """The "Machine: ..." line of a study's markdown, from the run's stored machine_info."""
+    m = summary.get("machine") or {}
+    return (f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
+            f"device {m.get('device')}")
+
+
 def study_of(store: Any) -> type[Study]:
     """The Study class that wrote ``store`` (folders from before studies: the comparison)."""
     import faststeal.runs  # noqa: F401  (importing the package registers every study)
