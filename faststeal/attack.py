@@ -21,6 +21,7 @@ from . import metrics, ops
 from .checks import positive_int
 from .metrics import NonFiniteError  # noqa: F401  (raised by check_finite; public name here)
 from .methods import METHODS, build_method
+from .methods.base import Method
 from .methods.deep_ensemble import DeepEnsemble
 from .oracle import PREFLIGHT_ROWS, Oracle, check_victim_output
 
@@ -156,8 +157,10 @@ def train_and_evaluate(method: str, arch: Any, x: torch.Tensor, targets: torch.T
         if gather is not None:
             members = gather(members)
             ood_members = None if ood_members is None else gather(ood_members)
+        if gather is not None or type(m).predict_proba is Method.predict_proba:
+            # the base predict_proba is this formula on these members: no second prediction
             probs, ood_probs = _mean_softmax(members), _mean_softmax(ood_members)
-        else:
+        else:  # a method with its own predictive (Laplace's probit)
             probs = m.predict_proba(test_x)
             ood_probs = None if ood_x is None else m.predict_proba(ood_x)
         trace, hp_out = list(m.trace), dict(m.hparams())

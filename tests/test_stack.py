@@ -127,6 +127,40 @@ def test_user_models_match_loop(backend, model, x):
         _check_equal(st2, members2, x, train=True)
 
 
+class SharedReLU(nn.Module):
+    """One nn.ReLU module applied after two layers (as torchvision's ResNet does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(12, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
+    from faststeal.nn.stack import _Linear
+
+    seq = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8),  # noqa: E731
+                                nn.ReLU(inplace=True), nn.Linear(8, 3), nn.ReLU())
+    x = torch.randn(5, 12)
+    for factory, want in [(seq, {"0": "relu", "2": "relu", "4": "none"}),  # not the head
+                          (SharedReLU, {"fc1": "none", "fc2": "none", "head": "none"})]:
+        torch.manual_seed(2)
+        st = stack(factory, 3, seed=1, input_shape=(12,))
+        got = {n.removeprefix("body."): m.activation for n, m in st.named_modules()
+               if isinstance(m, _Linear)}
+        assert got == want
+        fused = [k for k, v in want.items() if v == "relu"]
+        assert all(type(st.body.get_submodule(str(int(k) + 1))) is nn.Identity for k in fused)
+        members = _fresh(st)
+        assert all(type(m[1]) is nn.ReLU for m in members if isinstance(m, nn.Sequential))
+        with use_backend(backend):
+            _check_equal(st, members, x, train=True)
+
+
 def test_stacked_input_one_batch_per_member():
     st = stack(TabularMLP, 2, seed=0, input_shape=(7,))
     members = _fresh(st.eval())

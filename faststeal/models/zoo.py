@@ -309,6 +309,7 @@ def _param_layers(module: nn.Module, types: tuple) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, types)]
 
 
+@torch.fx.wrap  # a leaf of fx traces (faststeal.stack traces plain zoo models)
 def _check_input(x, input_shape: tuple[int, int, int], ranks: tuple[int, ...], what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
