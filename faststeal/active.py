@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -52,6 +52,7 @@ from . import metrics
 from .checks import positive_int
 from .methods import build_method
 from .methods import checkpoint as fit_checkpoint
+from .models.surrogate import SurrogateLike, asdict_keyed
 from .query import Strategy, make_strategy
 
 MethodFactory = Callable[[int], Any]
@@ -68,8 +69,8 @@ class ActiveConfig:
     seed_fraction / seed_size: size of the random seed set (``seed_size`` wins when given);
         clipped to the first milestone.
     round_size: images per selection round (default: the seed set's size).
-    method / arch / hparams: the surrogate (a :data:`faststeal.methods.METHODS` name);
-        eval_method: the retrained
+    method / arch / hparams: the surrogate (a :data:`faststeal.methods.METHODS` name; ``arch``:
+        anything :func:`faststeal.models.resolve_surrogate` takes); eval_method: the retrained
         surrogate's method (default: ``method``).
     epochs: training epochs of the retrained surrogate (and of a cold-started running one);
         min_steps: but at least this many optimizer steps (more epochs on small sets, so that
@@ -90,7 +91,7 @@ class ActiveConfig:
     round_size: Optional[int] = None
     method: str = "deep-ensemble"
     eval_method: Optional[str] = None
-    arch: str = "mlp"
+    arch: SurrogateLike = "mlp"
     hparams: dict = field(default_factory=dict)
     epochs: int = 5
     min_steps: int = 0
@@ -240,7 +241,8 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
     milestones: list[dict[str, Any]] = []
     refused_at: Optional[int] = None
     running = None
-    fingerprint = {"kind": "active-loop", "config": _jsonable(asdict(config)), "budget": budget,
+    config_dict = _jsonable(asdict_keyed(config, "arch"))  # a user model as its fingerprint
+    fingerprint = {"kind": "active-loop", "config": config_dict, "budget": budget,
                    "output_mode": getattr(oracle, "output_mode", None),
                    "device": torch.device(device).type, "pool": fit_checkpoint.digest(pool_x),
                    "test_x": fit_checkpoint.digest(test_x), "test_y": fit_checkpoint.digest(test_y),
@@ -360,7 +362,7 @@ def run_active(oracle: Any, config: ActiveConfig, *, test_x: Tensor, victim_labe
         milestones[-1]["refused"] = True
     remove_fit_ckpts()
     all_q = torch.cat(queried) if queried else torch.empty(0, dtype=torch.int64)
-    return {"strategy": strategy.params(), "config": _jsonable(asdict(config)),
+    return {"strategy": strategy.params(), "config": config_dict,
             "milestones": milestones, "rounds": rounds, "queried": all_q.tolist(),
             "used": int(oracle.used), "budget": budget, "refused_at": refused_at,
             "seconds": time.perf_counter() - t_start}

@@ -342,3 +342,162 @@ def test_cli_user_surrogate_and_save_models(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--surrogate-arch", "vgg", "--out", str(tmp_path / "x")]) != 0
     assert "surrogate_arch must be one of" in capsys.readouterr().err
     sys.modules.pop("thiefnets", None)
+
+
+# ------------------------------------------------------------------ run_comparison and the studies
+
+class WidthNet(nn.Module):
+    """A user's CNN for 8x8 digits whose hidden width is an argument (module level: picklable)."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def width_net_factory() -> nn.Module:
+    return WidthNet(12)
+
+
+RUN = dict(dataset="digits", victim_arch="mlp", victim_epochs=15, budget=200, seeds=1, epochs=3,
+           methods=("deep-ensemble",), method_params={"deep-ensemble": {"members": 2}},
+           member_sweep=(), probe_size=64, record_every=5, lr=1e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def victim_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("victims"))
+
+
+def _finished_at(out):
+    import sqlite3
+
+    con = sqlite3.connect(out / "results.sqlite")
+    rows = dict(con.execute("SELECT cell_id, finished_at FROM cells").fetchall())
+    con.close()
+    return rows
+
+
+def test_surrogate_key_is_the_architecture():
+    from faststeal.models import surrogate_key, surrogate_label
+
+    key = surrogate_key(WidthNet())
+    assert key.startswith("custom:WidthNet@") and surrogate_label(key) == "custom:WidthNet"
+    other = WidthNet()
+    with torch.no_grad():
+        other.fc1.weight.add_(1.0)  # weights are not the architecture: members re-initialise
+    assert surrogate_key(other) == key
+    assert surrogate_key(WidthNet(32)) != key
+    assert surrogate_key(width_net_factory) == surrogate_key(width_net_factory)
+    assert surrogate_key(width_net_factory) != surrogate_key(lambda: WidthNet(24))
+    assert surrogate_label(width_net_factory) == "custom:width_net_factory"
+    assert surrogate_key("lenet") == "lenet"  # named surrogates hash as before
+
+
+def test_config_hash_never_deep_copies_the_template():
+    from faststeal.runs import Config
+
+    class NoCopy(WidthNet):
+        def __deepcopy__(self, memo):
+            raise AssertionError("the template was deep-copied")
+
+    d = Config(surrogate_arch=NoCopy()).result_affecting()
+    assert d["surrogate_arch"].startswith("custom:NoCopy@")
+    import json
+
+    json.dumps(d)
+
+
+def test_run_comparison_with_a_user_module(tmp_path, victim_cache, capsys):
+    """Config(surrogate_arch=<nn.Module>): trained with that model, named in the results, saved;
+    the same architecture (a new instance) resumes every cell; another width is refused."""
+    from faststeal.results.store import StoreMismatchError
+    from faststeal.runs import Config
+
+    out = tmp_path / "run"
+    cfg = Config(**RUN, surrogate_arch=WidthNet(), save_models=True, out=str(out),
+                 cache_dir=victim_cache)
+    summary = faststeal.run_comparison(cfg)
+    assert set(summary["methods"]) == {"baseline", "deep-ensemble"}
+    for m in summary["methods"].values():
+        assert m["hparams"]["arch"] == "custom:WidthNet"
+        assert m["fidelity"]["mean"] > 0.2  # chance is 0.1
+    assert summary["config"]["surrogate_arch"].startswith("custom:WidthNet@")
+    assert "Surrogate: `custom:WidthNet`" in (out / "results.md").read_text()
+    import json
+
+    assert json.loads((out / "results.json").read_text())["methods"]["deep-ensemble"]
+    stolen = faststeal.load(out / "models" / "main_deep-ensemble_seed=0.pt")
+    members = stolen.members()
+    assert len(members) == 2 and all(type(m) is WidthNet for m in members)
+    assert members[0].fc1.out_features == 16
+
+    before = _finished_at(out)
+    capsys.readouterr()
+    again = faststeal.run_comparison(Config(**RUN, surrogate_arch=WidthNet(), out=str(out),
+                                            cache_dir=victim_cache))
+    assert "resuming: 2 finished cells kept, 0 to run" in capsys.readouterr().out
+    assert _finished_at(out) == before  # no cell retrained
+    assert again["methods"]["deep-ensemble"]["fidelity"] == \
+        summary["methods"]["deep-ensemble"]["fidelity"]
+    with pytest.raises(StoreMismatchError, match="another configuration"):
+        faststeal.run_comparison(Config(**RUN, surrogate_arch=WidthNet(32), out=str(out),
+                                        cache_dir=victim_cache))
+    assert _finished_at(out) == before
+
+
+def test_run_comparison_with_a_user_factory(tmp_path, victim_cache, capsys):
+    from faststeal.runs import Config
+
+    out = tmp_path / "run"
+    cfg = dict(RUN, surrogate_arch=width_net_factory, out=str(out), cache_dir=victim_cache)
+    summary = faststeal.run_comparison(Config(**cfg))
+    assert summary["methods"]["deep-ensemble"]["hparams"]["arch"] == "custom:width_net_factory"
+    assert summary["methods"]["deep-ensemble"]["members"] == 2
+    before = _finished_at(out)
+    capsys.readouterr()
+    faststeal.run_comparison(Config(**cfg))
+    assert "0 to run" in capsys.readouterr().out and _finished_at(out) == before
+
+
+def test_config_and_study_surrogate_type_errors():
+    from faststeal.runs import Config, DiversitySettings
+
+    with pytest.raises(TypeError, match="surrogate_arch must be a zoo name.*got int"):
+        Config(surrogate_arch=3).validate()
+    with pytest.raises(TypeError, match="arch must be a zoo name.*got int"):
+        DiversitySettings(arch=3).validate()
+    with pytest.raises(ValueError, match="hetero-ensemble .* does not take a user surrogate"):
+        DiversitySettings(arch=WidthNet(), variants=("hetero-ensemble",)).validate()
+
+    class Local(WidthNet):  # not importable: the saved models could not be loaded
+        pass
+
+    with pytest.raises(ValueError, match="save_models: surrogate_arch custom:Local cannot be"):
+        Config(surrogate_arch=Local(), save_models=True).validate()
+
+
+def test_diversity_study_with_a_user_module(tmp_path, victim_cache):
+    from faststeal.runs import DiversitySettings, DiversityStudy, run_study
+
+    s = DiversitySettings(dataset="digits", victim_arch="mlp", victim_epochs=15, seeds=1,
+                          members=2, epochs=3, lr=1e-2, probe_size=64, arch=WidthNet(),
+                          variants=("deep-ensemble", "ncl-ensemble"), budget=200,
+                          record_every=2, progress=False, out=str(tmp_path / "div"),
+                          cache_dir=victim_cache)
+    summary = run_study(DiversityStudy(s))
+    assert summary["settings"]["arch"].startswith("custom:WidthNet@")
+    assert summary["table"]["ncl-ensemble"]["fidelity"]["mean"] > 0.2
+    assert "S=2 custom:WidthNet members" in (tmp_path / "div" / "results.md").read_text()
+    from faststeal.results import ResultStore
+
+    store = ResultStore(str(tmp_path / "div"))
+    try:
+        assert {c["hparams"]["arch"] for c in store.cells("diversity")} == {"custom:WidthNet"}
+    finally:
+        store.close()

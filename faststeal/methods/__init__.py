@@ -88,10 +88,11 @@ def parse_methods(spec: Any) -> tuple[str, ...]:
     return names
 
 
-def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp") -> None:
+def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: Any = "mlp") -> None:
     """Raise (TypeError for unknown names, ValueError for bad values) exactly as
     ``build_method(name, arch, ..., **hparams)`` would, without building a network: the checks
-    of :class:`~faststeal.methods.base.Method` and the method's ``_validate_hparams``."""
+    of :class:`~faststeal.methods.base.Method` and the method's ``_validate_hparams``. ``arch``:
+    any surrogate setting (a name, an ``nn.Module`` template, a factory)."""
     cls = method_class(name)
     if not isinstance(hparams, dict):
         raise TypeError(f"the hyperparameters of {name!r} must be a dict, got "
@@ -105,8 +106,13 @@ def check_hparams(name: str, hparams: Optional[dict[str, Any]], arch: str = "mlp
                         f"valid: {sorted(defaults)}")
     hp = {**defaults, **hparams}
     hp["weight_decay"] = _check_float("weight_decay", hp["weight_decay"], 0.0)
-    probe = cls.__new__(cls)  # _validate_hparams reads at most self.arch
-    probe.arch = arch
+    from ..models.surrogate import Surrogate, surrogate_label
+    from ..models.zoo import ARCHS
+
+    # _validate_hparams reads at most self.arch and whether self.surrogate is a zoo model
+    probe = cls.__new__(cls)
+    probe.arch = surrogate_label(arch)
+    probe.surrogate = Surrogate(probe.arch, probe.arch if probe.arch in ARCHS else None, (), 2)
     try:
         probe._validate_hparams(hp)
     except (ValueError, TypeError) as exc:

@@ -16,22 +16,29 @@ Accepted everywhere a surrogate is named (methods, ``faststeal.steal``, ``Config
 
 Non-zoo surrogates are checked once with a forward pass on two zero inputs of ``input_shape``:
 the output must be ``(2, num_classes)``.
+
+Run settings hash an in-memory surrogate by :func:`surrogate_key` (a name plus a digest of its
+architecture) and show it by :func:`surrogate_label` (``"custom:<Name>"``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import importlib
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-SurrogateLike = Any  # str | nn.Module | Callable[[], nn.Module]
+#: what a surrogate setting can be (see the module docstring)
+SurrogateLike = Union[str, nn.Module, Callable[[], nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,91 @@ def check_surrogate_name(spec: Any, name: str = "surrogate") -> None:
                      f"'module.path:factory', got {spec!r}")
 
 
+def check_surrogate(spec: Any, name: str = "surrogate") -> None:
+    """Check a surrogate setting before any data is loaded: a name as
+    :func:`check_surrogate_name` does (ValueError), an ``nn.Module`` template or a callable
+    (a zero-argument factory; what it returns is checked when it is resolved) pass; anything
+    else is a TypeError naming ``name``."""
+    if isinstance(spec, str):
+        check_surrogate_name(spec, name)
+    elif not (isinstance(spec, nn.Module) or callable(spec)):
+        raise TypeError(f"{name} must be a zoo name, 'torchvision:NAME', 'module.path:factory', "
+                        f"an nn.Module or a zero-argument factory, got {type(spec).__name__} "
+                        f"({spec!r})")
+
+
+def surrogate_label(spec: Any) -> str:
+    """The readable name of a surrogate setting: a name as given, ``"custom:<ClassName>"`` for an
+    ``nn.Module`` template, ``"custom:<qualname>"`` for a factory; a :func:`surrogate_key` is
+    shown as its name (the part before ``@``)."""
+    if isinstance(spec, str):
+        return spec.split("@", 1)[0] if spec.startswith("custom:") else spec
+    if isinstance(spec, nn.Module):
+        return f"custom:{type(spec).__name__}"
+    return f"custom:{getattr(spec, '__qualname__', type(spec).__name__)}"
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses differ between processes
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined in a REPL, a builtin, a functools.partial, ...
+        return ""
+
+
+def _describe_model(model: nn.Module) -> list[str]:
+    """``repr`` (layer types and sizes), every parameter's and buffer's name, shape and dtype,
+    and the source of every non-torch module class (their ``forward`` is not in the repr)."""
+    lines = [_ADDRESS.sub("", repr(model))]
+    for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        lines += [f"{kind} {n} {tuple(t.shape)} {t.dtype}" for n, t in items]
+    classes = {f"{c.__module__}.{c.__qualname__}": c for c in map(type, model.modules())
+               if not c.__module__.startswith("torch.")}
+    lines += [f"class {k}\n{_source(c)}" for k, c in sorted(classes.items())]
+    return lines
+
+
+def surrogate_key(spec: Any) -> str:
+    """A stable fingerprint of a surrogate setting for the run store's configuration hash.
+
+    A name is its own key (hashes of named surrogates are unchanged). An ``nn.Module`` template
+    or a factory gets ``"<surrogate_label>@<module>.<qualname>#<sha256[:16]>"`` of a canonical
+    description: for a template, its architecture (:func:`_describe_model`: repr, parameter and
+    buffer names/shapes/dtypes, the source of its own module classes — not the weights, which
+    every member re-initialises); for a factory, its source (or repr) and the description of the
+    model it builds (built once, under a forked RNG). The same model code in a new process gives
+    the same key, so a rerun resumes its cells; another architecture (a width, a layer, an edited
+    ``forward``) gives another key. Editing only a comment of that code changes the key too
+    (its cells are recomputed: conservative)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, nn.Module):
+        cls = type(spec)
+        lines = _describe_model(spec)
+    elif callable(spec):
+        cls = spec
+        with torch.random.fork_rng(devices=[]):
+            lines = [_source(spec) or _ADDRESS.sub("", repr(spec))]
+            lines += _describe_model(_call_factory(spec))
+    else:
+        raise TypeError(f"a surrogate must be a name, an nn.Module or a factory, got "
+                        f"{type(spec).__name__}")
+    where = (f"{getattr(cls, '__module__', None) or type(cls).__module__}."
+             f"{getattr(cls, '__qualname__', type(cls).__qualname__)}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return f"{surrogate_label(spec)}@{where}#{digest}"
+
+
+def asdict_keyed(settings: Any, field: str) -> dict[str, Any]:
+    """``dataclasses.asdict(settings)`` with the surrogate field ``field`` as its
+    :func:`surrogate_key`: JSON-ready, and the user's model is neither deep-copied (asdict copies
+    every non-dataclass value) nor put in the dict."""
+    return dataclasses.asdict(dataclasses.replace(
+        settings, **{field: surrogate_key(getattr(settings, field))}))
+
+
 def resolve_surrogate(spec: SurrogateLike, input_shape: Optional[Sequence[int]],
                       num_classes: Optional[int], *, check: bool = True) -> Surrogate:
     """Resolve a surrogate given as a zoo name, ``"torchvision:NAME"``, ``"module:factory"``, an
@@ -245,11 +337,10 @@ def resolve_surrogate(spec: SurrogateLike, input_shape: Optional[Sequence[int]],
         name = recipe = spec
     elif isinstance(spec, nn.Module):
         shape = _check_shape(input_shape, False)
-        template, name = spec, f"custom:{type(spec).__name__}"
+        template, name = spec, surrogate_label(spec)
     elif callable(spec):
         shape = _check_shape(input_shape, False)
-        factory = spec
-        name = f"custom:{getattr(spec, '__qualname__', type(spec).__name__)}"
+        factory, name = spec, surrogate_label(spec)
     else:
         raise TypeError(f"surrogate must be a zoo name, 'torchvision:NAME', 'module:factory', an "
                         f"nn.Module or a zero-argument factory, got {type(spec).__name__}")

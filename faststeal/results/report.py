@@ -84,14 +84,18 @@ def _fmt(s: Optional[dict], pct: bool = True) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    from ..models import surrogate_label
+
     v = summary.get("victim") or {}
     q = summary.get("queries") or {}
+    surrogate = (summary.get("config") or {}).get("surrogate_arch")
     lines = [
         "# faststeal comparison",
         "",
         f"Victim: `{v.get('arch')}` on `{v.get('dataset')}`, test accuracy "
         f"{100 * v.get('test_accuracy', float('nan')):.2f}%. Queries: {q.get('used')} of budget "
-        f"{q.get('budget')} ({q.get('output_mode')} answers).",
+        f"{q.get('budget')} ({q.get('output_mode')} answers)."
+        + (f" Surrogate: `{surrogate_label(surrogate)}`." if surrogate else ""),
         "",
         "Fidelity, accuracy, member fidelity and gains in % (mean ± std over seeds, n = seeds); "
         "variance V, mutual information (nats) and disagreement on the test set.",

@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..query import STRATEGIES
-from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
+                     mean_std, register)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ActiveStudy(Study):
         if last > len(splits.pool):
             raise ValueError(f"the last milestone ({last}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
+        check_surrogate_fits(self.settings.arch, splits)
 
     def cells(self, run: Run) -> list[Cell]:
         s = self.settings
@@ -94,16 +96,15 @@ class ActiveStudy(Study):
                 for seed in range(s.seeds) for strategy in s.strategies]
 
     def run_cell(self, run: Run, cell: Cell, checkpoint: str) -> dict[str, Any]:
-        from dataclasses import asdict
-
         from ..active import run_active
+        from ..models import asdict_keyed
 
         s, setup = self.settings, run.setup
         config = s.active_config(cell.params["strategy"], cell.seed)
         # one journal per cell (OUT/answers/<strategy>__seed=<k>.journal), keyed by the loop's
         # settings: its queries depend on all of them
         oracle = run.oracle(setup.victim, int(s.milestones[-1]), name=cell.key,
-                            key={"loop": json.loads(json.dumps(asdict(config)))},
+                            key={"loop": json.loads(json.dumps(asdict_keyed(config, "arch")))},
                             output_mode=s.output_mode)
         res = run_active(oracle, config, test_x=setup.test_x, victim_labels=setup.victim_labels,
                          test_y=setup.test_y, device=run.device, progress=run.progress,
@@ -171,11 +172,13 @@ class ActiveStudy(Study):
 
     @classmethod
     def markdown(cls, s: dict[str, Any]) -> str:
+        from ..models import surrogate_label
+
         st, v = s["settings"], s.get("victim") or {}
         lines = [f"# Active stealing: fidelity vs budget ({st.get('dataset')}, victim "
                  f"{st.get('victim_arch')} {100 * v.get('test_accuracy', float('nan')):.2f}% "
                  f"test acc., surrogate {st.get('method')} S={st.get('members')} "
-                 f"{st.get('arch')}, {st.get('output_mode')} answers)", "",
+                 f"{surrogate_label(st.get('arch'))}, {st.get('output_mode')} answers)", "",
                  f"Seeds per cell: {st.get('seeds')}; mean ± std (sample std, shown when n > 1) "
                  "of test-set fidelity in %. Δ = paired difference to `random` (same seed: same "
                  "seed set, same initialisation), wins = seeds where the strategy beat random.",

@@ -24,8 +24,9 @@ import torch
 
 from ..checks import positive_int
 from ..methods import METHODS, PAPER_METHODS, check_hparams, parse_methods
+from ..models.surrogate import SurrogateLike
 from ..oracle import OUTPUT_MODES
-from .runner import Cell, Run, Study, register, run_study
+from .runner import Cell, Run, Study, check_surrogate_fits, register, run_study
 
 
 # Presets. "default" is the main job (README's first command): the whole comparison on
@@ -48,7 +49,10 @@ class Config:
     data_root: Optional[str] = None
     download: bool = False  # let torchvision fetch a missing dataset (mnist, cifar10, fashion)
     victim_arch: str = "lenet"
-    surrogate_arch: str = "mlp"
+    # a zoo name, "torchvision:NAME", "module.path:factory", an nn.Module template or a
+    # zero-argument factory (faststeal.models.resolve_surrogate); an in-memory model is hashed
+    # into the store by faststeal.models.surrogate_key
+    surrogate_arch: SurrogateLike = "mlp"
     victim_epochs: Optional[int] = None  # None: faststeal.victim.DEFAULT_EPOCHS[victim_arch]
     victim_fraction: float = 0.5
     budget: int = 10000
@@ -119,9 +123,22 @@ class Config:
         if self.pool_dataset is not None:
             choice("pool_dataset", self.pool_dataset, DATASETS)
         choice("victim_arch", self.victim_arch, ARCHS)
-        from ..models import check_surrogate_name
+        from ..models import check_surrogate
 
-        check_surrogate_name(self.surrogate_arch, "surrogate_arch")
+        check_surrogate(self.surrogate_arch, "surrogate_arch")
+        if self.save_models and not isinstance(self.surrogate_arch, str):
+            import pickle
+
+            from ..models import surrogate_label
+
+            try:  # StolenModel.save pickles an in-memory surrogate: fail before any training
+                pickle.dumps(self.surrogate_arch)
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                raise ValueError(
+                    f"save_models: surrogate_arch {surrogate_label(self.surrogate_arch)} cannot "
+                    f"be saved with the models ({exc}); faststeal.load unpickles it, so define "
+                    "its class or factory at the top level of an importable module, or give "
+                    "it as 'module.path:factory'") from exc
         choice("output_mode", self.output_mode, OUTPUT_MODES)
         from ..train_step import PRECISIONS
 
@@ -217,8 +234,11 @@ class Config:
         return None if name == self.pool_dataset else name
 
     def result_affecting(self) -> dict[str, Any]:
-        """The fields that change results (hashed into the store); not out/device/progress."""
-        d = dataclasses.asdict(self)
+        """The fields that change results (hashed into the store); not out/device/progress.
+        An in-memory surrogate appears as its :func:`faststeal.models.surrogate_key`."""
+        from ..models import asdict_keyed
+
+        d = asdict_keyed(self, "surrogate_arch")
         for k in ("out", "progress", "force", "cache_dir", "preset", "device", "shard_members",
                   "member_chunk", "download", "save_models"):
             d.pop(k)
@@ -247,12 +267,7 @@ class ComparisonStudy(Study):
         if self.settings.budget > len(splits.pool):
             raise ValueError(f"budget ({self.settings.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
-        from ..models import resolve_surrogate
-
-        # a torchvision:/module:factory surrogate runs once on two zero inputs of the data's
-        # shape: one that cannot take them fails before the victim is trained or queried
-        resolve_surrogate(self.settings.surrogate_arch, tuple(splits.input_shape),
-                          splits.num_classes)
+        check_surrogate_fits(self.settings.surrogate_arch, splits)
 
     def begin(self, run: Run) -> None:
         """Ask the oracle once (rank 0) and broadcast the answers: the budget is counted once."""

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import torch
 
 from ..methods import PAPER_METHODS
-from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
+                     mean_std, register)
 
 #: defence name -> parameters (every defence of faststeal.defenses, and no defence)
 DEFENSE_SETTINGS: dict[str, dict[str, Any]] = {
@@ -87,6 +88,7 @@ class DefenseStudy(Study):
         if self.settings.budget > len(splits.pool):
             raise ValueError(f"budget ({self.settings.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
+        check_surrogate_fits(self.settings.arch, splits)
 
     def begin(self, run: Run) -> None:
         """Ask the same random indices through every defence (rank 0, one answer journal per
@@ -204,11 +206,14 @@ class DefenseStudy(Study):
 
     @classmethod
     def markdown(cls, s: dict[str, Any]) -> str:
+        from ..models import surrogate_label
+
         st, v = s["settings"], s.get("victim") or {}
         methods = st.get("methods", [])
         lines = [f"# Defended victims ({st.get('dataset')}, victim {st.get('victim_arch')} "
                  f"{100 * v.get('test_accuracy', float('nan')):.2f}%, {st.get('budget')} random "
-                 f"queries, `{st.get('output_mode')}` answers, surrogates {st.get('arch')})", "",
+                 f"queries, `{st.get('output_mode')}` answers, surrogates "
+                 f"{surrogate_label(st.get('arch'))})", "",
                  f"Fidelity (%) to the UNDEFENDED victim, mean ± std over {st.get('seeds')} "
                  "seed(s) (std shown when n > 1); Δ = paired difference to the same method "
                  "without a defence. `answered`: images answered before any refusal; `label agr.`: share "

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from .runner import Cell, Run, Study, StudySettings, fmt, machine_line, mean_std, register
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
+                     mean_std, register)
 
 #: the variants in table order: the reference, its shared-batch control, then the variants
 VARIANTS = ("deep-ensemble", "shared-batch-de", "bootstrap-ensemble", "hetero-ensemble",
@@ -88,6 +89,7 @@ class DiversityStudy(Study):
         if self.settings.budget > len(splits.pool):
             raise ValueError(f"budget ({self.settings.budget}) is larger than the attacker pool "
                              f"({len(splits.pool)} images)")
+        check_surrogate_fits(self.settings.arch, splits)
 
     def begin(self, run: Run) -> None:
         """Ask the random queries once (rank 0, journaled in OUT/answers.journal) and broadcast
@@ -177,11 +179,14 @@ class DiversityStudy(Study):
 
     @classmethod
     def markdown(cls, s: dict[str, Any]) -> str:
+        from ..models import surrogate_label
+
         st, v = s["settings"], s.get("victim") or {}
         lines = [f"# Diversity-keeping ensembles ({st.get('dataset')}, victim "
                  f"{st.get('victim_arch')} {100 * v.get('test_accuracy', float('nan')):.2f}%, "
                  f"{st.get('budget')} random {st.get('output_mode')} queries, "
-                 f"S={st.get('members')} {st.get('arch')} members, {st.get('epochs')} epochs)", "",
+                 f"S={st.get('members')} {surrogate_label(st.get('arch'))} members, "
+                 f"{st.get('epochs')} epochs)", "",
                  f"Mean ± std over {st.get('seeds')} seed(s) (std shown when n > 1; same seeds and "
                  "queried set for every variant). Fidelity, mean member fidelity and ensemble "
                  "gain in %; V = mean_x mean_c Var_s p_s(c|x) on the test set; V/V(DE) is the "
@@ -224,6 +229,7 @@ def _figure(directory: str, cells: list[dict], variants: list[str],
             settings: dict[str, Any]) -> list[str]:
     import os
 
+    from ..models import surrogate_label
     from ..results import figures
 
     def of(v: str) -> list[dict]:
@@ -233,5 +239,5 @@ def _figure(directory: str, cells: list[dict], variants: list[str],
                              {v: [c["metrics"]["fidelity"] for c in of(v)] for v in variants},
                              os.path.join(directory, "variance_over_training"),
                              title=f"Diversity study, {settings['dataset']}, {settings['budget']} "
-                                   f"queries, S = {settings['members']} {settings['arch']} "
-                                   "members")
+                                   f"queries, S = {settings['members']} "
+                                   f"{surrogate_label(settings['arch'])} members")

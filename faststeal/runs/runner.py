@@ -31,7 +31,6 @@ studies share, in this order:
 from __future__ import annotations
 
 import abc
-import dataclasses
 import errno
 import fcntl
 import json
@@ -45,6 +44,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 
 from ..files import atomic_write
+from ..models.surrogate import SurrogateLike
 
 #: sub-folder of the run folder holding the training checkpoints of unfinished cells
 CHECKPOINT_DIR = "checkpoints"
@@ -198,7 +198,9 @@ class StudySettings:
     split_seed: int = 0
     max_test: Optional[int] = None  # the first N test images only (saves CPU)
     probe_size: int = 1000
-    arch: str = "mlp"  # the surrogates' architecture
+    # the surrogates' architecture: a zoo name, "torchvision:NAME", "module.path:factory", an
+    # nn.Module template or a zero-argument factory (hashed by faststeal.models.surrogate_key)
+    arch: SurrogateLike = "mlp"
     seeds: int = 3
     members: int = 5
     epochs: int = 10
@@ -221,7 +223,7 @@ class StudySettings:
         """Raise ValueError/TypeError naming the field before anything runs."""
         from ..checks import positive_int
         from ..data import DATASETS
-        from ..models import ARCHS
+        from ..models import ARCHS, check_surrogate
         from ..oracle import OUTPUT_MODES
 
         def choice(name: str, value: Any, valid: Sequence[str]) -> None:
@@ -230,7 +232,7 @@ class StudySettings:
 
         choice("dataset", self.dataset, DATASETS)
         choice("victim_arch", self.victim_arch, ARCHS)
-        choice("arch", self.arch, ARCHS)
+        check_surrogate(self.arch, "arch")
         choice("output_mode", self.output_mode, OUTPUT_MODES)
         for name in ("seeds", "members", "epochs", "batch_size", "probe_size"):
             positive_int(name, getattr(self, name))
@@ -255,8 +257,11 @@ class StudySettings:
         return self
 
     def result_affecting(self) -> dict[str, Any]:
-        """The fields hashed into the store (everything but the run fields)."""
-        d = dataclasses.asdict(self)
+        """The fields hashed into the store (everything but the run fields); an in-memory
+        surrogate appears as its :func:`faststeal.models.surrogate_key`."""
+        from ..models import asdict_keyed
+
+        d = asdict_keyed(self, "arch")
         for k in self.RUN_FIELDS:
             d.pop(k)
         return json.loads(json.dumps(d, default=list))  # tuples -> lists: one canonical form
@@ -537,6 +542,15 @@ def _commit(store: Any, cell: Cell, r: dict[str, Any]) -> None:
     store.add_cell(cell.key, kind=cell.kind, method=cell.method, seed=cell.seed,
                    members=members, metrics=r["metrics"], hparams=r.get("hparams", {}),
                    seconds=r["seconds"], trace=r.get("trace", ()), payload=r.get("payload"))
+
+
+def check_surrogate_fits(spec: Any, splits: Any) -> None:
+    """Resolve the surrogate setting ``spec`` for the data of ``splits``: a non-zoo model runs
+    once on two zero inputs of the data's shape, so one that cannot take them (or returns the
+    wrong class count) fails before the victim is trained or queried."""
+    from ..models import resolve_surrogate
+
+    resolve_surrogate(spec, tuple(splits.input_shape), splits.num_classes)
 
 
 def load_splits(s: Any) -> Any:
