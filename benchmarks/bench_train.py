@@ -443,8 +443,8 @@ def _user_model(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
         return (lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES)), (3, 32, 32)
     if name == "functional-cnn":
         return FunctionalCNN, (1, 28, 28)
-    if name == "zoo-lenet":
-        return (lambda: _zoo().FACTORIES["lenet"](INPUT_SHAPE, NUM_CLASSES)), INPUT_SHAPE
+    if name.startswith("zoo-") and name[4:] in ("mlp", "lenet"):
+        return (lambda: _zoo().FACTORIES[name[4:]](INPUT_SHAPE, NUM_CLASSES)), INPUT_SHAPE
     raise ValueError(f"unknown user model {name!r}")
 
 
@@ -463,7 +463,7 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     members of ``model`` with per-member batches of ``b``: ``stack`` = ``faststeal.stack`` (one
     module, one Adam), ``loop`` = S plain modules each with its Adam, ``vmap`` =
     ``torch.func`` over ``stack_module_state``, ``zoo`` = the zoo's hand-built StackedModel
-    (``zoo-lenet`` only)."""
+    (``zoo-mlp`` / ``zoo-lenet`` only)."""
     import faststeal
 
     factory, shape = _user_model(model)
@@ -473,7 +473,7 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     torch.manual_seed(0)
     if variant in ("stack", "zoo"):
         if variant == "zoo":
-            net = _zoo().build_model("lenet", INPUT_SHAPE, NUM_CLASSES, members=s).to(device)
+            net = _zoo().build_model(model[4:], INPUT_SHAPE, NUM_CLASSES, members=s).to(device)
         else:
             net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=LR)
@@ -521,7 +521,8 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
     rows = []
     cases = [(m, s, b, ("stack", "loop", "vmap")) for m, s, b in USER_GRIDS[grid]]
     if grid != "smoke":
-        cases += [("zoo-lenet", s, 128, ("zoo", "stack")) for s in (4, 16)]
+        cases += [(f"zoo-{a}", s, 128, ("zoo", "stack")) for a in ("mlp", "lenet")
+                  for s in (4, 16)]
     for model, s, b, variants in cases:
         fns = {}
         for v in variants:
