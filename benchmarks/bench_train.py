@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -450,8 +451,10 @@ def _user_model(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...]]:
 
 USER_GRIDS = {
     "smoke": [("functional-cnn", 2, 4)],
-    "cpu": [(m, s, b) for m in ("functional-cnn", "resnet18") for s in (4, 16)
+    "cpu": [(m, s, b) for m in ("functional-cnn", "resnet18", "zoo-mlp") for s in (4, 16)
             for b in (32, 128)],
+    # a dense model (the zoo's plain mlp, an nn.Sequential, as a user would pass it) only
+    "cpu-dense": [("zoo-mlp", s, b) for s in (4, 16) for b in (32, 128)],
     # what fits a loaded 2-core machine's time (plus the zoo comparison, as in "cpu")
     "cpu-quick": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
                   ("functional-cnn", 16, 32), ("resnet18", 4, 32)],
@@ -460,10 +463,11 @@ USER_GRIDS = {
 
 def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callable[[], Any]:
     """One training step (forward, summed per-member mean cross-entropy, backward, Adam) of S
-    members of ``model`` with per-member batches of ``b``: ``stack`` = ``faststeal.stack`` (one
-    module, one Adam), ``loop`` = S plain modules each with its Adam, ``vmap`` =
-    ``torch.func`` over ``stack_module_state``, ``zoo`` = the zoo's hand-built StackedModel
-    (``zoo-mlp`` / ``zoo-lenet`` only)."""
+    members of ``model`` with per-member batches of ``b``: ``stack`` = ``faststeal.stack``
+    trained by ``faststeal.train_step`` (one module, fused Adam, fused loss: how ``steal()``
+    trains it), ``loop`` = S plain modules each with its ``torch.optim.Adam``, ``vmap`` =
+    ``torch.func`` over ``stack_module_state`` with one Adam, ``zoo`` = the zoo's hand-built
+    StackedModel (``zoo-mlp`` / ``zoo-lenet`` only; the same train step as ``stack``)."""
     import faststeal
 
     factory, shape = _user_model(model)
@@ -476,13 +480,11 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
             net = _zoo().build_model(model[4:], INPUT_SHAPE, NUM_CLASSES, members=s).to(device)
         else:
             net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=LR)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x).flatten(0, 1), y.flatten(), reduction="sum").div(b).backward()
-            opt.step()
-        return step
+        # what faststeal trains a stack with (Method.fit, steal): its train step — the fused
+        # Adam over the stacked parameters and the fused ensemble loss (the same objective:
+        # the sum of the members' mean cross-entropies)
+        from faststeal.train_step import make_train_step
+        return functools.partial(make_train_step(net, lr=LR), x, y)
     models = [factory().to(device) for _ in range(s)]
     if variant == "loop":
         opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in models]
@@ -520,7 +522,7 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
     timed interleaved in one run (:func:`common.bench_many`)."""
     rows = []
     cases = [(m, s, b, ("stack", "loop", "vmap")) for m, s, b in USER_GRIDS[grid]]
-    if grid != "smoke":
+    if grid in ("cpu", "cpu-quick"):
         cases += [(f"zoo-{a}", s, 128, ("zoo", "stack")) for a in ("mlp", "lenet")
                   for s in (4, 16)]
     for model, s, b, variants in cases:

@@ -7,6 +7,7 @@ then prints each one's top operators by self time, grouped into the buckets that
 fix (GEMM, optimizer, loss, elementwise/activation, copies, other).
 
     python -m benchmarks.profile_train [--arch mlp] [--members 16] [--batch 128] [--steps 5]
+    python -m benchmarks.profile_train --user-model functional-cnn --members 4 --methods stack,loop
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="loop,vmap,faststeal[reference],faststeal,fit")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--tables", action="store_true", help="print the full profiler tables")
+    ap.add_argument("--user-model", default=None,
+                    help="instead of --arch: a user model of bench_train --user-models "
+                         "(functional-cnn, resnet18, zoo-mlp, zoo-lenet); --methods then from "
+                         "stack, loop, vmap, zoo")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,8 +100,13 @@ def main(argv=None) -> int:
     xs = torch.randn(b, *bench_train.INPUT_SHAPE, device=dev)
     print(f"{args.arch} S={s} B={b} on {dev}, {torch.get_num_threads()} threads, "
           f"load {common.loadavg()}")
+    if args.user_model:
+        print(f"user model {args.user_model} S={s} B={b}")
     for method in args.methods.split(","):
-        if method == "fit":
+        if args.user_model:
+            fn, steps, per = bench_train.user_model_step(method, args.user_model, s, b, dev), \
+                args.steps, 1
+        elif method == "fit":
             fn, steps, per = fit_loop(args.arch, s, b, dev), 1, 8
         else:
             fn, steps, per = bench_train.make_runner(method, args.arch, s, x, y, xs).train, \

@@ -78,3 +78,30 @@ def test_pool_the_victim_cannot_take_fails_first_naming_it():
                                           r"torch.float32.*mat1 and mat2 shapes cannot be"):
         _steal(victim, torch.randn(200, 1, 5, 5), test)
     assert victim.images == PREFLIGHT_ROWS  # a few images, before the test set or any training
+
+
+def test_test_set_is_predicted_once_unless_the_method_has_its_own_predictive(monkeypatch):
+    from faststeal.attack import _mean_softmax
+    from faststeal.methods.base import Method
+
+    calls = {"members": 0, "proba": 0}
+    members, proba = Method.predict_members, Method.predict_proba
+
+    def count_members(self, *a, **k):
+        calls["members"] += 1
+        return members(self, *a, **k)
+
+    def count_proba(self, *a, **k):
+        calls["proba"] += 1
+        return proba(self, *a, **k)
+    monkeypatch.setattr(Method, "predict_members", count_members)
+    monkeypatch.setattr(Method, "predict_proba", count_proba)
+    pool, test = _data()
+    res = faststeal.steal(Victim(), pool=pool, test=test, budget=100,
+                          methods=["deep-ensemble"], epochs=1, progress=False,
+                          method_params={"deep-ensemble": {"members": 2}})
+    # predict_proba is never called: the mean softmax is computed from the test set's members
+    assert calls["proba"] == 0 and calls["members"] >= 1
+    m = res.stolen("deep-ensemble").method
+    x = test[0]
+    assert torch.equal(_mean_softmax(members(m, x)), proba(m, x))  # the same p̄, bit for bit

@@ -139,7 +139,21 @@ class SharedReLU(nn.Module):
         return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+class TrainOnlyNoise(nn.Module):
+    """Between fc and act only in training: the eval graph alone would allow a fusion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.training:
+            h = h - 0.5
+        return self.head(self.act(h))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + (["triton"] if TRITON else []))
 def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
     from faststeal.nn.stack import _Linear
 
@@ -153,12 +167,29 @@ def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
         got = {n.removeprefix("body."): m.activation for n, m in st.named_modules()
                if isinstance(m, _Linear)}
         assert got == want
+        assert st.fused_relus == sorted(k for k, v in want.items() if v == "relu")
         fused = [k for k, v in want.items() if v == "relu"]
         assert all(type(st.body.get_submodule(str(int(k) + 1))) is nn.Identity for k in fused)
         members = _fresh(st)
-        assert all(type(m[1]) is nn.ReLU for m in members if isinstance(m, nn.Sequential))
         with use_backend(backend):
             _check_equal(st, members, x, train=True)
+    members = _fresh(stack(seq, 2, seed=0, input_shape=(12,)))
+    assert all(type(m[1]) is nn.ReLU for m in members)  # the plain members keep their ReLU
+    # no fusion where a mode's graph puts code between the two, or where a hook could observe
+    # the pre-activation; the stacked model still matches the loop
+    st = stack(TrainOnlyNoise, 2, seed=0, input_shape=(12,))
+    assert st.fused_relus == [] and type(st.body.act) is nn.ReLU
+    with use_backend(backend):
+        _check_equal(st, _fresh(st), x, train=True)
+    hooked = seq()
+    hooked[3].register_forward_hook(lambda m, i, o: None)
+    assert stack(hooked, 2, seed=0, input_shape=(12,)).fused_relus == []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert stack(seq, 2, seed=0, input_shape=(12,)).fused_relus == []
+    finally:
+        handle.remove()
+    assert stack(seq, 2, seed=0, input_shape=(12,), last_layer="2").fused_relus == ["0", "4"]
 
 
 def test_stacked_input_one_batch_per_member():
@@ -308,6 +339,10 @@ def test_zoo_plain_factory_stacks():
     from faststeal.models.zoo import FACTORIES, build_model
 
     st = stack(lambda: FACTORIES["lenet"]((1, 28, 28), 10), 2, seed=0, input_shape=(1, 28, 28))
+    # the zoo's plain models trace, so their hidden Linear+ReLU pairs fuse as in StackedModel
+    assert st.fused_relus == ["body.7", "body.9"]
+    assert stack(lambda: FACTORIES["mlp"]((1, 28, 28), 10), 2, seed=0,
+                 input_shape=(1, 28, 28)).fused_relus == ["body.1", "body.3"]
     zoo = build_model("lenet", (1, 28, 28), 10, members=2)
     for i in range(2):
         zoo.load_member(i, st.member(i))

@@ -1,5 +1,7 @@
 """User surrogates through every method and entry point; the StolenModel result."""
 
+import os
+import subprocess
 import sys
 import warnings
 
@@ -393,10 +395,51 @@ def test_surrogate_key_is_the_architecture():
         other.fc1.weight.add_(1.0)  # weights are not the architecture: members re-initialise
     assert surrogate_key(other) == key
     assert surrogate_key(WidthNet(32)) != key
-    assert surrogate_key(width_net_factory) == surrogate_key(width_net_factory)
-    assert surrogate_key(width_net_factory) != surrogate_key(lambda: WidthNet(24))
+    # two factories with one qualname and one code differ by the model they build
+    def maker(width):
+        def factory():
+            return WidthNet(width)
+        return factory
+    assert surrogate_label(maker(16)) == surrogate_label(maker(24))
+    assert surrogate_key(maker(16)) != surrogate_key(maker(24))
+    assert surrogate_key(maker(16)) == surrogate_key(maker(16))
     assert surrogate_label(width_net_factory) == "custom:width_net_factory"
     assert surrogate_key("lenet") == "lenet"  # named surrogates hash as before
+    # a new process (a resumed run) computes the same key for the same code
+    code = ("import sys; sys.path[:0] = ['tests']; from test_surrogate import WidthNet; "
+            "from faststeal.models import surrogate_key; print(surrogate_key(WidthNet()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == key
+
+
+class Flagged(nn.Module):
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual  # read by forward, invisible in repr
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + x if self.residual else self.fc(x)
+
+
+def test_surrogate_key_sees_flags_and_code_without_source(monkeypatch):
+    from faststeal.models import surrogate, surrogate_key
+
+    assert surrogate_key(Flagged(True)) != surrogate_key(Flagged(False))
+
+    def fwd2(self, x):
+        return self.fc(x) * 2
+
+    def fwd3(self, x):
+        return self.fc(x) * 3
+    fwd3.__qualname__ = fwd2.__qualname__
+    # two classes named Net whose forwards differ only in a constant, with no source to read
+    a = type("Net", (Flagged,), {"forward": fwd2})
+    b = type("Net", (Flagged,), {"forward": fwd3})
+    monkeypatch.setattr(surrogate, "_source", lambda obj: "")  # a notebook: no source
+    assert surrogate_key(a(False)) != surrogate_key(b(False))
 
 
 def test_config_hash_never_deep_copies_the_template():

@@ -249,15 +249,42 @@ def _source(obj: Any) -> str:
         return ""
 
 
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _code(obj: Any) -> str:
+    """The bytecode, constants and names of a function, or of every function of a class: what
+    its source says even where the source is not available (a notebook, a REPL)."""
+    fns = ([obj] if inspect.isfunction(obj) else
+           [f for _, f in sorted(vars(obj).items()) if inspect.isfunction(f)]
+           if inspect.isclass(obj) else [])
+    out = []
+    for f in fns:
+        c = f.__code__
+        out.append(f"{f.__qualname__} {c.co_code.hex()} {c.co_names} "
+                   f"{_ADDRESS.sub('', repr(c.co_consts))}")
+    return "\n".join(out)
+
+
 def _describe_model(model: nn.Module) -> list[str]:
-    """``repr`` (layer types and sizes), every parameter's and buffer's name, shape and dtype,
-    and the source of every non-torch module class (their ``forward`` is not in the repr)."""
+    """``repr`` (layer types and sizes); every parameter's and buffer's name, shape and dtype and
+    every buffer's values; each module's plain attributes (ints, floats, bools, strings: a flag
+    its ``forward`` reads is not in the repr); and the source and bytecode of every non-torch
+    module class (their ``forward``)."""
     lines = [_ADDRESS.sub("", repr(model))]
     for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         lines += [f"{kind} {n} {tuple(t.shape)} {t.dtype}" for n, t in items]
+    lines += [f"buffer-values {n} " + hashlib.sha256(
+        t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in model.named_buffers() if t.numel()]
+    for name, m in model.named_modules():
+        attrs = sorted((k, v) for k, v in vars(m).items()
+                       if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN))
+        if attrs:
+            lines.append(f"attrs {name or '<root>'} {attrs!r}")
     classes = {f"{c.__module__}.{c.__qualname__}": c for c in map(type, model.modules())
                if not c.__module__.startswith("torch.")}
-    lines += [f"class {k}\n{_source(c)}" for k, c in sorted(classes.items())]
+    lines += [f"class {k}\n{_source(c)}\n{_code(c)}" for k, c in sorted(classes.items())]
     return lines
 
 
@@ -267,9 +294,11 @@ def surrogate_key(spec: Any) -> str:
     A name is its own key (hashes of named surrogates are unchanged). An ``nn.Module`` template
     or a factory gets ``"<surrogate_label>@<module>.<qualname>#<sha256[:16]>"`` of a canonical
     description: for a template, its architecture (:func:`_describe_model`: repr, parameter and
-    buffer names/shapes/dtypes, the source of its own module classes — not the weights, which
-    every member re-initialises); for a factory, its source (or repr) and the description of the
-    model it builds (built once, under a forked RNG). The same model code in a new process gives
+    buffer names/shapes/dtypes, buffer values, plain module attributes, the source and bytecode
+    of its own module classes — not the parameter values: ``reset_parameters`` re-initialises the
+    members; a parameter of a module without ``reset_parameters`` keeps the template's value and
+    is not in the key); for a factory, its source (or repr) and bytecode and the description of
+    the model it builds (built once, under a forked RNG). The same model code in a new process gives
     the same key, so a rerun resumes its cells; another architecture (a width, a layer, an edited
     ``forward``) gives another key. Editing only a comment of that code changes the key too
     (its cells are recomputed: conservative)."""
@@ -281,7 +310,7 @@ def surrogate_key(spec: Any) -> str:
     elif callable(spec):
         cls = spec
         with torch.random.fork_rng(devices=[]):
-            lines = [_source(spec) or _ADDRESS.sub("", repr(spec))]
+            lines = [_source(spec) or _ADDRESS.sub("", repr(spec)), _code(spec)]
             lines += _describe_model(_call_factory(spec))
     else:
         raise TypeError(f"a surrogate must be a name, an nn.Module or a factory, got "

@@ -343,61 +343,101 @@ def _check_structure(mods: Sequence[nn.Module]) -> None:
             raise ValueError(f"modules[{i}] differs from modules[0] in state {bad[:5]}")
 
 
-def _fx_check(model: nn.Module, swapped: set[str]) -> Optional[torch.fx.Graph]:
-    """Raise if the traced graph reads a parameter of a swapped layer directly; returns the
-    graph (None when fx cannot trace the model)."""
+def _fx_check(model: nn.Module, swapped: set[str]) -> list[torch.fx.Graph]:
+    """Raise if a traced graph reads a parameter of a swapped layer directly. Traces the model
+    in training and in eval mode (a ``forward`` may branch on ``self.training``) and returns both
+    graphs, or [] when fx cannot trace it in either mode."""
+    graphs = []
+    was = model.training
     try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:  # untraceable (data-dependent control flow...): the swap still works
-        return None
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        owner = node.target.rpartition(".")[0]
-        if owner in swapped:
-            raise ValueError(
-                f"faststeal.stack: graph node {node.name!r} reads {node.target!r}, a parameter "
-                f"of the {type(model.get_submodule(owner)).__name__} {owner!r}, outside its "
-                f"forward (weight tying or a functional call on module weights); stacked "
-                f"parameters have a leading member axis there. Call the module instead, or put "
-                f"that code in its own nn.Module (it then runs under torch.func.vmap)")
-    return gm.graph
+        for mode in (True, False):
+            model.train(mode)
+            try:
+                graphs.append(torch.fx.symbolic_trace(model).graph)
+            except Exception:  # untraceable (data-dependent control flow...): the swap still works
+                pass
+    finally:
+        model.train(was)
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op != "get_attr":
+                continue
+            owner = node.target.rpartition(".")[0]
+            if owner in swapped:
+                raise ValueError(
+                    f"faststeal.stack: graph node {node.name!r} reads {node.target!r}, a "
+                    f"parameter of the {type(model.get_submodule(owner)).__name__} {owner!r}, "
+                    f"outside its forward (weight tying or a functional call on module weights); "
+                    f"stacked parameters have a leading member axis there. Call the module "
+                    f"instead, or put that code in its own nn.Module (it then runs under "
+                    f"torch.func.vmap)")
+    return graphs if len(graphs) == 2 else []
 
 
-def _fuse_relu(graph: torch.fx.Graph, body: nn.Module, keep: Optional[str]) -> list[str]:
-    """Fold an ``nn.ReLU`` module that only ever receives one Linear twin's output into that
-    twin (``ensemble_linear``'s fused relu: one pass less forward and backward, as the zoo's
-    hand-built layers have), replacing the ReLU with ``nn.Identity`` in ``body``. Only when the
-    traced graph proves it: each module called once, the Linear's single user is the ReLU
-    (with no hooks), and the Linear is not ``keep`` (the head, whose output Laplace reads as
-    logits). Numerically the same (both relus keep NaN; the backward masks on y > 0). Returns
-    the fused Linear names."""
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether any module hook is registered, on ``model``'s modules or globally."""
+    from torch.nn.modules import module as _m
+
+    if any(getattr(_m, g, None) for g in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in model.modules())
+
+
+def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str]]:
+    """(Linear, ReLU) module names where the graph calls each once and the ReLU's only input is
+    the Linear's output, which nothing else reads."""
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
-    fused = []
+    pairs = set()
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or node.target == keep \
-                or len(node.users) != 1:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if (user.op == "call_module" and calls[user.target] == 1 and user.args == (node,)
+                and not user.kwargs):
+            pairs.add((node.target, user.target))
+    return pairs
+
+
+def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Module,
+               keep: Optional[str]) -> list[str]:
+    """Fold an ``nn.ReLU`` module that only ever receives one Linear twin's output into that
+    twin (``ensemble_linear``'s fused relu: one pass less forward and backward, as the zoo's
+    hand-built layers have), replacing the ReLU with ``nn.Identity`` in ``body``. Only where the
+    traced graphs of both modes prove it (see :func:`_relu_pairs`), no module hook exists
+    (a hook could observe the pre-activation), and the Linear is not ``keep`` (the head, whose
+    output Laplace reads as logits). Numerically the same (both relus keep NaN; the backward
+    masks on y > 0). Returns the fused Linear names."""
+    if not graphs or _has_hooks(model):
+        return []
+    pairs = set.intersection(*(_relu_pairs(g) for g in graphs))
+    fused = []
+    for lin_name, act_name in sorted(pairs):
+        if lin_name == keep:
             continue
         try:
-            lin = body.get_submodule(node.target)
-            user = next(iter(node.users))
-            act = body.get_submodule(user.target) if user.op == "call_module" else None
+            lin, act = body.get_submodule(lin_name), body.get_submodule(act_name)
         except AttributeError:  # inside a submodule that runs under vmap
             continue
-        if type(lin) is not _Linear or lin.activation != "none" or lin.dropout:
-            continue
-        if act is None or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
-            continue
-        if type(act) is not nn.ReLU or act._forward_hooks or act._forward_pre_hooks:
+        if type(lin) is not _Linear or lin.activation != "none" or lin.dropout \
+                or type(act) is not nn.ReLU:
             continue
         lin.activation = "relu"
-        parent, _, child = user.target.rpartition(".")
+        parent, _, child = act_name.rpartition(".")
         setattr(body.get_submodule(parent) if parent else body, child, nn.Identity())
-        fused.append(node.target)
+        fused.append(lin_name)
     return fused
+
+
+def _last_linear(body: nn.Module) -> Optional[str]:
+    """The qualified name of the last Linear twin of ``body`` (the default head), or None."""
+    names = [n for n, m in body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
+    return names[-1] if names else None
 
 
 class StackedModule(nn.Module):
@@ -426,11 +466,9 @@ class StackedModule(nn.Module):
         self.__dict__["_skeleton"] = skeleton  # plain CPU copy (not a submodule) for member()
         self.__dict__["_ctx"] = next(
             (m.__dict__["_ctx"] for m in body.modules() if "_ctx" in m.__dict__), _Ctx())
-        self.last_layer = last_layer if last_layer is not None else self._find_last_linear()
-
-    def _find_last_linear(self) -> Optional[str]:
-        names = [n for n, m in self.body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
-        return names[-1] if names else None
+        self.last_layer = last_layer if last_layer is not None else _last_linear(body)
+        #: Linear layers whose following nn.ReLU was fused into them (see ``_fuse_relu``)
+        self.fused_relus: list[str] = []
 
     @property
     def head(self) -> nn.Module:
@@ -644,9 +682,9 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
     fallbacks: list[tuple[str, str]] = []
     body = _convert(modules, "", ctx, bayesian, float(prior_sigma), fallbacks)
     swapped = {n for n, m in body.named_modules() if isinstance(m, _Twin)}
-    graph = None
+    graphs: list[torch.fx.Graph] = []
     if "" not in swapped:  # a bare layer is its own twin; nothing else to check
-        graph = _fx_check(modules[0], swapped)
+        graphs = _fx_check(modules[0], swapped)
     for name, kind in fallbacks:
         warnings.warn(f"faststeal.stack: submodule {name!r} ({kind}) has no stacked twin; its "
                       f"{len(modules)} member(s) run through torch.func.vmap (correct, without "
@@ -660,14 +698,14 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
         if not isinstance(layer, (_Linear, _BayesLinear)):
             raise ValueError(f"last_layer {last_layer!r} must be an nn.Linear, got "
                              f"{type(modules[0].get_submodule(last_layer)).__name__}")
-    if graph is not None:
-        linears = [n for n, m in body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
-        _fuse_relu(graph, body, last_layer if last_layer is not None
-                   else (linears[-1] if linears else None))
+    fused = _fuse_relu(modules[0], graphs, body,
+                       last_layer if last_layer is not None else _last_linear(body))
     skeleton = copy.deepcopy(modules[0]).cpu()
-    return StackedModule(body, len(modules), skeleton, input_shape=input_shape,
-                         bayesian=bayesian, last_layer=last_layer,
-                         fallbacks=[n for n, _ in fallbacks])
+    out = StackedModule(body, len(modules), skeleton, input_shape=input_shape,
+                        bayesian=bayesian, last_layer=last_layer,
+                        fallbacks=[n for n, _ in fallbacks])
+    out.fused_relus = fused
+    return out
 
 
 def unstack(stacked: StackedModule) -> list[nn.Module]:
