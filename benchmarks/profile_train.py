@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("--members", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--methods", default="loop,vmap,faststeal[reference],faststeal,fit")
+    ap.add_argument("--methods", default=None,
+                    help="default: loop,vmap,faststeal[reference],faststeal,fit; with "
+                         "--user-model: stack,loop,vmap")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--tables", action="store_true", help="print the full profiler tables")
     ap.add_argument("--user-model", default=None,
@@ -98,11 +100,11 @@ def main(argv=None) -> int:
     x = torch.randn(s, b, *bench_train.INPUT_SHAPE, device=dev)
     y = torch.randint(0, bench_train.NUM_CLASSES, (s, b), device=dev)
     xs = torch.randn(b, *bench_train.INPUT_SHAPE, device=dev)
-    print(f"{args.arch} S={s} B={b} on {dev}, {torch.get_num_threads()} threads, "
-          f"load {common.loadavg()}")
-    if args.user_model:
-        print(f"user model {args.user_model} S={s} B={b}")
-    for method in args.methods.split(","):
+    print(f"{args.user_model or args.arch} S={s} B={b} on {dev}, {torch.get_num_threads()} "
+          f"threads, load {common.loadavg()}")
+    methods = args.methods or ("stack,loop,vmap" if args.user_model else
+                               "loop,vmap,faststeal[reference],faststeal,fit")
+    for method in methods.split(","):
         if args.user_model:
             fn, steps, per = bench_train.user_model_step(method, args.user_model, s, b, dev), \
                 args.steps, 1

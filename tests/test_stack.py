@@ -153,6 +153,16 @@ class TrainOnlyNoise(nn.Module):
         return self.head(self.act(h))
 
 
+class EvalOnlyShift(TrainOnlyNoise):
+    """The same with the extra code in eval mode only: the train graph alone would fuse."""
+
+    def forward(self, x):
+        h = self.fc(x)
+        if not self.training:
+            h = h - 0.5
+        return self.head(self.act(h))
+
+
 @pytest.mark.parametrize("backend", BACKENDS + (["triton"] if TRITON else []))
 def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
     from faststeal.nn.stack import _Linear
@@ -177,10 +187,19 @@ def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
     assert all(type(m[1]) is nn.ReLU for m in members)  # the plain members keep their ReLU
     # no fusion where a mode's graph puts code between the two, or where a hook could observe
     # the pre-activation; the stacked model still matches the loop
-    st = stack(TrainOnlyNoise, 2, seed=0, input_shape=(12,))
-    assert st.fused_relus == [] and type(st.body.act) is nn.ReLU
-    with use_backend(backend):
-        _check_equal(st, _fresh(st), x, train=True)
+    for model in (TrainOnlyNoise, EvalOnlyShift):
+        st = stack(model, 2, seed=0, input_shape=(12,))
+        assert st.fused_relus == [] and type(st.body.act) is nn.ReLU
+        with use_backend(backend):
+            _check_equal(st, _fresh(st), x, train=True)
+            with torch.no_grad():
+                torch.testing.assert_close(st.eval()(x), _loop(_fresh(st), x, False))
+    # tracing in both modes leaves each of the user's modules in its own mode
+    mixed = [seq() for _ in range(2)]
+    for m in mixed:
+        m[2].eval()
+    stack_from(mixed, input_shape=(12,))
+    assert [[c.training for c in m] for m in mixed] == [[True, True, False, True, True, True]] * 2
     hooked = seq()
     hooked[3].register_forward_hook(lambda m, i, o: None)
     assert stack(hooked, 2, seed=0, input_shape=(12,)).fused_relus == []

@@ -414,6 +414,33 @@ def test_surrogate_key_is_the_architecture():
     assert out.stdout.strip().splitlines()[-1] == key
 
 
+class Comprehending(nn.Module):
+    """__init__ with a comprehension (a nested code object) and forward with a set constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.mode = "a"
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x * 2 if self.mode in {"a", "b", "c"} else x
+
+
+def test_surrogate_key_without_source_is_the_same_in_every_process():
+    # bytecode, not source (a notebook): nested code objects and set constants must not bring
+    # file names, line numbers or hash-seed-dependent orders into the key
+    code = ("import sys; sys.path[:0] = ['tests']; from test_surrogate import Comprehending; "
+            "from faststeal.models import surrogate; surrogate._source = lambda obj: ''; "
+            "print(surrogate.surrogate_key(Comprehending()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": seed}
+                           ).stdout.strip().splitlines()[-1] for seed in ("1", "2", "3")}
+    assert len(keys) == 1
+
+
 class Flagged(nn.Module):
     def __init__(self, residual: bool) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -252,39 +253,78 @@ def _source(obj: Any) -> str:
 _PLAIN = (int, float, bool, str, type(None))
 
 
+def _const(c: Any) -> str:
+    """A process-independent rendering of a code constant: nested code objects (lambdas,
+    comprehensions) by their own bytecode, never by their file and line; sets sorted."""
+    if inspect.iscode(c):
+        return (f"code({c.co_name} {c.co_code.hex()} {c.co_names} "
+                f"[{', '.join(_const(k) for k in c.co_consts)}])")
+    if isinstance(c, (tuple, list)):
+        return f"({', '.join(_const(k) for k in c)})"
+    if isinstance(c, frozenset):
+        return f"frozenset({sorted(_const(k) for k in c)})"
+    return _ADDRESS.sub("", repr(c))
+
+
+def _functions(obj: Any) -> list[Callable]:
+    """The plain functions behind ``obj``: itself, a bound method's or a partial's function, a
+    callable instance's ``__call__``; for a class, every function of it and of its own
+    (non-torch, non-builtin) base classes — an inherited ``forward`` included."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    obj = getattr(obj, "__func__", obj)
+    if inspect.isfunction(obj):
+        return [obj]
+    if not inspect.isclass(obj):
+        return _functions(type(obj).__call__) if callable(obj) else []
+    fns = []
+    for klass in obj.__mro__:
+        if klass.__module__.startswith(("torch", "builtins")):
+            continue
+        fns += [f for _, f in sorted(vars(klass).items()) if inspect.isfunction(f)]
+    return fns
+
+
 def _code(obj: Any) -> str:
-    """The bytecode, constants and names of a function, or of every function of a class: what
-    its source says even where the source is not available (a notebook, a REPL)."""
-    fns = ([obj] if inspect.isfunction(obj) else
-           [f for _, f in sorted(vars(obj).items()) if inspect.isfunction(f)]
-           if inspect.isclass(obj) else [])
-    out = []
-    for f in fns:
-        c = f.__code__
-        out.append(f"{f.__qualname__} {c.co_code.hex()} {c.co_names} "
-                   f"{_ADDRESS.sub('', repr(c.co_consts))}")
-    return "\n".join(out)
+    """The bytecode, names and constants of the functions behind ``obj`` (:func:`_functions`):
+    what its source says where the source cannot be read (a notebook, a REPL)."""
+    return "\n".join(f"{f.__qualname__} {_const(f.__code__)}" for f in _functions(obj))
+
+
+def _source_or_code(obj: Any) -> str:
+    """The source of ``obj`` (its classes' and functions' text), else its bytecode: the source
+    is what a user edits and stays the same across Python versions; the bytecode stands in where
+    there is no source file."""
+    return _source(obj) or _code(obj)
+
+
+def _buffer_digest(t: torch.Tensor) -> str:
+    """sha256 of a buffer's values; its dtype and layout alone where the values cannot be read
+    as bytes (meta, sparse, quantized tensors)."""
+    if t.is_meta or t.layout != torch.strided or t.is_quantized:
+        return f"{t.layout} {t.dtype} {'meta' if t.is_meta else 'values not hashed'}"
+    raw = t.detach().resolve_conj().resolve_neg().cpu().reshape(-1).contiguous()
+    return hashlib.sha256(raw.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _describe_model(model: nn.Module) -> list[str]:
     """``repr`` (layer types and sizes); every parameter's and buffer's name, shape and dtype and
     every buffer's values; each module's plain attributes (ints, floats, bools, strings: a flag
-    its ``forward`` reads is not in the repr); and the source and bytecode of every non-torch
-    module class (their ``forward``)."""
+    its ``forward`` reads is not in the repr); and the source (or, without one, the bytecode) of
+    every non-torch module class and its own base classes (their ``forward``)."""
     lines = [_ADDRESS.sub("", repr(model))]
     for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
         lines += [f"{kind} {n} {tuple(t.shape)} {t.dtype}" for n, t in items]
-    lines += [f"buffer-values {n} " + hashlib.sha256(
-        t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        for n, t in model.named_buffers() if t.numel()]
+    lines += [f"buffer-values {n} {_buffer_digest(t)}" for n, t in model.named_buffers()
+              if t.numel()]
     for name, m in model.named_modules():
         attrs = sorted((k, v) for k, v in vars(m).items()
                        if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN))
         if attrs:
             lines.append(f"attrs {name or '<root>'} {attrs!r}")
-    classes = {f"{c.__module__}.{c.__qualname__}": c for c in map(type, model.modules())
-               if not c.__module__.startswith("torch.")}
-    lines += [f"class {k}\n{_source(c)}\n{_code(c)}" for k, c in sorted(classes.items())]
+    classes = {f"{c.__module__}.{c.__qualname__}": c for t in map(type, model.modules())
+               for c in t.__mro__ if not c.__module__.startswith(("torch", "builtins"))}
+    lines += [f"class {k}\n{_source_or_code(c)}" for k, c in sorted(classes.items())]
     return lines
 
 
@@ -294,14 +334,15 @@ def surrogate_key(spec: Any) -> str:
     A name is its own key (hashes of named surrogates are unchanged). An ``nn.Module`` template
     or a factory gets ``"<surrogate_label>@<module>.<qualname>#<sha256[:16]>"`` of a canonical
     description: for a template, its architecture (:func:`_describe_model`: repr, parameter and
-    buffer names/shapes/dtypes, buffer values, plain module attributes, the source and bytecode
-    of its own module classes — not the parameter values: ``reset_parameters`` re-initialises the
-    members; a parameter of a module without ``reset_parameters`` keeps the template's value and
-    is not in the key); for a factory, its source (or repr) and bytecode and the description of
-    the model it builds (built once, under a forked RNG). The same model code in a new process gives
-    the same key, so a rerun resumes its cells; another architecture (a width, a layer, an edited
-    ``forward``) gives another key. Editing only a comment of that code changes the key too
-    (its cells are recomputed: conservative)."""
+    buffer names/shapes/dtypes, buffer values, plain module attributes, the source — bytecode
+    where there is none — of its own module classes and their bases; not the parameter values:
+    ``reset_parameters`` re-initialises the members, and a parameter of a module without
+    ``reset_parameters`` keeps the template's value without being in the key); for a factory,
+    its source (or bytecode, or repr) and the description of the model it builds (built once,
+    under a forked RNG seeded with 0). The same model code in a new process gives the same key,
+    so a rerun resumes its cells; another architecture (a width, a layer, an edited ``forward``)
+    gives another key. Editing only a comment of that code changes the key too (its cells are
+    recomputed: conservative)."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, nn.Module):
@@ -310,7 +351,8 @@ def surrogate_key(spec: Any) -> str:
     elif callable(spec):
         cls = spec
         with torch.random.fork_rng(devices=[]):
-            lines = [_source(spec) or _ADDRESS.sub("", repr(spec)), _code(spec)]
+            torch.manual_seed(0)  # a factory drawing random buffers gives one key everywhere
+            lines = [_source_or_code(spec) or _ADDRESS.sub("", repr(spec))]
             lines += _describe_model(_call_factory(spec))
     else:
         raise TypeError(f"a surrogate must be a name, an nn.Module or a factory, got "

@@ -348,7 +348,7 @@ def _fx_check(model: nn.Module, swapped: set[str]) -> list[torch.fx.Graph]:
     in training and in eval mode (a ``forward`` may branch on ``self.training``) and returns both
     graphs, or [] when fx cannot trace it in either mode."""
     graphs = []
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own flag, restored
     try:
         for mode in (True, False):
             model.train(mode)
@@ -357,7 +357,8 @@ def _fx_check(model: nn.Module, swapped: set[str]) -> list[torch.fx.Graph]:
             except Exception:  # untraceable (data-dependent control flow...): the swap still works
                 pass
     finally:
-        model.train(was)
+        for m, flag in modes:
+            m.training = flag
     for graph in graphs:
         for node in graph.nodes:
             if node.op != "get_attr":
@@ -378,9 +379,8 @@ def _has_hooks(model: nn.Module) -> bool:
     """Whether any module hook is registered, on ``model``'s modules or globally."""
     from torch.nn.modules import module as _m
 
-    if any(getattr(_m, g, None) for g in (
-            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-            "_global_backward_pre_hooks")):
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+            or _m._global_backward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                or m._backward_pre_hooks for m in model.modules())
