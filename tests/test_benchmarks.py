@@ -79,3 +79,17 @@ def test_user_model_benchmark_smoke():
     assert set(rows) == {"stack", "loop", "vmap"}
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert "functional-cnn" in bench_train.user_markdown(res)
+
+
+def test_one_member_stacks_variant_trains_each_member():
+    """bench_train's ``stack-1xS`` variant (S one-member stacks in sequence) steps every member."""
+    import torch
+
+    from benchmarks import bench_train
+
+    step = bench_train.user_model_step("stack-1xS", "functional-cnn", 2, 4, torch.device("cpu"))
+    assert len(step.models) == 2
+    before = [[p.detach().clone() for p in m.parameters()] for m in step.models]
+    step()
+    for m, old in zip(step.models, before):
+        assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), old))
