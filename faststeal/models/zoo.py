@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn import (BayesConv2d, BayesLinear, EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout,
                   EnsembleLinear, EnsembleMaxPool2d)
-from ..nn.layers import _MCDropoutMixin
+from ..nn.layers import _MCDropoutMixin, member_copies
 
 ARCHS = ("mlp", "lenet", "cnn-wide", "resnet-small")
 
@@ -387,23 +387,8 @@ class StackedModel(nn.Module):
 
     def _copies(self, x: torch.Tensor, samples: Optional[int]) -> int:
         _check_input(x, self.input_shape, (4, 5), "(batch, C, H, W) or (members, batch, C, H, W)")
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                    or samples < 1):
-            raise ValueError(f"samples must be a positive int or None, got {samples!r}")
-        if self.members > 1:
-            if samples is not None and samples != self.members:
-                raise ValueError(f"samples={samples} given to a model with {self.members} members; "
-                                 f"samples is for one-member (MC dropout / Bayesian) models")
-            if x.dim() == 5 and x.shape[0] != self.members:
-                raise ValueError(f"x has {x.shape[0]} members on dim 0 but the model has "
-                                 f"{self.members} (x shape {tuple(x.shape)})")
-            return self.members
-        if x.dim() == 5:
-            if samples is not None and samples != x.shape[0]:
-                raise ValueError(f"samples={samples} but x has {x.shape[0]} copies on dim 0 "
-                                 f"(x shape {tuple(x.shape)})")
-            return x.shape[0]
-        return 1 if samples is None else samples
+        return member_copies(self.members, samples, x.shape[0] if x.dim() == 5 else None,
+                             x.shape)
 
     @staticmethod
     def _shared(x: torch.Tensor) -> bool:

@@ -49,6 +49,32 @@ def _check_stack(x: torch.Tensor, members: int, layer: str) -> None:
                          f"shared input without the member axis")
 
 
+def member_copies(members: int, samples: Optional[int], stacked: Optional[int],
+                  shape: tuple) -> int:
+    """How many member copies a stacked model's forward runs, with the checks both stacked models
+    (the zoo's ``StackedModel`` and ``faststeal.stack``'s ``StackedModule``) share: ``members``
+    is the parameter stack size, ``samples`` the caller's copy count (for one-member MC dropout /
+    Bayesian models), ``stacked`` the size of the input's member axis (None for a shared input);
+    ``shape`` is the input's shape, for messages. ValueError on a contradiction."""
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                or samples < 1):
+        raise ValueError(f"samples must be a positive int or None, got {samples!r}")
+    if members > 1:
+        if samples is not None and samples != members:
+            raise ValueError(f"samples={samples} given to a model with {members} members; "
+                             f"samples is for one-member (MC dropout / Bayesian) models")
+        if stacked is not None and stacked != members:
+            raise ValueError(f"x has {stacked} members on dim 0 but the model has {members} "
+                             f"(x shape {tuple(shape)})")
+        return members
+    if stacked is not None:
+        if samples is not None and samples != stacked:
+            raise ValueError(f"samples={samples} but x has {stacked} copies on dim 0 "
+                             f"(x shape {tuple(shape)})")
+        return stacked
+    return 1 if samples is None else samples
+
+
 def next_seed() -> int:
     """A fresh seed for the counter-based RNG of the ops, drawn from torch's default CPU generator.
 

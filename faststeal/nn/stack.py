@@ -45,7 +45,7 @@ from torch import nn
 
 from .bayes import BayesConv2d, BayesLinear
 from .layers import (EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout, EnsembleEmbedding,
-                     EnsembleLayerNorm, EnsembleLinear, next_seed)
+                     EnsembleLayerNorm, EnsembleLinear, member_copies, next_seed)
 
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 INITS = ("reset", "copy")
@@ -495,23 +495,8 @@ class StackedModule(nn.Module):
 
     def _copies(self, x: torch.Tensor, samples: Optional[int]) -> tuple[int, bool]:
         stacked = self._stacked_input(x)
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                    or samples < 1):
-            raise ValueError(f"samples must be a positive int or None, got {samples!r}")
-        if self.members > 1:
-            if samples is not None and samples != self.members:
-                raise ValueError(f"samples={samples} given to a model with {self.members} "
-                                 f"members; samples is for one-member (MC dropout / Bayesian) "
-                                 f"models")
-            if stacked and x.shape[0] != self.members:
-                raise ValueError(f"x has {x.shape[0]} members on dim 0 but the model has "
-                                 f"{self.members} (x shape {tuple(x.shape)})")
-            return self.members, stacked
-        if stacked:
-            if samples is not None and samples != x.shape[0]:
-                raise ValueError(f"samples={samples} but x has {x.shape[0]} copies on dim 0")
-            return x.shape[0], True
-        return (1 if samples is None else samples), False
+        return member_copies(self.members, samples, x.shape[0] if stacked else None,
+                             x.shape), stacked
 
     def _run(self, x: torch.Tensor, samples: Optional[int]) -> tuple[torch.Tensor, int]:
         copies, stacked = self._copies(x, samples)
