@@ -91,10 +91,13 @@ def _fresh(stacked):
 
 
 @pytest.mark.parametrize("backend", BACKENDS[-1:])  # the backend only serves the fc layer here
-def test_resnet18_matches_loop(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_resnet18_matches_loop(backend, layout, monkeypatch):
     tv = pytest.importorskip("torchvision")
+    monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", layout)
     torch.manual_seed(0)
     st = stack(lambda: tv.models.resnet18(num_classes=10), 2, seed=3, input_shape=(3, 32, 32))
+    assert len(st.channels_last_convs) == 20  # every conv feeds a batch norm
     members = _fresh(st)
     x = torch.randn(3, 3, 32, 32)
     with use_backend(backend):
@@ -209,6 +212,117 @@ def test_linear_relu_fused_only_where_the_graph_proves_it(backend):
     finally:
         handle.remove()
     assert stack(seq, 2, seed=0, input_shape=(12,), last_layer="2").fused_relus == ["0", "4"]
+
+
+class ConvBNOut(nn.Module):
+    """conv -> batch norm -> relu -> pool -> conv whose feature map is the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.drop = nn.Conv2d(4, 3, 3), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.conv2(self.drop(F.avg_pool2d(F.relu(self.bn(self.conv1(x))), 2)))
+
+
+def _conv_layouts(st, x):
+    """Per stacked conv: whether its output in this call was channels-last (and not NCHW)."""
+    seen = {}
+
+    def record(name, out):
+        seen[name] = not out.is_contiguous() and out.is_contiguous(
+            memory_format=torch.channels_last)
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, o))
+             for n, m in st.body.named_modules() if type(m).__name__ == "_Conv2d"]
+    try:
+        st(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channels_last_only_where_the_graph_proves_it(monkeypatch, layout):
+    from faststeal.nn.stack import LAYOUT_ENV
+
+    # FunctionalCNN: conv1 feeds relu -> max_pool -> conv2 (safe); conv2 and conv3 reach
+    # x.view(...) (never channels-last); ConvBNOut: conv1 -> BN (safe), conv2 is the output
+    assert stack(FunctionalCNN, 2, seed=0, input_shape=(1, 28, 28)).channels_last_convs == \
+        ["conv1"]
+    assert stack(ConvBNOut, 2, seed=0, input_shape=(2, 8, 8)).channels_last_convs == ["conv1"]
+    assert stack(FunctionalCNN, 1, seed=0).channels_last_convs == []  # one member: no twins
+    hooked = FunctionalCNN()
+    hooked.conv2.register_forward_hook(lambda m, i, o: None)  # could observe the layout
+    assert stack(hooked, 2, seed=0, input_shape=(1, 28, 28)).channels_last_convs == []
+    monkeypatch.setenv(LAYOUT_ENV, layout)
+    cl = layout == "channels_last"
+    for model, x in [(FunctionalCNN, torch.randn(4, 1, 28, 28)),
+                     (ConvBNOut, torch.randn(5, 2, 8, 8))]:
+        torch.manual_seed(3)
+        st = stack(model, 3, seed=0, input_shape=tuple(x.shape[1:]))
+        for m in st.modules():  # no dropout randomness in the comparison
+            if type(m).__name__ == "_Dropout":
+                m.p = 0.0
+        members = _fresh(st)
+        for m in members:
+            for d in m.modules():
+                if isinstance(d, nn.Dropout):
+                    d.p = 0.0
+        _check_equal(st, members, x, train=True)  # BatchNorm on batch statistics
+        with torch.no_grad():
+            torch.testing.assert_close(st.eval()(x), _loop(members, x, False), atol=1e-5,
+                                       rtol=1e-4)
+            assert _conv_layouts(st, x) == {n: cl and n == "conv1" for n in
+                                            ("conv1", "conv2", "conv3") if hasattr(model(), n)}
+
+
+@pytest.mark.parametrize("prefer", ["contiguous", "channels_last"])
+def test_layout_is_measured_once_and_leaves_the_model_as_it_was(monkeypatch, tmp_path, prefer):
+    import importlib
+
+    from faststeal.ops import tuning
+
+    monkeypatch.setenv("FASTSTEAL_TUNE", "1")
+    monkeypatch.setenv("FASTSTEAL_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.import_module("faststeal.nn.stack"), "LAYOUT_BUDGET_S", 0.01)
+    monkeypatch.setattr(tuning, "BUDGET_S", 0.01)
+    measure = tuning.measure
+
+    def rigged(cands, *args):  # the real timing runs, then `prefer` wins (either can)
+        times = measure(cands, *args)
+        return {n: 0.0 if n == prefer else t for n, t in times.items()}
+
+    monkeypatch.setattr(tuning, "measure", rigged)
+    tuning.clear()
+    try:
+        x = torch.randn(6, 2, 8, 8)
+        st = stack(ConvBNOut, 3, seed=0, input_shape=(2, 8, 8))
+        ref = copy.deepcopy(st)
+        before = tuning.tunings_run
+        torch.manual_seed(5)
+        got = st(x)  # tunes (timing runs in both layouts), then computes the call
+        assert tuning.tunings_run > before
+        keys = [k for k in tuning.decisions() if k.startswith("stack_layout|")]
+        assert len(keys) == 1 and "grad,train" in keys[0]
+        assert tuning.decisions()[keys[0]]["choice"] == prefer
+        # the same call without any timing runs: dropout draws (which follow the layout's
+        # memory order), batch-norm statistics and the output are what the tuned call gave
+        monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", prefer)
+        torch.manual_seed(5)
+        want = ref(x)
+        monkeypatch.delenv("FASTSTEAL_STACK_LAYOUT")
+        torch.testing.assert_close(got, want)
+        for (name, b), b_ref in zip(st.named_buffers(), ref.buffers()):
+            assert torch.equal(b, b_ref), name  # batch-norm statistics updated once
+        assert all(p.grad is None for p in st.parameters())  # timing left no gradients
+        runs = tuning.tunings_run
+        st(x)
+        assert tuning.tunings_run == runs  # the decision is reused
+    finally:
+        tuning.clear()
 
 
 def test_stacked_input_one_batch_per_member():

@@ -25,7 +25,16 @@ How a user's model becomes S members (module swap; the member axis folded into t
   trace (data-dependent control flow) is still stacked by the module swap;
 * where the traced graph shows an ``nn.ReLU`` module applied only to one ``nn.Linear``'s output,
   the relu is fused into that layer's ``ensemble_linear`` (as the zoo's hand-built layers do;
-  same numbers, one pass less each way).
+  same numbers, one pass less each way);
+* memory layout (a measured choice): where the traced graphs prove that a stacked conv's output
+  only flows through layout-agnostic ops (activations, pooling, additions, dropout, ``cat``)
+  into layers that accept any layout (another conv, batch norm, ``flatten``/``reshape``), that
+  conv may write channels-last activations (one convolution per member, outputs in NHWC);
+  never where user code could ``view`` them. Whether the whole model runs faster that way is
+  timed on the first call per input shape class (:func:`faststeal.ops.tuning.decide`, point
+  ``stack_layout``; ``FASTSTEAL_STACK_LAYOUT=contiguous|channels_last`` forces it). Same
+  values either way; on a CPU, NCHW ``max_pool2d`` and the elementwise passes over a
+  member-folded activation are where channels-last saves time.
 
 Design limits: code that mixes batch rows outside the supported layers (``x - x.mean(0)``,
 a hand-written batch norm) would mix members too; use ``nn.BatchNorm`` or a module (which then
@@ -35,6 +44,7 @@ runs under vmap). The model's output must be one tensor ``(B, ...)``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
@@ -43,19 +53,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import tuning
 from .bayes import BayesConv2d, BayesLinear
 from .layers import (EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout, EnsembleEmbedding,
                      EnsembleLayerNorm, EnsembleLinear, member_copies, next_seed)
 
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 INITS = ("reset", "copy")
+#: memory layouts of the stacked convolutions' outputs (see the module docstring)
+LAYOUTS = ("contiguous", "channels_last")
+LAYOUT_ENV = "FASTSTEAL_STACK_LAYOUT"
+#: seconds of timed rounds for the layout choice (whole forward+backward runs; see tuning)
+LAYOUT_BUDGET_S = 1.0
 
 
 class _Ctx:
-    """State shared by a stacked model and its twins: the member copies of the current call."""
+    """State shared by a stacked model and its twins: the member copies and the memory layout
+    of the current call."""
 
     def __init__(self) -> None:
         self.copies = 1
+        self.layout = "contiguous"
 
 
 def _unfold(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -108,10 +126,23 @@ class _Linear(_Twin, EnsembleLinear):
 
 
 class _Conv2d(_Twin, EnsembleConv2d):
+    #: set by :func:`stack_from` where the traced graphs prove a channels-last output is safe
+    channels_last_ok = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.members == 1:  # one filter bank: the whole folded batch is one convolution
             return F.conv2d(x, self.weight[0], None if self.bias is None else self.bias[0],
                             self.stride, self.padding, self.dilation, self.groups)
+        if self._ctx.layout == "channels_last" and x.dim() == 4:
+            # one convolution per member on the folded rows (in NHWC where the input is), the
+            # output NHWC where this conv may write it, else NCHW for its consumers
+            rows = _unfold(x, self.members).shape[1]
+            bs = [None] * self.members if self.bias is None else self.bias.unbind(0)
+            y = torch.cat([F.conv2d(xi, wi, bi, self.stride, self.padding, self.dilation,
+                                    self.groups)
+                           for xi, wi, bi in zip(x.split(rows), self.weight.unbind(0), bs)])
+            return y.contiguous(memory_format=torch.channels_last if self.channels_last_ok
+                                else torch.contiguous_format)
         return _fold(super().forward(_unfold(x, self.members)))
 
 
@@ -434,6 +465,67 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
     return fused
 
 
+# Graph nodes a channels-last activation may pass through (values do not depend on the layout
+# and the result is again an activation) and nodes that end its path taking any layout.
+_LAYOUT_FREE_FNS = {"relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "elu", "hardtanh",
+                    "hardswish", "mish", "sigmoid", "tanh", "max_pool2d", "_max_pool2d",
+                    "avg_pool2d", "adaptive_avg_pool2d", "dropout", "dropout2d", "add", "iadd",
+                    "cat"}
+_LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_"}
+_LAYOUT_FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardtanh,
+                        nn.Hardswish, nn.Mish, nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d,
+                        nn.AdaptiveAvgPool2d, nn.Identity, EnsembleDropout)
+_ANY_LAYOUT_FNS = {"flatten", "getattr"}
+_ANY_LAYOUT_METHODS = {"flatten", "reshape", "contiguous", "size", "dim", "numel"}
+_TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "_operator", "builtins")
+
+
+def _layout_role(node: torch.fx.Node, mods: dict[str, nn.Module]) -> Optional[str]:
+    """"pass" (layout-agnostic, its output is an activation too), "sink" (takes any layout;
+    nothing to follow) or None (might depend on the layout: ``view``, the model's output, user
+    functions, anything not listed)."""
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        if isinstance(m, _LAYOUT_FREE_MODULES):
+            return "pass"
+        if isinstance(m, (_Conv2d, _BatchNorm, nn.Flatten)):
+            return "sink"
+        return None
+    if node.op == "call_method":
+        return ("pass" if node.target in _LAYOUT_FREE_METHODS else
+                "sink" if node.target in _ANY_LAYOUT_METHODS else None)
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if getattr(node.target, "__module__", None) not in _TORCH_MODULES:
+            return None
+        return "pass" if name in _LAYOUT_FREE_FNS else "sink" if name in _ANY_LAYOUT_FNS else None
+    return None
+
+
+def _channels_last_convs(graphs: Sequence[torch.fx.Graph], body: nn.Module) -> list[str]:
+    """The stacked convs whose every call, in every traced graph, feeds only layout-agnostic
+    ops ending in layers that take any layout (see :func:`_layout_role`): those may write
+    channels-last activations without any user code seeing the difference."""
+    mods = dict(body.named_modules())
+    verdict: dict[str, bool] = {}
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op != "call_module" or type(mods.get(node.target)) is not _Conv2d:
+                continue
+            todo, seen, ok = list(node.users), set(), True
+            while todo and ok:
+                user = todo.pop()
+                if user in seen:
+                    continue
+                seen.add(user)
+                role = _layout_role(user, mods)
+                ok = role is not None
+                if role == "pass":
+                    todo.extend(user.users)
+            verdict[node.target] = verdict.get(node.target, True) and ok
+    return sorted(n for n, ok in verdict.items() if ok)
+
+
 def _last_linear(body: nn.Module) -> Optional[str]:
     """The qualified name of the last Linear twin of ``body`` (the default head), or None."""
     names = [n for n, m in body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
@@ -469,6 +561,9 @@ class StackedModule(nn.Module):
         self.last_layer = last_layer if last_layer is not None else _last_linear(body)
         #: Linear layers whose following nn.ReLU was fused into them (see ``_fuse_relu``)
         self.fused_relus: list[str] = []
+        #: convs that may write channels-last activations in the ``channels_last`` layout
+        #: (see ``_channels_last_convs``)
+        self.channels_last_convs: list[str] = []
 
     @property
     def head(self) -> nn.Module:
@@ -507,6 +602,7 @@ class StackedModule(nn.Module):
         else:
             xf = x
         self._ctx.copies = copies
+        self._ctx.layout = self.layout(xf) if self.channels_last_convs else "contiguous"
         y = self.body(xf)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"the stacked model must return one tensor, got {type(y).__name__}")
@@ -515,6 +611,57 @@ class StackedModule(nn.Module):
     def forward(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
         y, copies = self._run(x, samples)
         return _unfold(y, copies)
+
+    def layout(self, xf: torch.Tensor) -> str:
+        """The memory layout (one of :data:`LAYOUTS`) the body runs in for the member-folded
+        input ``xf``: measured once per input shape class, dtype, device model, thread count
+        and mode by timing the whole body (forward, and backward when gradients are on) in
+        each layout; model state and the RNG are restored after the timing runs."""
+        if xf.dim() != 4:
+            return "contiguous"
+        dev = xf.device.type
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        amp = (str(torch.get_autocast_dtype(dev))[6:] if torch.is_autocast_enabled(dev) else "")
+        shape = tuning.shape_class(xf, "grad" if grad else "no_grad",
+                                   "train" if self.training else "eval", amp,
+                                   self._layout_signature())
+        return tuning.decide("stack_layout", dev, shape,
+                             functools.partial(self._layout_candidates, xf, grad),
+                             "contiguous", LAYOUTS, force_env=LAYOUT_ENV,
+                             budget_s=LAYOUT_BUDGET_S)
+
+    def _layout_signature(self) -> str:
+        sig = self.__dict__.get("_layout_sig")
+        if sig is None:
+            sig = tuning._stable_hash(f"{self.body!r}|{self.channels_last_convs}")
+            self.__dict__["_layout_sig"] = sig
+        return sig
+
+    def _layout_candidates(self, xf: torch.Tensor, grad: bool) -> dict[str, Callable[[], None]]:
+        xd = xf.detach()
+        params = [p for p in self.parameters() if p.requires_grad] if grad else []
+        saved = [(b, b.detach().clone()) for b in self.buffers()]
+        cuda = xf.device if xf.device.type == "cuda" else None
+
+        def run(layout: str) -> None:
+            rng = torch.get_rng_state()
+            cuda_rng = None if cuda is None else torch.cuda.get_rng_state(cuda)
+            previous, self._ctx.layout = self._ctx.layout, layout
+            try:
+                with torch.set_grad_enabled(grad):
+                    y = self.body(xd)
+                    if grad:  # autograd.grad, not backward: no .grad is touched
+                        torch.autograd.grad(y.float().sum(), params, allow_unused=True)
+            finally:  # BatchNorm statistics, the RNG and the call's layout as they were
+                self._ctx.layout = previous
+                with torch.no_grad():
+                    for b, value in saved:
+                        b.copy_(value)
+                torch.set_rng_state(rng)
+                if cuda is not None:
+                    torch.cuda.set_rng_state(cuda_rng, cuda)
+
+        return {name: functools.partial(run, name) for name in LAYOUTS}
 
     def features(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
         """The head's input, ``(S, B, F)`` (Laplace's penultimate features)."""
@@ -685,11 +832,16 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
                              f"{type(modules[0].get_submodule(last_layer)).__name__}")
     fused = _fuse_relu(modules[0], graphs, body,
                        last_layer if last_layer is not None else _last_linear(body))
+    channels_last = [] if len(modules) == 1 or _has_hooks(modules[0]) else \
+        _channels_last_convs(graphs, body)
+    for name in channels_last:
+        body.get_submodule(name).channels_last_ok = True
     skeleton = copy.deepcopy(modules[0]).cpu()
     out = StackedModule(body, len(modules), skeleton, input_shape=input_shape,
                         bayesian=bayesian, last_layer=last_layer,
                         fallbacks=[n for n, _ in fallbacks])
     out.fused_relus = fused
+    out.channels_last_convs = channels_last
     return out
 
 

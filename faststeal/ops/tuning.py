@@ -21,7 +21,8 @@ Environment:
   ``$XDG_CACHE_HOME/faststeal`` or ``~/.cache/faststeal``); ``FASTSTEAL_TUNING_CACHE=off`` keeps
   decisions in memory only.
 * each choice point names its own variable that forces one candidate
-  (``FASTSTEAL_BACKEND``, ``FASTSTEAL_CPU_GEMM``, ``FASTSTEAL_CONV_STRATEGY``).
+  (``FASTSTEAL_BACKEND``, ``FASTSTEAL_CPU_GEMM``, ``FASTSTEAL_CONV_STRATEGY``,
+  ``FASTSTEAL_STACK_LAYOUT``).
 
 A shape class rounds every size up to a power of two (a last partial batch of 97 rows shares the
 decision of 128 rows) and includes the dtype, the device model and the number of threads.
@@ -246,12 +247,15 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device_type: str,
 
 def decide(point: str, device_type: str, shape: str,
            candidates: Callable[[], Mapping[str, Callable[[], Any]]], default: str,
-           names: tuple[str, ...], force_env: Optional[str] = None) -> str:
+           names: tuple[str, ...], force_env: Optional[str] = None,
+           budget_s: float = BUDGET_S) -> str:
     """The candidate to run at choice point ``point`` for this ``shape`` class on ``device_type``.
 
     names: every candidate's name (the allowed values of ``force_env``); candidates: builds the
     ``{name: zero-argument callable}`` to time (only called when a measurement is needed; it may
-    leave out names that cannot run this call); default: the choice without tuning.
+    leave out names that cannot run this call); default: the choice without tuning;
+    budget_s: seconds of timed rounds (a choice between whole-model runs takes more than
+    :data:`BUDGET_S` to see through the noise).
     """
     f = forced(force_env, names)
     if f is not None:
@@ -276,7 +280,7 @@ def decide(point: str, device_type: str, shape: str,
         _announce()
         global tunings_run
         tunings_run += 1
-        times = measure(cands, device_type)
+        times = measure(cands, device_type, budget_s)
         choice = min(times, key=lambda n: times[n])
         if not math.isfinite(times[choice]):
             choice = default
