@@ -279,6 +279,20 @@ def test_channels_last_only_where_the_graph_proves_it(monkeypatch, layout):
                                             ("conv1", "conv2", "conv3") if hasattr(model(), n)}
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "unfold", "loop"])
+def test_every_conv_strategy_returns_the_folded_batch(monkeypatch, strategy):
+    monkeypatch.setenv("FASTSTEAL_CONV_STRATEGY", strategy)
+    torch.manual_seed(4)
+    st = stack(ConvBNOut, 3, seed=0, input_shape=(2, 8, 8))
+    for m in st.modules():
+        if type(m).__name__ == "_Dropout":
+            m.p = 0.0
+    members = _fresh(st)
+    for m in members:
+        m.drop.p = 0.0
+    _check_equal(st, members, torch.randn(5, 2, 8, 8), train=True)
+
+
 @pytest.mark.parametrize("prefer", ["contiguous", "channels_last"])
 def test_layout_is_measured_once_and_leaves_the_model_as_it_was(monkeypatch, tmp_path, prefer):
     import importlib

@@ -261,17 +261,21 @@ def default_conv_strategy(x: torch.Tensor) -> str:
 
 def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   stride: tuple[int, int], padding: tuple[int, int],
-                  dilation: tuple[int, int] = (1, 1), groups: int = 1) -> str:
+                  dilation: tuple[int, int] = (1, 1), groups: int = 1,
+                  folded: bool = False) -> str:
     """The strategy ``auto`` runs for this call: measured once per shape class, dtype, device
     model, thread count and mode (forward only under no_grad, forward + backward otherwise) by
     :mod:`faststeal.ops.tuning`; ``FASTSTEAL_CONV_STRATEGY`` forces one. A dilated or grouped
-    convolution is timed as itself, under its own key, without ``unfold`` (which cannot run it)."""
+    convolution is timed as itself, under its own key, without ``unfold`` (which cannot run it).
+    ``folded``: the caller needs the output member-folded ``(S*B, ...)`` (``faststeal.stack``'s
+    layers), which costs ``grouped`` and ``unfold`` a copy: it is timed with them."""
     plain = groups == 1 and tuple(dilation) == (1, 1)
     names = CONV_STRATEGIES[1:]
     train = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     amp = (str(torch.get_autocast_dtype(x.device.type))[6:]
            if torch.is_autocast_enabled(x.device.type) else "")
-    extra = () if plain else (f"dilation={tuple(dilation)}", f"groups={groups}")
+    extra = (() if plain else (f"dilation={tuple(dilation)}", f"groups={groups}")) + \
+        (("folded",) if folded else ())
     shape = tuning.shape_class(x, weight, bias is not None, stride, padding,
                                "train" if train else "eval", amp, *extra)
 
@@ -283,13 +287,15 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         def run(strategy: str) -> None:
             if not train:
                 with torch.no_grad():
-                    ensemble_conv2d(xd, wd, bd, stride, padding, strategy, dilation, groups)
+                    ensemble_conv2d(xd, wd, bd, stride, padding, strategy, dilation, groups,
+                                    folded)
                 return
             with torch.enable_grad():
                 xr = xd.clone().requires_grad_(True) if x.requires_grad else xd
                 wr = wd.clone().requires_grad_(True)
                 br = None if bd is None else bd.clone().requires_grad_(True)
-                y = ensemble_conv2d(xr, wr, br, stride, padding, strategy, dilation, groups)
+                y = ensemble_conv2d(xr, wr, br, stride, padding, strategy, dilation, groups,
+                                    folded)
                 y.backward(torch.ones_like(y))
 
         return {n: (lambda n=n: run(n)) for n in names if plain or n != "unfold"}
@@ -301,13 +307,15 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: tuple[int, int], padding: tuple[int, int],
                     strategy: str = "auto", dilation: tuple[int, int] = (1, 1),
-                    groups: int = 1) -> torch.Tensor:
+                    groups: int = 1, folded: bool = False) -> torch.Tensor:
     """S 2-D convolutions at once.
 
     x: (S, B, C, H, W) stacked or (B, C, H, W) shared; weight: (S, C', C // groups, kh, kw);
     bias: (S, C') or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a
-    batch-major view (see the module docstring). ``dilation`` and ``groups`` mean what they mean
-    for ``F.conv2d`` (per member); ``unfold`` supports ``groups == 1`` only.
+    batch-major view (see the module docstring); with ``folded`` the member-folded
+    (S*B, C', H', W') tensor (a copy where the strategy's output is batch-major).
+    ``dilation`` and ``groups`` mean what they mean for ``F.conv2d`` (per member); ``unfold``
+    supports ``groups == 1`` only.
 
     Strategies (all loop-free except ``loop``; ``auto``, the default, times the three on this
     machine for this shape class and keeps the fastest — :func:`conv_strategy`):
@@ -319,7 +327,10 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     s, co, ci, kh, kw = weight.shape  # ci: input channels per group
     shared = x.dim() == 4
     if strategy == "auto":
-        strategy = conv_strategy(x, weight, bias, stride, padding, dilation, groups)
+        strategy = conv_strategy(x, weight, bias, stride, padding, dilation, groups, folded)
+    if folded:
+        y = ensemble_conv2d(x, weight, bias, stride, padding, strategy, dilation, groups)
+        return y.reshape(-1, *y.shape[2:])
     if strategy == "grouped":
         wf = weight.reshape(s * co, ci, kh, kw)
         bf = bias.reshape(s * co) if bias is not None else None
@@ -404,6 +415,9 @@ class EnsembleConv2d(nn.Module):
     Hosts differ (an Intel AMX host is not the AMD one above), so ``auto`` measures.
     """
 
+    #: return the stacked input's output member-folded, (S*B, C', H', W') (``faststeal.stack``)
+    _folded_output = False
+
     def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: IntPair,
                  stride: IntPair = 1, padding: IntPair = 0, bias: bool = True,
                  strategy: str = "auto", device=None, dtype=None, dilation: IntPair = 1,
@@ -454,7 +468,7 @@ class EnsembleConv2d(nn.Module):
         if x.dim() == 5:
             _check_stack(x, self.members, "EnsembleConv2d")
         return ensemble_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.strategy,
-                               self.dilation, self.groups)
+                               self.dilation, self.groups, self._folded_output)
 
     @torch.no_grad()
     def load_member(self, i: int, conv: nn.Conv2d) -> None:

@@ -128,6 +128,7 @@ class _Linear(_Twin, EnsembleLinear):
 class _Conv2d(_Twin, EnsembleConv2d):
     #: set by :func:`stack_from` where the traced graphs prove a channels-last output is safe
     channels_last_ok = False
+    _folded_output = True  # the strategies are timed with the fold they cost
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.members == 1:  # one filter bank: the whole folded batch is one convolution
@@ -143,7 +144,7 @@ class _Conv2d(_Twin, EnsembleConv2d):
                            for xi, wi, bi in zip(x.split(rows), self.weight.unbind(0), bs)])
             return y.contiguous(memory_format=torch.channels_last if self.channels_last_ok
                                 else torch.contiguous_format)
-        return _fold(super().forward(_unfold(x, self.members)))
+        return super().forward(_unfold(x, self.members))
 
 
 class _BatchNorm(_Twin, EnsembleBatchNorm):
