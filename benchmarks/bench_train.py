@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -455,10 +456,8 @@ USER_GRIDS = {
             for b in (32, 128)],
     # a dense model (the zoo's plain mlp, an nn.Sequential, as a user would pass it) only
     "cpu-dense": [("zoo-mlp", s, b) for s in (4, 16) for b in (32, 128)],
-    # execution order on the CNN: the member-folded stack vs the loop vs one-member stacks run
-    # one after another (what a member-chunked stack would do at chunk size 1)
-    "cpu-cnn-order": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
-                      ("functional-cnn", 16, 32)],
+    # the CNN with the stack's layout choice and both forced layouts beside it
+    "cpu-cnn-layout": [("functional-cnn", s, b) for s in (4, 16) for b in (32, 128)],
     # what fits a loaded 2-core machine's time (plus the zoo comparison, as in "cpu")
     "cpu-quick": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
                   ("functional-cnn", 16, 32), ("resnet18", 4, 32)],
@@ -472,7 +471,8 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     trains it), ``loop`` = S plain modules each with its ``torch.optim.Adam``, ``vmap`` =
     ``torch.func`` over ``stack_module_state`` with one Adam, ``zoo`` = the zoo's hand-built
     StackedModel (``zoo-mlp`` / ``zoo-lenet`` only; the same train step as ``stack``),
-    ``stack-1xS`` = S one-member stacks trained one after another (no member folding)."""
+    ``stack-nchw`` / ``stack-nhwc`` = ``stack`` with its memory layout forced to
+    ``contiguous`` / ``channels_last`` (``FASTSTEAL_STACK_LAYOUT``) instead of measured."""
     import faststeal
 
     factory, shape = _user_model(model)
@@ -490,15 +490,25 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
         # the sum of the members' mean cross-entropies)
         from faststeal.train_step import make_train_step
         return functools.partial(make_train_step(net, lr=LR), x, y)
-    if variant == "stack-1xS":  # S one-member stacks, each with its own faststeal train step
+    if variant in ("stack-nchw", "stack-nhwc"):
+        from faststeal.nn.stack import LAYOUT_ENV
         from faststeal.train_step import make_train_step
-        steps = [make_train_step(faststeal.stack(factory, 1, seed=i, input_shape=shape)
-                                 .to(device), lr=LR) for i in range(s)]
+
+        inner = make_train_step(faststeal.stack(factory, s, seed=0, input_shape=shape)
+                                .to(device), lr=LR)
+        layout = "contiguous" if variant == "stack-nchw" else "channels_last"
 
         def step():
-            for i, st in enumerate(steps):
-                st(x[i:i + 1], y[i:i + 1])
-        step.models = [st.model for st in steps]  # type: ignore[attr-defined]
+            before = os.environ.get(LAYOUT_ENV)
+            os.environ[LAYOUT_ENV] = layout
+            try:
+                inner(x, y)
+            finally:
+                if before is None:
+                    del os.environ[LAYOUT_ENV]
+                else:
+                    os.environ[LAYOUT_ENV] = before
+        step.model = inner.model  # type: ignore[attr-defined]
         return step
     models = [factory().to(device) for _ in range(s)]
     if variant == "loop":
@@ -536,8 +546,8 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
     StackedModel vs the same architecture stacked by ``faststeal.stack``; each case's variants
     timed interleaved in one run (:func:`common.bench_many`)."""
     rows = []
-    variants = ("stack", "loop", "stack-1xS") if grid == "cpu-cnn-order" else \
-        ("stack", "loop", "vmap")
+    variants = ("stack", "loop", "stack-nchw", "stack-nhwc") if grid == "cpu-cnn-layout" \
+        else ("stack", "loop", "vmap")
     cases = [(m, s, b, variants) for m, s, b in USER_GRIDS[grid]]
     if grid in ("cpu", "cpu-quick"):
         cases += [(f"zoo-{a}", s, 128, ("zoo", "stack")) for a in ("mlp", "lenet")

@@ -81,15 +81,24 @@ def test_user_model_benchmark_smoke():
     assert "functional-cnn" in bench_train.user_markdown(res)
 
 
-def test_one_member_stacks_variant_trains_each_member():
-    """bench_train's ``stack-1xS`` variant (S one-member stacks in sequence) steps every member."""
+def test_forced_layout_variants_run_that_layout(monkeypatch):
+    """bench_train's ``stack-nchw`` / ``stack-nhwc`` variants train in the forced layout (the
+    first conv of the functional CNN writes NHWC only in the second) and leave the
+    environment as it was."""
     import torch
 
     from benchmarks import bench_train
+    from faststeal.nn.stack import LAYOUT_ENV
 
-    step = bench_train.user_model_step("stack-1xS", "functional-cnn", 2, 4, torch.device("cpu"))
-    assert len(step.models) == 2
-    before = [[p.detach().clone() for p in m.parameters()] for m in step.models]
-    step()
-    for m, old in zip(step.models, before):
-        assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), old))
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    for variant, nhwc in (("stack-nchw", False), ("stack-nhwc", True)):
+        step = bench_train.user_model_step(variant, "functional-cnn", 2, 4, torch.device("cpu"))
+        seen = []
+        step.model.body.conv1.register_forward_hook(
+            lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)
+                                        and not o.is_contiguous()))
+        before = [p.detach().clone() for p in step.model.parameters()]
+        step()
+        assert seen == [nhwc] and LAYOUT_ENV not in os.environ
+        assert all(not torch.equal(p, q) for p, q in zip(step.model.parameters(), before))
+
