@@ -227,20 +227,26 @@ class ConvBNOut(nn.Module):
 
 
 def _conv_layouts(st, x):
-    """Per stacked conv: whether its output in this call was channels-last (and not NCHW)."""
+    """Per stacked conv: whether its output in this call was channels-last (and not NCHW).
+    Wraps the layers' forward (a module hook would itself make the stack run NCHW)."""
     seen = {}
+    convs = {n: m for n, m in st.body.named_modules() if type(m).__name__ == "_Conv2d"}
 
-    def record(name, out):
-        seen[name] = not out.is_contiguous() and out.is_contiguous(
-            memory_format=torch.channels_last)
+    def wrap(name, fwd):
+        def forward(inp):
+            out = fwd(inp)
+            seen[name] = not out.is_contiguous() and out.is_contiguous(
+                memory_format=torch.channels_last)
+            return out
+        return forward
 
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, o))
-             for n, m in st.body.named_modules() if type(m).__name__ == "_Conv2d"]
+    for n, m in convs.items():
+        m.forward = wrap(n, m.forward)
     try:
         st(x)
     finally:
-        for h in hooks:
-            h.remove()
+        for m in convs.values():
+            del m.forward
     return seen
 
 
@@ -333,8 +339,106 @@ def test_layout_is_measured_once_and_leaves_the_model_as_it_was(monkeypatch, tmp
             assert torch.equal(b, b_ref), name  # batch-norm statistics updated once
         assert all(p.grad is None for p in st.parameters())  # timing left no gradients
         runs = tuning.tunings_run
-        st(x)
-        assert tuning.tunings_run == runs  # the decision is reused
+        assert _conv_layouts(st, x) == {"conv1": prefer == "channels_last", "conv2": False}
+        assert tuning.tunings_run == runs  # the decision is reused, and it is what runs
+    finally:
+        tuning.clear()
+
+
+class ConvThen(nn.Module):
+    """conv -> relu -> `then` -> linear: `then` decides whether the conv may write NHWC."""
+
+    def __init__(self, then) -> None:
+        super().__init__()
+        self.conv, self.fc, self.then = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(48, 4), then
+
+    def forward(self, x):
+        return self.fc(self.then(F.relu(self.conv(x))).reshape(x.size(0), -1))
+
+
+class FlagView(nn.Module):
+    """Takes a `view` path only when a flag set after stacking says so (the trace saw none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 1), \
+            nn.Linear(48, 4)
+        self.use_view = False
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        h = h.view(h.size(0), -1).view(h.shape) if self.use_view else h
+        return self.fc(torch.flatten(self.conv2(h), 1))
+
+
+def test_channels_last_never_reaches_strided_views(monkeypatch):
+    """A conv whose output can reach user code as a strided view of NHWC memory (a partial
+    flatten, reshape, nn.Flatten(2), .data — each then `view`ed) stays NCHW; flattening from
+    dim 1 copies, so it may write NHWC. Forced channels_last then runs every model."""
+    cases = [(lambda t: torch.flatten(t, 2), []), (lambda t: t.reshape(t.size(0), 3, -1), []),
+             (nn.Flatten(2), []), (lambda t: t.data, []),
+             (lambda t: torch.flatten(t, 1), ["conv"]), (lambda t: t.flatten(1), ["conv"]),
+             (nn.Flatten(), ["conv"]), (lambda t: t.contiguous(), ["conv"])]
+    monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", "channels_last")
+    x = torch.randn(2, 2, 4, 4)
+    for then, want in cases:
+        st = stack(lambda: ConvThen(then), 2, seed=0, input_shape=(2, 4, 4))
+        assert st.channels_last_convs == want
+        st(x).sum().backward()
+
+
+def test_layout_guards(monkeypatch, tmp_path):
+    """Tuning never writes the model (a graph still waiting for its backward stays valid); a
+    hook registered after stacking keeps the model NCHW; the call's layout does not leak into
+    a direct call of the body; a layout that fails on a path the trace did not see is reported
+    and not taken; a bad FASTSTEAL_STACK_LAYOUT is an error for every model."""
+    import importlib
+
+    from faststeal.ops import tuning
+
+    monkeypatch.setenv("FASTSTEAL_TUNE", "1")
+    monkeypatch.setenv("FASTSTEAL_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.import_module("faststeal.nn.stack"), "LAYOUT_BUDGET_S", 0.01)
+    monkeypatch.setattr(tuning, "BUDGET_S", 0.01)
+    tuning.clear()
+    try:
+        st = stack(ConvBNOut, 2, seed=0, input_shape=(2, 8, 8))
+        y1 = st(torch.randn(4, 2, 8, 8))
+        runs = tuning.tunings_run
+        y2 = st(torch.randn(40, 2, 8, 8))  # a new shape class: timed while y1 waits
+        assert tuning.tunings_run > runs
+        (y1.sum() + y2.sum()).backward()  # BN statistics were not modified in place
+        st.eval()  # eval-mode batch norm saves the running statistics for its backward
+        y1 = st(torch.randn(4, 2, 8, 8))
+        st(torch.randn(40, 2, 8, 8)).sum().backward()
+        y1.sum().backward()
+        assert st._ctx.layout == "contiguous"
+        st.train()
+
+        monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", "channels_last")
+        xf = torch.randn(6, 2, 8, 8)
+        assert st.layout(xf) == "channels_last"
+        handle = st.body.conv2.register_forward_hook(lambda m, i, o: None)
+        assert st.layout(xf) == "contiguous"
+        handle.remove()
+        monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", "fastest")
+        with pytest.raises(ValueError, match="FASTSTEAL_STACK_LAYOUT"):
+            stack(TabularMLP, 2, seed=0, input_shape=(7,))(torch.randn(3, 7))
+        monkeypatch.delenv("FASTSTEAL_STACK_LAYOUT")
+
+        st = stack(FlagView, 2, seed=0, input_shape=(2, 4, 4))
+        assert st.channels_last_convs == ["conv", "conv2"]  # the traced path has no view
+        st.body.use_view = True
+        x = torch.randn(3, 2, 4, 4)
+        with pytest.warns(RuntimeWarning, match="channels_last layout failed"):
+            y = st(x)
+        members = _fresh(st)
+        for m in members:
+            m.use_view = True
+        torch.testing.assert_close(y, _loop(members, x, True), atol=1e-5, rtol=1e-4)
+        key = next(k for k in tuning.decisions() if k.startswith("stack_layout|")
+                   and tuning.decisions()[k]["times_ms"].get("channels_last") is None)
+        assert tuning.decisions()[key]["choice"] == "contiguous"
     finally:
         tuning.clear()
 

@@ -272,8 +272,7 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     plain = groups == 1 and tuple(dilation) == (1, 1)
     names = CONV_STRATEGIES[1:]
     train = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    amp = (str(torch.get_autocast_dtype(x.device.type))[6:]
-           if torch.is_autocast_enabled(x.device.type) else "")
+    amp = tuning.autocast_tag(x.device.type)
     extra = (() if plain else (f"dilation={tuple(dilation)}", f"groups={groups}")) + \
         (("folded",) if folded else ())
     shape = tuning.shape_class(x, weight, bias is not None, stride, padding,
@@ -313,7 +312,8 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     x: (S, B, C, H, W) stacked or (B, C, H, W) shared; weight: (S, C', C // groups, kh, kw);
     bias: (S, C') or None. Returns (S, B, C', H', W'); for ``grouped`` and a shared input it is a
     batch-major view (see the module docstring); with ``folded`` the member-folded
-    (S*B, C', H', W') tensor (a copy where the strategy's output is batch-major).
+    (S*B, C', H', W') tensor (a copy for ``grouped`` and ``unfold``, whose outputs are not
+    member-major).
     ``dilation`` and ``groups`` mean what they mean for ``F.conv2d`` (per member); ``unfold``
     supports ``groups == 1`` only.
 

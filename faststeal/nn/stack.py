@@ -26,15 +26,21 @@ How a user's model becomes S members (module swap; the member axis folded into t
 * where the traced graph shows an ``nn.ReLU`` module applied only to one ``nn.Linear``'s output,
   the relu is fused into that layer's ``ensemble_linear`` (as the zoo's hand-built layers do;
   same numbers, one pass less each way);
-* memory layout (a measured choice): where the traced graphs prove that a stacked conv's output
-  only flows through layout-agnostic ops (activations, pooling, additions, dropout, ``cat``)
-  into layers that accept any layout (another conv, batch norm, ``flatten``/``reshape``), that
-  conv may write channels-last activations (one convolution per member, outputs in NHWC);
-  never where user code could ``view`` them. Whether the whole model runs faster that way is
-  timed on the first call per input shape class (:func:`faststeal.ops.tuning.decide`, point
-  ``stack_layout``; ``FASTSTEAL_STACK_LAYOUT=contiguous|channels_last`` forces it). Same
-  values either way; on a CPU, NCHW ``max_pool2d`` and the elementwise passes over a
-  member-folded activation are where channels-last saves time.
+* memory layout (a measured choice): where the traced graphs (train and eval mode) prove that
+  a stacked conv's output only flows through layout-agnostic ops (activations, pooling,
+  additions, dropout, ``cat``) into layers that take any layout and hand on nothing strided
+  (another conv, batch norm, ``flatten`` from dim 1, ``x.size()``/``x.shape``), that conv may
+  write channels-last (NHWC) activations; a ``view``, ``reshape``, partial ``flatten``, hook
+  or any other code that could see the strides keeps it NCHW. In the ``channels_last`` layout
+  every stacked conv runs one convolution per member; whether the model is faster that way is
+  timed on the first call per input shape class and mode (:meth:`StackedModule.layout`, tuning
+  point ``stack_layout``; ``FASTSTEAL_STACK_LAYOUT=contiguous|channels_last`` forces it). The
+  values are the same up to float rounding, except that dropout draws its mask in memory order:
+  a seeded run's dropout masks (equally random) depend on the layout. On a CPU, NCHW
+  ``max_pool2d`` and the elementwise passes over a member-folded activation are where
+  channels-last saves time. A model whose ``forward`` later takes a path the trace did not see
+  could still hit a stride error in ``channels_last``: timing then warns and keeps
+  ``contiguous``; force ``FASTSTEAL_STACK_LAYOUT=contiguous`` if it only shows later.
 
 Design limits: code that mixes batch rows outside the supported layers (``x - x.mean(0)``,
 a hand-written batch norm) would mix members too; use ``nn.BatchNorm`` or a module (which then
@@ -135,8 +141,9 @@ class _Conv2d(_Twin, EnsembleConv2d):
             return F.conv2d(x, self.weight[0], None if self.bias is None else self.bias[0],
                             self.stride, self.padding, self.dilation, self.groups)
         if self._ctx.layout == "channels_last" and x.dim() == 4:
-            # one convolution per member on the folded rows (in NHWC where the input is), the
-            # output NHWC where this conv may write it, else NCHW for its consumers
+            # the `loop` strategy on the folded rows (split/cat, not unbind/stack: the
+            # per-member convs' NHWC outputs stay NHWC in the cat), the output NHWC where this
+            # conv may write it, else NCHW for its consumers
             rows = _unfold(x, self.members).shape[1]
             bs = [None] * self.members if self.bias is None else self.bias.unbind(0)
             y = torch.cat([F.conv2d(xi, wi, bi, self.stride, self.padding, self.dilation,
@@ -476,30 +483,51 @@ _LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_"}
 _LAYOUT_FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardtanh,
                         nn.Hardswish, nn.Mish, nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d,
                         nn.AdaptiveAvgPool2d, nn.Identity, EnsembleDropout)
-_ANY_LAYOUT_FNS = {"flatten", "getattr"}
-_ANY_LAYOUT_METHODS = {"flatten", "reshape", "contiguous", "size", "dim", "numel"}
+_ANY_LAYOUT_METHODS = {"contiguous", "size", "dim", "numel"}  # NCHW copy or no tensor
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim"}  # x.shape etc. (not x.data, x.T)
 _TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "_operator", "builtins")
 
 
+def _flattens_from_dim_1(node: torch.fx.Node) -> bool:
+    """``torch.flatten(x, 1)`` / ``x.flatten(1)`` (to the last dim): on a 4-D activation every
+    dim but the batch is merged, so the result is a contiguous tensor in either layout (a copy
+    of an NHWC input); other flattens can return a strided view of it."""
+    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+    end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+    return start in (0, 1) and end == -1
+
+
 def _layout_role(node: torch.fx.Node, mods: dict[str, nn.Module]) -> Optional[str]:
-    """"pass" (layout-agnostic, its output is an activation too), "sink" (takes any layout;
-    nothing to follow) or None (might depend on the layout: ``view``, the model's output, user
+    """"pass" (layout-agnostic, its output is an activation too), "sink" (takes any layout and
+    hands nothing NHWC on) or None (might depend on the layout or pass a strided view on:
+    ``view``, ``reshape``, a partial ``flatten``, ``x.data``, the model's output, user
     functions, anything not listed)."""
     if node.op == "call_module":
         m = mods.get(node.target)
         if isinstance(m, _LAYOUT_FREE_MODULES):
             return "pass"
-        if isinstance(m, (_Conv2d, _BatchNorm, nn.Flatten)):
+        if isinstance(m, (_Conv2d, _BatchNorm)):
+            return "sink"
+        if isinstance(m, nn.Flatten) and m.start_dim in (0, 1) and m.end_dim == -1:
             return "sink"
         return None
     if node.op == "call_method":
-        return ("pass" if node.target in _LAYOUT_FREE_METHODS else
-                "sink" if node.target in _ANY_LAYOUT_METHODS else None)
+        if node.target in _LAYOUT_FREE_METHODS:
+            return "pass"
+        if node.target in _ANY_LAYOUT_METHODS or (node.target == "flatten"
+                                                   and _flattens_from_dim_1(node)):
+            return "sink"
+        return None
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         if getattr(node.target, "__module__", None) not in _TORCH_MODULES:
             return None
-        return "pass" if name in _LAYOUT_FREE_FNS else "sink" if name in _ANY_LAYOUT_FNS else None
+        if name in _LAYOUT_FREE_FNS:
+            return "pass"
+        if name == "flatten" and _flattens_from_dim_1(node):
+            return "sink"
+        if name == "getattr" and len(node.args) > 1 and node.args[1] in _METADATA_ATTRS:
+            return "sink"
     return None
 
 
@@ -603,8 +631,11 @@ class StackedModule(nn.Module):
         else:
             xf = x
         self._ctx.copies = copies
-        self._ctx.layout = self.layout(xf) if self.channels_last_convs else "contiguous"
-        y = self.body(xf)
+        self._ctx.layout = self.layout(xf)
+        try:
+            y = self.body(xf)
+        finally:  # a direct call of the body (or of one layer) runs NCHW
+            self._ctx.layout = "contiguous"
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"the stacked model must return one tensor, got {type(y).__name__}")
         return y, copies
@@ -615,49 +646,64 @@ class StackedModule(nn.Module):
 
     def layout(self, xf: torch.Tensor) -> str:
         """The memory layout (one of :data:`LAYOUTS`) the body runs in for the member-folded
-        input ``xf``: measured once per input shape class, dtype, device model, thread count
-        and mode by timing the whole body (forward, and backward when gradients are on) in
-        each layout; model state and the RNG are restored after the timing runs."""
-        if xf.dim() != 4:
+        input ``xf``: ``contiguous`` unless some conv may write NHWC
+        (:attr:`channels_last_convs`), the input is 4-D and no module hook is registered (a
+        hook could see the layout); then measured once per input shape class, dtype, device
+        model, thread count, grad mode, train/eval mode and autocast dtype by timing the whole
+        body (forward, and backward when gradients are on) in each layout.
+        ``FASTSTEAL_STACK_LAYOUT`` forces it."""
+        forced = tuning.forced(LAYOUT_ENV, LAYOUTS)  # validated even where it cannot apply
+        if not self.channels_last_convs or xf.dim() != 4 or _has_hooks(self.body):
             return "contiguous"
+        if forced is not None:
+            return forced
         dev = xf.device.type
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        amp = (str(torch.get_autocast_dtype(dev))[6:] if torch.is_autocast_enabled(dev) else "")
+        grad = torch.is_grad_enabled() and (xf.requires_grad or any(
+            p.requires_grad for p in self.parameters()))
         shape = tuning.shape_class(xf, "grad" if grad else "no_grad",
-                                   "train" if self.training else "eval", amp,
-                                   self._layout_signature())
+                                   "train" if self.training else "eval",
+                                   tuning.autocast_tag(dev), self._layout_signature())
         return tuning.decide("stack_layout", dev, shape,
                              functools.partial(self._layout_candidates, xf, grad),
-                             "contiguous", LAYOUTS, force_env=LAYOUT_ENV,
-                             budget_s=LAYOUT_BUDGET_S)
+                             "contiguous", LAYOUTS, budget_s=LAYOUT_BUDGET_S)
 
     def _layout_signature(self) -> str:
         sig = self.__dict__.get("_layout_sig")
         if sig is None:
-            sig = tuning._stable_hash(f"{self.body!r}|{self.channels_last_convs}")
+            sig = tuning.stable_hash(f"{self.body!r}|{self.channels_last_convs}")
             self.__dict__["_layout_sig"] = sig
         return sig
 
     def _layout_candidates(self, xf: torch.Tensor, grad: bool) -> dict[str, Callable[[], None]]:
-        xd = xf.detach()
-        params = [p for p in self.parameters() if p.requires_grad] if grad else []
-        saved = [(b, b.detach().clone()) for b in self.buffers()]
+        """One timing run per layout. It never writes the model: the buffers (batch-norm
+        statistics) are clones passed with ``torch.func.functional_call`` (so graphs still
+        waiting for their backward keep valid inputs), gradients come from ``autograd.grad``
+        (no ``.grad`` is touched), and the RNG is restored."""
+        xd = xf.detach().requires_grad_(xf.requires_grad)
+        wrt = [p for p in self.parameters() if p.requires_grad] + ([xd] if xd.requires_grad
+                                                                    else [])
+        buffers = dict(self.body.named_buffers())
         cuda = xf.device if xf.device.type == "cuda" else None
 
         def run(layout: str) -> None:
             rng = torch.get_rng_state()
             cuda_rng = None if cuda is None else torch.cuda.get_rng_state(cuda)
-            previous, self._ctx.layout = self._ctx.layout, layout
+            self._ctx.layout = layout
             try:
                 with torch.set_grad_enabled(grad):
-                    y = self.body(xd)
-                    if grad:  # autograd.grad, not backward: no .grad is touched
-                        torch.autograd.grad(y.float().sum(), params, allow_unused=True)
-            finally:  # BatchNorm statistics, the RNG and the call's layout as they were
-                self._ctx.layout = previous
-                with torch.no_grad():
-                    for b, value in saved:
-                        b.copy_(value)
+                    y = torch.func.functional_call(
+                        self.body, {n: b.clone() for n, b in buffers.items()}, (xd,),
+                        strict=False)
+                    if grad:
+                        torch.autograd.grad(y.float().sum(), wrt, allow_unused=True)
+            except Exception as exc:
+                if layout != "contiguous":
+                    warnings.warn(f"faststeal.stack: the {layout} layout failed on this model "
+                                  f"({type(exc).__name__}: {exc}); it runs contiguous",
+                                  RuntimeWarning, stacklevel=2)
+                raise
+            finally:
+                self._ctx.layout = "contiguous"
                 torch.set_rng_state(rng)
                 if cuda is not None:
                     torch.cuda.set_rng_state(cuda_rng, cuda)

@@ -11,7 +11,8 @@ faststeal version (like Triton's autotuner or oneDNN's primitive cache). Later c
 processes — read the decision. The first tuning in a process prints one line to stderr. A
 resumed run reads the same decisions from the cache, so it computes what an uninterrupted one
 would (with ``FASTSTEAL_TUNING_CACHE=off`` a new process measures again and may pick another
-GEMM path: equal up to float rounding, not bit for bit).
+GEMM path: equal up to float rounding, not bit for bit; for a ``faststeal.stack`` model with
+dropout after a conv, another memory layout also draws other, equally random, dropout masks).
 
 Environment:
 
@@ -132,10 +133,10 @@ def cache_path() -> Optional[str]:
 
     tag = f"{cpu_model()}|torch {torch.__version__}|faststeal {__version__}"
     slug = "".join(c if c.isalnum() else "-" for c in cpu_model()).strip("-")[:40]
-    return os.path.join(root, f"tuning-{slug}-{_stable_hash(tag)}.json")
+    return os.path.join(root, f"tuning-{slug}-{stable_hash(tag)}.json")
 
 
-def _stable_hash(s: str) -> str:
+def stable_hash(s: str) -> str:
     import hashlib
 
     return hashlib.sha1(s.encode()).hexdigest()[:12]
@@ -182,6 +183,13 @@ def _save_disk() -> None:
     except OSError as exc:  # read-only home: keep the decisions in memory
         warnings.warn(f"faststeal: could not write the tuning cache {path}: {exc}",
                       RuntimeWarning, stacklevel=3)
+
+
+def autocast_tag(device_type: str) -> str:
+    """The autocast dtype active on ``device_type`` ("bfloat16", ...) or "" (a key part)."""
+    if not torch.is_autocast_enabled(device_type):
+        return ""
+    return str(torch.get_autocast_dtype(device_type))[6:]
 
 
 def bucket(n: int) -> int:
@@ -254,8 +262,8 @@ def decide(point: str, device_type: str, shape: str,
     names: every candidate's name (the allowed values of ``force_env``); candidates: builds the
     ``{name: zero-argument callable}`` to time (only called when a measurement is needed; it may
     leave out names that cannot run this call); default: the choice without tuning;
-    budget_s: seconds of timed rounds (a choice between whole-model runs takes more than
-    :data:`BUDGET_S` to see through the noise).
+    budget_s: seconds of timed rounds, at most :data:`MAX_ROUNDS` (a choice between
+    whole-model runs of more than ~50 ms gets more rounds than :data:`BUDGET_S` allows).
     """
     f = forced(force_env, names)
     if f is not None:
