@@ -4,7 +4,6 @@ PRADA replay), small on the offline digits dataset: results, resume, settings pi
 import json
 import os
 import shutil
-import sqlite3
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from faststeal.oracle import JournalError, Oracle
 from faststeal.results.store import StoreMismatchError
 from faststeal.runs import (ActiveSettings, ActiveStudy, DefenseSettings, DefenseStudy,
                             DiversitySettings, DiversityStudy, run_study)
+from runstore import finished_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,13 +25,6 @@ COMMON = dict(dataset="digits", victim_arch="mlp", victim_epochs=15, seeds=1, me
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
-
-
-def _finished_at(out):
-    con = sqlite3.connect(out / "results.sqlite")
-    rows = dict(con.execute("SELECT cell_id, finished_at FROM cells").fetchall())
-    con.close()
-    return rows
 
 
 @pytest.fixture
@@ -68,14 +61,14 @@ def test_active_study_table_and_files(active_run):
 
 def test_active_study_resumes_and_pins_its_settings(active_run, capsys):
     out, s, _ = active_run
-    before = _finished_at(out)
+    before = finished_at(out)
     run_study(ActiveStudy(s))
     assert "resuming: 2 finished cells kept, 0 to run" in capsys.readouterr().out
-    assert _finished_at(out) == before  # nothing recomputed
+    assert finished_at(out) == before  # nothing recomputed
     changed = ActiveSettings(**{**s.__dict__, "epochs": 3})
     with pytest.raises(StoreMismatchError, match="another configuration"):
         run_study(ActiveStudy(changed))
-    assert _finished_at(out) == before
+    assert finished_at(out) == before
 
 
 def test_report_rebuilds_any_study(active_run, capsys):

@@ -16,6 +16,7 @@ from faststeal.attack import random_queries
 from faststeal.methods import METHODS, build_method, check_method_params, parse_methods
 from faststeal.models import check_surrogate_name, resolve_surrogate
 from faststeal.stolen import StolenModel
+from runstore import finished_at
 from toydata import prototype_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -376,15 +377,6 @@ def victim_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("victims"))
 
 
-def _finished_at(out):
-    import sqlite3
-
-    con = sqlite3.connect(out / "results.sqlite")
-    rows = dict(con.execute("SELECT cell_id, finished_at FROM cells").fetchall())
-    con.close()
-    return rows
-
-
 def test_surrogate_key_is_the_architecture():
     from faststeal.models import surrogate_key, surrogate_label
 
@@ -507,18 +499,18 @@ def test_run_comparison_with_a_user_module(tmp_path, victim_cache, capsys):
     assert len(members) == 2 and all(type(m) is WidthNet for m in members)
     assert members[0].fc1.out_features == 16
 
-    before = _finished_at(out)
+    before = finished_at(out)
     capsys.readouterr()
     again = faststeal.run_comparison(Config(**RUN, surrogate_arch=WidthNet(), out=str(out),
                                             cache_dir=victim_cache))
     assert "resuming: 2 finished cells kept, 0 to run" in capsys.readouterr().out
-    assert _finished_at(out) == before  # no cell retrained
+    assert finished_at(out) == before  # no cell retrained
     assert again["methods"]["deep-ensemble"]["fidelity"] == \
         summary["methods"]["deep-ensemble"]["fidelity"]
     with pytest.raises(StoreMismatchError, match="another configuration"):
         faststeal.run_comparison(Config(**RUN, surrogate_arch=WidthNet(32), out=str(out),
                                         cache_dir=victim_cache))
-    assert _finished_at(out) == before
+    assert finished_at(out) == before
 
 
 def test_run_comparison_with_a_user_factory(tmp_path, victim_cache, capsys):
@@ -529,10 +521,10 @@ def test_run_comparison_with_a_user_factory(tmp_path, victim_cache, capsys):
     summary = faststeal.run_comparison(Config(**cfg))
     assert summary["methods"]["deep-ensemble"]["hparams"]["arch"] == "custom:width_net_factory"
     assert summary["methods"]["deep-ensemble"]["members"] == 2
-    before = _finished_at(out)
+    before = finished_at(out)
     capsys.readouterr()
     faststeal.run_comparison(Config(**cfg))
-    assert "0 to run" in capsys.readouterr().out and _finished_at(out) == before
+    assert "0 to run" in capsys.readouterr().out and finished_at(out) == before
 
 
 def test_config_and_study_surrogate_type_errors():
