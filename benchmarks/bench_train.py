@@ -9,7 +9,7 @@ Methods (same architecture, same per-member data, Adam, lr 1e-3):
 * ``vmap``      ``torch.func.stack_module_state`` + ``functional_call`` under ``torch.func.vmap``,
                 one default Adam over the stacked parameters;
 * ``vmap+compile`` the same function under ``torch.compile`` (compile time reported separately);
-* ``faststeal[reference]`` the zoo's ``StackedModel`` (stacked layers) with
+* ``faststeal[reference]`` the zoo's stack (``faststeal.stack`` of the plain model) with
                 ``faststeal.train_step`` (fused Adam, fused loss) on the pure-PyTorch reference ops;
 * ``faststeal`` the same on the fused kernels (``auto`` backend: C++ on CPU, Triton/CUDA on GPU);
 * ``faststeal+graph`` (CUDA only) the same step captured as one CUDA graph;
@@ -458,7 +458,7 @@ USER_GRIDS = {
     "cpu-dense": [("zoo-mlp", s, b) for s in (4, 16) for b in (32, 128)],
     # the CNN with the stack's layout choice and both forced layouts beside it
     "cpu-cnn-layout": [("functional-cnn", s, b) for s in (4, 16) for b in (32, 128)],
-    # what fits a loaded 2-core machine's time (plus the zoo comparison, as in "cpu")
+    # what fits a loaded 2-core machine's time
     "cpu-quick": [("functional-cnn", 4, 32), ("functional-cnn", 4, 128),
                   ("functional-cnn", 16, 32), ("resnet18", 4, 32)],
 }
@@ -469,8 +469,7 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     members of ``model`` with per-member batches of ``b``: ``stack`` = ``faststeal.stack``
     trained by ``faststeal.train_step`` (one module, fused Adam, fused loss: how ``steal()``
     trains it), ``loop`` = S plain modules each with its ``torch.optim.Adam``, ``vmap`` =
-    ``torch.func`` over ``stack_module_state`` with one Adam, ``zoo`` = the zoo's hand-built
-    StackedModel (``zoo-mlp`` / ``zoo-lenet`` only; the same train step as ``stack``),
+    ``torch.func`` over ``stack_module_state`` with one Adam,
     ``stack-nchw`` / ``stack-nhwc`` = ``stack`` with its memory layout forced to
     ``contiguous`` / ``channels_last`` (``FASTSTEAL_STACK_LAYOUT``) instead of measured."""
     import faststeal
@@ -480,11 +479,8 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     x = torch.randn(s, b, *shape, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (s, b), generator=g).to(device)
     torch.manual_seed(0)
-    if variant in ("stack", "zoo"):
-        if variant == "zoo":
-            net = _zoo().build_model(model[4:], INPUT_SHAPE, NUM_CLASSES, members=s).to(device)
-        else:
-            net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
+    if variant == "stack":
+        net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
         # what faststeal trains a stack with (Method.fit, steal): its train step — the fused
         # Adam over the stacked parameters and the fused ensemble loss (the same objective:
         # the sum of the members' mean cross-entropies)
@@ -542,16 +538,12 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
 def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
                     log=print, on_case: Optional[Callable[[dict], None]] = None
                     ) -> dict[str, Any]:
-    """``faststeal.stack`` vs a Python loop vs ``torch.func`` vmap on user models, and the zoo's
-    StackedModel vs the same architecture stacked by ``faststeal.stack``; each case's variants
-    timed interleaved in one run (:func:`common.bench_many`)."""
+    """``faststeal.stack`` vs a Python loop vs ``torch.func`` vmap on user models; each case's
+    variants timed interleaved in one run (:func:`common.bench_many`)."""
     rows = []
     variants = ("stack", "loop", "stack-nchw", "stack-nhwc") if grid == "cpu-cnn-layout" \
         else ("stack", "loop", "vmap")
     cases = [(m, s, b, variants) for m, s, b in USER_GRIDS[grid]]
-    if grid in ("cpu", "cpu-quick"):
-        cases += [(f"zoo-{a}", s, 128, ("zoo", "stack")) for a in ("mlp", "lenet")
-                  for s in (4, 16)]
     for model, s, b, variants in cases:
         fns = {}
         for v in variants:
@@ -561,7 +553,7 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
                 rows.append({"model": model, "S": s, "B": b, "variant": v,
                              "error": common.short_error(exc)})
         timings = common.bench_many(fns, device, min_run_time=min_run_time)
-        base = timings.get("loop") if "loop" in timings else timings.get("zoo")
+        base = timings.get("loop")
         for v, t in timings.items():
             if isinstance(t, Exception):
                 rows.append({"model": model, "S": s, "B": b, "variant": v,
@@ -589,7 +581,7 @@ def user_markdown(result: dict[str, Any]) -> str:
                      f"{r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f})",
                      f"{r['member_samples_per_s']:.0f}", common.fmt_x(r["speedup_vs_first"])])
     return common.markdown_table(["model", "S", "B/member", "variant", "train ms (p20-p80)",
-                                  "member-samples/s", "x loop (zoo rows: x zoo)"], rows)
+                                  "member-samples/s", "x loop"], rows)
 
 
 def main(argv=None) -> int:
@@ -602,7 +594,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--user-models", choices=tuple(USER_GRIDS), default=None,
                     help="instead: faststeal.stack vs loop vs vmap on user models "
-                         "(resnet18 32x32, a functional CNN) and zoo vs stack(zoo factory)")
+                         "(resnet18 32x32, a functional CNN, the zoo's plain mlp)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if args.user_models:

@@ -31,7 +31,10 @@ from torch import Tensor, nn
 
 from .methods.base import STREAM_PREDICT, Method, as_tensor, seeded, subseed
 
-FORMAT = "faststeal.stolen/1"
+#: 2: zoo surrogates are stacked by faststeal.stack; a "/1" file of a zoo surrogate holds the
+#: state of the old hand-built zoo stack and cannot be loaded (user surrogates load either way)
+FORMAT = "faststeal.stolen/2"
+_OLD_FORMAT = "faststeal.stolen/1"
 
 
 class StolenModel(nn.Module):
@@ -191,10 +194,15 @@ def load(path: Union[str, os.PathLike], device: Optional[Union[str, torch.device
     """Rebuild a :class:`StolenModel` written by :meth:`StolenModel.save` (unpickles: only load
     files you trust). ``device``: where to put it (default: where it was saved from)."""
     from .methods import build_method
+    from .models import ARCHS
 
     state = torch.load(os.fspath(path), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, _OLD_FORMAT):
         raise ValueError(f"{os.fspath(path)} is not a faststeal stolen model ({FORMAT})")
+    if state["format"] == _OLD_FORMAT and state.get("surrogate") in ARCHS:
+        raise ValueError(f"{os.fspath(path)} holds a zoo surrogate ({state['surrogate']!r}) "
+                         f"saved by an older faststeal ({_OLD_FORMAT}), whose zoo stack had "
+                         f"other weight names; steal it again with this version")
     dev = device if device is not None else "cpu"
     m = build_method(state["method"], surrogate=state["surrogate"],
                      input_shape=tuple(state["input_shape"]), num_classes=state["num_classes"],

@@ -282,7 +282,7 @@ def make_train_step(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
     optimizer step, and returns the loss as a detached 0-d device tensor (no host sync).
 
     model: maps x — (S, B, ...) per member or (B, ...) shared — to (S, B, C) logits (a
-    :class:`faststeal.models.StackedModel`). optimizer: defaults to :func:`make_optimizer`
+    :class:`faststeal.nn.StackedModule`). optimizer: defaults to :func:`make_optimizer`
     (fused Adam at ``lr``). loss_fn(logits, y): defaults to :func:`ensemble_loss` (y: (B,),
     (S, B) labels or (B, C), (S, B, C) probabilities). cuda_graph: capture the whole step once
     (after ``warmup`` undone warm-up steps) and replay it; needs fixed shapes, a CUDA model and no

@@ -35,6 +35,18 @@ def _table(res):
             for m, d in res["methods"].items()}
 
 
+def _close(a, b):
+    """Equal tables, floats to 1e-6 relative: a rank's member shard trains the same members
+    (same seeds, same data), but a float reduction in another process can round one ulp
+    differently (seen: one head-bias element of a one-member shard after 20 Adam steps), which
+    moves e.g. the Brier score by ~1e-12 and its std over seeds by a relative 3e-9."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    return a == b
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_match_single_process(tmp_path):
     cache = tmp_path / "cache"
@@ -45,7 +57,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert dist_res["queries"]["used"] == dist_res["queries"]["budget"] == 300
     log = json.loads((tmp_path / "dist" / "query_log.json").read_text())
     assert log["used"] == 300  # asked once, by rank 0
-    assert _table(dist_res) == _table(single)
+    assert _close(_table(dist_res), _table(single)), (_table(dist_res), _table(single))
     assert dist_res["methods"]["deep-ensemble"]["members"] == 3
 
 

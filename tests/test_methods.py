@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from faststeal.methods import METHODS, UQ_METHODS, build_method
 from faststeal.methods.base import STREAM_PREDICT, member_loss_sum, subseed
 from toydata import prototype_data
+from faststeal.nn import EnsembleBatchNorm
 
 SHAPE = (1, 8, 8)
 C = 10
@@ -445,8 +446,8 @@ def test_swag_refreshes_batchnorm_per_sample():
     x, y = X[:64], Y[:64]
     m.fit(x, y, epochs=1, batch_size=16, lr=1e-2, progress=False)
     stack = m.sampled_model
-    conv, bn = stack.body[0], stack.body[1]
-    assert type(bn).__name__ == "EnsembleBatchNorm" and bn.momentum == 0.1
+    conv, bn = stack.body.body[0], stack.body.body[1]  # the zoo model's first conv and BN
+    assert isinstance(bn, EnsembleBatchNorm) and bn.momentum == 0.1
     # 64 rows in 4 equal batches: the cumulative average of batch means is the overall mean
     for s in range(3):
         h = F.conv2d(x, conv.weight[s], padding=1)
@@ -461,11 +462,11 @@ def brute_force_ggn(m, x, y):
     """Per-datum J (C, C(F+1)) by autograd through the whole network, Lambda by autograd hessian."""
     model = m.model
     params = {k: v.detach() for k, v in model.named_parameters()}
-    w0, b0 = params["head.weight"], params["head.bias"]
+    w0, b0 = params["body.head.weight"], params["body.head.bias"]
     out = []
     for n in range(x.shape[0]):
         def logits(w, b):
-            p = {**params, "head.weight": w, "head.bias": b}
+            p = {**params, "body.head.weight": w, "body.head.bias": b}
             return torch.func.functional_call(model, p, (x[n:n + 1],))[0, 0]
 
         jw, jb = torch.autograd.functional.jacobian(logits, (w0, b0))  # (C,1,C,F), (C,1,C)

@@ -110,8 +110,14 @@ def test_laplace_last_layer_checks():
     m = build_method("laplace", surrogate=Tabular, input_shape=(6,), num_classes=3,
                      last_layer="fc2", members=2)
     m.fit(x, y, epochs=1, batch_size=20, progress=False)
-    with pytest.raises(ValueError, match="last_layer is for user surrogates"):
-        build_method("laplace", "mlp", (1, 8, 8), 10, last_layer="head")
+    # a zoo name is stacked like any user model: its last layer can be named too
+    xi, yi = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    m = build_method("laplace", "mlp", (1, 8, 8), 10, last_layer="head", members=2)
+    m.fit(xi, yi, epochs=1, batch_size=20, progress=False)
+    assert m.model.last_layer == "head"
+    m = build_method("laplace", "mlp", (1, 8, 8), 10, last_layer="body.3", members=2)
+    with pytest.raises(ValueError, match="does not produce the surrogate's output"):
+        m.fit(xi, yi, epochs=1, batch_size=20, progress=False)
 
 
 def test_resolve_surrogate_forms_and_errors(tmp_path, monkeypatch):

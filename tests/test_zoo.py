@@ -1,10 +1,11 @@
-"""The architecture zoo: plain and stacked builds of one definition, exactness, members, errors."""
+"""The architecture zoo: plain models and their stacks (faststeal.stack of the zoo factories),
+exactness, members, errors."""
 
 import pytest
 import torch
 
-from faststeal.models import ARCHS, PlainModel, StackedModel, build_model, count_params
-from faststeal.nn import EnsembleLinear, set_mc_dropout
+from faststeal.models import ARCHS, PlainModel, build_model, count_params
+from faststeal.nn import EnsembleLinear, StackedModule, set_mc_dropout
 
 from conftest import DEVICES
 
@@ -30,7 +31,7 @@ def _x(shape, batch=4, members=None, device="cpu"):
 @pytest.mark.parametrize("shape", DATASET_SHAPES)
 def test_plain_model_shapes(seed_all, arch, shape):
     model = build_model(arch, shape, 10)
-    assert isinstance(model, PlainModel) and not isinstance(model, StackedModel)
+    assert isinstance(model, PlainModel)
     assert model(_x(shape, batch=2)).shape == (2, 10)
     assert not any(type(m).__module__.startswith("faststeal.nn") for m in model.modules())
 
@@ -39,9 +40,8 @@ def test_plain_model_shapes(seed_all, arch, shape):
 @pytest.mark.parametrize("members", [1, 3])
 def test_stacked_model_shapes(seed_all, arch, members):
     model = build_model(arch, SMALL, 7, members=members)
-    assert isinstance(model, StackedModel)
-    assert (model.members, model.arch, model.input_shape, model.num_classes) == \
-        (members, arch, SMALL, 7)
+    assert isinstance(model, StackedModule)
+    assert (model.members, model.input_shape, model.num_classes) == (members, SMALL, 7)
     assert model(_x(SMALL)).shape == (members, 4, 7)
     assert model(_x(SMALL, members=members)).shape == (members, 4, 7)
     feats = model.features(_x(SMALL))
@@ -161,7 +161,7 @@ def test_mc_dropout_one_network_many_masks(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bayesian_model(seed_all, arch):
     model = build_model(arch, SMALL, 10, bayesian=True, prior_sigma=0.5)
-    assert isinstance(model, StackedModel) and model.members == 1 and model.bayesian
+    assert isinstance(model, StackedModule) and model.members == 1 and model.bayesian
     x = _x(SMALL, batch=3)
     y = model(x, samples=3)
     assert y.shape == (3, 3, 10)
@@ -213,7 +213,7 @@ def test_bad_input_errors():
         model(torch.randn(2, 4, *SMALL))
     with pytest.raises(ValueError, match="samples=5 given to a model with 3 members"):
         model(torch.randn(4, *SMALL), samples=5)
-    with pytest.raises(ValueError, match="parameter layers"):
+    with pytest.raises(ValueError, match="not this model's architecture"):
         model.load_member(0, build_model("mlp", SMALL, 10))
     with pytest.raises(ValueError, match="member index"):
         model.member(3)

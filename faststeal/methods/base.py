@@ -164,12 +164,11 @@ class Method(abc.ABC):
 
     def _make_stack(self, members: int, *, dropout: float = 0.0, bayesian: bool = False,
                     prior_sigma: float = 1.0, init: str = "reset") -> torch.nn.Module:
-        """The stacked model of this method's surrogate: the zoo's hand-built
-        :class:`~faststeal.models.zoo.StackedModel` for a zoo name, else
-        :func:`faststeal.nn.stack` of the user's model (``init="copy"``: every member starts
-        from the template's weights, for stacks that are overwritten at once). ``dropout > 0``
-        adds dropout (zoo: its dropout positions; user model: before every Linear but the
-        first parameterised layer)."""
+        """The stacked model of this method's surrogate (:func:`faststeal.nn.stack` of the zoo's
+        factory or the user's model; ``init="copy"``: every member starts from the template's
+        weights, for stacks that are overwritten at once). ``dropout > 0`` adds dropout (zoo:
+        its dropout positions; user model: before every Linear but the first parameterised
+        layer)."""
         return self.surrogate.build(members, dropout=dropout, bayesian=bayesian,
                                     prior_sigma=prior_sigma, init=init,
                                     last_layer=self._hp.get("last_layer"))
@@ -181,7 +180,7 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def _build(self) -> torch.nn.Module:
-        """The training model (a StackedModel); called under the init seed."""
+        """The training model (a stack); called under the init seed."""
 
     @property
     @abc.abstractmethod

@@ -1,7 +1,7 @@
 """Single-model baseline: one network (S = 1) trained by plain maximum likelihood.
 
 The surrogate the UQ methods are compared against ("gain over baseline" in PRODUCT.md). It is
-built as a one-member :class:`~faststeal.models.zoo.StackedModel` so it runs through exactly the
+built as a one-member stack (:func:`faststeal.stack`) so it runs through exactly the
 same code (stacked layers, ``ensemble_cross_entropy``, the shared training loop) as the ensembles.
 
 Defaults (shared by every method, for comparable budgets): Adam (Kingma & Ba 2015) at the ``lr``

@@ -3,8 +3,8 @@ Uncertainty in Neural Networks").
 
 A mean-field Gaussian posterior q(w) = N(mu, softplus(rho)^2) over every weight, trained by
 maximising the evidence lower bound with the reparameterisation trick; S weight samples
-w_s = mu + softplus(rho) * eps_s are the S members. The network is
-``build_model(bayesian=True, members=1)``: ``forward(x, samples=S)`` draws S weight sets and runs
+w_s = mu + softplus(rho) * eps_s are the S members. The network is a one-member Bayesian stack
+(``faststeal.stack(..., bayesian=True)``): ``forward(x, samples=S)`` draws S weight sets and runs
 them as one (S, B, ...) stack (the fused ``bayes_linear`` op never materialises sampled weights).
 
 Loss per step (the minibatch ELBO, per datum):

@@ -30,7 +30,9 @@ from torch import Tensor
 from ..files import atomic_write
 
 FORMAT = "faststeal-fit-checkpoint"
-VERSION = 1
+#: 2: zoo surrogates are stacked by faststeal.stack (state names of the plain zoo model); a
+#: version-1 checkpoint of a zoo surrogate holds the old hand-built stack's state
+VERSION = 2
 
 #: at most this many evenly strided elements of a tensor enter its digest (cheap on big data)
 DIGEST_ELEMENTS = 1 << 20

@@ -3,7 +3,7 @@ Predictive Uncertainty Estimation using Deep Ensembles").
 
 M networks with independent random initialisation, each trained on its own random order of the
 data with a proper scoring rule; the prediction is the average of the members' softmax outputs.
-Here the M members are one :class:`~faststeal.models.zoo.StackedModel` (``members=M``): every step
+Here the M members are one stack (:func:`faststeal.stack`, ``members=M``): every step
 gathers an (M, B, ...) batch from M independent index orders, computes the M losses in one
 batched forward and updates all members with ONE Adam step (the loss is the SUM of the members'
 own mean cross-entropies, so each member gets exactly its own gradient).

@@ -70,7 +70,8 @@ def _parse_archs(value: Any) -> tuple[str, ...]:
 
 
 class HeteroStack(nn.Module):
-    """Members of several architectures: one :class:`StackedModel` per architecture group.
+    """Members of several architectures: one stack (``build_model(members=k)``) per
+    architecture group.
 
     ``forward(x)``: x (B, C, H, W) shared or (S, B, C, H, W) one input per member ->
     (S, B, classes), members in group order (``member_archs``). ``features(x)`` returns the

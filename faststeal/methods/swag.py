@@ -10,7 +10,7 @@ mean at collection time, as in the paper's code). S samples
     theta_s = theta_SWA + sqrt(scale) * (Sigma_diag^(1/2) z1 + D z2 / sqrt(K - 1)),
     z1 ~ N(0, I_P), z2 ~ N(0, I_K), scale = 1/2 (the paper's 1/sqrt(2) factors)
 
-are drawn at once as an (S, P) matrix and loaded into ONE ``build_model(members=S)`` stack (each
+are drawn at once as an (S, P) matrix and loaded into ONE stack of S members (each
 stacked parameter is (S, ...) and takes its slice of the sampled rows). BatchNorm statistics are
 not part of the posterior: after sampling they are re-estimated for all S members at once by
 running the stack in train mode (cumulative average, ``momentum=None``) over

@@ -2,10 +2,10 @@
 
 Accepted everywhere a surrogate is named (methods, ``faststeal.steal``, ``Config``, the CLI):
 
-* a zoo name (``"mlp"``, ``"lenet"``, ``"cnn-wide"``, ``"resnet-small"``): the zoo's hand-fused
-  :class:`~faststeal.models.zoo.StackedModel` (images ``(C, H, W)`` only). The same four
-  architectures are also plain-model factories (:data:`faststeal.models.zoo.FACTORIES`,
-  ``"faststeal.models.zoo:lenet"`` on the command line), stacked by :func:`faststeal.stack`;
+* a zoo name (``"mlp"``, ``"lenet"``, ``"cnn-wide"``, ``"resnet-small"``; images ``(C, H, W)``
+  only): the zoo's ready-made plain-model factory (:data:`faststeal.models.zoo.FACTORIES`),
+  stacked by :func:`faststeal.stack` like any user model; a method's ``dropout=p`` uses the
+  zoo's dropout positions;
 * ``"torchvision:NAME"``: ``torchvision.models.get_model(NAME, num_classes=...)``;
 * ``"package.module:factory"``: a function importable from the working directory; it is called
   with ``input_shape=`` and ``num_classes=`` when its signature has those parameters, else with
@@ -68,15 +68,16 @@ class Surrogate:
     def build(self, members: int, *, dropout: float = 0.0, bayesian: bool = False,
               prior_sigma: float = 1.0, init: str = "reset",
               last_layer: Optional[str] = None) -> nn.Module:
-        """The stacked model: ``members`` members (1 and ``bayesian`` for Bayes by Backprop)."""
-        if self.zoo is not None:
-            from .zoo import build_model
-            return build_model(self.zoo, self.input_shape, self.num_classes,
-                               members=None if bayesian else members, dropout=dropout,
-                               bayesian=bayesian, prior_sigma=prior_sigma)
+        """The stacked model (:func:`faststeal.stack`): ``members`` members (1 and ``bayesian``
+        for Bayes by Backprop). ``dropout > 0`` adds dropout: the zoo's dropout positions for a
+        zoo name, else before every Linear but the first parameterised layer."""
         from ..nn.stack import stack
         src: Any
-        if self.template is not None:
+        if self.zoo is not None:
+            from .zoo import FACTORIES
+            src = functools.partial(FACTORIES[self.zoo], self.input_shape, self.num_classes,
+                                    dropout=dropout)
+        elif self.template is not None:
             src = self.template if dropout == 0 else insert_dropout(
                 copy.deepcopy(self.template), dropout)
         elif dropout == 0:

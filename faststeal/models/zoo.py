@@ -1,7 +1,9 @@
 """The architecture zoo: each architecture is defined once, as a list of layer specs, and realised
-either as a plain ``nn.Module`` (the victim; ``(B, C, H, W) -> (B, classes)``) or as a
-:class:`StackedModel` of S members (``(B, C, H, W)`` shared or ``(S, B, C, H, W)`` ->
-``(S, B, classes)``) built from faststeal's stacked layers.
+as a plain ``nn.Module`` (:class:`PlainModel`; ``(B, C, H, W) -> (B, classes)``): the victim, and
+the four ready-made surrogate factories (:data:`FACTORIES`). S stacked members are
+:func:`faststeal.stack` of a factory — the same path as any user model
+(``build_model(..., members=S)``; ``(B, C, H, W)`` shared or ``(S, B, C, H, W)`` ->
+``(S, B, classes)``).
 
 Architectures (``ARCHS``), all adapting to the dataset's ``input_shape = (C, H, W)``:
 
@@ -14,24 +16,20 @@ Architectures (``ARCHS``), all adapting to the dataset's ``input_shape = (C, H, 
 * ``resnet-small``: conv3x3 16 - BN - ReLU stem, three basic residual blocks (16, 32, 64 channels;
   stride 2 in the last two while the map is at least 4 wide), global average pool, classes.
 
-``dropout=p > 0`` puts dropout on the input of every linear layer that does not read the raw
-pixels (fused into the previous :class:`~faststeal.nn.EnsembleLinear` where there is one), and in
-``lenet`` / ``cnn-wide`` also after each conv stage's pooling (per-element masks,
-:class:`~faststeal.nn.EnsembleDropout`).
+``dropout=p > 0`` puts ``nn.Dropout(p)`` on the input of every linear layer that does not read the
+raw pixels, and in ``lenet`` / ``cnn-wide`` also after each conv stage's pooling (per-element
+masks; stacked, each member copy draws its own).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..nn import (BayesConv2d, BayesLinear, EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout,
-                  EnsembleLinear, EnsembleMaxPool2d)
-from ..nn.layers import _MCDropoutMixin, member_copies
 
 ARCHS = ("mlp", "lenet", "cnn-wide", "resnet-small")
 
@@ -206,14 +204,14 @@ def arch_spec(arch: str, input_shape: Sequence[int], num_classes: int,
 # ----------------------------------------------------------------------------- realisers
 
 class GlobalAvgPool2d(nn.Module):
-    """Mean over the last two (spatial) dims: (..., C, H, W) -> (..., C); plain and stacked."""
+    """Mean over the last two (spatial) dims: (..., C, H, W) -> (..., C)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(-2, -1))
 
 
 class ResidualBlock(nn.Module):
-    """``relu(body(x) + shortcut(x))``; works on plain (B, ...) and stacked (S, B, ...) tensors."""
+    """``relu(body(x) + shortcut(x))``."""
 
     def __init__(self, body: nn.Module, shortcut: nn.Module) -> None:
         super().__init__()
@@ -239,7 +237,7 @@ def _plain_layers(spec: Spec) -> list[nn.Module]:
     if isinstance(spec, Dropout):
         return [nn.Dropout(spec.p)]
     if isinstance(spec, Flatten):
-        return [nn.Flatten(start_dim=-3)]
+        return [nn.Flatten()]
     if isinstance(spec, GlobalAvgPool):
         return [GlobalAvgPool2d()]
     if isinstance(spec, Linear):
@@ -258,57 +256,6 @@ def _plain_seq(specs) -> nn.Sequential:
     return nn.Sequential(*[m for s in specs for m in _plain_layers(s)])
 
 
-def _stacked_layers(spec: Spec, members: int, bayesian: bool,
-                    prior_sigma: float) -> list[nn.Module]:
-    if isinstance(spec, Conv):
-        if bayesian:
-            return [BayesConv2d(spec.cin, spec.cout, spec.k, spec.stride, spec.pad, bias=spec.bias,
-                                prior_sigma=prior_sigma)]
-        return [EnsembleConv2d(members, spec.cin, spec.cout, spec.k, spec.stride, spec.pad,
-                               bias=spec.bias)]
-    if isinstance(spec, BatchNorm):
-        return [EnsembleBatchNorm(members, spec.features)]
-    if isinstance(spec, ReLU):
-        return [nn.ReLU()]
-    if isinstance(spec, MaxPool):
-        return [EnsembleMaxPool2d(spec.k)]
-    if isinstance(spec, Dropout):
-        return [EnsembleDropout(spec.p)]
-    if isinstance(spec, Flatten):
-        return [nn.Flatten(start_dim=-3)]
-    if isinstance(spec, GlobalAvgPool):
-        return [GlobalAvgPool2d()]
-    if isinstance(spec, Linear):
-        if not bayesian:
-            return [EnsembleLinear(members, spec.fin, spec.fout, activation=spec.activation,
-                                   dropout=spec.dropout)]
-        out: list[nn.Module] = [BayesLinear(spec.fin, spec.fout, prior_sigma=prior_sigma)]
-        if _ACT[spec.activation] is not None:
-            out.append(_ACT[spec.activation]())
-        if spec.dropout > 0:
-            out.append(EnsembleDropout(spec.dropout))
-        return out
-    if isinstance(spec, Residual):
-        return [ResidualBlock(_stacked_seq(spec.body, members, bayesian, prior_sigma),
-                              _stacked_seq(spec.shortcut, members, bayesian, prior_sigma))]
-    raise TypeError(f"unknown layer spec {spec!r}")
-
-
-def _stacked_seq(specs, members: int, bayesian: bool, prior_sigma: float) -> nn.Sequential:
-    return nn.Sequential(*[m for s in specs for m in _stacked_layers(s, members, bayesian,
-                                                                      prior_sigma)])
-
-
-_PLAIN_PARAM_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
-_STACKED_PARAM_TYPES = (EnsembleLinear, EnsembleConv2d, EnsembleBatchNorm, BayesLinear, BayesConv2d)
-_BAYES_TYPES = (BayesLinear, BayesConv2d)
-
-
-def _param_layers(module: nn.Module, types: tuple) -> list[nn.Module]:
-    """Parameter-bearing layers in construction order (identical for plain and stacked builds)."""
-    return [m for m in module.modules() if isinstance(m, types)]
-
-
 @torch.fx.wrap  # a leaf of fx traces (faststeal.stack traces plain zoo models)
 def _check_input(x, input_shape: tuple[int, int, int], ranks: tuple[int, ...], what: str) -> None:
     if not isinstance(x, torch.Tensor):
@@ -321,7 +268,8 @@ def _check_input(x, input_shape: tuple[int, int, int], ranks: tuple[int, ...], w
 
 
 class PlainModel(nn.Module):
-    """A single network (the victim): x (B, C, H, W) -> (B, num_classes) logits."""
+    """A single network (the victim, one surrogate member): x (B, C, H, W) -> (B, num_classes)
+    logits."""
 
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
@@ -341,173 +289,31 @@ class PlainModel(nn.Module):
         return self.head(self.features(x))
 
 
-def _is_stochastic(m: nn.Module) -> bool:
-    """Whether ``m`` (or a submodule) draws random numbers in its current mode."""
-    for sub in m.modules():
-        if isinstance(sub, _BAYES_TYPES):
-            return True
-        if isinstance(sub, _MCDropoutMixin):
-            p = sub.dropout if isinstance(sub, EnsembleLinear) else sub.p
-            if sub._dropout_active(p):
-                return True
-    return False
-
-
-class StackedModel(nn.Module):
-    """S members of one architecture run as one computation.
-
-    ``forward(x, samples=None)``: x (B, C, H, W) shared by all members, or (S, B, C, H, W) one
-    input per member -> (S, B, num_classes) logits. ``samples`` is the number of member copies for
-    a one-member model: MC Dropout (one network, ``samples`` dropout masks) or a Bayesian model
-    (``samples`` weight draws; default 1). For ``members > 1`` it must be None or ``members``.
-    Copies are made lazily: layers before the first random one run once and are broadcast.
-
-    Attributes: ``members`` (the parameter stack size; 1 for Bayesian models), ``arch``,
-    ``input_shape``, ``num_classes``, ``bayesian``, ``spec`` (the :class:`ArchSpec`), ``body``
-    (input -> penultimate features) and ``head`` (the last EnsembleLinear/BayesLinear).
-    """
-
-    def __init__(self, spec: ArchSpec, members: int, bayesian: bool = False,
-                 prior_sigma: float = 1.0) -> None:
-        super().__init__()
-        if bayesian and members != 1:
-            raise ValueError(f"a Bayesian model has one parameter set (members=1) and draws its "
-                             f"members with forward(x, samples=S); got members={members}")
-        self.spec = spec
-        self.arch = spec.arch
-        self.input_shape = spec.input_shape
-        self.num_classes = spec.num_classes
-        self.members = members
-        self.bayesian = bayesian
-        self.prior_sigma = prior_sigma
-        self.body = _stacked_seq(spec.body, members, bayesian, prior_sigma)
-        self.head = _stacked_layers(spec.head, members, bayesian, prior_sigma)[0]
-
-    # -- forward -------------------------------------------------------------------------------
-
-    def _copies(self, x: torch.Tensor, samples: Optional[int]) -> int:
-        _check_input(x, self.input_shape, (4, 5), "(batch, C, H, W) or (members, batch, C, H, W)")
-        return member_copies(self.members, samples, x.shape[0] if x.dim() == 5 else None,
-                             x.shape)
-
-    @staticmethod
-    def _shared(x: torch.Tensor) -> bool:
-        return x.dim() in (2, 4)  # (B, F) / (B, C, H, W): no member axis
-
-    def _run(self, layers, x: torch.Tensor, copies: int) -> torch.Tensor:
-        for m in layers:
-            if isinstance(m, _BAYES_TYPES):
-                if not self._shared(x) and x.shape[0] == 1 and copies > 1:
-                    x = x[0]
-                x = m(x, samples=copies) if self._shared(x) else m(x)
-                continue
-            if _is_stochastic(m):
-                x = self._expand(x, copies)
-            x = m(x)
-        return x
-
-    def _expand(self, x: torch.Tensor, copies: int) -> torch.Tensor:
-        if self._shared(x):
-            x = x.unsqueeze(0)
-        if x.shape[0] != copies:
-            x = x.expand(copies, *x.shape[1:])
-        return x
-
-    def features(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
-        """Penultimate features (S, B, F): the head's input (after any dropout before it)."""
-        copies = self._copies(x, samples)
-        return self._expand(self._run(self.body, x, copies), copies).contiguous()
-
-    def forward(self, x: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
-        copies = self._copies(x, samples)
-        h = self._run(self.body, x, copies)
-        return self._expand(self._run([self.head], h, copies), copies).contiguous()
-
-    # -- Bayesian ------------------------------------------------------------------------------
-
-    def kl(self) -> torch.Tensor:
-        """Sum of the Bayesian layers' KL(q || prior); a zero tensor for non-Bayesian models."""
-        terms = [m.kl() for m in self.modules() if isinstance(m, _BAYES_TYPES)]
-        if not terms:
-            p = next(self.parameters())
-            return torch.zeros((), dtype=torch.float32, device=p.device)
-        return torch.stack(terms).sum()
-
-    # -- members <-> plain models --------------------------------------------------------------
-
-    def param_layers(self) -> list[nn.Module]:
-        """The parameter-bearing stacked layers in construction order."""
-        return _param_layers(self, _STACKED_PARAM_TYPES)
-
-    def _pairs(self, plain: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-        mine = self.param_layers()
-        theirs = _param_layers(plain, _PLAIN_PARAM_TYPES)
-        if len(mine) != len(theirs):
-            raise ValueError(f"plain module has {len(theirs)} parameter layers but this "
-                             f"{self.arch!r} model has {len(mine)}; build it with "
-                             f"build_model({self.arch!r}, {self.input_shape}, {self.num_classes})")
-        kinds = {EnsembleLinear: nn.Linear, BayesLinear: nn.Linear, EnsembleConv2d: nn.Conv2d,
-                 BayesConv2d: nn.Conv2d}
-        for k, (s, p) in enumerate(zip(mine, theirs)):
-            want = kinds.get(type(s), (nn.BatchNorm1d, nn.BatchNorm2d))
-            if not isinstance(p, want):
-                raise ValueError(f"parameter layer {k}: expected {want}, got {type(p).__name__}")
-        return list(zip(mine, theirs))
-
-    @torch.no_grad()
-    def load_member(self, i: int, plain: nn.Module) -> None:
-        """Copy a plain model's weights and BatchNorm buffers into member ``i``.
-
-        ``plain`` must have this architecture (e.g. from ``build_model(arch, input_shape,
-        num_classes)``). For a Bayesian model ``i`` is 0 and the posterior means are set.
-        """
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.members:
-            raise ValueError(f"member index must be an int in [0, {self.members}), got {i!r}")
-        for s, p in self._pairs(plain):
-            s.load_member(i, p)
-
-    @torch.no_grad()
-    def member(self, i: int) -> PlainModel:
-        """Member ``i`` as a plain model (a copy; the posterior mean for a Bayesian model)."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.members:
-            raise ValueError(f"member index must be an int in [0, {self.members}), got {i!r}")
-        p0 = next(self.parameters())
-        plain = PlainModel(self.spec).to(device=p0.device, dtype=p0.dtype)
-        for s, p in self._pairs(plain):
-            if isinstance(s, EnsembleBatchNorm):
-                s._copy_to(i, p)
-            else:
-                p.load_state_dict(s.member(i).state_dict())
-        return plain.train(self.training)
-
-
 def build_model(arch: str, input_shape: Sequence[int], num_classes: int, *,
                 members: Optional[int] = None, dropout: float = 0.0, bayesian: bool = False,
-                prior_sigma: float = 1.0) -> Union[PlainModel, StackedModel]:
+                prior_sigma: float = 1.0) -> nn.Module:
     """Build ``arch`` for inputs ``input_shape = (C, H, W)`` and ``num_classes`` classes.
 
     ``members=None`` (and not Bayesian) gives a :class:`PlainModel` of standard torch layers,
-    (B, C, H, W) -> (B, classes). ``members=S`` gives a :class:`StackedModel` of S independently
-    initialised members, (B, C, H, W) or (S, B, C, H, W) -> (S, B, classes).
-    ``bayesian=True`` gives a one-member :class:`StackedModel` with BayesLinear/BayesConv2d layers
-    (``members`` must be None or 1); draw S weight samples with ``forward(x, samples=S)``.
+    (B, C, H, W) -> (B, classes). ``members=S`` gives :func:`faststeal.stack` of it: a
+    :class:`~faststeal.nn.StackedModule` of S independently initialised members,
+    (B, C, H, W) or (S, B, C, H, W) -> (S, B, classes). ``bayesian=True`` gives a one-member
+    Bayesian stack (BayesLinear/BayesConv2d twins; ``members`` must be None or 1); draw S weight
+    samples with ``forward(x, samples=S)``.
     """
     spec = arch_spec(arch, input_shape, num_classes, dropout)
     if members is not None and (isinstance(members, bool) or not isinstance(members, int)
                                 or members < 1):
         raise ValueError(f"members must be a positive int or None, got {members!r}")
-    if (isinstance(prior_sigma, bool) or not isinstance(prior_sigma, (int, float))
-            or not (math.isfinite(prior_sigma) and prior_sigma > 0)):
-        raise ValueError(f"prior_sigma must be a positive finite float, got {prior_sigma!r}")
-    if bayesian:
-        if members not in (None, 1):
-            raise ValueError(f"bayesian=True builds a one-member model that draws its members "
-                             f"with forward(x, samples=S); members must be None or 1, "
-                             f"got {members}")
-        return StackedModel(spec, 1, bayesian=True, prior_sigma=float(prior_sigma))
-    if members is None:
+    if bayesian and members not in (None, 1):
+        raise ValueError(f"bayesian=True builds a one-member model that draws its members "
+                         f"with forward(x, samples=S); members must be None or 1, "
+                         f"got {members}")
+    if members is None and not bayesian:
         return PlainModel(spec)
-    return StackedModel(spec, members)
+    from ..nn.stack import stack
+    return stack(functools.partial(PlainModel, spec), 1 if bayesian else members,
+                 input_shape=spec.input_shape, bayesian=bayesian, prior_sigma=prior_sigma)
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, dropout: float = 0.0) -> PlainModel:
@@ -532,8 +338,8 @@ def resnet_small(input_shape: Sequence[int], num_classes: int,
 
 
 #: the zoo as four ready-made plain-model factories ``f(input_shape, num_classes, dropout=0)``;
-#: on the command line ``--surrogate-arch faststeal.models.zoo:lenet`` stacks one with
-#: :func:`faststeal.stack` (the bare name ``lenet`` uses the hand-fused :class:`StackedModel`)
+#: a zoo name as a surrogate (``"lenet"``) stacks its factory with :func:`faststeal.stack`, like
+#: any user model
 FACTORIES = {"mlp": mlp, "lenet": lenet, "cnn-wide": cnn_wide, "resnet-small": resnet_small}
 
 

@@ -51,8 +51,8 @@ def _check_stack(x: torch.Tensor, members: int, layer: str) -> None:
 
 def member_copies(members: int, samples: Optional[int], stacked: Optional[int],
                   shape: tuple) -> int:
-    """How many member copies a stacked model's forward runs, with the checks both stacked models
-    (the zoo's ``StackedModel`` and ``faststeal.stack``'s ``StackedModule``) share: ``members``
+    """How many member copies a stacked model's forward (``faststeal.stack``'s
+    ``StackedModule``) runs, with its checks: ``members``
     is the parameter stack size, ``samples`` the caller's copy count (for one-member MC dropout /
     Bayesian models), ``stacked`` the size of the input's member axis (None for a shared input);
     ``shape`` is the input's shape, for messages. ValueError on a contradiction."""

@@ -759,7 +759,16 @@ class StackedModule(nn.Module):
     def load_member(self, i: int, plain: nn.Module) -> None:
         """Copy a plain model's state (same architecture) into member ``i``."""
         self._check_index(i)
+        if not isinstance(plain, nn.Module):
+            raise TypeError(f"plain must be an nn.Module, got {type(plain).__name__}")
         state = plain.state_dict()
+        want = {k: tuple(v.shape) for k, v in self._skeleton.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            diff = sorted(set(want) ^ set(got)) or sorted(
+                k for k in want if want[k] != got[k])
+            raise ValueError(f"plain ({type(plain).__name__}) is not this model's architecture: "
+                             f"its state differs in {diff[:3]}{' ...' if len(diff) > 3 else ''}")
         for name, m in self._stateful():
             prefix = f"{name}." if name else ""
             m.load_member_state(i, {k[len(prefix):]: v for k, v in state.items()
