@@ -565,6 +565,86 @@ def test_mc_dropout_and_samples():
     assert mc.shape == (4, 2, 10) and not torch.equal(mc[0], mc[3])
 
 
+class SkipOverDropout(nn.Module):
+    """A value computed before the dropout is used after it: no shared prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.drop(h) + h)
+
+
+class NoiseBeforeDropout(nn.Module):
+    """Draws random numbers before its first dropout layer: no shared prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.drop(h + 0.1 * torch.randn_like(h)))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "lenet", "resnet-small"])
+@pytest.mark.parametrize("kind", ["mc-dropout", "bayesian"])
+def test_shared_prefix_runs_once_and_equals_the_copies(arch, kind):
+    from faststeal.models.zoo import build_model
+
+    if kind == "bayesian":
+        st = build_model(arch, (1, 8, 8), 10, bayesian=True).eval()
+    else:
+        st = build_model(arch, (1, 8, 8), 10, members=1, dropout=0.3).eval()
+        set_mc_dropout(st, True)
+    assert st.shared_prefix
+    first = next(m for m in st.body.modules() if hasattr(m, "weight") or hasattr(m, "w_mu"))
+    rows = []
+    first.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].shape[0]))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        shared = st(x, samples=5)
+        st.shared_prefix = False  # the same call with the input copied five times first
+        torch.manual_seed(4)
+        copied = st(x, samples=5)
+    # the first layer got the 3 input rows, not 15 copies (lenet's / resnet's conv body runs
+    # once; mlp's fused-dropout Linear and a Bayesian layer make the copies themselves)
+    assert rows == [3, 15]
+    assert shared.shape == (5, 3, 10) and not torch.allclose(shared[0], shared[1])
+    torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_only_where_the_graph_proves_it():
+    from faststeal.nn.stack import _Linear
+
+    for model in (SkipOverDropout, NoiseBeforeDropout):
+        st = stack(model, 1, seed=0, input_shape=(12,)).eval()
+        assert not st.shared_prefix
+        set_mc_dropout(st, True)
+        y = st(torch.randn(4, 12), samples=3)
+        assert y.shape == (3, 4, 3) and not torch.allclose(y[0], y[1])
+    assert not stack(SkipOverDropout, 2, seed=0, input_shape=(12,)).shared_prefix  # S > 1
+    # a Linear -> ReLU -> Dropout chain folds the dropout into the Linear (a fused mask) ...
+    seq = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.4),  # noqa: E731
+                                nn.Linear(16, 3))
+    st = stack(seq, 1, seed=0, input_shape=(12,))
+    assert st.body[0].dropout == 0.4 and type(st.body[2]) is nn.Identity and st.shared_prefix
+    # ... and training still drops: the fused mask is on in train mode, off in eval
+    x = torch.randn(64, 12)
+    torch.manual_seed(0)
+    h = st.body[0](x)
+    assert isinstance(st.body[0], _Linear) and 0.25 < float((h == 0).float().mean()) < 0.75
+    st.eval()
+    assert torch.equal(st(x), st(x))
+    # not where another kind of dropout or a second reader follows the ReLU
+    st = stack(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.AlphaDropout(0.4),
+                                     nn.Linear(16, 3)), 1, seed=0, input_shape=(12,))
+    assert st.body[0].dropout == 0 and type(st.body[2]).__name__ == "_Dropout"
+
+
 def test_bayesian_stack_draws_samples_and_keeps_means():
     t = FunctionalCNN()
     st = stack_from([t], bayesian=True, input_shape=(1, 28, 28)).eval()
@@ -590,7 +670,8 @@ def test_zoo_plain_factory_stacks():
     from faststeal.models.zoo import FACTORIES, build_model
 
     st = stack(lambda: FACTORIES["lenet"]((1, 28, 28), 10), 2, seed=0, input_shape=(1, 28, 28))
-    # the zoo's plain models trace, so their hidden Linear+ReLU pairs fuse as in StackedModel
+    # the zoo's plain models trace, so their hidden Linear+ReLU pairs fuse; build_model's
+    # stack of a zoo name is this same path
     assert st.fused_relus == ["body.7", "body.9"]
     assert stack(lambda: FACTORIES["mlp"]((1, 28, 28), 10), 2, seed=0,
                  input_shape=(1, 28, 28)).fused_relus == ["body.1", "body.3"]

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -75,11 +76,13 @@ LAYOUT_BUDGET_S = 1.0
 
 class _Ctx:
     """State shared by a stacked model and its twins: the member copies and the memory layout
-    of the current call."""
+    of the current call, and ``pending``: copies the first dropout layer still has to make
+    (a one-member stack's shared prefix runs once; see :func:`_shared_prefix`)."""
 
     def __init__(self) -> None:
         self.copies = 1
         self.layout = "contiguous"
+        self.pending = 1
 
 
 def _unfold(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -91,6 +94,15 @@ def _unfold(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def _fold(y: torch.Tensor) -> torch.Tensor:
     return y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+
+def _make_pending_copies(x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """At a one-member stack's first random layer: the ``ctx.pending`` copies of the shared
+    prefix's output that the layer draws its masks for (see :func:`_shared_prefix`)."""
+    if ctx.pending <= 1:
+        return x
+    copies, ctx.pending = ctx.pending, 1
+    return x.unsqueeze(0).expand(copies, *x.shape).reshape(-1, *x.shape[1:])
 
 
 class _Twin:
@@ -125,6 +137,8 @@ class _Twin:
 
 class _Linear(_Twin, EnsembleLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.dropout > 0:  # a fused dropout (see _fuse_relu): maybe the first random layer
+            x = _make_pending_copies(x, self._ctx)
         lead = x.shape[:-1]
         s = self.members if self.members > 1 else 1
         y = super().forward(x.reshape(s, -1, self.in_features))
@@ -188,6 +202,9 @@ class _Dropout(EnsembleDropout):
         self.kind = kind.__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.__dict__.get("_ctx")
+        if ctx is not None:
+            x = _make_pending_copies(x, ctx)
         if not self._dropout_active(self.p):
             return x
         return _DROPOUT_FNS[getattr(nn, self.kind)](x, self.p, training=True)
@@ -195,6 +212,11 @@ class _Dropout(EnsembleDropout):
 
 class _BayesLinear(_Twin, BayesLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        copies = self._ctx.pending
+        if copies > 1:  # the first random layer after a shared prefix: one input, S samples
+            self._ctx.pending = 1
+            y = super().forward(x.reshape(-1, self.in_features), samples=copies)
+            return y.reshape(copies * x.shape[0], *x.shape[1:-1], self.out_features)
         lead = x.shape[:-1]
         s = self._ctx.copies  # one weight sample per copy
         y = super().forward(x.reshape(s, -1, self.in_features))
@@ -215,6 +237,10 @@ class _BayesLinear(_Twin, BayesLinear):
 
 class _BayesConv2d(_Twin, BayesConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        copies = self._ctx.pending
+        if copies > 1:  # as in _BayesLinear
+            self._ctx.pending = 1
+            return _fold(super().forward(x, samples=copies))
         return _fold(super().forward(_unfold(x, self._ctx.copies)))
 
     _plain_items = _BayesLinear._plain_items
@@ -338,7 +364,9 @@ def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
             return None
         t = _Embedding(s, m0.num_embeddings, m0.embedding_dim, **kw)
     elif type(m0) in _DROPOUT_FNS:
-        return _Dropout(m0.p, type(m0)).train(m0.training)
+        t = _Dropout(m0.p, type(m0))
+        t.__dict__["_ctx"] = ctx
+        return t.train(m0.training)
     if t is None:
         return None
     t.__dict__["_ctx"] = ctx
@@ -425,29 +453,40 @@ def _has_hooks(model: nn.Module) -> bool:
                or m._backward_pre_hooks for m in model.modules())
 
 
-def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str]]:
-    """(Linear, ReLU) module names where the graph calls each once and the ReLU's only input is
-    the Linear's output, which nothing else reads."""
+def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, Optional[str]]]:
+    """(Linear, ReLU, next) module names where the graph calls each once and the ReLU's only
+    input is the Linear's output, which nothing else reads; ``next`` is the module that alone
+    reads the ReLU's output in the same way (a dropout to fuse as well), else None."""
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
-    pairs = set()
-    for node in graph.nodes:
+
+    def sole_reader(node: torch.fx.Node) -> Optional[torch.fx.Node]:
         if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
-            continue
+            return None
         user = next(iter(node.users))
         if (user.op == "call_module" and calls[user.target] == 1 and user.args == (node,)
                 and not user.kwargs):
-            pairs.add((node.target, user.target))
+            return user
+        return None
+
+    pairs = set()
+    for node in graph.nodes:
+        act = sole_reader(node)
+        if act is not None:
+            after = sole_reader(act)
+            pairs.add((node.target, act.target, None if after is None else after.target))
     return pairs
 
 
 def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Module,
                keep: Optional[str]) -> list[str]:
     """Fold an ``nn.ReLU`` module that only ever receives one Linear twin's output into that
-    twin (``ensemble_linear``'s fused relu: one pass less forward and backward, as the zoo's
-    hand-built layers have), replacing the ReLU with ``nn.Identity`` in ``body``. Only where the
+    twin (``ensemble_linear``'s fused relu: one pass less forward and backward), replacing the
+    ReLU with ``nn.Identity`` in ``body``; an ``nn.Dropout`` that alone reads that ReLU's output
+    is folded in too (the op's fused dropout: a counter-based mask per element, far cheaper on
+    the CPU than a separate ``F.dropout``). Only where the
     traced graphs of both modes prove it (see :func:`_relu_pairs`), no module hook exists
     (a hook could observe the pre-activation), and the Linear is not ``keep`` (the head, whose
     output Laplace reads as logits). Numerically the same (both relus keep NaN; the backward
@@ -456,7 +495,7 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
         return []
     pairs = set.intersection(*(_relu_pairs(g) for g in graphs))
     fused = []
-    for lin_name, act_name in sorted(pairs):
+    for lin_name, act_name, after in sorted(pairs, key=str):
         if lin_name == keep:
             continue
         try:
@@ -467,10 +506,18 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
                 or type(act) is not nn.ReLU:
             continue
         lin.activation = "relu"
-        parent, _, child = act_name.rpartition(".")
-        setattr(body.get_submodule(parent) if parent else body, child, nn.Identity())
+        _replace(body, act_name, nn.Identity())
+        drop = body.get_submodule(after) if after is not None else None
+        if type(drop) is _Dropout and drop.kind == "Dropout" and drop.p > 0:
+            lin.dropout = drop.p
+            _replace(body, after, nn.Identity())
         fused.append(lin_name)
     return fused
+
+
+def _replace(body: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(body.get_submodule(parent) if parent else body, child, new)
 
 
 # Graph nodes a channels-last activation may pass through (values do not depend on the layout
@@ -555,6 +602,48 @@ def _channels_last_convs(graphs: Sequence[torch.fx.Graph], body: nn.Module) -> l
     return sorted(n for n, ok in verdict.items() if ok)
 
 
+_RANDOM_OPS = re.compile(r"dropout|rand|bernoulli|normal|multinomial|poisson|exponential|"
+                         r"uniform|cauchy|geometric")
+
+
+def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
+                   last_layer: Optional[str]) -> bool:
+    """Whether a one-member stack may run the part of its forward before its first random
+    layer (a dropout layer, a Linear with a fused dropout, a Bayesian layer) once for all the
+    copies of an eval-mode call (MC dropout's or a Bayesian model's ``samples=T``): in every
+    traced graph that layer comes no later than the last layer, nothing before it draws random
+    numbers, and no value computed before it is used after it. Then only that layer's input
+    crosses, and the layer makes the T copies (dropout: T copies of its input; Bayesian: T
+    weight samples on the one input) — the same as running T copies from the input."""
+    if not graphs:
+        return False
+    mods = dict(body.named_modules())
+    for graph in graphs:
+        nodes = list(graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        first = next((n for n in nodes if n.op == "call_module" and (
+            isinstance(mods.get(n.target), (_Dropout, _BayesLinear, _BayesConv2d))
+            or (isinstance(mods.get(n.target), _Linear) and mods[n.target].dropout > 0))),
+            None)
+        if first is None:
+            return False
+        cut = pos[first]
+        if any(n.op == "call_module" and n.target == last_layer and pos[n] < cut
+               for n in nodes):
+            return False
+        for n in nodes[:cut]:
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if n.op in ("call_function", "call_method") and _RANDOM_OPS.search(name.lower()):
+                return False
+            if n.op == "call_module" and not isinstance(
+                    mods.get(n.target), (_Linear, _Conv2d, _BatchNorm, _LayerNorm, _Embedding,
+                                         *_LAYOUT_FREE_MODULES, nn.Flatten)):
+                return False
+            if any(pos[u] > cut for u in n.users):
+                return False
+    return True
+
+
 def _last_linear(body: nn.Module) -> Optional[str]:
     """The qualified name of the last Linear twin of ``body`` (the default head), or None."""
     names = [n for n, m in body.named_modules() if isinstance(m, (_Linear, _BayesLinear))]
@@ -593,6 +682,9 @@ class StackedModule(nn.Module):
         #: convs that may write channels-last activations in the ``channels_last`` layout
         #: (see ``_channels_last_convs``)
         self.channels_last_convs: list[str] = []
+        #: a one-member stack whose eval-mode ``samples=T`` calls run the layers before the
+        #: first dropout once (see ``_shared_prefix``)
+        self.shared_prefix = False
 
     @property
     def head(self) -> nn.Module:
@@ -624,18 +716,24 @@ class StackedModule(nn.Module):
 
     def _run(self, x: torch.Tensor, samples: Optional[int]) -> tuple[torch.Tensor, int]:
         copies, stacked = self._copies(x, samples)
+        lazy = self.shared_prefix and copies > 1 and not stacked and not self.training
         if stacked:
             xf = x.reshape(-1, *x.shape[2:])
-        elif copies > 1:
+        elif copies > 1 and not lazy:
             xf = x.unsqueeze(0).expand(copies, *x.shape).reshape(-1, *x.shape[1:])
         else:
             xf = x
         self._ctx.copies = copies
         self._ctx.layout = self.layout(xf)
+        self._ctx.pending = copies if lazy else 1
         try:
             y = self.body(xf)
-        finally:  # a direct call of the body (or of one layer) runs NCHW
+            if self._ctx.pending > 1:  # no dropout ran after all: the copies are equal
+                raise RuntimeError("faststeal.stack: the first dropout layer did not run; the "
+                                   "shared-prefix analysis of this model is wrong")
+        finally:  # a direct call of the body (or of one layer) runs NCHW, unshared
             self._ctx.layout = "contiguous"
+            self._ctx.pending = 1
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"the stacked model must return one tensor, got {type(y).__name__}")
         return y, copies
@@ -898,6 +996,8 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
                         fallbacks=[n for n, _ in fallbacks])
     out.fused_relus = fused
     out.channels_last_convs = channels_last
+    out.shared_prefix = len(modules) == 1 and _shared_prefix(
+        graphs, body, out.last_layer)
     return out
 
 
