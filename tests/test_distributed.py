@@ -37,9 +37,12 @@ def _table(res):
 
 def _close(a, b):
     """Equal tables, floats to 1e-6 relative: a rank's member shard trains the same members
-    (same seeds, same data), but a float reduction in another process can round one ulp
-    differently (seen: one head-bias element of a one-member shard after 20 Adam steps), which
-    moves e.g. the Brier score by ~1e-12 and its std over seeds by a relative 3e-9."""
+    (same seeds, same data), yet not always to the last bit — seen: one head-bias element of a
+    one-member shard one ulp off after 20 steps of make_train_step in a process that also
+    trained other stacks (the same steps alone, and the gradients, were bit-identical; the
+    cause is not pinned down). That moved the Brier score by ~1e-12 and its std over seeds by a
+    relative 3e-9; any real difference (another member, a lost cell) moves a fidelity by at
+    least 1/N."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, float) and isinstance(b, float):

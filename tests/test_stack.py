@@ -565,6 +565,19 @@ def test_mc_dropout_and_samples():
     assert mc.shape == (4, 2, 10) and not torch.equal(mc[0], mc[3])
 
 
+def _count_rows(st):
+    """Record the rows the first parameterised layer gets (a wrapped forward, not a hook: a hook
+    turns the shared prefix off)."""
+    first = next(m for m in st.body.modules() if hasattr(m, "weight") or hasattr(m, "w_mu"))
+    rows, inner = [], first.forward
+
+    def forward(x, *a, **k):
+        rows.append(x.shape[0])
+        return inner(x, *a, **k)
+    first.forward = forward
+    return rows
+
+
 class SkipOverDropout(nn.Module):
     """A value computed before the dropout is used after it: no shared prefix."""
 
@@ -600,9 +613,7 @@ def test_shared_prefix_runs_once_and_equals_the_copies(arch, kind):
         st = build_model(arch, (1, 8, 8), 10, members=1, dropout=0.3).eval()
         set_mc_dropout(st, True)
     assert st.shared_prefix
-    first = next(m for m in st.body.modules() if hasattr(m, "weight") or hasattr(m, "w_mu"))
-    rows = []
-    first.register_forward_pre_hook(lambda m, inp: rows.append(inp[0].shape[0]))
+    rows = _count_rows(st)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.manual_seed(4)
@@ -617,32 +628,129 @@ def test_shared_prefix_runs_once_and_equals_the_copies(arch, kind):
     torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prefix_only_where_the_graph_proves_it():
-    from faststeal.nn.stack import _Linear
+class GumbelBeforeDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
 
-    for model in (SkipOverDropout, NoiseBeforeDropout):
+    def forward(self, x):
+        return self.fc2(self.drop(F.gumbel_softmax(self.fc1(x))))
+
+
+class SwitchableDropout(nn.Module):
+    """Its dropout sits on a path a Python flag can turn off after stacking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use = True
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.drop(h) if self.use else h)
+
+
+class HeadFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.head = nn.LayerNorm(12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(x))
+
+
+def test_shared_prefix_only_where_the_graph_proves_it():
+    for model in (SkipOverDropout, NoiseBeforeDropout, GumbelBeforeDropout):
         st = stack(model, 1, seed=0, input_shape=(12,)).eval()
-        assert not st.shared_prefix
+        assert not st.shared_prefix, model.__name__
         set_mc_dropout(st, True)
         y = st(torch.randn(4, 12), samples=3)
         assert y.shape == (3, 4, 3) and not torch.allclose(y[0], y[1])
     assert not stack(SkipOverDropout, 2, seed=0, input_shape=(12,)).shared_prefix  # S > 1
-    # a Linear -> ReLU -> Dropout chain folds the dropout into the Linear (a fused mask) ...
+    # the last layer as the first random one: features() needs the copies at its input
+    st = stack_from([HeadFirst()], bayesian=True, input_shape=(12,)).eval()
+    assert not st.shared_prefix
+    assert st.features(torch.randn(20, 12), samples=4).shape == (4, 20, 12)
+
+
+def test_shared_prefix_is_turned_off_at_call_time_where_it_could_show():
+    from faststeal.models.zoo import build_model
+
+    st = build_model("lenet", (1, 8, 8), 10, members=1, dropout=0.3).eval()
+    set_mc_dropout(st, True)
+    rows = _count_rows(st)
+    x = torch.randn(3, 1, 8, 8)
+    st(x, samples=4)
+    assert rows == [3]  # shared
+    # a stacked (T, B, ...) input: one copy per row block, nothing shared, T copies out
+    xs = torch.randn(4, 3, 1, 8, 8)
+    set_mc_dropout(st, False)
+    y = st(xs)
+    assert rows[-1] == 12 and y.shape == (4, 3, 10)
+    for t in range(4):
+        torch.testing.assert_close(y[t], st(xs[t])[0], atol=1e-5, rtol=1e-5)
+    set_mc_dropout(st, True)
+    # a batch norm in training mode inside an eval stack: its batch statistics see all copies
+    bn_st = build_model("cnn-wide", (1, 8, 8), 10, members=1, dropout=0.3).eval()
+    set_mc_dropout(bn_st, True)
+    bn_rows = _count_rows(bn_st)
+    next(m for m in bn_st.modules() if "BatchNorm" in type(m).__name__).train()
+    bn_st(x, samples=4)
+    assert bn_rows == [12]
+    # a module hook would see B rows instead of T*B, or share its noise: no sharing
+    handle = st.body.body[0].register_forward_hook(lambda m, i, o: None)
+    st(x, samples=4)
+    assert rows[-1] == 12
+    handle.remove()
+    # an exception in the body leaves no pending copies behind
+    with pytest.raises(RuntimeError):
+        st(torch.randn(3, 1, 8, 8).to(torch.float64), samples=4)
+    assert st._ctx.pending == 1 and st._ctx.copies >= 1
+    # a dropout path switched off after stacking: T equal copies, as running T copies gives
+    sw = stack(SwitchableDropout, 1, seed=0, input_shape=(12,)).eval()
+    assert sw.shared_prefix
+    sw.body.use = False
+    y = sw(torch.randn(5, 12), samples=3)
+    assert y.shape == (3, 5, 3) and torch.equal(y[0], y[2])
+
+
+def test_dropout_after_a_fused_relu_keeps_its_own_flags():
+    from faststeal.methods import build_method
+    from faststeal.nn.stack import _Dropout, _Linear
+
     seq = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.4),  # noqa: E731
                                 nn.Linear(16, 3))
     st = stack(seq, 1, seed=0, input_shape=(12,))
-    assert st.body[0].dropout == 0.4 and type(st.body[2]) is nn.Identity and st.shared_prefix
-    # ... and training still drops: the fused mask is on in train mode, off in eval
+    lin, drop = st.body[0], st.body[2]
+    assert isinstance(lin, _Linear) and type(drop) is _Dropout and st.shared_prefix
+    assert lin.__dict__["_fused_dropout"] is drop and lin.dropout == 0
+    # train mode drops (the Linear's op applies the mask on the CPU), eval does not ...
     x = torch.randn(64, 12)
     torch.manual_seed(0)
-    h = st.body[0](x)
-    assert isinstance(st.body[0], _Linear) and 0.25 < float((h == 0).float().mean()) < 0.75
+    h = drop(st.body[1](lin(x)))  # the body's path: Linear (+relu, mask), Identity, dropout
+    h0 = torch.relu(F.linear(x, lin.weight[0], lin.bias[0]))
+    kept = (h != 0) & (h0 != 0)
+    assert 0.3 < float(kept.sum() / (h0 != 0).sum()) < 0.9  # dropped once, kept x 1/(1-p)
+    torch.testing.assert_close(h[kept], h0[kept] / 0.6)
     st.eval()
     assert torch.equal(st(x), st(x))
-    # not where another kind of dropout or a second reader follows the ReLU
+    # ... and the dropout module's own flags decide: train() on it alone, or a new p
+    drop.train()
+    assert not torch.equal(st(x), st(x))
+    drop.eval()
+    set_mc_dropout(st, True)
+    drop.p = 0.0
+    assert torch.equal(st(x), st(x))
+    # MC Dropout takes such a model (its dropout layer is still there), also with dropout=p
+    for factory, kw in [(seq, {}), (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(),
+                                                        nn.Linear(16, 3)), {"dropout": 0.3})]:
+        m = build_method("mc-dropout", surrogate=factory, input_shape=(12,), num_classes=3, **kw)
+        p = m.predict_members(torch.randn(6, 12))
+        assert p.shape == (20, 6, 3) and not torch.allclose(p[0], p[1])
+    # not folded where another kind of dropout follows the ReLU
     st = stack(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.AlphaDropout(0.4),
                                      nn.Linear(16, 3)), 1, seed=0, input_shape=(12,))
-    assert st.body[0].dropout == 0 and type(st.body[2]).__name__ == "_Dropout"
+    assert "_fused_dropout" not in st.body[0].__dict__
 
 
 def test_bayesian_stack_draws_samples_and_keeps_means():
@@ -676,11 +784,7 @@ def test_zoo_plain_factory_stacks():
     assert stack(lambda: FACTORIES["mlp"]((1, 28, 28), 10), 2, seed=0,
                  input_shape=(1, 28, 28)).fused_relus == ["body.1", "body.3"]
     zoo = build_model("lenet", (1, 28, 28), 10, members=2)
-    for i in range(2):
-        zoo.load_member(i, st.member(i))
-    x = torch.randn(3, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(st.eval()(x), zoo.eval()(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(zoo, StackedModule) and zoo.fused_relus == st.fused_relus
 
 
 def test_bad_arguments():

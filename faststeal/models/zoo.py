@@ -257,11 +257,11 @@ def _plain_seq(specs) -> nn.Sequential:
 
 
 @torch.fx.wrap  # a leaf of fx traces (faststeal.stack traces plain zoo models)
-def _check_input(x, input_shape: tuple[int, int, int], ranks: tuple[int, ...], what: str) -> None:
+def _check_input(x, input_shape: tuple[int, int, int]) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in ranks:
-        raise ValueError(f"x must be {what}, got shape {tuple(x.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, C, H, W), got shape {tuple(x.shape)}")
     if tuple(x.shape[-3:]) != tuple(input_shape):
         raise ValueError(f"x's trailing dims {tuple(x.shape[-3:])} do not match the model's "
                          f"input_shape (C, H, W) = {tuple(input_shape)}")
@@ -282,7 +282,7 @@ class PlainModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, F): the head's input."""
-        _check_input(x, self.input_shape, (4,), "(batch, C, H, W)")
+        _check_input(x, self.input_shape)
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

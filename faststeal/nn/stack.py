@@ -24,8 +24,16 @@ How a user's model becomes S members (module swap; the member axis folded into t
   on stacked parameters and raises a ``ValueError`` naming the graph node. A model fx cannot
   trace (data-dependent control flow) is still stacked by the module swap;
 * where the traced graph shows an ``nn.ReLU`` module applied only to one ``nn.Linear``'s output,
-  the relu is fused into that layer's ``ensemble_linear`` (as the zoo's hand-built layers do;
-  same numbers, one pass less each way);
+  the relu is fused into that layer's ``ensemble_linear`` (same numbers, one pass less each way;
+  the ReLU module becomes ``nn.Identity``); an ``nn.Dropout`` that alone reads that relu is
+  applied by the same op on the CPU (its counter-based mask, far cheaper than ``F.dropout``'s
+  ``bernoulli_`` there; equally random, other draws). The dropout module stays in the model and
+  its own ``p``, ``training`` and MC-dropout flags decide, as before;
+* a one-member stack (MC dropout, Bayesian) called in eval mode with ``samples=T`` runs the
+  layers before its first random layer once and lets that layer make the T copies (dropout: T
+  copies of its input; a Bayesian layer: T weight samples on the one input), where the traced
+  graphs prove the result is the same as running T copies from the input
+  (:func:`_shared_prefix`; no module hook registered, no batch norm in training mode);
 * memory layout (a measured choice): where the traced graphs (train and eval mode) prove that
   a stacked conv's output only flows through layout-agnostic ops (activations, pooling,
   additions, dropout, ``cat``) into layers that take any layout and hand on nothing strided
@@ -52,7 +60,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import re
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -60,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..ops import tuning
 from .bayes import BayesConv2d, BayesLinear
 from .layers import (EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout, EnsembleEmbedding,
@@ -135,13 +143,27 @@ class _Twin:
         return [(n, getattr(self, n)) for n in names if getattr(self, n, None) is not None]
 
 
+def _folds(drop: Optional["_Dropout"], x: torch.Tensor) -> bool:
+    """Whether the dropout ``drop`` folded into a Linear (see :func:`_fuse_relu`) is applied by
+    that Linear's op for an activation on ``x``'s device: on the CPU, where the op's counter-based
+    mask is far cheaper than ``F.dropout``; elsewhere the dropout module runs itself."""
+    return drop is not None and x.device.type == "cpu"
+
+
 class _Linear(_Twin, EnsembleLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.dropout > 0:  # a fused dropout (see _fuse_relu): maybe the first random layer
-            x = _make_pending_copies(x, self._ctx)
+        drop = self.__dict__.get("_fused_dropout")
         lead = x.shape[:-1]
         s = self.members if self.members > 1 else 1
-        y = super().forward(x.reshape(s, -1, self.in_features))
+        if not _folds(drop, x):
+            y = super().forward(x.reshape(s, -1, self.in_features))
+            return y.reshape(*lead, self.out_features)
+        # the dropout module's own flags decide; the mask is this op's: the first random layer
+        x = _make_pending_copies(x, self._ctx)
+        lead = x.shape[:-1]
+        p = drop.p if drop._dropout_active(drop.p) else 0.0
+        y = ops.ensemble_linear(x.reshape(s, -1, self.in_features), self.weight, self.bias,
+                                self.activation, p, next_seed() if p > 0 else 0)
         return y.reshape(*lead, self.out_features)
 
 
@@ -202,6 +224,8 @@ class _Dropout(EnsembleDropout):
         self.kind = kind.__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("_fused_into") is not None and x.device.type == "cpu":
+            return x  # the Linear before it applied this dropout (see _fuse_relu)
         ctx = self.__dict__.get("_ctx")
         if ctx is not None:
             x = _make_pending_copies(x, ctx)
@@ -323,6 +347,11 @@ def _conv_padding(m: nn.Conv2d) -> Optional[tuple[int, int]]:
     return tuple(m.padding)  # type: ignore[return-value]
 
 
+def _uninit(cls: type, *args: Any, **kwargs: Any) -> nn.Module:
+    """A twin without its initialisation (every tensor is loaded from the members next)."""
+    return torch.nn.utils.skip_init(cls, *args, **kwargs)
+
+
 def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
           prior_sigma: float) -> Optional[nn.Module]:
     """The stacked twin of ``mods`` (S plain layers of one type), or None if there is none."""
@@ -336,7 +365,8 @@ def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
             t = _BayesLinear(m0.in_features, m0.out_features, bias=m0.bias is not None,
                              prior_sigma=prior_sigma, **kw)
         else:
-            t = _Linear(s, m0.in_features, m0.out_features, bias=m0.bias is not None, **kw)
+            t = _uninit(_Linear, s, m0.in_features, m0.out_features, bias=m0.bias is not None,
+                        **kw)
     elif type(m0) is nn.Conv2d:
         pad = _conv_padding(m0)
         if pad is None:
@@ -347,22 +377,22 @@ def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
                              prior_sigma=prior_sigma, dilation=m0.dilation, groups=m0.groups,
                              **kw)
         else:
-            t = _Conv2d(s, *args, m0.stride, pad, bias=m0.bias is not None,
+            t = _uninit(_Conv2d, s, *args, m0.stride, pad, bias=m0.bias is not None,
                         dilation=m0.dilation, groups=m0.groups, **kw)
     elif type(m0) in (nn.BatchNorm1d, nn.BatchNorm2d):
         if not m0.track_running_stats:
             return None
-        t = _BatchNorm(s, m0.num_features, m0.eps, m0.momentum, m0.affine, **kw)
+        t = _uninit(_BatchNorm, s, m0.num_features, m0.eps, m0.momentum, m0.affine, **kw)
         t.dims = 1 if type(m0) is nn.BatchNorm1d else 2
         kw = {"device": m0.running_mean.device}
     elif type(m0) is nn.LayerNorm:
-        t = _LayerNorm(s, m0.normalized_shape, m0.eps, m0.elementwise_affine,
-                       bias=getattr(m0, "bias", None) is not None, **kw)
+        t = _uninit(_LayerNorm, s, m0.normalized_shape, m0.eps, m0.elementwise_affine,
+                    bias=getattr(m0, "bias", None) is not None, **kw)
     elif type(m0) is nn.Embedding:
         if (m0.padding_idx is not None or m0.max_norm is not None or m0.scale_grad_by_freq
                 or m0.sparse):
             return None
-        t = _Embedding(s, m0.num_embeddings, m0.embedding_dim, **kw)
+        t = _uninit(_Embedding, s, m0.num_embeddings, m0.embedding_dim, **kw)
     elif type(m0) in _DROPOUT_FNS:
         t = _Dropout(m0.p, type(m0))
         t.__dict__["_ctx"] = ctx
@@ -484,13 +514,16 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
                keep: Optional[str]) -> list[str]:
     """Fold an ``nn.ReLU`` module that only ever receives one Linear twin's output into that
     twin (``ensemble_linear``'s fused relu: one pass less forward and backward), replacing the
-    ReLU with ``nn.Identity`` in ``body``; an ``nn.Dropout`` that alone reads that ReLU's output
-    is folded in too (the op's fused dropout: a counter-based mask per element, far cheaper on
-    the CPU than a separate ``F.dropout``). Only where the
+    ReLU with ``nn.Identity`` in ``body``. An ``nn.Dropout`` that alone reads that ReLU's output
+    stays in ``body`` but is linked to the Linear (non-module references ``_fused_dropout`` /
+    ``_fused_into``): on the CPU the Linear's op applies it (a counter-based mask per element, far
+    cheaper there than ``F.dropout``), reading the dropout module's own ``p``, mode and MC flag,
+    and the module passes its input on (see :func:`_folds`). Only where the
     traced graphs of both modes prove it (see :func:`_relu_pairs`), no module hook exists
     (a hook could observe the pre-activation), and the Linear is not ``keep`` (the head, whose
     output Laplace reads as logits). Numerically the same (both relus keep NaN; the backward
-    masks on y > 0). Returns the fused Linear names."""
+    masks on y > 0; a folded dropout draws other, equally random masks). Returns the fused Linear
+    names."""
     if not graphs or _has_hooks(model):
         return []
     pairs = set.intersection(*(_relu_pairs(g) for g in graphs))
@@ -508,9 +541,9 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
         lin.activation = "relu"
         _replace(body, act_name, nn.Identity())
         drop = body.get_submodule(after) if after is not None else None
-        if type(drop) is _Dropout and drop.kind == "Dropout" and drop.p > 0:
-            lin.dropout = drop.p
-            _replace(body, after, nn.Identity())
+        if type(drop) is _Dropout and drop.kind == "Dropout":
+            lin.__dict__["_fused_dropout"] = drop
+            drop.__dict__["_fused_into"] = lin
         fused.append(lin_name)
     return fused
 
@@ -602,8 +635,13 @@ def _channels_last_convs(graphs: Sequence[torch.fx.Graph], body: nn.Module) -> l
     return sorted(n for n, ok in verdict.items() if ok)
 
 
-_RANDOM_OPS = re.compile(r"dropout|rand|bernoulli|normal|multinomial|poisson|exponential|"
-                         r"uniform|cauchy|geometric")
+#: functions and tensor methods that may run before the shared prefix's cut: deterministic,
+#: row-wise or shape-only (anything else — a random op, a user function — keeps the copies)
+_PREFIX_FNS = _LAYOUT_FREE_FNS - {"dropout", "dropout2d"} | {
+    "flatten", "view", "reshape", "size", "getitem", "getattr", "contiguous", "permute",
+    "transpose", "unsqueeze", "squeeze", "mul", "sub", "truediv", "neg", "matmul", "softmax",
+    "log_softmax", "pad", "dim", "numel", "interpolate", "avg_pool1d", "max_pool1d",
+    "adaptive_max_pool2d", "layer_norm", "normalize", "mean"}
 
 
 def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
@@ -623,18 +661,23 @@ def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
         pos = {n: i for i, n in enumerate(nodes)}
         first = next((n for n in nodes if n.op == "call_module" and (
             isinstance(mods.get(n.target), (_Dropout, _BayesLinear, _BayesConv2d))
-            or (isinstance(mods.get(n.target), _Linear) and mods[n.target].dropout > 0))),
-            None)
+            or "_fused_dropout" in getattr(mods.get(n.target), "__dict__", {}))), None)
         if first is None:
             return False
         cut = pos[first]
-        if any(n.op == "call_module" and n.target == last_layer and pos[n] < cut
+        # the last layer must come after the cut: features() hooks its input per copy
+        if any(n.op == "call_module" and n.target == last_layer and pos[n] <= cut
                for n in nodes):
             return False
         for n in nodes[:cut]:
-            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if n.op in ("call_function", "call_method") and _RANDOM_OPS.search(name.lower()):
+            if n.op == "call_method" and n.target not in _PREFIX_FNS:
                 return False
+            if n.op == "call_function":
+                fn = n.target
+                ours = getattr(fn, "__module__", "").startswith("faststeal.")  # zoo input check
+                if not ours and (getattr(fn, "__module__", None) not in _TORCH_MODULES
+                                 or getattr(fn, "__name__", "") not in _PREFIX_FNS):
+                    return False
             if n.op == "call_module" and not isinstance(
                     mods.get(n.target), (_Linear, _Conv2d, _BatchNorm, _LayerNorm, _Embedding,
                                          *_LAYOUT_FREE_MODULES, nn.Flatten)):
@@ -683,7 +726,7 @@ class StackedModule(nn.Module):
         #: (see ``_channels_last_convs``)
         self.channels_last_convs: list[str] = []
         #: a one-member stack whose eval-mode ``samples=T`` calls run the layers before the
-        #: first dropout once (see ``_shared_prefix``)
+        #: first random layer (dropout, Bayesian) once (see ``_shared_prefix``)
         self.shared_prefix = False
 
     @property
@@ -716,7 +759,10 @@ class StackedModule(nn.Module):
 
     def _run(self, x: torch.Tensor, samples: Optional[int]) -> tuple[torch.Tensor, int]:
         copies, stacked = self._copies(x, samples)
-        lazy = self.shared_prefix and copies > 1 and not stacked and not self.training
+        lazy = (self.shared_prefix and copies > 1 and not stacked and not self.training
+                and not any(m.training for m in self.body.modules()
+                            if isinstance(m, _BatchNorm))
+                and not _has_hooks(self.body))  # a hook would see B rows, or share its noise
         if stacked:
             xf = x.reshape(-1, *x.shape[2:])
         elif copies > 1 and not lazy:
@@ -728,9 +774,8 @@ class StackedModule(nn.Module):
         self._ctx.pending = copies if lazy else 1
         try:
             y = self.body(xf)
-            if self._ctx.pending > 1:  # no dropout ran after all: the copies are equal
-                raise RuntimeError("faststeal.stack: the first dropout layer did not run; the "
-                                   "shared-prefix analysis of this model is wrong")
+            if self._ctx.pending > 1:  # no random layer ran (a path the trace did not take):
+                y = _make_pending_copies(y, self._ctx)  # the copies are equal
         finally:  # a direct call of the body (or of one layer) runs NCHW, unshared
             self._ctx.layout = "contiguous"
             self._ctx.pending = 1
@@ -926,8 +971,8 @@ def stack(model_or_factory: ModelOrFactory, members: int, *, seed: Optional[int]
                          f"members with forward(x, samples=S); got members={members}")
     is_factory = not isinstance(model_or_factory, nn.Module)
     template = _check_model(model_or_factory)
-    if init == "copy":
-        mods = [copy.deepcopy(template) for _ in range(members)]
+    if init == "copy":  # stacking copies the state; nothing mutates the modules it reads
+        mods = [template] * members
     else:
         base = next_seed() if seed is None else seed
         mods = []
