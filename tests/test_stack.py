@@ -638,16 +638,60 @@ class GumbelBeforeDropout(nn.Module):
 
 
 class SwitchableDropout(nn.Module):
-    """Its dropout sits on a path a Python flag can turn off after stacking."""
+    """After stacking, a Python flag can swap its dropout layer for a functional dropout the
+    trace never saw (or, with ``p=0``, for no dropout)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.use = True
+        self.functional = None
         self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
 
     def forward(self, x):
         h = self.fc1(x)
+        if self.functional is None:
+            return self.fc2(self.drop(h))
+        return self.fc2(F.dropout(h, self.functional, training=True))
+
+
+class CustomForwardDropout(nn.Module):
+    """Linear, ReLU and Dropout modules in a custom forward that may skip the dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use = True
+        self.fc1, self.act, self.drop = nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
         return self.fc2(self.drop(h) if self.use else h)
+
+
+class BatchSecond(nn.Module):
+    """(B, L, D) inputs moved to (L, B, D) before the dropout: the batch leaves dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(8, 8), nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.drop(self.fc1(x).transpose(0, 1))
+        return self.fc2(h.transpose(0, 1).mean(1))
+
+
+class DropoutInFallback(nn.Module):
+    """A fused Linear+ReLU whose only reader is a dropout inside a submodule run under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.blk, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Module(), \
+            nn.Linear(8, 2)
+        self.blk.drop = nn.Dropout(0.3)
+        self.blk.scale = nn.Parameter(torch.ones(8))
+        self.blk.forward = lambda x: self.blk.drop(x) * self.blk.scale
+
+    def forward(self, x):
+        return self.fc2(self.blk(self.act(self.fc1(x))))
 
 
 class HeadFirst(nn.Module):
@@ -706,24 +750,32 @@ def test_shared_prefix_is_turned_off_at_call_time_where_it_could_show():
     with pytest.raises(RuntimeError):
         st(torch.randn(3, 1, 8, 8).to(torch.float64), samples=4)
     assert st._ctx.pending == 1 and st._ctx.copies >= 1
-    # a dropout path switched off after stacking: T equal copies, as running T copies gives
+    # a path switched after stacking that never reaches the dropout layer: the call reruns
+    # unshared, so a functional dropout there still draws per copy (and p=0 gives equal copies)
     sw = stack(SwitchableDropout, 1, seed=0, input_shape=(12,)).eval()
     assert sw.shared_prefix
-    sw.body.use = False
-    y = sw(torch.randn(5, 12), samples=3)
-    assert y.shape == (3, 5, 3) and torch.equal(y[0], y[2])
+    for p, equal in [(0.5, False), (0.0, True)]:
+        sw.body.functional = p
+        y = sw(torch.randn(5, 12), samples=3)
+        assert y.shape == (3, 5, 3) and torch.equal(y[0], y[2]) == equal
+    # the batch moved off dim 0 before the dropout: not shared (and checked at run time too)
+    bs = stack(BatchSecond, 1, seed=0, input_shape=(5, 8)).eval()
+    assert not bs.shared_prefix
+    bs.shared_prefix = True  # force it: the copy at the dropout sees L rows, not B, and unshares
+    x = torch.randn(4, 5, 8)
+    torch.testing.assert_close(bs(x, samples=2), bs(x).expand(2, 4, 3))
 
 
-def test_dropout_after_a_fused_relu_keeps_its_own_flags():
+def test_dropout_after_a_fused_relu_keeps_its_own_flags(monkeypatch):
     from faststeal.methods import build_method
-    from faststeal.nn.stack import _Dropout, _Linear
+    from faststeal.nn.stack import _Dropout, _Fold, _Linear
 
     seq = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.4),  # noqa: E731
                                 nn.Linear(16, 3))
     st = stack(seq, 1, seed=0, input_shape=(12,))
     lin, drop = st.body[0], st.body[2]
     assert isinstance(lin, _Linear) and type(drop) is _Dropout and st.shared_prefix
-    assert lin.__dict__["_fused_dropout"] is drop and lin.dropout == 0
+    assert lin.__dict__["_fold"] is drop.__dict__["_fold"] and lin.dropout == 0
     # train mode drops (the Linear's op applies the mask on the CPU), eval does not ...
     x = torch.randn(64, 12)
     torch.manual_seed(0)
@@ -747,10 +799,32 @@ def test_dropout_after_a_fused_relu_keeps_its_own_flags():
         m = build_method("mc-dropout", surrogate=factory, input_shape=(12,), num_classes=3, **kw)
         p = m.predict_members(torch.randn(6, 12))
         assert p.shape == (20, 6, 3) and not torch.allclose(p[0], p[1])
-    # not folded where another kind of dropout follows the ReLU
+    # replaced after stacking: the Linear no longer masks (the fold is checked per call)
+    st = stack(seq, 1, seed=0, input_shape=(12,)).train()
+    st.body[2] = nn.Identity()
+    assert float((st.body[0](x) == 0).float().mean()) < 0.6  # the relu's zeros only (~0.5)
+    # off the CPU the dropout module runs itself (forced here), still dropping once
+    monkeypatch.setattr(_Fold, "active", lambda self, x: False)
+    st = stack(seq, 1, seed=0, input_shape=(12,))
+    h = st.body[2](st.body[1](st.body[0](x)))
+    h0 = torch.relu(F.linear(x, st.body[0].weight[0], st.body[0].bias[0]))
+    kept = (h != 0) & (h0 != 0)
+    torch.testing.assert_close(h[kept], h0[kept] / 0.6)
+    assert 0.3 < float(kept.sum() / (h0 != 0).sum()) < 0.9
+    monkeypatch.undo()
+    # not folded where another kind of dropout follows the ReLU, outside an nn.Sequential
+    # (a custom forward may skip or reuse the dropout), or inside a vmap fallback
     st = stack(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.AlphaDropout(0.4),
                                      nn.Linear(16, 3)), 1, seed=0, input_shape=(12,))
-    assert "_fused_dropout" not in st.body[0].__dict__
+    assert "_fold" not in st.body[0].__dict__
+    sk = stack(CustomForwardDropout, 1, seed=0, input_shape=(12,))
+    assert sk.fused_relus == ["fc1"] and "_fold" not in sk.body.fc1.__dict__
+    sk.train()
+    sk.body.use = False  # skips the dropout: nothing may drop
+    assert float((sk.body.act(sk.body.fc1(x)) == 0).float().mean()) < 0.65
+    with pytest.warns(UserWarning, match="vmap"):
+        fb = stack(DropoutInFallback, 2, seed=0, input_shape=(4,))
+    assert fb.fused_relus == ["fc1"] and "_fold" not in fb.body.fc1.__dict__
 
 
 def test_bayesian_stack_draws_samples_and_keeps_means():

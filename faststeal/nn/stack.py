@@ -25,15 +25,18 @@ How a user's model becomes S members (module swap; the member axis folded into t
   trace (data-dependent control flow) is still stacked by the module swap;
 * where the traced graph shows an ``nn.ReLU`` module applied only to one ``nn.Linear``'s output,
   the relu is fused into that layer's ``ensemble_linear`` (same numbers, one pass less each way;
-  the ReLU module becomes ``nn.Identity``); an ``nn.Dropout`` that alone reads that relu is
-  applied by the same op on the CPU (its counter-based mask, far cheaper than ``F.dropout``'s
-  ``bernoulli_`` there; equally random, other draws). The dropout module stays in the model and
-  its own ``p``, ``training`` and MC-dropout flags decide, as before;
+  the ReLU module becomes ``nn.Identity``); where an ``nn.Dropout`` follows them in the same
+  ``nn.Sequential`` (so it always reads that relu), the same op applies it on the CPU (its
+  counter-based mask, far cheaper than ``F.dropout``'s ``bernoulli_`` there; equally random,
+  other draws; see :class:`_Fold`). The dropout module stays in the model and its own ``p``,
+  ``training`` and MC-dropout flags decide, as before;
 * a one-member stack (MC dropout, Bayesian) called in eval mode with ``samples=T`` runs the
   layers before its first random layer once and lets that layer make the T copies (dropout: T
   copies of its input; a Bayesian layer: T weight samples on the one input), where the traced
   graphs prove the result is the same as running T copies from the input
-  (:func:`_shared_prefix`; no module hook registered, no batch norm in training mode);
+  (:func:`_shared_prefix`: only row-wise, deterministic code before that layer; checked again
+  per call — no module hook, no batch norm in training mode, the batch still on dim 0 at that
+  layer, the layer reached — else the call runs its T copies from the input);
 * memory layout (a measured choice): where the traced graphs (train and eval mode) prove that
   a stacked conv's output only flows through layout-agnostic ops (activations, pooling,
   additions, dropout, ``cat``) into layers that take any layout and hand on nothing strided
@@ -84,13 +87,19 @@ LAYOUT_BUDGET_S = 1.0
 
 class _Ctx:
     """State shared by a stacked model and its twins: the member copies and the memory layout
-    of the current call, and ``pending``: copies the first dropout layer still has to make
-    (a one-member stack's shared prefix runs once; see :func:`_shared_prefix`)."""
+    of the current call, and ``pending``: copies the first random layer still has to make of
+    its input of ``rows`` rows (a one-member stack's shared prefix runs once; see
+    :func:`_shared_prefix`)."""
 
     def __init__(self) -> None:
         self.copies = 1
         self.layout = "contiguous"
         self.pending = 1
+        self.rows = 0
+
+
+class _Unshare(Exception):
+    """The shared prefix met a tensor it cannot copy soundly: rerun the call unshared."""
 
 
 def _unfold(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -109,6 +118,8 @@ def _make_pending_copies(x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     prefix's output that the layer draws its masks for (see :func:`_shared_prefix`)."""
     if ctx.pending <= 1:
         return x
+    if x.shape[0] != ctx.rows:  # the batch is not on dim 0 here: copying it there is wrong
+        raise _Unshare
     copies, ctx.pending = ctx.pending, 1
     return x.unsqueeze(0).expand(copies, *x.shape).reshape(-1, *x.shape[1:])
 
@@ -143,21 +154,36 @@ class _Twin:
         return [(n, getattr(self, n)) for n in names if getattr(self, n, None) is not None]
 
 
-def _folds(drop: Optional["_Dropout"], x: torch.Tensor) -> bool:
-    """Whether the dropout ``drop`` folded into a Linear (see :func:`_fuse_relu`) is applied by
-    that Linear's op for an activation on ``x``'s device: on the CPU, where the op's counter-based
-    mask is far cheaper than ``F.dropout``; elsewhere the dropout module runs itself."""
-    return drop is not None and x.device.type == "cpu"
+class _Fold:
+    """A Linear twin (relu fused), the ``nn.Identity`` in place of its ReLU and the dropout after
+    them: three consecutive children of one ``nn.Sequential`` (see :func:`_fuse_relu`). While
+    all three are still its children and the activation is on the CPU, the Linear's op applies
+    the dropout (its counter-based mask, far cheaper there than ``F.dropout``'s ``bernoulli_``),
+    reading the dropout module's own ``p``, mode and MC flag, and the dropout module passes its
+    input on; otherwise the dropout module runs itself. Both sides ask :meth:`active`."""
+
+    def __init__(self, parent: nn.Sequential, keys: tuple[str, str, str],
+                 mods: tuple[nn.Module, nn.Module, nn.Module]) -> None:
+        self.parent, self.keys, self.mods = parent, keys, mods
+
+    def active(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and all(
+            self.parent._modules.get(k) is m for k, m in zip(self.keys, self.mods))
+
+    @property
+    def dropout(self) -> "_Dropout":
+        return self.mods[2]  # type: ignore[return-value]
 
 
 class _Linear(_Twin, EnsembleLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        drop = self.__dict__.get("_fused_dropout")
+        fold = self.__dict__.get("_fold")
         lead = x.shape[:-1]
         s = self.members if self.members > 1 else 1
-        if not _folds(drop, x):
+        if fold is None or not fold.active(x):
             y = super().forward(x.reshape(s, -1, self.in_features))
             return y.reshape(*lead, self.out_features)
+        drop = fold.dropout
         # the dropout module's own flags decide; the mask is this op's: the first random layer
         x = _make_pending_copies(x, self._ctx)
         lead = x.shape[:-1]
@@ -224,8 +250,9 @@ class _Dropout(EnsembleDropout):
         self.kind = kind.__name__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.__dict__.get("_fused_into") is not None and x.device.type == "cpu":
-            return x  # the Linear before it applied this dropout (see _fuse_relu)
+        fold = self.__dict__.get("_fold")
+        if fold is not None and fold.active(x):
+            return x  # the Linear before it applied this dropout (see _Fold)
         ctx = self.__dict__.get("_ctx")
         if ctx is not None:
             x = _make_pending_copies(x, ctx)
@@ -382,9 +409,9 @@ def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
     elif type(m0) in (nn.BatchNorm1d, nn.BatchNorm2d):
         if not m0.track_running_stats:
             return None
+        kw = {"device": m0.running_mean.device, "dtype": m0.running_mean.dtype}
         t = _uninit(_BatchNorm, s, m0.num_features, m0.eps, m0.momentum, m0.affine, **kw)
         t.dims = 1 if type(m0) is nn.BatchNorm1d else 2
-        kw = {"device": m0.running_mean.device}
     elif type(m0) is nn.LayerNorm:
         t = _uninit(_LayerNorm, s, m0.normalized_shape, m0.eps, m0.elementwise_affine,
                     bias=getattr(m0, "bias", None) is not None, **kw)
@@ -515,10 +542,9 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
     """Fold an ``nn.ReLU`` module that only ever receives one Linear twin's output into that
     twin (``ensemble_linear``'s fused relu: one pass less forward and backward), replacing the
     ReLU with ``nn.Identity`` in ``body``. An ``nn.Dropout`` that alone reads that ReLU's output
-    stays in ``body`` but is linked to the Linear (non-module references ``_fused_dropout`` /
-    ``_fused_into``): on the CPU the Linear's op applies it (a counter-based mask per element, far
-    cheaper there than ``F.dropout``), reading the dropout module's own ``p``, mode and MC flag,
-    and the module passes its input on (see :func:`_folds`). Only where the
+    stays in ``body``; where the three are consecutive children of one ``nn.Sequential`` (whose
+    forward calls each in order, whatever the user's code does later) they are linked as a
+    :class:`_Fold`: on the CPU the Linear's op applies the dropout. Only where the
     traced graphs of both modes prove it (see :func:`_relu_pairs`), no module hook exists
     (a hook could observe the pre-activation), and the Linear is not ``keep`` (the head, whose
     output Laplace reads as logits). Numerically the same (both relus keep NaN; the backward
@@ -539,13 +565,39 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
                 or type(act) is not nn.ReLU:
             continue
         lin.activation = "relu"
-        _replace(body, act_name, nn.Identity())
-        drop = body.get_submodule(after) if after is not None else None
-        if type(drop) is _Dropout and drop.kind == "Dropout":
-            lin.__dict__["_fused_dropout"] = drop
-            drop.__dict__["_fused_into"] = lin
+        ident = nn.Identity()
+        _replace(body, act_name, ident)
         fused.append(lin_name)
+        fold = _sequential_fold(body, (lin_name, act_name, after), lin, ident)
+        if fold is not None:
+            lin.__dict__["_fold"] = fold
+            fold.dropout.__dict__["_fold"] = fold
     return fused
+
+
+def _sequential_fold(body: nn.Module, names: tuple[str, str, Optional[str]], lin: nn.Module,
+                     ident: nn.Module) -> Optional[_Fold]:
+    """The :class:`_Fold` of a fused Linear, its Identity and an ``nn.Dropout`` after them, when
+    the three are consecutive children of one plain ``nn.Sequential``; else None."""
+    if names[2] is None:
+        return None
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) != 1:
+        return None
+    parent_name = parents.pop()
+    try:
+        parent = body.get_submodule(parent_name) if parent_name else body
+    except AttributeError:  # inside a submodule that runs under vmap
+        return None
+    keys = tuple(n.rpartition(".")[2] for n in names)
+    order = list(parent._modules)
+    drop = parent._modules.get(keys[2])
+    if (type(parent) is not nn.Sequential or type(drop) is not _Dropout or drop.kind != "Dropout"
+            or any(k not in order for k in keys)
+            or order.index(keys[0]) + 1 != order.index(keys[1])
+            or order.index(keys[1]) + 1 != order.index(keys[2])):
+        return None
+    return _Fold(parent, keys, (lin, ident, drop))  # type: ignore[arg-type]
 
 
 def _replace(body: nn.Module, name: str, new: nn.Module) -> None:
@@ -637,11 +689,65 @@ def _channels_last_convs(graphs: Sequence[torch.fx.Graph], body: nn.Module) -> l
 
 #: functions and tensor methods that may run before the shared prefix's cut: deterministic,
 #: row-wise or shape-only (anything else — a random op, a user function — keeps the copies)
-_PREFIX_FNS = _LAYOUT_FREE_FNS - {"dropout", "dropout2d"} | {
-    "flatten", "view", "reshape", "size", "getitem", "getattr", "contiguous", "permute",
-    "transpose", "unsqueeze", "squeeze", "mul", "sub", "truediv", "neg", "matmul", "softmax",
-    "log_softmax", "pad", "dim", "numel", "interpolate", "avg_pool1d", "max_pool1d",
-    "adaptive_max_pool2d", "layer_norm", "normalize", "mean"}
+_PREFIX_FNS = (_LAYOUT_FREE_FNS - {"dropout", "dropout2d", "cat"}) | {
+    "sub", "mul", "truediv", "neg", "size", "dim", "numel", "contiguous"}
+
+
+def _prefix_node_ok(n: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Whether node ``n`` may run before the shared prefix's cut: deterministic and keeping the
+    batch on dim 0 row by row (elementwise ops, pooling, the stacked twins, ``flatten`` from
+    dim >= 1, ``view``/``reshape`` to ``(x.size(0), ...)``, ``mean`` over dims >= 1, shape
+    queries). Anything else — a random op, a transpose, a user function — keeps the copies."""
+    if n.op in ("placeholder", "get_attr", "output"):
+        return True
+    if n.op == "call_module":
+        m = mods.get(n.target)
+        if isinstance(m, nn.Flatten):
+            return m.start_dim >= 1
+        return isinstance(m, (_Linear, _Conv2d, _BatchNorm, _LayerNorm, _Embedding,
+                              *_LAYOUT_FREE_MODULES))
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    if n.op == "call_function":
+        module = getattr(n.target, "__module__", "") or ""
+        if module.startswith("faststeal."):  # the zoo's input check
+            return True
+        if module not in _TORCH_MODULES:
+            return False
+    args = list(n.args[1:])
+    if name in _PREFIX_FNS:
+        return True
+    if name == "getattr":
+        return len(args) == 1 and args[0] in _METADATA_ATTRS
+    if name == "getitem":  # x.shape[0], x.size()[1]
+        src = n.args[0]
+        return isinstance(src, torch.fx.Node) and _is_shape(src)
+    if name == "flatten":
+        start = n.kwargs.get("start_dim", args[0] if args else 0)
+        return isinstance(start, int) and start >= 1
+    if name in ("view", "reshape"):
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return bool(dims) and isinstance(dims[0], torch.fx.Node) and _is_batch_size(dims[0])
+    if name == "mean":
+        dims = n.kwargs.get("dim", args[0] if args else None)
+        dims = (dims,) if isinstance(dims, int) else dims
+        return isinstance(dims, (tuple, list)) and bool(dims) and all(
+            isinstance(d, int) and (d >= 1 or d in (-1, -2)) for d in dims)
+    return False
+
+
+def _is_shape(n: torch.fx.Node) -> bool:
+    return (n.op == "call_method" and n.target == "size" and len(n.args) == 1) or (
+        n.op == "call_function" and getattr(n.target, "__name__", "") == "getattr"
+        and n.args[1:] == ("shape",))
+
+
+def _is_batch_size(n: torch.fx.Node) -> bool:
+    """``x.size(0)``, ``x.shape[0]`` or ``x.size()[0]``."""
+    if n.op == "call_method" and n.target == "size":
+        return tuple(n.args[1:]) == (0,) or n.kwargs.get("dim") == 0
+    return (n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem"
+            and isinstance(n.args[0], torch.fx.Node) and _is_shape(n.args[0])
+            and n.args[1] == 0)
 
 
 def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
@@ -661,7 +767,7 @@ def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
         pos = {n: i for i, n in enumerate(nodes)}
         first = next((n for n in nodes if n.op == "call_module" and (
             isinstance(mods.get(n.target), (_Dropout, _BayesLinear, _BayesConv2d))
-            or "_fused_dropout" in getattr(mods.get(n.target), "__dict__", {}))), None)
+            or "_fold" in getattr(mods.get(n.target), "__dict__", {}))), None)
         if first is None:
             return False
         cut = pos[first]
@@ -670,19 +776,7 @@ def _shared_prefix(graphs: Sequence[torch.fx.Graph], body: nn.Module,
                for n in nodes):
             return False
         for n in nodes[:cut]:
-            if n.op == "call_method" and n.target not in _PREFIX_FNS:
-                return False
-            if n.op == "call_function":
-                fn = n.target
-                ours = getattr(fn, "__module__", "").startswith("faststeal.")  # zoo input check
-                if not ours and (getattr(fn, "__module__", None) not in _TORCH_MODULES
-                                 or getattr(fn, "__name__", "") not in _PREFIX_FNS):
-                    return False
-            if n.op == "call_module" and not isinstance(
-                    mods.get(n.target), (_Linear, _Conv2d, _BatchNorm, _LayerNorm, _Embedding,
-                                         *_LAYOUT_FREE_MODULES, nn.Flatten)):
-                return False
-            if any(pos[u] > cut for u in n.users):
+            if not _prefix_node_ok(n, mods) or any(pos[u] > cut for u in n.users):
                 return False
     return True
 
@@ -771,11 +865,16 @@ class StackedModule(nn.Module):
             xf = x
         self._ctx.copies = copies
         self._ctx.layout = self.layout(xf)
-        self._ctx.pending = copies if lazy else 1
+        self._ctx.pending, self._ctx.rows = (copies, x.shape[0]) if lazy else (1, 0)
         try:
-            y = self.body(xf)
-            if self._ctx.pending > 1:  # no random layer ran (a path the trace did not take):
-                y = _make_pending_copies(y, self._ctx)  # the copies are equal
+            try:
+                y = self.body(xf)
+                if self._ctx.pending > 1:  # the random layer was not reached: a path the
+                    raise _Unshare         # trace did not see, which may draw its own noise
+            except _Unshare:  # run the copies from the input, as without the shared prefix
+                self._ctx.pending = 1
+                xf = x.unsqueeze(0).expand(copies, *x.shape).reshape(-1, *x.shape[1:])
+                y = self.body(xf)
         finally:  # a direct call of the body (or of one layer) runs NCHW, unshared
             self._ctx.layout = "contiguous"
             self._ctx.pending = 1
@@ -971,8 +1070,8 @@ def stack(model_or_factory: ModelOrFactory, members: int, *, seed: Optional[int]
                          f"members with forward(x, samples=S); got members={members}")
     is_factory = not isinstance(model_or_factory, nn.Module)
     template = _check_model(model_or_factory)
-    if init == "copy":  # stacking copies the state; nothing mutates the modules it reads
-        mods = [template] * members
+    if init == "copy":  # one private copy (tracing runs on it), stacked S times
+        mods = [copy.deepcopy(template)] * members
     else:
         base = next_seed() if seed is None else seed
         mods = []
