@@ -578,24 +578,27 @@ def _count_rows(st):
     return rows
 
 
-class SkipOverDropout(nn.Module):
-    """A value computed before the dropout is used after it: no shared prefix."""
+class FcDropFc(nn.Module):
+    """fc1 -> dropout -> fc2 on (B, 12); the subclasses wire them in other forwards."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
 
     def forward(self, x):
+        return self.fc2(self.drop(self.fc1(x)))
+
+
+class SkipOverDropout(FcDropFc):
+    """A value computed before the dropout is used after it: no shared prefix."""
+
+    def forward(self, x):
         h = self.fc1(x)
         return self.fc2(self.drop(h) + h)
 
 
-class NoiseBeforeDropout(nn.Module):
+class NoiseBeforeDropout(FcDropFc):
     """Draws random numbers before its first dropout layer: no shared prefix."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
 
     def forward(self, x):
         h = self.fc1(x)
@@ -628,29 +631,23 @@ def test_shared_prefix_runs_once_and_equals_the_copies(arch, kind):
     torch.testing.assert_close(shared, copied, atol=1e-5, rtol=1e-5)
 
 
-class GumbelBeforeDropout(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
-
+class GumbelBeforeDropout(FcDropFc):
     def forward(self, x):
         return self.fc2(self.drop(F.gumbel_softmax(self.fc1(x))))
 
 
-class SwitchableDropout(nn.Module):
+class SwitchableDropout(FcDropFc):
     """After stacking, a Python flag can swap its dropout layer for a functional dropout the
     trace never saw (or, with ``p=0``, for no dropout)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.functional = None
-        self.fc1, self.drop, self.fc2 = nn.Linear(12, 12), nn.Dropout(0.5), nn.Linear(12, 3)
 
     def forward(self, x):
-        h = self.fc1(x)
         if self.functional is None:
-            return self.fc2(self.drop(h))
-        return self.fc2(F.dropout(h, self.functional, training=True))
+            return super().forward(x)
+        return self.fc2(F.dropout(self.fc1(x), self.functional, training=True))
 
 
 class CustomForwardDropout(nn.Module):
