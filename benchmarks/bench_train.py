@@ -39,6 +39,7 @@ import functools
 import os
 import time
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -479,31 +480,22 @@ def user_model_step(variant: str, model: str, s: int, b: int, device) -> Callabl
     x = torch.randn(s, b, *shape, generator=g).to(device)
     y = torch.randint(0, NUM_CLASSES, (s, b), generator=g).to(device)
     torch.manual_seed(0)
-    if variant == "stack":
-        net = faststeal.stack(factory, s, seed=0, input_shape=shape).to(device)
+    if variant in ("stack", "stack-nchw", "stack-nhwc"):
         # what faststeal trains a stack with (Method.fit, steal): its train step — the fused
         # Adam over the stacked parameters and the fused ensemble loss (the same objective:
         # the sum of the members' mean cross-entropies)
-        from faststeal.train_step import make_train_step
-        return functools.partial(make_train_step(net, lr=LR), x, y)
-    if variant in ("stack-nchw", "stack-nhwc"):
         from faststeal.nn.stack import LAYOUT_ENV
         from faststeal.train_step import make_train_step
 
         inner = make_train_step(faststeal.stack(factory, s, seed=0, input_shape=shape)
                                 .to(device), lr=LR)
+        if variant == "stack":
+            return functools.partial(inner, x, y)
         layout = "contiguous" if variant == "stack-nchw" else "channels_last"
 
         def step():
-            before = os.environ.get(LAYOUT_ENV)
-            os.environ[LAYOUT_ENV] = layout
-            try:
+            with mock.patch.dict(os.environ, {LAYOUT_ENV: layout}):
                 inner(x, y)
-            finally:
-                if before is None:
-                    del os.environ[LAYOUT_ENV]
-                else:
-                    os.environ[LAYOUT_ENV] = before
         step.model = inner.model  # type: ignore[attr-defined]
         return step
     models = [factory().to(device) for _ in range(s)]
