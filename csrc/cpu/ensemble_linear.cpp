@@ -4,7 +4,8 @@
 // activation/dropout gradient and bias reduction are one fused prologue pass. The dropout mask
 // is regenerated from the key in the backward, never stored. bfloat16/float16 tensors are stored
 // in their dtype and computed in float32 (at::opmath_type): the GEMMs accumulate in float32, the
-// epilogues load, compute in float32 and round once on store; the bias gradient sums in double.
+// epilogues load, compute in float32 and round once on store; the bias gradient sums each
+// 256-row chunk in float32 (float64 for float64) and the chunks in double.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -29,8 +30,12 @@ inline T activate(T v) {
 
 // y = dropout(act(src + bias)) for rows [r0, r1) of the (S*B, N) output; src may alias y, and for
 // gelu z receives the pre-activation (src may alias z). Dropout counter = linear index of y.
-// The inner loop is branch-free (bit-mask relu, integer mask compare) so that it vectorizes.
+// The inner loop is branch-free (bit-mask relu, integer mask compare) so that it vectorizes;
+// compiled for AVX2 and for the baseline ISA (target_clones, picked at load time).
 template <typename T, Act A, bool kDrop, bool kBias>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t r1, int64_t B,
                    int64_t N, uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
   using C = at::opmath_type<T>;
@@ -78,11 +83,16 @@ void dispatch_epilogue(Act act, bool drop, const T* src, T* z, T* y, const T* bi
 
 // dz = grad_y * act'(.) * mask * scale for batch rows [b0, b1) of member s, written (kWrite) at
 // dz + dz_base + dz_row_stride * b (the stacked (S,B,N) or the shared (B,S,N) layout); with
-// kBias the bias gradient of those rows is accumulated in double into dbias_acc (N).
+// kBias the bias gradient of those rows is accumulated in opmath into dbias_acc (N). Like
+// epilogue_rows, compiled for AVX2 and for the baseline ISA, picked at load time (bfloat16 and
+// the sums vectorize 8-wide).
 template <typename T, Act A, bool kDrop, bool kWrite, bool kBias>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ z,
-             T* __restrict__ dz, double* __restrict__ dbias_acc, int64_t s, int64_t b0,
-             int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
+             T* __restrict__ dz, at::opmath_type<T>* __restrict__ dbias_acc, int64_t s,
+             int64_t b0, int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
              uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
   using C = at::opmath_type<T>;
   for (int64_t b = b0; b < b1; ++b) {
@@ -105,7 +115,7 @@ void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restri
         }
       }
       if constexpr (kWrite) out[n] = static_cast<T>(d);
-      if constexpr (kBias) dbias_acc[n] += static_cast<double>(d);
+      if constexpr (kBias) dbias_acc[n] += d;
     }
   }
 }
@@ -120,8 +130,11 @@ void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t / S, s = t % S;
       const int64_t b0 = chunk * kRowsPerChunk, b1 = std::min(B, b0 + kRowsPerChunk);
-      double* acc = dbias_part ? dbias_part + (chunk * S + s) * N : nullptr;
-      if (acc) std::fill(acc, acc + N, 0.0);
+      double* part = dbias_part ? dbias_part + (chunk * S + s) * N : nullptr;
+      // a chunk's rows accumulate in opmath (float for float32/bf16/fp16: vectorizes), the
+      // chunks' partial sums in double
+      std::vector<at::opmath_type<T>> acc_buf(part ? N : 0);
+      at::opmath_type<T>* acc = part ? acc_buf.data() : nullptr;
       const int64_t base = shared ? s * N : s * B * N;
 #define FS_DZ_ROWS(W, BI) \
   dz_rows<T, A, kDrop, W, BI>(g, y, z, dz, acc, s, b0, b1, B, N, base, row_stride, key, thr, scale)
@@ -129,6 +142,7 @@ void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64
       else if (dz) FS_DZ_ROWS(true, false);
       else if (acc) FS_DZ_ROWS(false, true);
 #undef FS_DZ_ROWS
+      for (int64_t n = 0; part && n < N; ++n) part[n] = static_cast<double>(acc[n]);
     }
   });
 }
