@@ -63,8 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # large ensembles on CPU (where freed stacked tensors exceed glibc's 32 MB mmap threshold)
     "cpu-large": dict(grid=[("mlp", 64, 32), ("mlp", 64, 128), ("mlp", 64, 1024),
                             ("cnn", 4, 1024), ("cnn", 16, 128)], compile=[], t=0.5, infer=False),
+    # many short interleaved rounds (rounds=10): see bench_ops' cpu-dispatch preset
     "cpu-precision": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024)],
-                          compile=[], t=0.5, infer=True,
+                          compile=[], t=1.0, infer=True, rounds=10,
                           methods=("loop", "faststeal", "faststeal[bf16]")),
     "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
                             ("cnn", 16, 128)],
@@ -317,7 +318,8 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         if device.type == "cpu" and runners:
             for lib in case_rates:
                 fns[GEMM_KEY + lib] = common.matmul_fn(lib, gemm["n"])
-        train_t = common.bench_many(fns, device, min_run_time=cfg["t"])
+        train_t = common.bench_many(fns, device, min_run_time=cfg["t"],
+                                    rounds=cfg.get("rounds", 3))
         for lib in case_rates:
             t = train_t.pop(GEMM_KEY + lib, None)
             if isinstance(t, common.Timing):
@@ -326,7 +328,7 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
         best_gemm = max(case_rates.values())
         infer_t = common.bench_many({m: r.infer for m, r in runners.items()
                                      if cfg.get("infer") and r.infer is not None}, device,
-                                    min_run_time=cfg["t"])
+                                    min_run_time=cfg["t"], rounds=cfg.get("rounds", 3))
         for method, r in runners.items():
             row = results[method]
             t = train_t[method]
