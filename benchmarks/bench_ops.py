@@ -421,23 +421,21 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
                 key = "bfloat16" if case.dtype == torch.bfloat16 else "float32"
                 if key in ceil["gemm"]:
                     row["frac_gemm"] = row["gflops"] / ceil["gemm"][key]["gflops"]
-        ref_ms = results.get("faststeal[reference]", {}).get("median_ms")
+        # speed-ups paired per interleaved round (common.paired_ratio)
         comp = next(iter(case.composites))
-        comp_ms = results.get(comp, {}).get("median_ms")
+        timed_rows = {n: r for n, r in results.items() if r.get("median_ms")}
+        for row in timed_rows.values():
+            row["x_vs_reference"] = common.paired_ratio(timed_rows.get("faststeal[reference]"),
+                                                        row)
+            row["x_vs_composite"] = common.paired_ratio(timed_rows.get(comp), row)
+            if "torch.bmm only" in results:
+                row["x_vs_bmm"] = common.paired_ratio(timed_rows.get("torch.bmm only"), row)
+            # the measured-dispatch goal: faststeal at least as fast as the best plain-torch
+            # variant (each round's fastest)
+            row["x_vs_best_torch"] = common.paired_ratio(
+                [r for n, r in timed_rows.items() if not n.startswith("faststeal")], row)
         for row in results.values():
-            row["x_vs_reference"] = common.ratio(ref_ms, row.get("median_ms"))
-            row["x_vs_composite"] = common.ratio(comp_ms, row.get("median_ms"))
             row["composite"] = comp
-        if "torch.bmm only" in results:
-            bmm_ms = results["torch.bmm only"].get("median_ms")
-            for row in results.values():
-                row["x_vs_bmm"] = common.ratio(bmm_ms, row.get("median_ms"))
-        # the measured-dispatch goal: faststeal at least as fast as the best plain-torch variant
-        torch_ms = [r["median_ms"] for n, r in results.items()
-                    if not n.startswith("faststeal") and r.get("median_ms")]
-        for row in results.values():
-            row["x_vs_best_torch"] = common.ratio(min(torch_ms, default=None),
-                                                  row.get("median_ms"))
         best = min((r for r in results.values() if r.get("median_ms") and
                     r["variant"].startswith("faststeal")), key=lambda r: r["median_ms"],
                    default=None)

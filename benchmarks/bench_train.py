@@ -362,12 +362,13 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
             if "error" in row:
                 log(f"  {arch} S={s} B={b} {method}: {row['error']}")
         del runners
-        for ref in ("loop", "vmap", "vmap+compile"):
-            ref_t = results.get(ref, {}).get("train_median_ms")
-            ref_i = results.get(ref, {}).get("infer_median_ms")
+        for ref in ("loop", "vmap", "vmap+compile"):  # paired per interleaved round
+            base = results.get(ref)
             for row in results.values():
-                row[f"train_x_vs_{ref}"] = common.ratio(ref_t, row.get("train_median_ms"))
-                row[f"infer_x_vs_{ref}"] = common.ratio(ref_i, row.get("infer_median_ms"))
+                for kind in ("train", "infer"):
+                    timed = base and base.get(f"{kind}_median_ms") and row.get(f"{kind}_median_ms")
+                    row[f"{kind}_x_vs_{ref}"] = (common.paired_ratio(base, row, f"{kind}_")
+                                                 if timed else None)
         del x, y, xs
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,7 +9,11 @@ Timing follows one rule per device (docs/STYLE.md section 5):
 
 Every number a script reports is measured in the same process as its baselines, so ratios are
 meaningful even on a noisy shared machine; the absolute numbers carry the machine load
-(``os.getloadavg``) recorded in the metadata.
+(``os.getloadavg``) recorded in the metadata. On CPU the variants being compared run in
+interleaved rounds, and a speed-up is the median over the rounds of each round's ratio
+(:func:`paired_ratio`): a VM whose speed changes for seconds at a time (measured: 4.7 / 7 / 16 /
+23 ms for the same bf16 ``bmm`` within 8 s) shifts the variants of one round alike, while the
+ratio of two medians can compare one variant's fast spell with another's slow one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Timing:
     p80_ms: float
     runs: Optional[int] = None
     min_ms: Optional[float] = None
+    #: each interleaved round's median (bench_many on CPU), for :func:`paired_ratio`
+    round_ms: Optional[list[float]] = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +118,7 @@ def bench_many(fns: dict[str, Callable[[], Any]], device, *, min_run_time: float
         except Exception as exc:
             out[name] = exc
     samples: dict[str, list[float]] = {name: [] for name in first}
+    per_round: dict[str, list[float]] = {name: [] for name in first}
     counts = dict.fromkeys(first, 0)
     rounds = max(1, rounds)
     for _ in range(rounds):
@@ -127,11 +134,12 @@ def bench_many(fns: dict[str, Callable[[], Any]], device, *, min_run_time: float
                 out[name] = exc
                 continue
             samples[name] += [t * 1e3 for t in m.times]
+            per_round[name].append(_quantile([t * 1e3 for t in m.times], 0.5))
             counts[name] += len(m.times) * m.number_per_run
     for name, ts in samples.items():
         if name not in out:
             out[name] = Timing(_quantile(ts, 0.5), _quantile(ts, 0.2), _quantile(ts, 0.8),
-                               counts[name], min(ts))
+                               counts[name], min(ts), per_round[name])
     return out
 
 
@@ -409,3 +417,20 @@ def ratio(slow: Optional[float], fast: Optional[float]) -> Optional[float]:
     if slow is None or fast is None or fast <= 0:
         return None
     return slow / fast
+
+
+def paired_ratio(slow: Any, fast: Optional[dict[str, Any]], prefix: str = "") -> Optional[float]:
+    """Speed-up of ``fast`` over ``slow``, two result rows of one :func:`bench_many` call (dicts
+    with ``{prefix}median_ms`` and ``{prefix}round_ms``): the median over the interleaved rounds
+    of slow/fast within each round; the ratio of the medians where per-round times are missing
+    (CUDA, a failed variant). ``slow`` may be a list of rows: each round's fastest of them."""
+    slows = [r for r in (slow if isinstance(slow, list) else [slow]) if r]
+    if fast is None or not slows:
+        return None
+    med, rnd = prefix + "median_ms", prefix + "round_ms"
+    rounds = [r.get(rnd) for r in slows + [fast]]
+    if all(rounds) and len({len(x) for x in rounds}) == 1:
+        *srs, frs = rounds
+        return _quantile([min(sr[i] for sr in srs) / frs[i] for i in range(len(frs))], 0.5)
+    meds = [r.get(med) for r in slows]
+    return ratio(min((m for m in meds if m is not None), default=None), fast.get(med))

@@ -107,3 +107,24 @@ def test_forced_layout_variants_run_that_layout(monkeypatch):
         assert seen == [nhwc] and LAYOUT_ENV not in os.environ
         assert all(not torch.equal(p, q) for p, q in zip(step.model.parameters(), before))
 
+
+
+def test_paired_ratio_compares_within_rounds():
+    # the machine is 4x slower in round 2: the ratio of medians would mix a fast spell of one
+    # variant with a slow spell of the other, the per-round ratio does not
+    from benchmarks.common import paired_ratio
+
+    slow = {"median_ms": 8.0, "round_ms": [2.0, 8.0, 8.0]}
+    fast = {"median_ms": 1.0, "round_ms": [1.0, 1.0, 4.0]}  # rounds 2 and 3 hit different spells
+    assert paired_ratio(slow, fast) == pytest.approx(2.0)  # per round 2, 8, 2 (medians: 8)
+    # a list of baselines: each round's fastest of them
+    other = {"median_ms": 3.0, "round_ms": [1.5, 3.0, 12.0]}
+    assert paired_ratio([slow, other], fast) == pytest.approx(2.0)  # per round 1.5, 3, 2
+    # prefixed keys (bench_train's train_/infer_ rows)
+    assert paired_ratio({"train_median_ms": 6.0, "train_round_ms": [6.0]},
+                        {"train_median_ms": 2.0, "train_round_ms": [3.0]}, "train_") == 2.0
+    # no per-round times (CUDA) or unequal round counts: the ratio of the medians
+    assert paired_ratio({"median_ms": 6.0}, {"median_ms": 3.0}) == 2.0
+    assert paired_ratio({"median_ms": 6.0, "round_ms": [6.0, 6.0]},
+                        {"median_ms": 2.0, "round_ms": [2.0]}) == 3.0
+    assert paired_ratio(None, fast) is None and paired_ratio(slow, None) is None
