@@ -63,9 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # large ensembles on CPU (where freed stacked tensors exceed glibc's 32 MB mmap threshold)
     "cpu-large": dict(grid=[("mlp", 64, 32), ("mlp", 64, 128), ("mlp", 64, 1024),
                             ("cnn", 4, 1024), ("cnn", 16, 128)], compile=[], t=0.5, infer=False),
-    # many short interleaved rounds (rounds=10): see bench_ops' cpu-dispatch preset
+    # many short interleaved rounds (an odd number): see bench_ops' cpu-dispatch preset
     "cpu-precision": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024)],
-                          compile=[], t=1.0, infer=True, rounds=10,
+                          compile=[], t=1.0, infer=True, rounds=11,
                           methods=("loop", "faststeal", "faststeal[bf16]")),
     "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
                             ("cnn", 16, 128)],
@@ -366,9 +366,7 @@ def run(device="cpu", preset: str = "cpu-quick", gemm: Optional[dict] = None,
             base = results.get(ref)
             for row in results.values():
                 for kind in ("train", "infer"):
-                    timed = base and base.get(f"{kind}_median_ms") and row.get(f"{kind}_median_ms")
-                    row[f"{kind}_x_vs_{ref}"] = (common.paired_ratio(base, row, f"{kind}_")
-                                                 if timed else None)
+                    row[f"{kind}_x_vs_{ref}"] = common.paired_ratio(base, row, f"{kind}_")
         del x, y, xs
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -108,7 +108,6 @@ def test_forced_layout_variants_run_that_layout(monkeypatch):
         assert all(not torch.equal(p, q) for p, q in zip(step.model.parameters(), before))
 
 
-
 def test_paired_ratio_compares_within_rounds():
     # the machine is 4x slower in round 2: the ratio of medians would mix a fast spell of one
     # variant with a slow spell of the other, the per-round ratio does not
@@ -128,3 +127,13 @@ def test_paired_ratio_compares_within_rounds():
     assert paired_ratio({"median_ms": 6.0, "round_ms": [6.0, 6.0]},
                         {"median_ms": 2.0, "round_ms": [2.0]}) == 3.0
     assert paired_ratio(None, fast) is None and paired_ratio(slow, None) is None
+
+
+def test_bench_many_keeps_one_median_per_round():
+    from benchmarks.common import bench_many
+
+    res = bench_many({"a": lambda: sum(range(100)), "b": lambda: sum(range(200))}, "cpu",
+                     min_run_time=0.03, rounds=3)
+    for t in res.values():
+        assert len(t.round_ms) == 3 and all(v > 0 for v in t.round_ms)
+        assert min(t.round_ms) >= t.min_ms

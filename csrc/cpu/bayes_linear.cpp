@@ -18,9 +18,7 @@ namespace {
 // eps(key, c0 + j) for j in [0, n) (counters modulo 2**32, as everywhere) into out. Compiled for
 // AVX2 and for the baseline ISA, picked at load time: the hash and the polynomial Box-Muller of
 // normal_fast vectorize 8-wide under AVX2 (the baseline x86-64 has no 32-bit vector multiply).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FS_CLONES_AVX2
 void normal_fill(uint32_t key, uint32_t c0, int64_t n, float* __restrict__ out) {
   for (int64_t j = 0; j < n; ++j) out[j] = normal_fast(key, c0 + static_cast<uint32_t>(j));
 }

@@ -31,11 +31,9 @@ inline T activate(T v) {
 // y = dropout(act(src + bias)) for rows [r0, r1) of the (S*B, N) output; src may alias y, and for
 // gelu z receives the pre-activation (src may alias z). Dropout counter = linear index of y.
 // The inner loop is branch-free (bit-mask relu, integer mask compare) so that it vectorizes;
-// compiled for AVX2 and for the baseline ISA (target_clones, picked at load time).
+// compiled for AVX2 and for the baseline ISA (FS_CLONES_AVX2, picked at load time).
 template <typename T, Act A, bool kDrop, bool kBias>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FS_CLONES_AVX2
 void epilogue_rows(const T* src, T* z, T* y, const T* bias, int64_t r0, int64_t r1, int64_t B,
                    int64_t N, uint32_t key, uint32_t thr, at::opmath_type<T> scale) {
   using C = at::opmath_type<T>;
@@ -84,12 +82,10 @@ void dispatch_epilogue(Act act, bool drop, const T* src, T* z, T* y, const T* bi
 // dz = grad_y * act'(.) * mask * scale for batch rows [b0, b1) of member s, written (kWrite) at
 // dz + dz_base + dz_row_stride * b (the stacked (S,B,N) or the shared (B,S,N) layout); with
 // kBias the bias gradient of those rows is accumulated in opmath into dbias_acc (N). Like
-// epilogue_rows, compiled for AVX2 and for the baseline ISA, picked at load time (bfloat16 and
-// the sums vectorize 8-wide).
+// epilogue_rows, compiled for AVX2 and for the baseline ISA (FS_CLONES_AVX2; float32 sums
+// vectorize 8-wide there).
 template <typename T, Act A, bool kDrop, bool kWrite, bool kBias>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
+FS_CLONES_AVX2
 void dz_rows(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ z,
              T* __restrict__ dz, at::opmath_type<T>* __restrict__ dbias_acc, int64_t s,
              int64_t b0, int64_t b1, int64_t B, int64_t N, int64_t dz_base, int64_t dz_row_stride,
@@ -127,14 +123,15 @@ void run_dz(const T* g, const T* y, const T* z, T* dz, double* dbias_part, int64
   // stacked dz (S,B,N): member s, row b at (s*B + b)*N; shared dz (B,S,N): at (b*S + s)*N.
   const int64_t row_stride = shared ? S * N : N;
   at::parallel_for(0, nchunks * S, 1, [&](int64_t t0, int64_t t1) {
+    // a chunk's rows accumulate in opmath (float for float32/bf16/fp16: vectorizes), the chunks'
+    // partial sums in double
+    std::vector<at::opmath_type<T>> acc_buf(dbias_part ? N : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t / S, s = t % S;
       const int64_t b0 = chunk * kRowsPerChunk, b1 = std::min(B, b0 + kRowsPerChunk);
       double* part = dbias_part ? dbias_part + (chunk * S + s) * N : nullptr;
-      // a chunk's rows accumulate in opmath (float for float32/bf16/fp16: vectorizes), the
-      // chunks' partial sums in double
-      std::vector<at::opmath_type<T>> acc_buf(part ? N : 0);
       at::opmath_type<T>* acc = part ? acc_buf.data() : nullptr;
+      if (acc) std::fill(acc, acc + N, at::opmath_type<T>(0));
       const int64_t base = shared ? s * N : s * B * N;
 #define FS_DZ_ROWS(W, BI) \
   dz_rows<T, A, kDrop, W, BI>(g, y, z, dz, acc, s, b0, b1, B, N, base, row_stride, key, thr, scale)

@@ -11,6 +11,15 @@
 
 #include "../common.h"
 
+// FS_CLONES_AVX2: compile a function for AVX2 and for the baseline x86-64 ISA, picked at load time
+// (GCC target_clones, an ifunc: glibc/ELF only; clang does not clone templates). AVX2 without FMA:
+// no contraction, so both clones compute bit-identical results. Elsewhere: the baseline only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+#define FS_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
+#else
+#define FS_CLONES_AVX2
+#endif
+
 namespace faststeal {
 namespace cpu {
 
