@@ -107,9 +107,7 @@ def insert_dropout(model: nn.Module, p: float) -> nn.Module:
         raise ValueError(f"dropout={p}: the surrogate ({type(model).__name__}) has no nn.Linear "
                          f"after its first layer to put dropout before")
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Sequential(nn.Dropout(p), getattr(parent, child)))
+        model.set_submodule(name, nn.Sequential(nn.Dropout(p), model.get_submodule(name)))
     return model
 
 

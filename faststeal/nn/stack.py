@@ -578,7 +578,7 @@ def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Modu
             continue
         lin.activation = "relu"
         ident = nn.Identity()
-        _replace(body, act_name, ident)
+        body.set_submodule(act_name, ident)
         fused.append(lin_name)
         fold = _sequential_fold(body, (lin_name, act_name, after), lin, ident)
         if fold is not None:
@@ -610,11 +610,6 @@ def _sequential_fold(body: nn.Module, names: tuple[str, str, Optional[str]], lin
             or order.index(keys[1]) + 1 != order.index(keys[2])):
         return None
     return _Fold(parent, keys, (lin, ident, drop))  # type: ignore[arg-type]
-
-
-def _replace(body: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(body.get_submodule(parent) if parent else body, child, new)
 
 
 # Graph nodes a channels-last activation may pass through (values do not depend on the layout
