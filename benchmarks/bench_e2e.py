@@ -17,7 +17,10 @@ models trained one after another in a plain loop (``torch.optim.Adam``, batch 12
 on the same queried images and labels, then evaluated as an ensemble (mean softmax). Configs
 run interleaved over ``--rounds`` rounds (faststeal first in even rounds, the loop first in odd
 ones); each reports its wall time and fidelity; the loop is timed without its victim queries
-(``loop``) and with them (``loop+queries``, the oracle's time measured once per round).
+(``loop``) and with them (``loop+queries``, the oracle's time measured once per round). For
+all-Linear surrogates (mlp) each round also measures the GEMM+Adam floor of the run (see
+``_gemm_adam_floor``): the run's GEMMs alone plus the float32 Adam, whose × loop bounds what any
+stacked implementation on ATen's GEMMs could reach on this host.
 
     python -m benchmarks.bench_e2e --compare [--budget 10000] [--epochs 10] [--rounds 2]
         [--archs mlp,lenet] [--members 5,16] [--precision fp32,bf16] [--json out.json]
@@ -192,6 +195,48 @@ def _plain_loop(arch: str, members: int, x, y, test_x, vlabels, epochs: int, bat
     return wall, fid
 
 
+def _gemm_adam_floor(arch: str, members: int, precision: str, in_shape, classes: int,
+                     steps: int, batch_size: int, device) -> Optional[float]:
+    """Seconds that ``steps`` training steps of an S-member ``arch`` ensemble cannot go below on
+    this host with ATen's GEMMs: per step, each layer's GEMMs alone (``torch.bmm`` over the
+    members: the forward, dW, and dX for every layer but the first; no bias, activation, loss or
+    autograd) in the run's compute dtype, plus the float32 fused Adam over the S members'
+    parameters (the master weights the issue's rules keep). Casts, the loss and everything
+    outside the step cost nothing here, so ``loop wall / floor`` is the most any stacked
+    implementation on these GEMMs could gain over the loop. None for surrogates that are not
+    all-Linear (convolutions have no such single-call floor)."""
+    from faststeal.models import build_model
+    from faststeal.train_step import PRECISIONS
+
+    model = build_model(arch, tuple(in_shape), classes)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return None
+    dtype = PRECISIONS[precision] or torch.float32
+    s, b = members, batch_size
+    gemms = []
+    for i, lin in enumerate(linears):
+        k, n = lin.in_features, lin.out_features
+        x = torch.randn(s, b, k, device=device, dtype=dtype)
+        w = torch.randn(s, n, k, device=device, dtype=dtype)  # the stacked (S, N, K) layout
+        dy = torch.randn(s, b, n, device=device, dtype=dtype)
+        gemms.append((x, w, dy, i > 0))
+    params = [torch.randn(s, *p.shape, device=device) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+
+    def step():
+        for x, w, dy, need_dx in gemms:
+            torch.bmm(x, w.mT)  # forward
+            torch.bmm(dy.mT, x)  # dW
+            if need_dx:
+                torch.bmm(dy, w)  # dX
+        opt.step()
+
+    return common.bench(step, device, min_run_time=0.3).median_ms / 1e3 * steps
+
+
 def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2,
             archs=("mlp", "lenet"), members=(5, 16), precisions=("fp32",),
             victim_epochs: Optional[int] = None, dataset: str = "fashion-mnist",
@@ -216,6 +261,12 @@ def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2
             qy = torch.cat([victim(qx[i:i + 1024]).argmax(-1) for i in range(0, len(qx), 1024)])
         query_s = time.perf_counter() - t0
         for arch, s, prec in configs:
+            floor = _gemm_adam_floor(arch, s, prec, qx.shape[1:], int(vlabels.max()) + 1,
+                                     epochs * len(range(0, len(qx), 128)), 128, device)
+            if floor is not None:
+                rows.append({"round": r, "who": "floor", "arch": arch, "S": s,
+                             "precision": prec, "wall_s": floor, "fidelity": None})
+                log(f"  round {r} {arch} S={s} GEMM+Adam floor[{prec}] {floor:.1f} s")
             order = ("faststeal", "loop") if r % 2 == 0 else ("loop", "faststeal")
             for who in order:
                 if who == "loop" and prec != "fp32":
@@ -257,14 +308,19 @@ def compare_markdown(res: dict[str, Any]) -> str:
         ref = sorted(r["wall_s"] for r in loop)
         refq = sorted(r["wall_s"] + r["query_s"] for r in loop)
         med = sorted(walls)[len(walls) // 2]
-        body.append([arch, s, f"{who}[{prec}]" if who == "faststeal" else "plain loop",
+        label = {"faststeal": f"faststeal[{prec}]", "floor": f"GEMM+Adam floor[{prec}]"}
+        body.append([arch, s, label.get(who, "plain loop"),
                      f"{min(walls):.1f}–{max(walls):.1f}",
+                     "—" if who == "floor" else
                      f"{100 * sum(r['fidelity'] for r in rs) / len(rs):.2f}",
                      common.fmt_x(ref[len(ref) // 2] / med) if ref else "—",
                      common.fmt_x(refq[len(refq) // 2] / med) if refq else "—"])
     return (f"`steal()` Deep Ensemble vs the plain loop, {res['dataset']}, budget {res['budget']}, "
             f"{res['epochs']} epochs, {res['rounds']} interleaved round(s) (× = the loop's median "
-            f"wall / this run's median wall):\n\n" + common.markdown_table(head, body))
+            f"wall / this run's median wall; a GEMM+Adam floor row is the time the run's GEMMs "
+            f"alone (`torch.bmm`) and the float32 fused Adam take, so its × is the most any "
+            f"stacked implementation on these GEMMs could reach):\n\n"
+            + common.markdown_table(head, body))
 
 
 def main(argv=None) -> int:

@@ -24,13 +24,10 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -268,17 +265,10 @@ def copy_bandwidth(device, nbytes: Optional[int] = None,
 # ----------------------------------------------------------------------------- metadata
 
 def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                 timeout=10)
-        except Exception:
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+    from faststeal.info import code_version
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    commit = git("rev-parse", "HEAD") or os.environ.get("FASTSTEAL_GIT_COMMIT")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    code = code_version()
+    return {"commit": code["commit"], "dirty": code["dirty"]}
 
 
 def cpu_name() -> str:

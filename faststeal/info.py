@@ -4,7 +4,38 @@ times)."""
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+from typing import Optional
+
+
+def code_version() -> dict:
+    """Which code ran: ``{"faststeal": version, "commit": sha or None, "dirty": bool or None}``.
+
+    The commit is read with ``git`` only when the package sits at the top of a git checkout (an
+    editable install; a wheel in a virtualenv inside some checkout does not take that checkout's
+    commit); else ``FASTSTEAL_GIT_COMMIT`` if set (e.g. by a job script), else None. ``dirty``:
+    tracked files differ from the commit."""
+    from . import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    in_checkout = top is not None and os.path.realpath(top) == os.path.realpath(root)
+    commit = git("rev-parse", "HEAD") if in_checkout else None
+    status = git("status", "--porcelain", "--untracked-files=no") if in_checkout else None
+    return {"faststeal": __version__,
+            "commit": commit or os.environ.get("FASTSTEAL_GIT_COMMIT"),
+            "dirty": bool(status) if status is not None else None}
 
 
 def collect() -> dict:
@@ -20,8 +51,11 @@ def collect() -> dict:
     except Exception as exc:  # not installed / broken
         triton_version = f"not available ({type(exc).__name__}: {exc})"
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    code = code_version()
     return {
         "faststeal": __version__,
+        "commit": (f"{code['commit']}{' (tracked files modified)' if code['dirty'] else ''}"
+                   if code["commit"] else "unknown (not a git checkout)"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -65,9 +65,23 @@ def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
                             precisions=("fp32", "bf16"), victim_epochs=1, dataset="digits",
                             victim_arch="mlp", log=lambda *a: None)
     kinds = {(r["who"], r["precision"]) for r in res["rows"]}
-    assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("loop", "fp32")}
-    assert all(r["wall_s"] > 0 and 0 <= r["fidelity"] <= 1 for r in res["rows"])
-    assert "plain loop" in bench_e2e.compare_markdown(res)
+    assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("loop", "fp32"),
+                     ("floor", "fp32"), ("floor", "bf16")}
+    runs = [r for r in res["rows"] if r["who"] != "floor"]
+    assert all(r["wall_s"] > 0 and 0 <= r["fidelity"] <= 1 for r in runs)
+    # the floor (the run's GEMMs alone + Adam) is below every whole run it bounds
+    floors = {r["precision"]: r["wall_s"] for r in res["rows"] if r["who"] == "floor"}
+    assert all(0 < floors[r["precision"]] < r["wall_s"] for r in runs)
+    md = bench_e2e.compare_markdown(res)
+    assert "plain loop" in md and "GEMM+Adam floor[bf16]" in md
+
+
+def test_gemm_adam_floor_only_for_all_linear_surrogates():
+    from benchmarks import bench_e2e
+
+    assert bench_e2e._gemm_adam_floor("lenet", 2, "fp32", (1, 28, 28), 10, 1, 8, "cpu") is None
+    one = bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 1, 8, "cpu")
+    assert 0 < one < bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 100, 8, "cpu")
 
 
 def test_user_model_benchmark_smoke():

@@ -45,6 +45,59 @@ def test_roundtrip_aggregate_and_exports(tmp_path):
     j = json.loads((tmp_path / "results.json").read_text())
     assert j["methods"]["baseline"]["fidelity"]["std"] == pytest.approx(0.01414, rel=1e-3)
     assert "| deep-ensemble |" in (tmp_path / "results.md").read_text()
+    assert "Machine:" not in (tmp_path / "results.md").read_text()  # the run never finished
+
+
+def test_report_names_the_code_that_ran(tmp_path):
+    # a finished run stores machine_info (with the code version); its report names both
+    from faststeal import __version__
+    from faststeal.info import code_version
+    from faststeal.runs import write_report
+    from faststeal.runs.runner import machine_info
+
+    s = ResultStore(str(tmp_path), CFG)
+    _cell(s, "baseline", 0, 0.8)
+    info = machine_info("cpu")
+    assert {k: info[k] for k in ("faststeal", "commit", "dirty")} == code_version()
+    s.set_meta("run", {**info, "faststeal": "9.9.9", "commit": "0123456789abcdef",
+                       "dirty": True})
+    write_report(str(tmp_path), s)
+    s.close()
+    md = (tmp_path / "results.md").read_text()
+    assert "; faststeal 9.9.9 at 0123456789 + local changes." in md
+    assert code_version()["faststeal"] == __version__
+
+
+def test_code_version_falls_back_to_the_environment(monkeypatch):
+    import subprocess
+
+    from faststeal.info import code_version
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("FASTSTEAL_GIT_COMMIT", raising=False)
+    assert code_version()["commit"] is None and code_version()["dirty"] is None
+    monkeypatch.setenv("FASTSTEAL_GIT_COMMIT", "feedbeef")
+    assert code_version()["commit"] == "feedbeef"
+
+
+def test_code_version_reads_this_checkout():
+    import shutil
+    import subprocess
+
+    from faststeal.info import code_version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    import faststeal
+    if os.path.dirname(os.path.dirname(os.path.abspath(faststeal.__file__))) != root:
+        pytest.skip("faststeal is imported from an installed copy, not this checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True).stdout.strip()
+    assert code_version()["commit"] == head
 
 
 def test_resume_keeps_cells_and_mismatch_refused(tmp_path):

@@ -69,10 +69,21 @@ def aggregate(store: ResultStore) -> dict[str, Any]:
         "victim": store.get_meta("victim"),
         "queries": store.get_meta("queries"),
         "ood": store.get_meta("ood"),
+        "machine": store.get_meta("run"),
         "methods": methods,
         "member_sweep": {m: {str(s): _summary(v) for s, v in sorted(d.items())}
                          for m, d in sweep.items()},
     }
+
+
+def machine_line(summary: dict[str, Any]) -> str:
+    """The "Machine: ..." line of a report, from the run's stored ``runs.runner.machine_info``."""
+    m = summary.get("machine") or {}
+    code = (f"faststeal {m['faststeal']}" if m.get("faststeal") else "faststeal (not recorded)")
+    if m.get("commit"):
+        code += f" at {m['commit'][:10]}{' + local changes' if m.get('dirty') else ''}"
+    return (f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
+            f"device {m.get('device')}; {code}")
 
 
 def _fmt(s: Optional[dict], pct: bool = True) -> str:
@@ -136,6 +147,8 @@ def markdown(summary: dict[str, Any]) -> str:
                   "| S | n | fidelity |", "|---|---|---|"]
         for s, st in d.items():
             lines.append(f"| {s} | {st['n']} | {_fmt(st)} |")
+    if summary.get("machine"):  # recorded when the run finished
+        lines += ["", machine_line(summary) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -22,8 +22,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..query import STRATEGIES
-from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
-                     mean_std, register)
+from ..results.report import machine_line
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, mean_std,
+                     register)
 
 
 @dataclass

@@ -19,8 +19,9 @@ from typing import Any, Optional
 import torch
 
 from ..methods import PAPER_METHODS
-from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
-                     mean_std, register)
+from ..results.report import machine_line
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, mean_std,
+                     register)
 
 #: defence name -> parameters (every defence of faststeal.defenses, and no defence)
 DEFENSE_SETTINGS: dict[str, dict[str, Any]] = {

@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 import torch
 
-from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, machine_line,
-                     mean_std, register)
+from ..results.report import machine_line
+from .runner import (Cell, Run, Study, StudySettings, check_surrogate_fits, fmt, mean_std,
+                     register)
 
 #: the variants in table order: the reference, its shared-batch control, then the variants
 VARIANTS = ("deep-ensemble", "shared-batch-de", "bootstrap-ensemble", "hetero-ensemble",

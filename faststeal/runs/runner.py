@@ -619,22 +619,17 @@ def _pin_victim(store: Any, info: dict[str, Any], force: bool) -> None:
 
 def machine_info(device: str) -> dict[str, Any]:
     dev = torch.device(device)
+    from ..info import code_version
+
     info = {"machine": platform.platform(), "processor": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(dev)}
+            "threads": torch.get_num_threads(), "device": str(dev), **code_version()}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
 
 
 # ------------------------------------------------------------------------------ reports
-
-def machine_line(summary: dict[str, Any]) -> str:
-    """The "Machine: ..." line of a study's markdown, from the run's stored machine_info."""
-    m = summary.get("machine") or {}
-    return (f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
-            f"device {m.get('device')}")
-
 
 def study_of(store: Any) -> type[Study]:
     """The Study class that wrote ``store`` (folders from before studies: the comparison)."""
