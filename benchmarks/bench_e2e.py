@@ -17,7 +17,9 @@ models trained one after another in a plain loop (``torch.optim.Adam``, batch 12
 on the same queried images and labels, then evaluated as an ensemble (mean softmax). Configs
 run interleaved over ``--rounds`` rounds (faststeal first in even rounds, the loop first in odd
 ones); each reports its wall time and fidelity; the loop is timed without its victim queries
-(``loop``) and with them (``loop+queries``, the oracle's time measured once per round). For
+(``loop``) and with them (``loop+queries``, the oracle's time measured once per round); each × is
+the loop's wall over the config's within one round, median over rounds (this VM changes speed
+by up to 3x between rounds). For
 all-Linear surrogates (mlp) each round also measures the GEMM+Adam floor of the run (see
 ``_gemm_adam_floor``): the run's GEMMs alone plus the float32 Adam, whose × loop bounds what any
 stacked implementation on ATen's GEMMs could reach on this host.
@@ -299,27 +301,36 @@ def compare_markdown(res: dict[str, Any]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in res["rows"]:
         groups[(row["arch"], row["S"], row["who"], row["precision"])].append(row)
+
+    def paired(loop: list[dict], rows: list[dict], queries: bool) -> Optional[float]:
+        # the loop's wall over this run's, within each round (the VM's speed changes between
+        # rounds by up to 3x), then the median over rounds: common.paired_ratio
+        ref = {r["round"]: r["wall_s"] + (r["query_s"] if queries else 0.0) for r in loop}
+        this = {r["round"]: r["wall_s"] for r in rows}
+        both = sorted(set(ref) & set(this))
+        if not both:
+            return None
+        return common.paired_ratio({"round_ms": [ref[k] for k in both]},
+                                   {"round_ms": [this[k] for k in both]})
+
     head = ["surrogate", "S", "run", "wall s (min–max)", "fidelity % (mean)", "× loop",
             "× loop+queries"]
     body = []
     for (arch, s, who, prec), rs in sorted(groups.items()):
         walls = [r["wall_s"] for r in rs]
         loop = groups.get((arch, s, "loop", "fp32"), [])
-        ref = sorted(r["wall_s"] for r in loop)
-        refq = sorted(r["wall_s"] + r["query_s"] for r in loop)
-        med = sorted(walls)[len(walls) // 2]
         label = {"faststeal": f"faststeal[{prec}]", "floor": f"GEMM+Adam floor[{prec}]"}
+        x, xq = paired(loop, rs, False), paired(loop, rs, True)
         body.append([arch, s, label.get(who, "plain loop"),
                      f"{min(walls):.1f}–{max(walls):.1f}",
                      "—" if who == "floor" else
                      f"{100 * sum(r['fidelity'] for r in rs) / len(rs):.2f}",
-                     common.fmt_x(ref[len(ref) // 2] / med) if ref else "—",
-                     common.fmt_x(refq[len(refq) // 2] / med) if refq else "—"])
+                     common.fmt_x(x) if x else "—", common.fmt_x(xq) if xq else "—"])
     return (f"`steal()` Deep Ensemble vs the plain loop, {res['dataset']}, budget {res['budget']}, "
-            f"{res['epochs']} epochs, {res['rounds']} interleaved round(s) (× = the loop's median "
-            f"wall / this run's median wall; a GEMM+Adam floor row is the time the run's GEMMs "
-            f"alone (`torch.bmm`) and the float32 fused Adam take, so its × is the most any "
-            f"stacked implementation on these GEMMs could reach):\n\n"
+            f"{res['epochs']} epochs, {res['rounds']} interleaved round(s) (× = the loop's wall / "
+            f"this run's wall in the same round, median over rounds; a GEMM+Adam floor row is the "
+            f"time the run's GEMMs alone (`torch.bmm`) and the float32 fused Adam take, so its × "
+            f"is the most any stacked implementation on these GEMMs could reach):\n\n"
             + common.markdown_table(head, body))
 
 

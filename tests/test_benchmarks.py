@@ -76,6 +76,23 @@ def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
     assert "plain loop" in md and "GEMM+Adam floor[bf16]" in md
 
 
+def test_bench_e2e_speedups_are_paired_per_round():
+    # faststeal is 2x the loop in two of three rounds (the VM changes speed between rounds);
+    # paired per round the median is 2x, the ratio of the medians would say 12/20 = 0.6x
+    from benchmarks import bench_e2e
+
+    def row(r, who, wall):
+        return {"round": r, "who": who, "arch": "mlp", "S": 5, "precision": "fp32",
+                "wall_s": wall, "fidelity": 0.9, "query_s": 1.0}
+
+    rows = [row(0, "loop", 40.0), row(0, "faststeal", 20.0), row(1, "loop", 10.0),
+            row(1, "faststeal", 5.0), row(2, "loop", 12.0), row(2, "faststeal", 40.0)]
+    md = bench_e2e.compare_markdown({"rows": rows, "budget": 1, "epochs": 1, "rounds": 3,
+                                     "dataset": "x"})
+    line = next(ln for ln in md.splitlines() if "faststeal[fp32]" in ln)
+    assert line.endswith("| 2.00× | 2.05× |")  # loop+queries: 41/20, 11/5, 13/40
+
+
 def test_gemm_adam_floor_only_for_all_linear_surrogates():
     from benchmarks import bench_e2e
 
