@@ -532,7 +532,8 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
                     log=print, on_case: Optional[Callable[[dict], None]] = None
                     ) -> dict[str, Any]:
     """``faststeal.stack`` vs a Python loop vs ``torch.func`` vmap on user models; each case's
-    variants timed interleaved in one run (:func:`common.bench_many`)."""
+    variants timed interleaved in one run (:func:`common.bench_many`, 5 rounds), × loop paired
+    per round."""
     rows = []
     variants = ("stack", "loop", "stack-nchw", "stack-nhwc") if grid == "cpu-cnn-layout" \
         else ("stack", "loop", "vmap")
@@ -545,18 +546,20 @@ def run_user_models(device="cpu", grid: str = "cpu", min_run_time: float = 1.0,
             except Exception as exc:  # e.g. torchvision missing
                 rows.append({"model": model, "S": s, "B": b, "variant": v,
                              "error": common.short_error(exc)})
-        timings = common.bench_many(fns, device, min_run_time=min_run_time)
+        timings = common.bench_many(fns, device, min_run_time=min_run_time, rounds=5)
         base = timings.get("loop")
         for v, t in timings.items():
             if isinstance(t, Exception):
                 rows.append({"model": model, "S": s, "B": b, "variant": v,
                              "error": common.short_error(t)})
                 continue
-            ref = base.median_ms if base is not None and not isinstance(base, Exception) else None
+            ok = base is not None and not isinstance(base, Exception)
             rows.append({"model": model, "S": s, "B": b, "variant": v, "median_ms": t.median_ms,
                          "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
                          "member_samples_per_s": s * b / (t.median_ms / 1e3),
-                         "speedup_vs_first": None if ref is None else ref / t.median_ms})
+                         # paired per interleaved round (common.paired_ratio)
+                         "speedup_vs_first": (common.paired_ratio(base.as_dict(), t.as_dict())
+                                              if ok else None)})
         log(f"user models: {model} S={s} B={b} done")
         if on_case is not None:  # e.g. write the JSON so far: long grids keep finished cases
             on_case({"rows": rows})
