@@ -22,9 +22,10 @@ def code_version() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args: str) -> Optional[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # no redirects
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                 timeout=10)
+                                 timeout=5, env=env)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -36,6 +37,14 @@ def code_version() -> dict:
     return {"faststeal": __version__,
             "commit": commit or os.environ.get("FASTSTEAL_GIT_COMMIT"),
             "dirty": bool(status) if status is not None else None}
+
+
+def describe_code(code: dict) -> str:
+    """One line for a :func:`code_version` dict (stored ones may lack keys)."""
+    out = f"faststeal {code.get('faststeal') or '(version not recorded)'}"
+    if code.get("commit"):
+        out += f" at {code['commit']}" + (" + local changes" if code.get("dirty") else "")
+    return out
 
 
 def collect() -> dict:
@@ -54,8 +63,8 @@ def collect() -> dict:
     code = code_version()
     return {
         "faststeal": __version__,
-        "commit": (f"{code['commit']}{' (tracked files modified)' if code['dirty'] else ''}"
-                   if code["commit"] else "unknown (not a git checkout)"),
+        "code": (describe_code(code) if code["commit"]
+                 else f"{describe_code(code)} (commit unknown: not a git checkout)"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

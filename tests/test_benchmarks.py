@@ -93,12 +93,37 @@ def test_bench_e2e_speedups_are_paired_per_round():
     assert line.endswith("| 2.00× | 2.05× |")  # loop+queries: 41/20, 11/5, 13/40
 
 
-def test_gemm_adam_floor_only_for_all_linear_surrogates():
+def test_gemm_adam_floor_times_the_runs_products(monkeypatch):
+    # the zoo mlp (784-512-256-10), S=2, 9 rows in batches of 4: two full steps; the 1-row rest
+    # is skipped as the loop skips it. Every product the floor times: forward and dW of each
+    # layer, dX of all but the first, at batch 4 only
+    import torch
+
     from benchmarks import bench_e2e
 
-    assert bench_e2e._gemm_adam_floor("lenet", 2, "fp32", (1, 28, 28), 10, 1, 8, "cpu") is None
-    one = bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 1, 8, "cpu")
-    assert 0 < one < bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 100, 8, "cpu")
+    seen = set()
+    bmm = torch.bmm
+
+    def rec_bmm(a, b):
+        seen.add((tuple(a.shape), tuple(b.shape)))
+        return bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", rec_bmm)
+    assert bench_e2e._gemm_adam_floor("lenet", 2, "fp32", (1, 28, 28), 10, 9, 1, 4, "cpu") is None
+    t9 = bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 9, 1, 4, "cpu")
+    want = set()
+    for i, (k, n) in enumerate([(784, 512), (512, 256), (256, 10)]):
+        want |= {((2, 4, k), (2, k, n)), ((2, n, 4), (2, 4, k))}
+        if i > 0:
+            want.add(((2, 4, n), (2, n, k)))
+    assert seen == want
+    # a 2-row rest is one more (smaller) step; more epochs, proportionally more
+    seen.clear()
+    t10 = bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 10, 1, 4, "cpu")
+    assert ((2, 2, 784), (2, 784, 512)) in seen and t10 > 0 and t9 > 0
+    monkeypatch.setattr(torch, "bmm", bmm)
+    assert bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 8, 20, 4, "cpu") > \
+        bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 8, 1, 4, "cpu")
 
 
 def test_user_model_benchmark_smoke():

@@ -64,7 +64,7 @@ def test_report_names_the_code_that_ran(tmp_path):
     write_report(str(tmp_path), s)
     s.close()
     md = (tmp_path / "results.md").read_text()
-    assert "; faststeal 9.9.9 at 0123456789 + local changes." in md
+    assert "; faststeal 9.9.9 at 0123456789abcdef + local changes." in md
     assert code_version()["faststeal"] == __version__
 
 

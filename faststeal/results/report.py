@@ -78,12 +78,11 @@ def aggregate(store: ResultStore) -> dict[str, Any]:
 
 def machine_line(summary: dict[str, Any]) -> str:
     """The "Machine: ..." line of a report, from the run's stored ``runs.runner.machine_info``."""
+    from ..info import describe_code
+
     m = summary.get("machine") or {}
-    code = (f"faststeal {m['faststeal']}" if m.get("faststeal") else "faststeal (not recorded)")
-    if m.get("commit"):
-        code += f" at {m['commit'][:10]}{' + local changes' if m.get('dirty') else ''}"
     return (f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
-            f"device {m.get('device')}; {code}")
+            f"device {m.get('device')}; {describe_code(m)}")
 
 
 def _fmt(s: Optional[dict], pct: bool = True) -> str:

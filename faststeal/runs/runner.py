@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 
 from ..files import atomic_write
+from ..info import code_version
 from ..models.surrogate import SurrogateLike
 
 #: sub-folder of the run folder holding the training checkpoints of unfinished cells
@@ -619,8 +620,6 @@ def _pin_victim(store: Any, info: dict[str, Any], force: bool) -> None:
 
 def machine_info(device: str) -> dict[str, Any]:
     dev = torch.device(device)
-    from ..info import code_version
-
     info = {"machine": platform.platform(), "processor": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(dev), **code_version()}
