@@ -264,13 +264,6 @@ def copy_bandwidth(device, nbytes: Optional[int] = None,
 
 # ----------------------------------------------------------------------------- metadata
 
-def git_commit() -> dict[str, Any]:
-    from faststeal.info import code_version
-
-    code = code_version()
-    return {"commit": code["commit"], "dirty": code["dirty"]}
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -298,6 +291,8 @@ def env_metadata(device) -> dict[str, Any]:
         triton_version = triton.__version__
     except Exception as exc:
         triton_version = f"unavailable ({type(exc).__name__})"
+    from faststeal.info import code_version
+
     meta: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -311,7 +306,7 @@ def env_metadata(device) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
-        "git": git_commit(),
+        "git": {k: v for k, v in code_version().items() if k in ("commit", "dirty")},
         "loadavg_start": loadavg(),
     }
     try:

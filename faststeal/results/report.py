@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..files import atomic_write
+from ..info import describe_code
 from .store import ResultStore
 
 METRICS = ("fidelity", "accuracy", "mean_member_fidelity", "ensemble_gain", "gain_over_baseline",
@@ -78,8 +79,6 @@ def aggregate(store: ResultStore) -> dict[str, Any]:
 
 def machine_line(summary: dict[str, Any]) -> str:
     """The "Machine: ..." line of a report, from the run's stored ``runs.runner.machine_info``."""
-    from ..info import describe_code
-
     m = summary.get("machine") or {}
     return (f"Machine: {m.get('gpu', m.get('processor'))}, torch {m.get('torch')}, "
             f"device {m.get('device')}; {describe_code(m)}")
