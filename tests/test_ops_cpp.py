@@ -458,6 +458,79 @@ def test_opcheck_under_cpp_backend(seed_all, case):
         torch.library.opcheck(op, args)
 
 
+def _route_cases():
+    """(name, fn(*inputs) -> one output tensor, inputs): each differentiable public op, with
+    inputs that need gradients."""
+    from faststeal.ops import bayes_linear, ensemble_cross_entropy, ensemble_linear, gaussian_kl
+
+    def r(*shape):
+        return torch.randn(*shape, requires_grad=True)
+    return [
+        ("ensemble_linear", lambda x, w, b: ensemble_linear(x, w, b, "gelu", 0.2, seed=5),
+         (r(3, 6, 4), r(3, 5, 4), r(3, 5))),
+        ("ensemble_linear_first_layer", lambda w, b: ensemble_linear(
+            torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), w, b, "relu"),
+         (r(3, 5, 4), r(3, 5))),
+        ("bayes_linear", lambda *a: bayes_linear(*a, seed=2, samples=3),
+         (r(6, 4), r(5, 4), r(5, 4), r(5), r(5))),
+        ("gaussian_kl", lambda m, rho: gaussian_kl(m, rho, 0.5), (r(5, 4), r(5, 4))),
+        ("ensemble_cross_entropy", lambda lg: ensemble_cross_entropy(lg, torch.tensor([0, 2, 1])),
+         (r(2, 3, 4),)),
+    ]
+
+
+_ROUTE_NAMES = [c[0] for c in _route_cases()]
+
+
+@pytest.mark.parametrize("case", _ROUTE_NAMES)
+def test_eager_twin_matches_the_custom_op(seed_all, monkeypatch, case):
+    """In plain eager calls a public op runs its autograd.Function twin (faststeal/ops/_eager.py,
+    no torch.library overhead); forced onto the custom op it gives bit-identical outputs and
+    gradients, and neither route is differentiable twice."""
+    from faststeal.ops import _eager
+    _, fn, inputs = next(c for c in _route_cases() if c[0] == case)
+    routes = {}
+    with use_backend("cpp"):
+        for route in ("twin", "custom_op"):
+            if route == "custom_op":
+                monkeypatch.setattr(_eager, "plain", lambda *t: False)
+            out = fn(*inputs)
+            is_op = type(out.grad_fn).__name__.startswith("GeneratedBackwardFor_faststeal_")
+            assert is_op == (route == "custom_op"), type(out.grad_fn).__name__
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+            grads = torch.autograd.grad(out, inputs, g, create_graph=True)
+            with pytest.raises(RuntimeError):
+                torch.autograd.grad(grads[0].sum(), inputs)
+            routes[route] = (out.detach(), [t.detach() for t in grads])
+    (o1, g1), (o2, g2) = routes["twin"], routes["custom_op"]
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_traced_and_fake_calls_take_the_custom_op(seed_all):
+    """Under a TorchDispatchMode (fake tensors, make_fx), a functorch transform or torch.compile
+    the public ops are the registered custom op, so tracing sees one faststeal op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from faststeal.ops import _eager, ensemble_linear
+    x, w = torch.randn(3, 6, 4), torch.randn(3, 5, 4)
+    assert _eager.plain(x, torch.nn.Parameter(w), None)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        assert not _eager.plain(fx, fw)
+        assert ensemble_linear(fx, fw).shape == (3, 6, 5)  # fake kernel: no C++ call on fakes
+    graph = make_fx(lambda a, b: ensemble_linear(a, b, activation="relu"))(x, w)
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert any("faststeal.ensemble_linear" in t for t in targets), targets
+    compiled = torch.compile(lambda a, b: ensemble_linear(a, b, activation="relu"),
+                             backend="eager", fullgraph=True)
+    with use_backend("cpp"):
+        torch.testing.assert_close(compiled(x, w), ensemble_linear(x, w, activation="relu"),
+                                   rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input validation of the entry points (TORCH_CHECK messages name the argument)
 # ---------------------------------------------------------------------------------------------

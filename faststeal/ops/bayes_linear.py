@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, dispatch, rng
+from . import _checks, _eager, dispatch, rng
 from .ensemble_linear import autocast_inputs
 from .reference import acc_dtype
 
@@ -16,12 +16,26 @@ def _keys(seed: int) -> tuple[int, int]:
     return rng.rng_key(seed, rng.STREAM_WEIGHT), rng.rng_key(seed, rng.STREAM_BIAS)
 
 
+def _forward(x, w_mu, w_rho, b_mu, b_rho, samples, seed):
+    fn = dispatch.impl("bayes_linear", "fwd", x.device.type)
+    return fn(x, w_mu, w_rho, b_mu, b_rho, samples, *_keys(seed))
+
+
+def _grads(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, seed, need_dx):
+    fn = dispatch.impl("bayes_linear", "bwd", x.device.type)
+    dx, dmu, drho, dbmu, dbrho = fn(grad_y.contiguous(), x, w_mu, w_rho, b_mu, b_rho, samples,
+                                    *_keys(seed), need_dx)
+    # distinct empty tensors: torch.library forbids outputs that alias each other
+    return (dx if dx is not None else x.new_empty(0), dmu, drho,
+            dbmu if dbmu is not None else w_mu.new_empty(0),
+            dbrho if dbrho is not None else w_mu.new_empty(0))
+
+
 @torch.library.custom_op("faststeal::bayes_linear", mutates_args=())
 def _bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
                   b_mu: Optional[torch.Tensor], b_rho: Optional[torch.Tensor],
                   samples: int, seed: int) -> torch.Tensor:
-    fn = dispatch.impl("bayes_linear", "fwd", x.device.type)
-    return fn(x, w_mu, w_rho, b_mu, b_rho, samples, *_keys(seed))
+    return _forward(x, w_mu, w_rho, b_mu, b_rho, samples, seed)
 
 
 @_bayes_linear.register_fake
@@ -35,13 +49,7 @@ def _bayes_linear_backward(
         b_mu: Optional[torch.Tensor], b_rho: Optional[torch.Tensor], samples: int, seed: int,
         need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = dispatch.impl("bayes_linear", "bwd", x.device.type)
-    dx, dmu, drho, dbmu, dbrho = fn(grad_y.contiguous(), x, w_mu, w_rho, b_mu, b_rho, samples,
-                                    *_keys(seed), need_dx)
-    # distinct empty tensors: torch.library forbids outputs that alias each other
-    return (dx if dx is not None else x.new_empty(0), dmu, drho,
-            dbmu if dbmu is not None else w_mu.new_empty(0),
-            dbrho if dbrho is not None else w_mu.new_empty(0))
+    return _grads(grad_y, x, w_mu, w_rho, b_mu, b_rho, samples, seed, need_dx)
 
 
 @_bayes_linear_backward.register_fake
@@ -57,16 +65,21 @@ def _setup(ctx, inputs, output):
     ctx.args = (samples, seed)
 
 
-def _backward(ctx, grad_y):
-    x, w_mu, w_rho, b_mu, b_rho = ctx.saved_tensors
-    need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: its dx GEMM is skipped
-    dx, dmu, drho, dbmu, dbrho = _bayes_linear_backward(grad_y, x, w_mu, w_rho, b_mu, b_rho,
-                                                        *ctx.args, need_dx)
-    has_b = b_mu is not None
-    return (dx if need_dx else None), dmu, drho, (dbmu if has_b else None), (dbrho if has_b else None), None, None
+def _backward_with(grads):
+    def backward(ctx, grad_y):
+        x, w_mu, w_rho, b_mu, b_rho = ctx.saved_tensors
+        need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: no dx GEMM
+        dx, dmu, drho, dbmu, dbrho = grads(grad_y, x, w_mu, w_rho, b_mu, b_rho, *ctx.args,
+                                           need_dx)
+        has_b = b_mu is not None
+        return ((dx if need_dx else None), dmu, drho, (dbmu if has_b else None),
+                (dbrho if has_b else None), None, None)
+    return backward
 
 
-_bayes_linear.register_autograd(_backward, setup_context=_setup)
+_bayes_linear.register_autograd(_backward_with(_bayes_linear_backward), setup_context=_setup)
+#: the eager twin (faststeal/ops/_eager.py)
+_BayesLinear = _eager.twin("BayesLinear", _forward, _setup, _backward_with(_grads))
 
 
 def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
@@ -106,13 +119,23 @@ def bayes_linear(x: torch.Tensor, w_mu: torch.Tensor, w_rho: torch.Tensor,
             _checks.dim_eq(name, t, 0, n, "out features")
         b_mu, b_rho = b_mu.contiguous(), b_rho.contiguous()
     seed = _checks.seed("seed", seed)
-    return _bayes_linear(x.contiguous(), w_mu.contiguous(), w_rho.contiguous(), b_mu, b_rho,
-                         samples, seed)
+    x, w_mu, w_rho = x.contiguous(), w_mu.contiguous(), w_rho.contiguous()
+    op = _BayesLinear.apply if _eager.plain(x, w_mu, w_rho, b_mu, b_rho) else _bayes_linear
+    return op(x, w_mu, w_rho, b_mu, b_rho, samples, seed)
+
+
+def _kl_forward(mu, rho, prior_sigma):
+    return dispatch.impl("gaussian_kl", "fwd", mu.device.type)(mu, rho, prior_sigma)
+
+
+def _kl_grads(grad, mu, rho, prior_sigma):
+    dmu, drho = dispatch.impl("gaussian_kl", "bwd", mu.device.type)(grad, mu, rho, prior_sigma)
+    return dmu, drho
 
 
 @torch.library.custom_op("faststeal::gaussian_kl", mutates_args=())
 def _gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float) -> torch.Tensor:
-    return dispatch.impl("gaussian_kl", "fwd", mu.device.type)(mu, rho, prior_sigma)
+    return _kl_forward(mu, rho, prior_sigma)
 
 
 @_gaussian_kl.register_fake
@@ -123,8 +146,7 @@ def _(mu, rho, prior_sigma):
 @torch.library.custom_op("faststeal::gaussian_kl_backward", mutates_args=())
 def _gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor,
                           prior_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    dmu, drho = dispatch.impl("gaussian_kl", "bwd", mu.device.type)(grad, mu, rho, prior_sigma)
-    return dmu, drho
+    return _kl_grads(grad, mu, rho, prior_sigma)
 
 
 @_gaussian_kl_backward.register_fake
@@ -138,13 +160,17 @@ def _kl_setup(ctx, inputs, output):
     ctx.prior_sigma = prior_sigma
 
 
-def _kl_backward(ctx, grad):
-    mu, rho = ctx.saved_tensors
-    dmu, drho = _gaussian_kl_backward(grad, mu, rho, ctx.prior_sigma)
-    return dmu, drho, None
+def _kl_backward_with(grads):
+    def backward(ctx, grad):
+        mu, rho = ctx.saved_tensors
+        dmu, drho = grads(grad, mu, rho, ctx.prior_sigma)
+        return dmu, drho, None
+    return backward
 
 
-_gaussian_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
+_gaussian_kl.register_autograd(_kl_backward_with(_gaussian_kl_backward), setup_context=_kl_setup)
+#: the eager twin (faststeal/ops/_eager.py)
+_GaussianKL = _eager.twin("GaussianKL", _kl_forward, _kl_setup, _kl_backward_with(_kl_grads))
 
 
 def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float = 1.0) -> torch.Tensor:
@@ -158,4 +184,6 @@ def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float = 1.0) -
     if rho.shape != mu.shape:
         raise ValueError(f"rho must have mu's shape {tuple(mu.shape)}, got {_checks.describe(rho)}")
     prior_sigma = _checks.positive_finite("prior_sigma", prior_sigma)  # nan / inf rejected
-    return _gaussian_kl(mu.contiguous(), rho.contiguous(), prior_sigma)
+    mu, rho = mu.contiguous(), rho.contiguous()
+    op = _GaussianKL.apply if _eager.plain(mu, rho) else _gaussian_kl
+    return op(mu, rho, prior_sigma)

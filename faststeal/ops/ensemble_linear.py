@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, dispatch, rng
+from . import _checks, _eager, dispatch, rng
 from .reference import ACTIVATIONS
 
 
@@ -22,12 +22,26 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
                  and t.dtype != torch.float64 else t for t in tensors)
 
 
-@torch.library.custom_op("faststeal::ensemble_linear", mutates_args=())
-def _ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x, weight, bias, activation, dropout_p, seed):
     fn = dispatch.impl("ensemble_linear", "fwd", x.device.type)
     key = rng.rng_key(seed, rng.STREAM_DROPOUT)
     return fn(x, weight, bias, activation, dropout_p, key)
+
+
+def _grads(grad_y, x, weight, bias, y, z, activation, dropout_p, seed, need_dx):
+    fn = dispatch.impl("ensemble_linear", "bwd", x.device.type)
+    key = rng.rng_key(seed, rng.STREAM_DROPOUT)
+    dx, dw, db = fn(grad_y.contiguous(), x, weight, bias, y, z, activation, dropout_p, key,
+                    need_dx)
+    # distinct empty tensors for the absent grads: torch.library forbids aliased outputs
+    return (dx if dx is not None else x.new_empty(0), dw,
+            db if db is not None else weight.new_empty(0))
+
+
+@torch.library.custom_op("faststeal::ensemble_linear", mutates_args=())
+def _ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     activation: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, activation, dropout_p, seed)
 
 
 @_ensemble_linear.register_fake
@@ -43,13 +57,7 @@ def _ensemble_linear_backward(
         y: torch.Tensor, z: torch.Tensor, activation: str, dropout_p: float, seed: int,
         need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = dispatch.impl("ensemble_linear", "bwd", x.device.type)
-    key = rng.rng_key(seed, rng.STREAM_DROPOUT)
-    dx, dw, db = fn(grad_y.contiguous(), x, weight, bias, y, z, activation, dropout_p, key,
-                    need_dx)
-    # distinct empty tensors for the absent grads: torch.library forbids aliased outputs
-    return (dx if dx is not None else x.new_empty(0), dw,
-            db if db is not None else weight.new_empty(0))
+    return _grads(grad_y, x, weight, bias, y, z, activation, dropout_p, seed, need_dx)
 
 
 @_ensemble_linear_backward.register_fake
@@ -66,14 +74,18 @@ def _setup(ctx, inputs, output):
     ctx.args = (activation, dropout_p, seed)
 
 
-def _backward(ctx, grad_y, grad_z):
-    x, weight, bias, y, z = ctx.saved_tensors
-    need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: its dx GEMM is skipped
-    dx, dw, db = _ensemble_linear_backward(grad_y, x, weight, bias, y, z, *ctx.args, need_dx)
-    return (dx if need_dx else None), dw, (db if bias is not None else None), None, None, None
+def _backward_with(grads):
+    def backward(ctx, grad_y, grad_z):
+        x, weight, bias, y, z = ctx.saved_tensors
+        need_dx = bool(ctx.needs_input_grad[0])  # False for a first layer: no dx GEMM
+        dx, dw, db = grads(grad_y, x, weight, bias, y, z, *ctx.args, need_dx)
+        return (dx if need_dx else None), dw, (db if bias is not None else None), None, None, None
+    return backward
 
 
-_ensemble_linear.register_autograd(_backward, setup_context=_setup)
+_ensemble_linear.register_autograd(_backward_with(_ensemble_linear_backward), setup_context=_setup)
+#: the eager twin (faststeal/ops/_eager.py): the same functions without torch.library's overhead
+_EnsembleLinear = _eager.twin("EnsembleLinear", _forward, _setup, _backward_with(_grads))
 
 
 def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -109,4 +121,5 @@ def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     seed = _checks.seed("seed", seed)
     x = _checks.contiguous("x", x)
     weight = _checks.contiguous("weight", weight)
-    return _ensemble_linear(x, weight, bias, activation, dropout_p, seed)[0]
+    op = _EnsembleLinear.apply if _eager.plain(x, weight, bias) else _ensemble_linear
+    return op(x, weight, bias, activation, dropout_p, seed)[0]

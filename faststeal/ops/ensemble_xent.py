@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, dispatch
+from . import _checks, _eager, dispatch
 from .reference import acc_dtype
+
+
+def _forward(logits, target):
+    return dispatch.impl("ensemble_cross_entropy", "fwd", logits.device.type)(logits, target)
+
+
+def _grad(grad, logits, target):
+    fn = dispatch.impl("ensemble_cross_entropy", "bwd", logits.device.type)
+    return fn(grad.contiguous(), logits, target)
 
 
 @torch.library.custom_op("faststeal::ensemble_cross_entropy", mutates_args=())
 def _ensemble_xent(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return dispatch.impl("ensemble_cross_entropy", "fwd", logits.device.type)(logits, target)
+    return _forward(logits, target)
 
 
 @_ensemble_xent.register_fake
@@ -21,8 +30,7 @@ def _(logits, target):
 @torch.library.custom_op("faststeal::ensemble_cross_entropy_backward", mutates_args=())
 def _ensemble_xent_backward(grad: torch.Tensor, logits: torch.Tensor,
                             target: torch.Tensor) -> torch.Tensor:
-    fn = dispatch.impl("ensemble_cross_entropy", "bwd", logits.device.type)
-    return fn(grad.contiguous(), logits, target)
+    return _grad(grad, logits, target)
 
 
 @_ensemble_xent_backward.register_fake
@@ -34,12 +42,16 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad):
-    logits, target = ctx.saved_tensors
-    return _ensemble_xent_backward(grad, logits, target), None
+def _backward_with(grad_fn):
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        return grad_fn(grad, logits, target), None
+    return backward
 
 
-_ensemble_xent.register_autograd(_backward, setup_context=_setup)
+_ensemble_xent.register_autograd(_backward_with(_ensemble_xent_backward), setup_context=_setup)
+#: the eager twin (faststeal/ops/_eager.py)
+_EnsembleXent = _eager.twin("EnsembleCrossEntropy", _forward, _setup, _backward_with(_grad))
 
 
 def ensemble_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,4 +82,6 @@ def ensemble_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.
         if target.device.type == "cpu":  # free here; on a GPU it would cost a sync per step
             _checks.class_labels("target", target, c)
         target = target.to(torch.int64)
-    return _ensemble_xent(logits.contiguous(), target.contiguous())
+    logits, target = logits.contiguous(), target.contiguous()
+    op = _EnsembleXent.apply if _eager.plain(logits, target) else _ensemble_xent
+    return op(logits, target)

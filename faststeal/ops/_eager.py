@@ -1,0 +1,46 @@
+"""The eager twin of each differentiable custom op: the same forward, autograd formula and
+backend, without torch.library's per-call Python.
+
+A ``torch.library.custom_op`` is what torch.compile, export, fake tensors and opcheck need, but
+each eager call of one costs ~50-100 us of Python (schema default filling, the output alias
+check, the Python autograd wrapper, and the same again for its backward op). The S=5 MLP
+training step calls four of them per step and its backward three: an ``autograd.Function``
+running the same functions made that step 3-11% faster on the 2-core CPU host
+(docs/benchmarks.md, "Eager op calls"). So every public op runs its twin when :func:`plain`
+holds and the custom op otherwise; both call the one forward and backward implementation
+(through :mod:`faststeal.ops.dispatch`) and share ``setup_context``/``backward``, so they compute
+the same thing (tests/test_ops_cpp.py checks both routes against each other).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may run the op's eager twin: not traced by torch.compile / export, no
+    TorchDispatchMode active (fake tensors, make_fx, FlopCounterMode see the custom op), no
+    functorch transform (vmap, grad), and every tensor a plain ``torch.Tensor`` or
+    ``nn.Parameter`` (no tensor subclass)."""
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def twin(name: str, forward: Callable, setup_context: Callable,
+         backward: Callable) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` named ``name`` whose forward is ``forward(*inputs)``, with the
+    custom op's ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)``. Its
+    backward is not differentiable again (``once_differentiable``), like the custom op's."""
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(once_differentiable(backward)),
+    })
