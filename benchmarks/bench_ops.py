@@ -207,15 +207,40 @@ def xent_cases(s: int, b: int, c: int, device, size: str) -> list[Case]:
                  tags={"size": size, "S": s, "B": b, "C": c})]
 
 
+def pool_cases(n: int, c: int, h: int, w: int, dtype, device, size: str) -> list[Case]:
+    """max_pool2d(2) forward+backward on an (N, C, H, W) activation (a stacked CNN's folded
+    S*B batch): faststeal's op against ``F.max_pool2d`` (the reference: ATen's kernel)."""
+    el = _el(dtype)
+
+    def make():
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype).relu().requires_grad_(True)
+        return {"x": x, "g": torch.randn(n, c, h // 2, w // 2, device=device, dtype=dtype)}
+
+    def fs(d):
+        from faststeal import ops
+        return _grads(ops.max_pool2d(d["x"], 2), (d["x"],), d["g"])[0]
+
+    def composite(d):
+        return _grads(F.max_pool2d(d["x"], 2), (d["x"],), d["g"])[0]
+
+    nbytes = el * (2 * n * c * h * w + 2 * n * c * (h // 2) * (w // 2))  # x, y; dy, dx
+    return [Case("max_pool2d fwd+bwd", f"N={n} C={c} H={h} W={w} k=2 {str(dtype)[6:]}", dtype,
+                 None, nbytes, make, fs, {"F.max_pool2d": composite},
+                 deterministic_composites=("F.max_pool2d",),
+                 tags={"size": size, "N": n, "C": c, "H": h, "W": w})]
+
+
 PRESETS = {
     # (linear (S, B, K, N, p, size, dtypes), bayes (S, B, K, N, size), stats (S, B, C, size),
-    #  xent (S, B, C, size), min_run_time t, optional interleaved rounds (default 3))
+    #  xent (S, B, C, size), optional pool (N, C, H, W, size; CPU: the lenet S=5 batch-128
+    #  pooling), min_run_time t, optional interleaved rounds (default 3))
     "smoke": dict(linear=[(2, 8, 16, 8, 0.1, "small")], bayes=[(2, 8, 16, 8, "small")],
-                  stats=[(2, 64, 10, "small")], xent=[(2, 64, 10, "small")], t=0.01),
+                  stats=[(2, 64, 10, "small")], xent=[(2, 64, 10, "small")],
+                  pool=[(8, 3, 8, 8, "small")], t=0.01),
     "cpu-quick": dict(linear=[(16, 32, 784, 512, 0.1, "small"), (16, 128, 784, 512, 0.0, "large")],
                       bayes=[(16, 128, 784, 512, "small")],
-                      stats=[(16, 8192, 10, "target")], xent=[(16, 128, 10, "small")], t=0.2,
-                      bf16=True),
+                      stats=[(16, 8192, 10, "target")], xent=[(16, 128, 10, "small")],
+                      pool=[(640, 6, 28, 28, "large")], t=0.2, bf16=True),
     # the measured-dispatch goal's shapes (the S=16 MLP's layers at batch 128 and 1024), fp32 and
     # bf16, forward and forward+backward
     "cpu-dispatch": dict(linear=[(16, 128, 784, 512, 0.0, "large"),
@@ -234,7 +259,8 @@ PRESETS = {
                 # "pool": the active study scoring a 30,000-image pool with a 3-member ensemble
                 stats=[(16, 1024, 10, "small"), (16, 8192, 10, "target"), (64, 8192, 100, "large"),
                        (3, 30000, 10, "pool")],
-                xent=[(16, 128, 10, "small"), (16, 8192, 10, "large")], t=0.5, bf16=True),
+                xent=[(16, 128, 10, "small"), (16, 8192, 10, "large")],
+                pool=[(640, 6, 28, 28, "large"), (640, 16, 10, 10, "small")], t=0.5, bf16=True),
     "gpu-quick": dict(linear=[(16, 32, 256, 256, 0.1, "small"), (16, 128, 784, 512, 0.1, "small"),
                               (16, 4096, 1024, 1024, 0.0, "large")],
                       bayes=[(16, 128, 784, 512, "small"), (16, 2048, 1024, 1024, "large")],
@@ -267,6 +293,10 @@ def build_cases(preset: str, device: torch.device) -> list[Case]:
         cases += bayes_cases(s, b, k, n, torch.float32, device, size)
     for s, b, c, size in cfg["xent"]:
         cases += xent_cases(s, b, c, device, size)
+    for n, c, h, w, size in cfg.get("pool", ()):
+        cases += pool_cases(n, c, h, w, torch.float32, device, size)
+        if cfg.get("bf16"):
+            cases += pool_cases(n, c, h, w, torch.bfloat16, device, size)
     return cases
 
 

@@ -64,6 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(S,) per-member mean cross-entropy", py::arg("logits"), py::arg("target"));
   m.def("ensemble_cross_entropy_bwd_cpu", &c::ensemble_cross_entropy_bwd, "dlogits",
         py::arg("grad"), py::arg("logits"), py::arg("target"));
+  m.def("max_pool2d_fwd_cpu", &c::max_pool2d_fwd,
+        "max_pool2d over non-overlapping k x k windows of contiguous NCHW x", py::arg("x"),
+        py::arg("kernel_size"));
+  m.def("max_pool2d_bwd_cpu", &c::max_pool2d_bwd, "dx of max_pool2d_fwd_cpu", py::arg("grad_y"),
+        py::arg("x"), py::arg("kernel_size"));
 
 #ifdef WITH_CUDA
   faststeal::bind_cuda(m);

@@ -53,6 +53,11 @@ def test_bench_ops_has_the_tuned_and_forced_gemm_variants():
     assert all(r.get("x_vs_best_torch") for r in rows)
     assert torch.isfinite(torch.tensor([r["max_err"] for r in rows
                                         if r["variant"].startswith("faststeal")])).all()
+    # max_pool2d: the C++ kernel computes exactly what F.max_pool2d computes (the reference)
+    pool = {r["variant"]: r for r in res["rows"] if r["op"] == "max_pool2d fwd+bwd"}
+    assert {"faststeal[auto]", "faststeal[reference]", "F.max_pool2d"} <= set(pool)
+    if _ext.C is not None:
+        assert pool["faststeal[cpp]"]["max_err"] == 0 and pool["faststeal[cpp]"]["median_ms"] > 0
 
 
 @pytest.mark.filterwarnings("ignore:the mlp victim reaches only")  # a 1-epoch victim, on purpose

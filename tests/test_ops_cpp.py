@@ -316,6 +316,82 @@ def test_ensemble_xent_rejects_out_of_range_label():
 
 
 # ---------------------------------------------------------------------------------------------
+# max_pool2d (non-overlapping windows): exactly ATen's values and gradient routing
+# ---------------------------------------------------------------------------------------------
+
+# (N, C, H, W, kernel_size): odd heights/widths (floor mode drops a row/column), k = 1, 2, 3
+POOL_SHAPES = [(2, 3, 8, 8, 2), (3, 2, 7, 9, 2), (1, 1, 2, 2, 2), (4, 5, 5, 3, 2),
+               (2, 3, 10, 11, 3), (2, 2, 4, 5, 1), (64, 6, 28, 28, 2)]
+
+
+def _pool_input(n, c, h, w, dtype, special):
+    x = torch.randn(n, c, h, w).relu()  # relu: many tied zeros, as after a conv + relu
+    if special:  # NaNs (two in some windows), -inf windows, exact ties among positives
+        flat = x.view(-1)
+        flat[::7] = float("nan")
+        flat[1::13] = float("nan")
+        flat[3::5] = float("-inf")
+        flat[4::11] = 1.5
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("N,C,H,W,k", POOL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf-ties"])
+def test_max_pool2d_matches_aten_exactly(seed_all, N, C, H, W, k, dtype, special):
+    x = _pool_input(N, C, H, W, dtype, special)
+    y = P.max_pool2d_fwd(x, k)
+    y_ref = R.max_pool2d_fwd(x, k)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn(y.shape).to(dtype)
+    dx = P.max_pool2d_bwd(g, x, k)  # poisoned output: every element must be written
+    dx_ref = R.max_pool2d_bwd(g, x, k)
+    torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
+    xr = x.clone().requires_grad_()
+    assert torch.equal(torch.autograd.grad(torch.nn.functional.max_pool2d(xr, k), xr, g)[0], dx)
+
+
+def test_max_pool2d_public_op(seed_all):
+    from faststeal.ops import max_pool2d
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    with use_backend("cpp"):
+        assert torch.autograd.gradcheck(lambda t: max_pool2d(t, 2), (x,))
+        # channels-last input: F.max_pool2d runs and keeps the memory format
+        xc = torch.randn(3, 4, 9, 8).contiguous(memory_format=torch.channels_last)
+        yc = max_pool2d(xc, 2)
+        assert yc.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(yc, torch.nn.functional.max_pool2d(xc, 2), rtol=0, atol=0)
+    for bad, err, msg in [((torch.randn(2, 3, 4), 2), ValueError, "x must be 4-D"),
+                          ((torch.randn(1, 1, 4, 4), 0), ValueError, "kernel_size must be a "
+                                                                       "positive int, got 0"),
+                          ((torch.randn(1, 1, 4, 4), 2.0), ValueError, "kernel_size must be"),
+                          ((torch.randn(1, 1, 3, 5), 4), ValueError, "at least kernel_size 4"),
+                          ((torch.zeros(1, 1, 4, 4, dtype=torch.long), 2), TypeError,
+                           "x must be a floating tensor")]:
+        with pytest.raises(err, match=msg):
+            max_pool2d(*bad)
+
+
+def test_check_max_pool2d():
+    fwd, bwd = _ext.C.max_pool2d_fwd_cpu, _ext.C.max_pool2d_bwd_cpu
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"max_pool2d_fwd_cpu: x must be 4-D, got 3-D"):
+        fwd(x[0], 2)
+    with pytest.raises(RuntimeError, match=r"max_pool2d_fwd_cpu: kernel_size must be >= 1, "
+                                           r"got 0"):
+        fwd(x, 0)
+    with pytest.raises(RuntimeError, match=r"height and width .* must be at least kernel_size 7"):
+        fwd(x, 7)
+    with pytest.raises(RuntimeError, match=r"max_pool2d_fwd_cpu: x must be contiguous"):
+        fwd(x.transpose(2, 3), 2)
+    with pytest.raises(RuntimeError, match=r"max_pool2d_bwd_cpu: grad_y has sizes \[2, 3, 2, 2\], "
+                                           r"expected the pooled output's \[2, 3, 3, 3\]"):
+        bwd(torch.randn(2, 3, 2, 2), x, 2)
+    with pytest.raises(RuntimeError, match=r"grad_y has dtype Double but x has dtype Float"):
+        bwd(torch.randn(2, 3, 3, 3, dtype=torch.float64), x, 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public ops under the cpp backend: gradcheck (float64) and opcheck
 # ---------------------------------------------------------------------------------------------
 
@@ -445,6 +521,8 @@ def _opcheck_cases():
          (r(2, 4, 3, grad=True), torch.softmax(r(4, 3), -1))),
         ("ensemble_cross_entropy_backward", ops.ensemble_cross_entropy_backward.default,
          (r(2), r(2, 4, 3), labels)),
+        ("max_pool2d", ops.max_pool2d.default, (r(2, 3, 5, 6, grad=True), 2)),
+        ("max_pool2d_backward", ops.max_pool2d_backward.default, (r(2, 3, 2, 3), r(2, 3, 5, 6), 2)),
     ]
 
 
@@ -461,7 +539,8 @@ def test_opcheck_under_cpp_backend(seed_all, case):
 def _route_cases():
     """(name, fn(*inputs) -> one output tensor, inputs): each differentiable public op, with
     inputs that need gradients."""
-    from faststeal.ops import bayes_linear, ensemble_cross_entropy, ensemble_linear, gaussian_kl
+    from faststeal.ops import (bayes_linear, ensemble_cross_entropy, ensemble_linear, gaussian_kl,
+                               max_pool2d)
 
     def r(*shape):
         return torch.randn(*shape, requires_grad=True)
@@ -476,6 +555,7 @@ def _route_cases():
         ("gaussian_kl", lambda m, rho: gaussian_kl(m, rho, 0.5), (r(5, 4), r(5, 4))),
         ("ensemble_cross_entropy", lambda lg: ensemble_cross_entropy(lg, torch.tensor([0, 2, 1])),
          (r(2, 3, 4),)),
+        ("max_pool2d", lambda x: max_pool2d(x, 2), (r(2, 3, 6, 7),)),
     ]
 
 

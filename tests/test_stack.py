@@ -130,6 +130,35 @@ def test_user_models_match_loop(backend, model, x):
         _check_equal(st2, members2, x, train=True)
 
 
+class PoolCNN(nn.Module):
+    """nn.MaxPool2d modules: 2x2 (swapped for the fast pooling), 3x3 stride 2 with padding and
+    2x2 ceil mode (kept: the fast op covers non-overlapping floor-mode windows only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.p1, self.p2 = nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1)
+        self.p3 = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = self.p2(self.p1(F.relu(self.c1(x))))
+        return self.fc(torch.flatten(self.p3(F.relu(self.c2(x))), 1))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_pool_modules_swapped_only_where_the_fast_op_applies(monkeypatch, layout):
+    from faststeal.nn import EnsembleMaxPool2d
+    monkeypatch.setenv("FASTSTEAL_STACK_LAYOUT", layout)
+    torch.manual_seed(2)
+    st = stack(PoolCNN, 3, seed=1, input_shape=(1, 15, 13))
+    assert type(st.body.p1) is EnsembleMaxPool2d and st.body.p1.kernel_size == (2, 2)
+    assert type(st.body.p2) is nn.MaxPool2d and type(st.body.p3) is nn.MaxPool2d
+    x = torch.randn(5, 1, 15, 13).relu()  # odd sizes: floor mode drops a row / column
+    with use_backend(BACKENDS[-1]):
+        _check_equal(st, _fresh(st), x, train=True, atol=1e-5)
+
+
 class SharedReLU(nn.Module):
     """One nn.ReLU module applied after two layers (as torchvision's ResNet does)."""
 

@@ -69,12 +69,14 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair as _tpair
 
 from .. import ops
 from ..ops import tuning
 from .bayes import BayesConv2d, BayesLinear
 from .layers import (EnsembleBatchNorm, EnsembleConv2d, EnsembleDropout, EnsembleEmbedding,
-                     EnsembleLayerNorm, EnsembleLinear, member_copies, next_seed)
+                     EnsembleLayerNorm, EnsembleLinear, EnsembleMaxPool2d, member_copies,
+                     next_seed)
 
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 INITS = ("reset", "copy")
@@ -427,6 +429,12 @@ def _twin(mods: Sequence[nn.Module], ctx: _Ctx, bayesian: bool,
                 or m0.sparse):
             return None
         t = _uninit(_Embedding, s, m0.num_embeddings, m0.embedding_dim, **kw)
+    elif type(m0) is nn.MaxPool2d:  # no state: one module, the fast pooling where it applies
+        k = _tpair(m0.kernel_size)  # nn.MaxPool2d's stride defaults to its kernel_size
+        if (m0.return_indices or m0.ceil_mode or _tpair(m0.padding) != (0, 0)
+                or _tpair(m0.dilation) != (1, 1) or _tpair(m0.stride) != k):
+            return None
+        return EnsembleMaxPool2d(k)
     elif type(m0) in _DROPOUT_FNS:
         t = _Dropout(m0.p, type(m0))
         t.__dict__["_ctx"] = ctx
@@ -621,7 +629,7 @@ _LAYOUT_FREE_FNS = {"relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "elu
 _LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_"}
 _LAYOUT_FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardtanh,
                         nn.Hardswish, nn.Mish, nn.Sigmoid, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d,
-                        nn.AdaptiveAvgPool2d, nn.Identity, EnsembleDropout)
+                        nn.AdaptiveAvgPool2d, nn.Identity, EnsembleDropout, EnsembleMaxPool2d)
 _ANY_LAYOUT_METHODS = {"contiguous", "size", "dim", "numel"}  # NCHW copy or no tensor
 _METADATA_ATTRS = {"shape", "dtype", "device", "ndim"}  # x.shape etc. (not x.data, x.T)
 _TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "_operator", "builtins")

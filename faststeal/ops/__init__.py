@@ -10,11 +10,12 @@ from .dispatch import (BACKENDS, BackendUnavailableError, get_backend, report, r
                        set_backend, use_backend)
 from .ensemble_linear import ensemble_linear
 from .ensemble_xent import ensemble_cross_entropy
+from .max_pool import max_pool2d
 from .member_stats import member_stats
 from .reference import MemberStats
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "MemberStats", "bayes_linear", "ensemble_cross_entropy",
-    "ensemble_linear", "gaussian_kl", "get_backend", "member_stats", "report", "resolve",
-    "set_backend", "use_backend",
+    "ensemble_linear", "gaussian_kl", "get_backend", "max_pool2d", "member_stats", "report",
+    "resolve", "set_backend", "use_backend",
 ]

@@ -33,7 +33,8 @@ import torch
 from . import tuning
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
-OPS = ("ensemble_linear", "bayes_linear", "gaussian_kl", "member_stats", "ensemble_cross_entropy")
+OPS = ("ensemble_linear", "bayes_linear", "gaussian_kl", "member_stats", "ensemble_cross_entropy",
+       "max_pool2d")
 
 _MODULES = {
     "reference": "faststeal.ops.reference",
@@ -46,7 +47,8 @@ _MODULES = {
 # docstring). The order is the default without tuning (FASTSTEAL_TUNE=0): the first available.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {op: ("cpp", "reference") for op in OPS},
-    "cuda": {op: ("triton", "cuda", "reference") for op in OPS},
+    "cuda": {op: ("triton", "cuda", "reference") for op in OPS if op != "max_pool2d"}
+    | {"max_pool2d": ("reference",)},  # ATen's (cuDNN) pooling: no GPU kernel of ours
 }
 
 

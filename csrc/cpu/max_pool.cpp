@@ -1,0 +1,257 @@
+// max_pool2d on the CPU over non-overlapping k x k windows (stride k, no padding, dilation 1,
+// floor mode) of a contiguous NCHW tensor: the pooling of the zoo's CNNs and of most user CNNs
+// (nn.MaxPool2d(2)). It exists because ATen's CPU max_pool2d_with_indices on NCHW is ~10x slower
+// than one elementwise pass over its input (docs/benchmarks.md, "max-pool"): it writes int64
+// indices and its inner loop does not vectorize.
+//
+// Semantics are ATen's, bit for bit: each window is scanned row-major and an element replaces the
+// running maximum iff it is greater or NaN (so ties keep the first maximum and a NaN wins, the
+// last NaN of the window when there are several; an all -inf window picks its first element).
+// The backward recomputes that element from x (no index tensor is stored) and routes the
+// gradient to it; every other element, including rows/columns the floor mode drops, gets 0.
+// Values are compared in their own dtype (bfloat16/float16 are exactly representable in float).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "../ops.h"
+#include "vec_math.h"
+
+// Our compares never trap (no FP exceptions are enabled): let GCC turn the selects of the 2x2
+// rows into vector blends (under the default -ftrapping-math it keeps them as branches).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace faststeal {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrainRows = 64;  // output rows per parallel chunk
+
+struct PoolDims {
+  int64_t planes, H, W, OH, OW;
+};
+
+PoolDims check_pool(const Target& t, const at::Tensor& x, int64_t k) {
+  check_float(t, x, "x", {4});
+  TORCH_CHECK(k >= 1, t.fn, ": kernel_size must be >= 1, got ", k);
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H >= k && W >= k, t.fn, ": x's height and width (sizes ", x.sizes(),
+              ") must be at least kernel_size ", k);
+  return {x.size(0) * x.size(1), H, W, H / k, W / k};
+}
+
+// ATen's update rule: v replaces the running maximum m iff it is greater or NaN (v != v).
+template <typename C>
+inline bool takes(C v, C m) {
+  return v > m || v != v;
+}
+
+// Offset (i * W + j) of the window element ATen's scan picks, for the window at `in` (any k).
+template <typename T>
+inline int64_t window_argmax(const T* in, int64_t W, int64_t k) {
+  using C = at::opmath_type<T>;
+  C best = -std::numeric_limits<C>::infinity();
+  int64_t arg = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const C v = static_cast<C>(in[i * W + j]);
+      if (takes(v, best)) {
+        best = v;
+        arg = i * W + j;
+      }
+    }
+  }
+  return arg;
+}
+
+// The 2x2 rows work on raw element bits: the selected element is copied, never converted (so
+// bfloat16 needs no rounding), and the compares run on float (bfloat16: the bits shifted up).
+template <typename T> struct RawOf;  // the unsigned integer type of T's bits
+template <> struct RawOf<float> { using type = uint32_t; };
+template <> struct RawOf<double> { using type = uint64_t; };
+template <> struct RawOf<c10::BFloat16> { using type = uint16_t; };
+template <> struct RawOf<c10::Half> { using type = uint16_t; };
+
+template <typename T, typename R>
+inline auto to_compare(R raw) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bits_to_float(static_cast<uint32_t>(raw) << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return static_cast<float>(c10::Half(raw, c10::Half::from_bits()));
+  } else {
+    T v;
+    std::memcpy(&v, &raw, sizeof(v));
+    return v;
+  }
+}
+
+// raw if keep else the bits of +0 (an integer mask: vectorizes)
+template <typename R>
+inline R keep_or_zero(bool keep, R raw) {
+  return raw & static_cast<R>(R(0) - static_cast<R>(keep));
+}
+
+// One output row of 2x2 windows (input rows r0, r1): the scan unrolled into selects, so that it
+// vectorizes. Starting from the first element equals ATen's start at -inf (the first element
+// either takes it or is -inf itself).
+template <typename T, typename R = typename RawOf<T>::type>
+FS_CLONES_AVX2
+void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict__ out,
+               int64_t OW) {
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const R a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+    auto m = to_compare<T>(a);
+    R v = a;
+    const auto fb = to_compare<T>(b), fc = to_compare<T>(c), fd = to_compare<T>(d);
+    const bool tb = takes(fb, m);
+    m = tb ? fb : m;
+    v = tb ? b : v;
+    const bool tc = takes(fc, m);
+    m = tc ? fc : m;
+    v = tc ? c : v;
+    v = takes(fd, m) ? d : v;
+    out[ow] = v;
+  }
+}
+
+// The gradient of one output row of 2x2 windows: the element the scan picks gets g, the three
+// others +0 (written, so dx needs no separate zero fill). Selects are integer masks: vectorize.
+template <typename T, typename R = typename RawOf<T>::type>
+FS_CLONES_AVX2
+void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __restrict__ g,
+                 R* __restrict__ d0, R* __restrict__ d1, int64_t OW) {
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    auto m = to_compare<T>(r0[2 * ow]);
+    const auto fb = to_compare<T>(r0[2 * ow + 1]), fc = to_compare<T>(r1[2 * ow]),
+               fd = to_compare<T>(r1[2 * ow + 1]);
+    const bool tb = takes(fb, m);
+    m = tb ? fb : m;
+    const bool tc = takes(fc, m);
+    m = tc ? fc : m;
+    const bool td = takes(fd, m);
+    // the last element that took the maximum is the one the scan picks
+    const R gv = g[ow];
+    d1[2 * ow + 1] = keep_or_zero(td, gv);
+    d1[2 * ow] = keep_or_zero(tc && !td, gv);
+    d0[2 * ow + 1] = keep_or_zero(tb && !tc && !td, gv);
+    d0[2 * ow] = keep_or_zero(!(tb || tc || td), gv);
+  }
+}
+
+// bfloat16 rows run through the float code: widening is exact (the bits shifted up) and so is
+// narrowing the selected values back (they are widened bfloat16 values: the low bits are 0).
+FS_CLONES_AVX2
+void widen(const uint16_t* __restrict__ src, uint32_t* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+}
+FS_CLONES_AVX2
+void narrow(const uint32_t* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint16_t>(src[i] >> 16);
+}
+
+template <typename T>
+void pool_rows(const T* x, T* y, const PoolDims& d, int64_t k, int64_t r0, int64_t r1) {
+  std::vector<uint32_t> buf(std::is_same_v<T, c10::BFloat16> ? 2 * d.W + d.OW : 0);
+  for (int64_t r = r0; r < r1; ++r) {  // r = plane * OH + oh
+    const int64_t plane = r / d.OH, oh = r % d.OH;
+    const T* in = x + (plane * d.H + oh * k) * d.W;
+    T* out = y + r * d.OW;
+    if (k == 2 && std::is_same_v<T, c10::BFloat16>) {
+      const uint16_t* raw = reinterpret_cast<const uint16_t*>(in);
+      widen(raw, buf.data(), 2 * d.W);
+      pool_row2<float>(buf.data(), buf.data() + d.W, buf.data() + 2 * d.W, d.OW);
+      narrow(buf.data() + 2 * d.W, reinterpret_cast<uint16_t*>(out), d.OW);
+    } else if (k == 2) {
+      using R = typename RawOf<T>::type;
+      const R* raw = reinterpret_cast<const R*>(in);
+      pool_row2<T>(raw, raw + d.W, reinterpret_cast<R*>(out), d.OW);
+    } else {
+      for (int64_t ow = 0; ow < d.OW; ++ow) {
+        out[ow] = in[k * ow + window_argmax(in + k * ow, d.W, k)];
+      }
+    }
+  }
+}
+
+// dx rows [oh*k, oh*k + k) of each plane for output rows r in [r0, r1), and, for the last output
+// row of a plane, the rows below it that the floor mode dropped (all zero).
+template <typename T>
+void unpool_rows(const T* g, const T* x, T* dx, const PoolDims& d, int64_t k, int64_t r0,
+                 int64_t r1) {
+  std::vector<uint32_t> buf(std::is_same_v<T, c10::BFloat16> ? 4 * d.W + d.OW : 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t plane = r / d.OH, oh = r % d.OH;
+    const int64_t base = (plane * d.H + oh * k) * d.W;
+    const int64_t rows = oh == d.OH - 1 ? d.H - oh * k : k;
+    const T* in = x + base;
+    const T* gr = g + r * d.OW;
+    if (k == 2 && std::is_same_v<T, c10::BFloat16>) {  // via float rows, as pool_rows
+      uint32_t *xb = buf.data(), *gb = xb + 2 * d.W, *db = gb + d.OW;
+      widen(reinterpret_cast<const uint16_t*>(in), xb, 2 * d.W);
+      widen(reinterpret_cast<const uint16_t*>(gr), gb, d.OW);
+      unpool_row2<float>(xb, xb + d.W, gb, db, db + d.W, d.OW);
+      narrow(db, reinterpret_cast<uint16_t*>(dx + base), 2 * d.W);
+    } else if (k == 2) {
+      using R = typename RawOf<T>::type;
+      const R* raw = reinterpret_cast<const R*>(in);
+      R* draw = reinterpret_cast<R*>(dx + base);
+      unpool_row2<T>(raw, raw + d.W, reinterpret_cast<const R*>(gr), draw, draw + d.W, d.OW);
+    }
+    if (k == 2) {
+      // the column the floor mode dropped (odd W) and the row below the last window (odd H)
+      for (int64_t i = 0; i < 2 && d.W > 2 * d.OW; ++i) dx[base + i * d.W + d.W - 1] = T(0);
+      if (rows > 2) std::fill(dx + base + 2 * d.W, dx + base + rows * d.W, T(0));
+      continue;
+    }
+    std::fill(dx + base, dx + base + rows * d.W, T(0));
+    for (int64_t ow = 0; ow < d.OW; ++ow) dx[base + k * ow + window_argmax(in + k * ow, d.W, k)] = gr[ow];
+  }
+}
+
+}  // namespace
+
+at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size) {
+  const Target t = cpu_target("max_pool2d_fwd_cpu");
+  const PoolDims d = check_pool(t, x, kernel_size);
+  at::Tensor y = alloc({x.size(0), x.size(1), d.OH, d.OW}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_fwd_cpu",
+                                  [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, d.planes * d.OH, kGrainRows, [&](int64_t r0, int64_t r1) {
+      pool_rows<scalar_t>(xp, yp, d, kernel_size, r0, r1);
+    });
+  });
+  return y;
+}
+
+at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size) {
+  const Target t = cpu_target("max_pool2d_bwd_cpu");
+  const PoolDims d = check_pool(t, x, kernel_size);
+  check_float(t, grad_y, "grad_y", {4});
+  check_like(t, grad_y, "grad_y", x, "x");
+  const int64_t want[4] = {x.size(0), x.size(1), d.OH, d.OW};
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(want), t.fn, ": grad_y has sizes ",
+              grad_y.sizes(), ", expected the pooled output's ", at::IntArrayRef(want));
+  at::Tensor dx = alloc_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_bwd_cpu",
+                                  [&] {
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, d.planes * d.OH, kGrainRows, [&](int64_t r0, int64_t r1) {
+      unpool_rows<scalar_t>(gp, xp, dxp, d, kernel_size, r0, r1);
+    });
+  });
+  return dx;
+}
+
+}  // namespace cpu
+}  // namespace faststeal

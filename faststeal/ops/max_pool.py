@@ -1,0 +1,84 @@
+"""``max_pool2d``: max pooling over non-overlapping windows — the 2x2 pooling of the zoo's CNNs
+and of most user CNNs — with a C++ CPU kernel (``csrc/cpu/max_pool.cpp``).
+
+ATen's CPU ``max_pool2d`` on an NCHW batch writes int64 indices from a loop that does not
+vectorize: on the 2-core hosts it costs ~10x an elementwise pass over its input, ~20% of a lenet
+training step. The kernel keeps no index tensor (the backward finds the window's maximum again in
+the saved input) and computes exactly what ATen computes (same values, gradient to the same
+element). Which of the two runs is measured per shape class and dtype like every op
+(:mod:`faststeal.ops.dispatch`); on GPUs ATen's pooling runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, _eager, dispatch
+
+
+def _forward(x, kernel_size):
+    return dispatch.impl("max_pool2d", "fwd", x.device.type)(x, kernel_size)
+
+
+def _grad(grad_y, x, kernel_size):
+    return dispatch.impl("max_pool2d", "bwd", x.device.type)(grad_y.contiguous(), x, kernel_size)
+
+
+@torch.library.custom_op("faststeal::max_pool2d", mutates_args=())
+def _max_pool2d(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _forward(x, kernel_size)
+
+
+@_max_pool2d.register_fake
+def _(x, kernel_size):
+    n, c, h, w = x.shape
+    return x.new_empty(n, c, h // kernel_size, w // kernel_size)
+
+
+@torch.library.custom_op("faststeal::max_pool2d_backward", mutates_args=())
+def _max_pool2d_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return _grad(grad_y, x, kernel_size)
+
+
+@_max_pool2d_backward.register_fake
+def _(grad_y, x, kernel_size):
+    return x.new_empty(x.shape)
+
+
+def _setup(ctx, inputs, output):
+    x, kernel_size = inputs
+    ctx.save_for_backward(x)
+    ctx.kernel_size = kernel_size
+
+
+def _backward_with(grads):
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return grads(grad_y, x, ctx.kernel_size), None
+    return backward
+
+
+_max_pool2d.register_autograd(_backward_with(_max_pool2d_backward), setup_context=_setup)
+#: the eager twin (faststeal/ops/_eager.py)
+_MaxPool2d = _eager.twin("MaxPool2d", _forward, _setup, _backward_with(_grad))
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+    """``torch.nn.functional.max_pool2d(x, kernel_size)``: stride = kernel_size, no padding,
+    dilation 1, floor mode; same values and the same gradient (each window's first maximum, a
+    NaN wins).
+
+    x: (N, C, H, W) float with H, W >= kernel_size. A channels-last (or any non-contiguous) x
+    runs ``F.max_pool2d`` itself, which keeps its memory format. Differentiable in x.
+    """
+    _checks.tensor("x", x, (4,))
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    if x.shape[2] < kernel_size or x.shape[3] < kernel_size:
+        raise ValueError(f"x's height and width must be at least kernel_size {kernel_size}, got "
+                         f"{_checks.describe(x)}")
+    if not x.is_contiguous():
+        return F.max_pool2d(x, kernel_size, kernel_size)
+    op = _MaxPool2d.apply if _eager.plain(x) else _max_pool2d
+    return op(x, kernel_size)
