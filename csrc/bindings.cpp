@@ -65,10 +65,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ensemble_cross_entropy_bwd_cpu", &c::ensemble_cross_entropy_bwd, "dlogits",
         py::arg("grad"), py::arg("logits"), py::arg("target"));
   m.def("max_pool2d_fwd_cpu", &c::max_pool2d_fwd,
-        "max_pool2d over non-overlapping k x k windows of contiguous NCHW x", py::arg("x"),
-        py::arg("kernel_size"));
+        "max_pool2d (of relu(x) with relu) over non-overlapping k x k windows of contiguous "
+        "NCHW x", py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
   m.def("max_pool2d_bwd_cpu", &c::max_pool2d_bwd, "dx of max_pool2d_fwd_cpu", py::arg("grad_y"),
-        py::arg("x"), py::arg("kernel_size"));
+        py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
 
 #ifdef WITH_CUDA
   faststeal::bind_cuda(m);

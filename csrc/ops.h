@@ -18,9 +18,11 @@ namespace cpu {
 #include "op_entry_points.inc"
 
 // CPU only (csrc/cpu/max_pool.cpp; on GPUs ATen's pooling is the fast path): max_pool2d over
-// non-overlapping kernel_size x kernel_size windows of a contiguous NCHW x, ATen's semantics.
-at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size);
-at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size);
+// non-overlapping kernel_size x kernel_size windows of a contiguous NCHW x, ATen's semantics;
+// relu: of relu(x) (computed as relu of the pooled maximum, one pass).
+at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu);
+at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size,
+                          bool relu);
 
 // Which library runs the CPU ops' GEMMs on the calling thread (csrc/cpu/gemm.cpp): chosen by
 // Python's measured dispatch (faststeal/ops/tuning.py) around each call. Returns the previous.

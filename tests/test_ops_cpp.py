@@ -338,17 +338,21 @@ def _pool_input(n, c, h, w, dtype, special):
 @pytest.mark.parametrize("N,C,H,W,k", POOL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf-ties"])
-def test_max_pool2d_matches_aten_exactly(seed_all, N, C, H, W, k, dtype, special):
+@pytest.mark.parametrize("relu", [False, True], ids=["pool", "relu-pool"])
+def test_max_pool2d_matches_aten_exactly(seed_all, N, C, H, W, k, dtype, special, relu):
     x = _pool_input(N, C, H, W, dtype, special)
-    y = P.max_pool2d_fwd(x, k)
-    y_ref = R.max_pool2d_fwd(x, k)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    if relu:  # inputs with negatives: relu's zeros and ties come from the op itself
+        x = (x - 0.5).to(dtype)
+    y = P.max_pool2d_fwd(x, k, relu)
+    torch.testing.assert_close(y, R.max_pool2d_fwd(x, k, relu), rtol=0, atol=0, equal_nan=True)
     g = torch.randn(y.shape).to(dtype)
-    dx = P.max_pool2d_bwd(g, x, k)  # poisoned output: every element must be written
-    dx_ref = R.max_pool2d_bwd(g, x, k)
-    torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
+    dx = P.max_pool2d_bwd(g, x, k, relu)  # poisoned output: every element must be written
+    torch.testing.assert_close(dx, R.max_pool2d_bwd(g, x, k, relu), rtol=0, atol=0)
+    # what the op stands for: ATen's pooling (of torch.relu's output), through autograd
     xr = x.clone().requires_grad_()
-    assert torch.equal(torch.autograd.grad(torch.nn.functional.max_pool2d(xr, k), xr, g)[0], dx)
+    ref = torch.nn.functional.max_pool2d(torch.relu(xr) if relu else xr, k)
+    torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.autograd.grad(ref, xr, g)[0], dx)
 
 
 def test_max_pool2d_public_op(seed_all):
@@ -356,16 +360,20 @@ def test_max_pool2d_public_op(seed_all):
     x = torch.randn(3, 4, 9, 8, dtype=torch.float64, requires_grad=True)
     with use_backend("cpp"):
         assert torch.autograd.gradcheck(lambda t: max_pool2d(t, 2), (x,))
+        assert torch.autograd.gradcheck(lambda t: max_pool2d(t, 3, relu=True), (x,))
         # channels-last input: F.max_pool2d runs and keeps the memory format
         xc = torch.randn(3, 4, 9, 8).contiguous(memory_format=torch.channels_last)
-        yc = max_pool2d(xc, 2)
-        assert yc.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(yc, torch.nn.functional.max_pool2d(xc, 2), rtol=0, atol=0)
+        for relu in (False, True):
+            yc = max_pool2d(xc, 2, relu=relu)
+            assert yc.is_contiguous(memory_format=torch.channels_last)
+            want = torch.nn.functional.max_pool2d(xc.relu() if relu else xc, 2)
+            torch.testing.assert_close(yc, want, rtol=0, atol=0)
     for bad, err, msg in [((torch.randn(2, 3, 4), 2), ValueError, "x must be 4-D"),
                           ((torch.randn(1, 1, 4, 4), 0), ValueError, "kernel_size must be a "
                                                                        "positive int, got 0"),
                           ((torch.randn(1, 1, 4, 4), 2.0), ValueError, "kernel_size must be"),
                           ((torch.randn(1, 1, 3, 5), 4), ValueError, "at least kernel_size 4"),
+                          ((torch.randn(1, 1, 4, 4), 2, 1), TypeError, "relu must be a bool"),
                           ((torch.zeros(1, 1, 4, 4, dtype=torch.long), 2), TypeError,
                            "x must be a floating tensor")]:
         with pytest.raises(err, match=msg):
@@ -384,6 +392,8 @@ def test_check_max_pool2d():
         fwd(x, 7)
     with pytest.raises(RuntimeError, match=r"max_pool2d_fwd_cpu: x must be contiguous"):
         fwd(x.transpose(2, 3), 2)
+    with pytest.raises(RuntimeError, match=r"max_pool2d_bwd_cpu: x must be 4-D, got 3-D"):
+        bwd(torch.randn(2, 3, 3), x[0], 2, True)
     with pytest.raises(RuntimeError, match=r"max_pool2d_bwd_cpu: grad_y has sizes \[2, 3, 2, 2\], "
                                            r"expected the pooled output's \[2, 3, 3, 3\]"):
         bwd(torch.randn(2, 3, 2, 2), x, 2)
@@ -521,8 +531,10 @@ def _opcheck_cases():
          (r(2, 4, 3, grad=True), torch.softmax(r(4, 3), -1))),
         ("ensemble_cross_entropy_backward", ops.ensemble_cross_entropy_backward.default,
          (r(2), r(2, 4, 3), labels)),
-        ("max_pool2d", ops.max_pool2d.default, (r(2, 3, 5, 6, grad=True), 2)),
-        ("max_pool2d_backward", ops.max_pool2d_backward.default, (r(2, 3, 2, 3), r(2, 3, 5, 6), 2)),
+        ("max_pool2d", ops.max_pool2d.default, (r(2, 3, 5, 6, grad=True), 2, False)),
+        ("max_pool2d_relu", ops.max_pool2d.default, (r(2, 3, 5, 6, grad=True), 2, True)),
+        ("max_pool2d_backward", ops.max_pool2d_backward.default,
+         (r(2, 3, 2, 3), r(2, 3, 5, 6), 2, True)),
     ]
 
 
@@ -556,6 +568,7 @@ def _route_cases():
         ("ensemble_cross_entropy", lambda lg: ensemble_cross_entropy(lg, torch.tensor([0, 2, 1])),
          (r(2, 3, 4),)),
         ("max_pool2d", lambda x: max_pool2d(x, 2), (r(2, 3, 6, 7),)),
+        ("max_pool2d_relu", lambda x: max_pool2d(x, 2, relu=True), (r(2, 3, 6, 7),)),
     ]
 
 

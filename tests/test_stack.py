@@ -132,18 +132,24 @@ def test_user_models_match_loop(backend, model, x):
 
 class PoolCNN(nn.Module):
     """nn.MaxPool2d modules: 2x2 (swapped for the fast pooling), 3x3 stride 2 with padding and
-    2x2 ceil mode (kept: the fast op covers non-overlapping floor-mode windows only)."""
+    2x2 ceil mode (kept: the fast op covers non-overlapping floor-mode windows only); nn.ReLU
+    modules: one that only feeds a fast pool (fused into it), one that also feeds the output,
+    one before a kept pool, and a fast pool after F.relu (nothing to fuse)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
         self.p1, self.p2 = nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1)
-        self.p3 = nn.MaxPool2d(2, ceil_mode=True)
-        self.fc = nn.Linear(4 * 2 * 2, 3)
+        self.p3, self.p4 = nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(2)
+        self.a1, self.a2, self.a3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(4 * 2 * 2 + 2, 3)
 
     def forward(self, x):
-        x = self.p2(self.p1(F.relu(self.c1(x))))
-        return self.fc(torch.flatten(self.p3(F.relu(self.c2(x))), 1))
+        x = self.p2(self.p1(self.a1(self.c1(x))))
+        h = self.a2(self.c2(x))
+        y = torch.flatten(self.p3(self.a3(h + 1)), 1)
+        z = torch.flatten(self.p4(F.relu(h).mean(1, keepdim=True)), 1)  # a2's output read 3x
+        return self.fc(torch.cat([y, z], 1))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -153,10 +159,18 @@ def test_max_pool_modules_swapped_only_where_the_fast_op_applies(monkeypatch, la
     torch.manual_seed(2)
     st = stack(PoolCNN, 3, seed=1, input_shape=(1, 15, 13))
     assert type(st.body.p1) is EnsembleMaxPool2d and st.body.p1.kernel_size == (2, 2)
+    assert type(st.body.p4) is EnsembleMaxPool2d
     assert type(st.body.p2) is nn.MaxPool2d and type(st.body.p3) is nn.MaxPool2d
-    x = torch.randn(5, 1, 15, 13).relu()  # odd sizes: floor mode drops a row / column
+    # only a1 feeds a fast pool alone: fused into p1 (relu on the pooled quarter)
+    assert st.fused_relu_pools == ["p1"] and st.body.p1.relu and not st.body.p4.relu
+    assert type(st.body.a1) is nn.Identity
+    assert type(st.body.a2) is nn.ReLU and type(st.body.a3) is nn.ReLU
+    x = torch.randn(5, 1, 15, 13)  # odd sizes: floor mode drops a row / column
     with use_backend(BACKENDS[-1]):
         _check_equal(st, _fresh(st), x, train=True, atol=1e-5)
+    hooked = PoolCNN()
+    hooked.a1.register_forward_hook(lambda *a: None)
+    assert stack(hooked, 2, seed=0, input_shape=(1, 15, 13)).fused_relu_pools == []
 
 
 class SharedReLU(nn.Module):

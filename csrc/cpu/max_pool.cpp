@@ -10,6 +10,11 @@
 // The backward recomputes that element from x (no index tensor is stored) and routes the
 // gradient to it; every other element, including rows/columns the floor mode drops, gets 0.
 // Values are compared in their own dtype (bfloat16/float16 are exactly representable in float).
+//
+// With relu=true the op is max_pool2d(relu(x)) in one pass, computed as relu(max_pool2d(x)) (max
+// commutes with relu): the same values (relu keeps NaN) and the same gradient as pooling relu's
+// output — the window's picked element gets g where the maximum is > 0 or NaN (relu's backward
+// passes it where its output is not <= 0), else nothing does.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -101,7 +106,7 @@ inline R keep_or_zero(bool keep, R raw) {
 // One output row of 2x2 windows (input rows r0, r1): the scan unrolled into selects, so that it
 // vectorizes. Starting from the first element equals ATen's start at -inf (the first element
 // either takes it or is -inf itself).
-template <typename T, typename R = typename RawOf<T>::type>
+template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
 FS_CLONES_AVX2
 void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict__ out,
                int64_t OW) {
@@ -116,14 +121,16 @@ void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict
     const bool tc = takes(fc, m);
     m = tc ? fc : m;
     v = tc ? c : v;
-    v = takes(fd, m) ? d : v;
-    out[ow] = v;
+    const bool td = takes(fd, m);
+    m = td ? fd : m;
+    v = td ? d : v;
+    out[ow] = kRelu ? keep_or_zero(!(m <= 0), v) : v;
   }
 }
 
 // The gradient of one output row of 2x2 windows: the element the scan picks gets g, the three
 // others +0 (written, so dx needs no separate zero fill). Selects are integer masks: vectorize.
-template <typename T, typename R = typename RawOf<T>::type>
+template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
 FS_CLONES_AVX2
 void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __restrict__ g,
                  R* __restrict__ d0, R* __restrict__ d1, int64_t OW) {
@@ -136,8 +143,9 @@ void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __
     const bool tc = takes(fc, m);
     m = tc ? fc : m;
     const bool td = takes(fd, m);
+    m = td ? fd : m;
     // the last element that took the maximum is the one the scan picks
-    const R gv = g[ow];
+    const R gv = kRelu ? keep_or_zero(!(m <= 0), g[ow]) : g[ow];
     d1[2 * ow + 1] = keep_or_zero(td, gv);
     d1[2 * ow] = keep_or_zero(tc && !td, gv);
     d0[2 * ow + 1] = keep_or_zero(tb && !tc && !td, gv);
@@ -157,24 +165,30 @@ void narrow(const uint32_t* __restrict__ src, uint16_t* __restrict__ dst, int64_
 }
 
 template <typename T>
+inline bool positive_or_nan(T v) {
+  return !(static_cast<at::opmath_type<T>>(v) <= 0);
+}
+
+template <typename T, bool kRelu>
 void pool_rows(const T* x, T* y, const PoolDims& d, int64_t k, int64_t r0, int64_t r1) {
-  std::vector<uint32_t> buf(std::is_same_v<T, c10::BFloat16> ? 2 * d.W + d.OW : 0);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  std::vector<uint32_t> buf(kBf16 ? 2 * d.W + d.OW : 0);
   for (int64_t r = r0; r < r1; ++r) {  // r = plane * OH + oh
     const int64_t plane = r / d.OH, oh = r % d.OH;
     const T* in = x + (plane * d.H + oh * k) * d.W;
     T* out = y + r * d.OW;
-    if (k == 2 && std::is_same_v<T, c10::BFloat16>) {
-      const uint16_t* raw = reinterpret_cast<const uint16_t*>(in);
-      widen(raw, buf.data(), 2 * d.W);
-      pool_row2<float>(buf.data(), buf.data() + d.W, buf.data() + 2 * d.W, d.OW);
+    if (k == 2 && kBf16) {
+      widen(reinterpret_cast<const uint16_t*>(in), buf.data(), 2 * d.W);
+      pool_row2<float, kRelu>(buf.data(), buf.data() + d.W, buf.data() + 2 * d.W, d.OW);
       narrow(buf.data() + 2 * d.W, reinterpret_cast<uint16_t*>(out), d.OW);
     } else if (k == 2) {
       using R = typename RawOf<T>::type;
       const R* raw = reinterpret_cast<const R*>(in);
-      pool_row2<T>(raw, raw + d.W, reinterpret_cast<R*>(out), d.OW);
+      pool_row2<T, kRelu>(raw, raw + d.W, reinterpret_cast<R*>(out), d.OW);
     } else {
       for (int64_t ow = 0; ow < d.OW; ++ow) {
-        out[ow] = in[k * ow + window_argmax(in + k * ow, d.W, k)];
+        const T v = in[k * ow + window_argmax(in + k * ow, d.W, k)];
+        out[ow] = !kRelu || positive_or_nan(v) ? v : T(0);
       }
     }
   }
@@ -182,42 +196,47 @@ void pool_rows(const T* x, T* y, const PoolDims& d, int64_t k, int64_t r0, int64
 
 // dx rows [oh*k, oh*k + k) of each plane for output rows r in [r0, r1), and, for the last output
 // row of a plane, the rows below it that the floor mode dropped (all zero).
-template <typename T>
+template <typename T, bool kRelu>
 void unpool_rows(const T* g, const T* x, T* dx, const PoolDims& d, int64_t k, int64_t r0,
                  int64_t r1) {
-  std::vector<uint32_t> buf(std::is_same_v<T, c10::BFloat16> ? 4 * d.W + d.OW : 0);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  std::vector<uint32_t> buf(kBf16 ? 4 * d.W + d.OW : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t plane = r / d.OH, oh = r % d.OH;
     const int64_t base = (plane * d.H + oh * k) * d.W;
     const int64_t rows = oh == d.OH - 1 ? d.H - oh * k : k;
     const T* in = x + base;
     const T* gr = g + r * d.OW;
-    if (k == 2 && std::is_same_v<T, c10::BFloat16>) {  // via float rows, as pool_rows
+    if (k != 2) {
+      std::fill(dx + base, dx + base + rows * d.W, T(0));
+      for (int64_t ow = 0; ow < d.OW; ++ow) {
+        const int64_t a = k * ow + window_argmax(in + k * ow, d.W, k);
+        if (!kRelu || positive_or_nan(in[a])) dx[base + a] = gr[ow];
+      }
+      continue;
+    }
+    if (kBf16) {  // via float rows, as pool_rows
       uint32_t *xb = buf.data(), *gb = xb + 2 * d.W, *db = gb + d.OW;
       widen(reinterpret_cast<const uint16_t*>(in), xb, 2 * d.W);
       widen(reinterpret_cast<const uint16_t*>(gr), gb, d.OW);
-      unpool_row2<float>(xb, xb + d.W, gb, db, db + d.W, d.OW);
+      unpool_row2<float, kRelu>(xb, xb + d.W, gb, db, db + d.W, d.OW);
       narrow(db, reinterpret_cast<uint16_t*>(dx + base), 2 * d.W);
-    } else if (k == 2) {
+    } else {
       using R = typename RawOf<T>::type;
       const R* raw = reinterpret_cast<const R*>(in);
       R* draw = reinterpret_cast<R*>(dx + base);
-      unpool_row2<T>(raw, raw + d.W, reinterpret_cast<const R*>(gr), draw, draw + d.W, d.OW);
+      unpool_row2<T, kRelu>(raw, raw + d.W, reinterpret_cast<const R*>(gr), draw, draw + d.W,
+                            d.OW);
     }
-    if (k == 2) {
-      // the column the floor mode dropped (odd W) and the row below the last window (odd H)
-      for (int64_t i = 0; i < 2 && d.W > 2 * d.OW; ++i) dx[base + i * d.W + d.W - 1] = T(0);
-      if (rows > 2) std::fill(dx + base + 2 * d.W, dx + base + rows * d.W, T(0));
-      continue;
-    }
-    std::fill(dx + base, dx + base + rows * d.W, T(0));
-    for (int64_t ow = 0; ow < d.OW; ++ow) dx[base + k * ow + window_argmax(in + k * ow, d.W, k)] = gr[ow];
+    // the column the floor mode dropped (odd W) and the row below the last window (odd H)
+    for (int64_t i = 0; i < 2 && d.W > 2 * d.OW; ++i) dx[base + i * d.W + d.W - 1] = T(0);
+    if (rows > 2) std::fill(dx + base + 2 * d.W, dx + base + rows * d.W, T(0));
   }
 }
 
 }  // namespace
 
-at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size) {
+at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu) {
   const Target t = cpu_target("max_pool2d_fwd_cpu");
   const PoolDims d = check_pool(t, x, kernel_size);
   at::Tensor y = alloc({x.size(0), x.size(1), d.OH, d.OW}, x.options());
@@ -226,13 +245,15 @@ at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, d.planes * d.OH, kGrainRows, [&](int64_t r0, int64_t r1) {
-      pool_rows<scalar_t>(xp, yp, d, kernel_size, r0, r1);
+      if (relu) pool_rows<scalar_t, true>(xp, yp, d, kernel_size, r0, r1);
+      else pool_rows<scalar_t, false>(xp, yp, d, kernel_size, r0, r1);
     });
   });
   return y;
 }
 
-at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size) {
+at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size,
+                          bool relu) {
   const Target t = cpu_target("max_pool2d_bwd_cpu");
   const PoolDims d = check_pool(t, x, kernel_size);
   check_float(t, grad_y, "grad_y", {4});
@@ -247,7 +268,8 @@ at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, d.planes * d.OH, kGrainRows, [&](int64_t r0, int64_t r1) {
-      unpool_rows<scalar_t>(gp, xp, dxp, d, kernel_size, r0, r1);
+      if (relu) unpool_rows<scalar_t, true>(gp, xp, dxp, d, kernel_size, r0, r1);
+      else unpool_rows<scalar_t, false>(gp, xp, dxp, d, kernel_size, r0, r1);
     });
   });
   return dx;

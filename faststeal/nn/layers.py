@@ -647,27 +647,36 @@ class EnsembleDropout(_MCDropoutMixin, nn.Module):
 
 class EnsembleMaxPool2d(nn.Module):
     """``max_pool2d`` on (S, B, C, H, W) stacks or shared / member-folded (B, C, H, W) inputs.
-    Square non-overlapping windows (stride = kernel size, the usual ``MaxPool2d(2)``) run
-    :func:`faststeal.ops.max_pool2d` (a C++ kernel on CPU, where ATen's is slow); other windows
-    ``F.max_pool2d``. The twin of ``nn.MaxPool2d`` in :func:`faststeal.stack`."""
+    Square non-overlapping windows (stride = kernel size, the usual ``MaxPool2d(2)``: ``fast``)
+    run :func:`faststeal.ops.max_pool2d` (a C++ kernel on CPU, where ATen's is slow); other
+    windows ``F.max_pool2d``. ``relu=True`` pools ``relu(x)`` (fused into the op when fast). The
+    twin of ``nn.MaxPool2d`` in :func:`faststeal.stack`, which sets ``relu`` where the model's
+    ReLU module only feeds this pool."""
 
-    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None) -> None:
+    def __init__(self, kernel_size: IntPair, stride: Optional[IntPair] = None,
+                 relu: bool = False) -> None:
         super().__init__()
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride") if stride is not None else self.kernel_size
+        self.relu = bool(relu)
+
+    @property
+    def fast(self) -> bool:
+        k = self.kernel_size
+        return k[0] == k[1] and self.stride == k
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size
-        if k[0] == k[1] and self.stride == k:
-            return ops.max_pool2d(t, k[0])
-        return F.max_pool2d(t, self.kernel_size, self.stride)
+        if self.fast:
+            return ops.max_pool2d(t, self.kernel_size[0], relu=self.relu)
+        return F.max_pool2d(torch.relu(t) if self.relu else t, self.kernel_size, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x, (4, 5), "(members, batch, C, H, W) or shared (batch, C, H, W)")
         return self._pool(x) if x.dim() == 4 else fold_4d(x, self._pool)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}"
+                + (", relu=True" if self.relu else ""))
 
 
 # --------------------------------------------------------------------------- layer norm, embedding

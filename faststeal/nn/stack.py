@@ -8,7 +8,9 @@ How a user's model becomes S members (module swap; the member axis folded into t
   ``nn.BatchNorm1d/2d`` -> :class:`~faststeal.nn.EnsembleBatchNorm` (per-member batch and running
   statistics), ``nn.LayerNorm`` -> :class:`~faststeal.nn.EnsembleLayerNorm`, ``nn.Embedding`` ->
   :class:`~faststeal.nn.EnsembleEmbedding`, ``nn.Dropout`` ->
-  :class:`~faststeal.nn.EnsembleDropout` (switchable to MC dropout); with ``bayesian=True``
+  :class:`~faststeal.nn.EnsembleDropout` (switchable to MC dropout), ``nn.MaxPool2d(k)`` with
+  stride k and no padding, dilation, ceil mode or indices -> :class:`~faststeal.nn.EnsembleMaxPool2d`
+  (the ``max_pool2d`` op: a C++ kernel on CPU, exactly ATen's results); with ``bayesian=True``
   Linear/Conv2d become :class:`~faststeal.nn.BayesLinear` / :class:`~faststeal.nn.BayesConv2d`;
 * everything else — the user's own ``forward`` code, activations, pooling, ``torch.flatten(x, 1)``,
   ``x.view(x.size(0), -1)``, residual additions, ``torch.cat`` on channels — runs unchanged on a
@@ -29,7 +31,9 @@ How a user's model becomes S members (module swap; the member axis folded into t
   ``nn.Sequential`` (so it always reads that relu), the same op applies it on the CPU (its
   counter-based mask, far cheaper than ``F.dropout``'s ``bernoulli_`` there; equally random,
   other draws; see :class:`_Fold`). The dropout module stays in the model and its own ``p``,
-  ``training`` and MC-dropout flags decide, as before;
+  ``training`` and MC-dropout flags decide, as before; where an ``nn.ReLU`` module only feeds
+  such a swapped pool, the pool applies it to its pooled output (max commutes with relu: same
+  numbers, two full-size passes less; ``StackedModule.fused_relu_pools``);
 * a one-member stack (MC dropout, Bayesian) called in eval mode with ``samples=T`` runs the
   layers before its first random layer once and lets that layer make the T copies (dropout: T
   copies of its input; a Bayesian layer: T weight samples on the one input), where the traced
@@ -530,31 +534,55 @@ def _has_hooks(model: nn.Module) -> bool:
                or m._backward_pre_hooks for m in model.modules())
 
 
-def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, Optional[str]]]:
-    """(Linear, ReLU, next) module names where the graph calls each once and the ReLU's only
-    input is the Linear's output, which nothing else reads; ``next`` is the module that alone
-    reads the ReLU's output in the same way (a dropout to fuse as well), else None."""
+def _sole_readers(graph: torch.fx.Graph) -> dict[str, str]:
+    """{module: reader}: modules the graph calls once whose output only ``reader`` reads — a
+    module it calls once, on that output alone."""
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
-
-    def sole_reader(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    out = {}
+    for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
-            return None
+            continue
         user = next(iter(node.users))
         if (user.op == "call_module" and calls[user.target] == 1 and user.args == (node,)
                 and not user.kwargs):
-            return user
-        return None
+            out[node.target] = user.target
+    return out
 
-    pairs = set()
-    for node in graph.nodes:
-        act = sole_reader(node)
-        if act is not None:
-            after = sole_reader(act)
-            pairs.add((node.target, act.target, None if after is None else after.target))
-    return pairs
+
+def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, Optional[str]]]:
+    """(Linear, ReLU, next) module names where the graph calls each once and the ReLU's only
+    input is the Linear's output, which nothing else reads; ``next`` is the module that alone
+    reads the ReLU's output in the same way (a dropout to fuse as well), else None."""
+    readers = _sole_readers(graph)
+    return {(node, act, readers.get(act)) for node, act in readers.items()}
+
+
+def _fuse_relu_pool(model: nn.Module, graphs: Sequence[torch.fx.Graph],
+                    body: nn.Module) -> list[str]:
+    """Fold an ``nn.ReLU`` module whose output only one fast-pooling :class:`EnsembleMaxPool2d`
+    (a swapped ``nn.MaxPool2d(k)``) reads into that pool (``max_pool2d(..., relu=True)``: relu
+    on the pooled quarter instead of two full-size passes forward and backward), replacing the
+    ReLU with ``nn.Identity`` in ``body``. Only where the traced graphs of both modes prove it
+    and no module hook exists (a hook could observe the activation); same values and gradients
+    (max commutes with relu, see :func:`faststeal.ops.max_pool2d`). Returns the pools' names."""
+    if not graphs or _has_hooks(model):
+        return []
+    pairs = set.intersection(*({(a, b) for a, b in _sole_readers(g).items()} for g in graphs))
+    fused = []
+    for act_name, pool_name in sorted(pairs):
+        try:
+            act, pool = body.get_submodule(act_name), body.get_submodule(pool_name)
+        except AttributeError:  # inside a submodule that runs under vmap
+            continue
+        if type(act) is not nn.ReLU or type(pool) is not EnsembleMaxPool2d or not pool.fast:
+            continue
+        pool.relu = True
+        body.set_submodule(act_name, nn.Identity())
+        fused.append(pool_name)
+    return fused
 
 
 def _fuse_relu(model: nn.Module, graphs: Sequence[torch.fx.Graph], body: nn.Module,
@@ -831,6 +859,7 @@ class StackedModule(nn.Module):
         self.last_layer = last_layer if last_layer is not None else _last_linear(body)
         #: Linear layers whose following nn.ReLU was fused into them (see ``_fuse_relu``)
         self.fused_relus: list[str] = []
+        self.fused_relu_pools: list[str] = []  # pools that apply the ReLU before them
         #: convs that may write channels-last activations in the ``channels_last`` layout
         #: (see ``_channels_last_convs``)
         self.channels_last_convs: list[str] = []
@@ -1139,6 +1168,7 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
                              f"{type(modules[0].get_submodule(last_layer)).__name__}")
     fused = _fuse_relu(modules[0], graphs, body,
                        last_layer if last_layer is not None else _last_linear(body))
+    fused_pools = _fuse_relu_pool(modules[0], graphs, body)
     channels_last = [] if len(modules) == 1 or _has_hooks(modules[0]) else \
         _channels_last_convs(graphs, body)
     for name in channels_last:
@@ -1148,6 +1178,7 @@ def stack_from(modules: Sequence[nn.Module], *, input_shape: Optional[Sequence[i
                         bayesian=bayesian, last_layer=last_layer,
                         fallbacks=[n for n, _ in fallbacks])
     out.fused_relus = fused
+    out.fused_relu_pools = fused_pools
     out.channels_last_convs = channels_last
     out.shared_prefix = len(modules) == 1 and _shared_prefix(
         graphs, body, out.last_layer)

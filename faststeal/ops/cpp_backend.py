@@ -135,13 +135,13 @@ def ensemble_cross_entropy_bwd(grad, logits, target):
     return _ext.C.ensemble_cross_entropy_bwd_cpu(grad, logits, target)
 
 
-def max_pool2d_fwd(x, kernel_size):
+def max_pool2d_fwd(x, kernel_size, relu):
     if not _native(x):
-        return reference.max_pool2d_fwd(x, kernel_size)
-    return _ext.C.max_pool2d_fwd_cpu(x, int(kernel_size))
+        return reference.max_pool2d_fwd(x, kernel_size, relu)
+    return _ext.C.max_pool2d_fwd_cpu(x, int(kernel_size), bool(relu))
 
 
-def max_pool2d_bwd(grad_y, x, kernel_size):
+def max_pool2d_bwd(grad_y, x, kernel_size, relu):
     if not _native(x):
-        return reference.max_pool2d_bwd(grad_y, x, kernel_size)
-    return _ext.C.max_pool2d_bwd_cpu(grad_y, x, int(kernel_size))
+        return reference.max_pool2d_bwd(grad_y, x, kernel_size, relu)
+    return _ext.C.max_pool2d_bwd_cpu(grad_y, x, int(kernel_size), bool(relu))

@@ -17,45 +17,47 @@ import torch.nn.functional as F
 from . import _checks, _eager, dispatch
 
 
-def _forward(x, kernel_size):
-    return dispatch.impl("max_pool2d", "fwd", x.device.type)(x, kernel_size)
+def _forward(x, kernel_size, relu):
+    return dispatch.impl("max_pool2d", "fwd", x.device.type)(x, kernel_size, relu)
 
 
-def _grad(grad_y, x, kernel_size):
-    return dispatch.impl("max_pool2d", "bwd", x.device.type)(grad_y.contiguous(), x, kernel_size)
+def _grad(grad_y, x, kernel_size, relu):
+    fn = dispatch.impl("max_pool2d", "bwd", x.device.type)
+    return fn(grad_y.contiguous(), x, kernel_size, relu)
 
 
 @torch.library.custom_op("faststeal::max_pool2d", mutates_args=())
-def _max_pool2d(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return _forward(x, kernel_size)
+def _max_pool2d(x: torch.Tensor, kernel_size: int, relu: bool) -> torch.Tensor:
+    return _forward(x, kernel_size, relu)
 
 
 @_max_pool2d.register_fake
-def _(x, kernel_size):
+def _(x, kernel_size, relu):
     n, c, h, w = x.shape
     return x.new_empty(n, c, h // kernel_size, w // kernel_size)
 
 
 @torch.library.custom_op("faststeal::max_pool2d_backward", mutates_args=())
-def _max_pool2d_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return _grad(grad_y, x, kernel_size)
+def _max_pool2d_backward(grad_y: torch.Tensor, x: torch.Tensor, kernel_size: int,
+                         relu: bool) -> torch.Tensor:
+    return _grad(grad_y, x, kernel_size, relu)
 
 
 @_max_pool2d_backward.register_fake
-def _(grad_y, x, kernel_size):
+def _(grad_y, x, kernel_size, relu):
     return x.new_empty(x.shape)
 
 
 def _setup(ctx, inputs, output):
-    x, kernel_size = inputs
+    x, kernel_size, relu = inputs
     ctx.save_for_backward(x)
-    ctx.kernel_size = kernel_size
+    ctx.args = (kernel_size, relu)
 
 
 def _backward_with(grads):
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        return grads(grad_y, x, ctx.kernel_size), None
+        return grads(grad_y, x, *ctx.args), None, None
     return backward
 
 
@@ -64,21 +66,27 @@ _max_pool2d.register_autograd(_backward_with(_max_pool2d_backward), setup_contex
 _MaxPool2d = _eager.twin("MaxPool2d", _forward, _setup, _backward_with(_grad))
 
 
-def max_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> torch.Tensor:
     """``torch.nn.functional.max_pool2d(x, kernel_size)``: stride = kernel_size, no padding,
     dilation 1, floor mode; same values and the same gradient (each window's first maximum, a
-    NaN wins).
+    NaN wins). ``relu=True``: ``max_pool2d(relu(x))`` in one pass, computed as ``relu`` of the
+    pooled maximum (max commutes with relu): the values and gradient of pooling relu's output,
+    without the full-size relu passes.
 
     x: (N, C, H, W) float with H, W >= kernel_size. A channels-last (or any non-contiguous) x
-    runs ``F.max_pool2d`` itself, which keeps its memory format. Differentiable in x.
+    runs ``F.max_pool2d`` (then ``relu``) itself, which keeps its memory format. Differentiable
+    in x.
     """
     _checks.tensor("x", x, (4,))
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
         raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     if x.shape[2] < kernel_size or x.shape[3] < kernel_size:
         raise ValueError(f"x's height and width must be at least kernel_size {kernel_size}, got "
                          f"{_checks.describe(x)}")
     if not x.is_contiguous():
-        return F.max_pool2d(x, kernel_size, kernel_size)
+        y = F.max_pool2d(x, kernel_size, kernel_size)
+        return torch.relu(y) if relu else y
     op = _MaxPool2d.apply if _eager.plain(x) else _max_pool2d
-    return op(x, kernel_size)
+    return op(x, kernel_size, relu)

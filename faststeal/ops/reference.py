@@ -29,10 +29,12 @@ validated and contiguous, keys come from :func:`faststeal.ops.rng.rng_key`):
 * ``ensemble_cross_entropy_fwd(logits, target) -> (S,)`` ``acc_dtype`` per-member mean loss; target is
   int64 labels (B,) or float soft targets (B, C). ``ensemble_cross_entropy_bwd(grad (S,), logits,
   target) -> dlogits``.
-* ``max_pool2d_fwd(x, kernel_size) -> y``: ``torch.nn.functional.max_pool2d`` over
-  non-overlapping windows (stride = kernel_size, no padding, floor mode) of (N, C, H, W) ``x``;
-  ``max_pool2d_bwd(grad_y, x, kernel_size) -> dx``: the gradient goes to the element ATen's
-  window scan picks (the first maximum; a NaN wins). CPU only besides this module (``cpp``).
+* ``max_pool2d_fwd(x, kernel_size, relu) -> y``: ``torch.nn.functional.max_pool2d`` over
+  non-overlapping windows (stride = kernel_size, no padding, floor mode) of (N, C, H, W) ``x``,
+  of ``relu(x)`` when ``relu`` (computed as ``relu`` of the pooled maximum: max commutes with
+  relu); ``max_pool2d_bwd(grad_y, x, kernel_size, relu) -> dx``: the gradient goes to the element
+  ATen's window scan picks (the first maximum; a NaN wins), with ``relu`` only where the maximum
+  is not <= 0 (relu's backward). CPU only besides this module (``cpp``).
 
 ``softplus(r) = r if r > 20 else log1p(exp(r))`` (torch's threshold), derivative ``sigmoid(r)``.
 Argmax ties resolve to the first (lowest) class index everywhere.
@@ -274,12 +276,15 @@ def ensemble_cross_entropy_bwd(grad, logits, target):
     return (d * (grad.to(p.dtype) / logits.shape[1]).view(-1, 1, 1)).to(logits.dtype)
 
 
-def max_pool2d_fwd(x, kernel_size):
-    return F.max_pool2d(x, kernel_size, kernel_size)
+def max_pool2d_fwd(x, kernel_size, relu):
+    y = F.max_pool2d(x, kernel_size, kernel_size)
+    return torch.relu(y) if relu else y
 
 
-def max_pool2d_bwd(grad_y, x, kernel_size):
-    _, idx = F.max_pool2d(x, kernel_size, kernel_size, return_indices=True)
+def max_pool2d_bwd(grad_y, x, kernel_size, relu):
+    y, idx = F.max_pool2d(x, kernel_size, kernel_size, return_indices=True)
+    if relu:  # relu's backward on the pooled maximum: nothing where it is <= 0
+        grad_y = grad_y.masked_fill(y <= 0, 0)
     return torch.ops.aten.max_pool2d_with_indices_backward(
         grad_y, x, [kernel_size] * 2, [kernel_size] * 2, [0, 0], [1, 1], False, idx)
 
