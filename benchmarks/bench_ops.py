@@ -252,6 +252,10 @@ PRESETS = {
                          # ratio is one round's): these VMs change speed by up to 5x for seconds
                          # at a time (docs/benchmarks.md)
                          rounds=13),
+    # the zoo lenet's two poolings at S=5, batch 128 (the member-folded 640-row batch)
+    "cpu-pool": dict(linear=[], bayes=[], stats=[], xent=[],
+                     pool=[(640, 6, 28, 28, "large"), (640, 16, 10, 10, "small")], t=0.3,
+                     bf16=True, rounds=7),
     "cpu": dict(linear=[(4, 32, 256, 256, 0.1, "small"), (16, 32, 784, 512, 0.1, "small"),
                         (16, 128, 784, 512, 0.0, "large"), (16, 1024, 512, 256, 0.0, "large"),
                         (64, 128, 512, 256, 0.0, "large")],

@@ -59,9 +59,13 @@ def probability(name: str, value) -> float:
 
 
 def class_labels(name: str, t: torch.Tensor, num_classes: int) -> None:
-    """Every label in [0, num_classes) (reads a CUDA tensor back: for metrics, not hot loops)."""
-    bad = (t < 0) | (t >= num_classes)
-    if bool(bad.any()):
+    """Every label in [0, num_classes) (reads a CUDA tensor back: for metrics, not hot loops).
+    One min/max reduction on the good path (it runs every training step on the CPU)."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if int(lo) < 0 or int(hi) >= num_classes:
+        bad = (t < 0) | (t >= num_classes)
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name}[{i}] = {int(t[i])} is not a class index in [0, {num_classes})"
                          f" ({describe(t)})")
