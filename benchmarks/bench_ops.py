@@ -223,7 +223,9 @@ def pool_cases(n: int, c: int, h: int, w: int, dtype, device, size: str) -> list
     def composite(d):
         return _grads(F.max_pool2d(d["x"], 2), (d["x"],), d["g"])[0]
 
-    nbytes = el * (2 * n * c * h * w + 2 * n * c * (h // 2) * (w // 2))  # x, y; dy, dx
+    # forward: x read, y written; backward: dy and x read (the window's maximum is found again),
+    # dx written
+    nbytes = el * (3 * n * c * h * w + 2 * n * c * (h // 2) * (w // 2))
     return [Case("max_pool2d fwd+bwd", f"N={n} C={c} H={h} W={w} k=2 {str(dtype)[6:]}", dtype,
                  None, nbytes, make, fs, {"F.max_pool2d": composite},
                  deterministic_composites=("F.max_pool2d",),

@@ -63,6 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # large ensembles on CPU (where freed stacked tensors exceed glibc's 32 MB mmap threshold)
     "cpu-large": dict(grid=[("mlp", 64, 32), ("mlp", 64, 128), ("mlp", 64, 1024),
                             ("cnn", 4, 1024), ("cnn", 16, 128)], compile=[], t=0.5, infer=False),
+    # the zoo lenet CNN's step against the loop (its pooling, "The CNN pooling" in the docs)
+    "cpu-cnn": dict(grid=[("cnn", 4, 128), ("cnn", 16, 128), ("cnn", 4, 1024)], compile=[],
+                    t=0.5, infer=False, rounds=5, methods=("loop", "faststeal")),
     # many short interleaved rounds (an odd number): see bench_ops' cpu-dispatch preset
     "cpu-precision": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024)],
                           compile=[], t=1.0, infer=True, rounds=11,

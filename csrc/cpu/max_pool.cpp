@@ -1,25 +1,31 @@
 // max_pool2d on the CPU over non-overlapping k x k windows (stride k, no padding, dilation 1,
-// floor mode) of a contiguous NCHW tensor: the pooling of the zoo's CNNs and of most user CNNs
-// (nn.MaxPool2d(2)). It exists because ATen's CPU max_pool2d_with_indices on NCHW is ~10x slower
-// than one elementwise pass over its input (docs/benchmarks.md, "max-pool"): it writes int64
-// indices and its inner loop does not vectorize.
+// floor mode) of a contiguous NCHW float32 / float64 / bfloat16 tensor: the pooling of the zoo's
+// CNNs and of most user CNNs (nn.MaxPool2d(2)). It exists because ATen's CPU
+// max_pool2d_with_indices on NCHW costs ~10x one elementwise pass over its input (it writes int64
+// indices from a loop that does not vectorize; docs/benchmarks.md, "The CNN pooling and the
+// op-call overhead"). float16 is left to ATen (faststeal/ops/cpp_backend.py).
 //
-// Semantics are ATen's, bit for bit: each window is scanned row-major and an element replaces the
-// running maximum iff it is greater or NaN (so ties keep the first maximum and a NaN wins, the
-// last NaN of the window when there are several; an all -inf window picks its first element).
-// The backward recomputes that element from x (no index tensor is stored) and routes the
-// gradient to it; every other element, including rows/columns the floor mode drops, gets 0.
-// Values are compared in their own dtype (bfloat16/float16 are exactly representable in float).
+// Semantics are ATen's, bit for bit (tests/test_ops_cpp.py compares the bits; bfloat16 NaN
+// payloads aside): each window is scanned row-major and an element replaces the running maximum
+// iff it is greater or NaN (so ties keep the first maximum and a NaN wins, the last NaN of the
+// window when there are several; an all -inf window picks its first element). The forward writes
+// that element's value (a bfloat16 NaN as the canonical 0x7FC0, as ATen's forward; its own
+// conversions elsewhere keep or drop payloads depending on the code path). The backward finds
+// the element again in x (no index tensor is stored) and gives it g + 0 (ATen accumulates into
+// zeros: a -0 gradient becomes +0); every other element, including rows/columns the floor mode
+// drops, gets +0.
 //
-// With relu=true the op is max_pool2d(relu(x)) in one pass, computed as relu(max_pool2d(x)) (max
-// commutes with relu): the same values (relu keeps NaN) and the same gradient as pooling relu's
-// output — the window's picked element gets g where the maximum is > 0 or NaN (relu's backward
-// passes it where its output is not <= 0), else nothing does.
+// With relu=true the op is max_pool2d(relu(x)) in one pass, computed from the pooled maximum m of
+// x (max commutes with relu): where m > 0 or NaN it is m; elsewhere every relu'd element is a
+// zero and ATen's scan keeps the first, relu(first element): -0 if that element is -0 (torch.relu
+// keeps -0), else +0. The gradient is that of pooling relu's output: the picked element gets g
+// where m is not <= 0 (relu's backward), else nothing does.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <limits>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -52,10 +58,21 @@ PoolDims check_pool(const Target& t, const at::Tensor& x, int64_t k) {
   return {x.size(0) * x.size(1), H, W, H / k, W / k};
 }
 
+Target pool_target(const char* fn) {
+  return {fn, c10::DeviceType::CPU, {at::kFloat, at::kDouble, at::kBFloat16}};
+}
+
 // ATen's update rule: v replaces the running maximum m iff it is greater or NaN (v != v).
 template <typename C>
 inline bool takes(C v, C m) {
   return v > m || v != v;
+}
+
+// relu's backward passes the gradient unless its output is <= 0 (NaN passes); where the pooled
+// maximum passes, max_pool2d(relu(x)) is that maximum.
+template <typename C>
+inline bool relu_passes(C v) {
+  return !(v <= 0);
 }
 
 // Offset (i * W + j) of the window element ATen's scan picks, for the window at `in` (any k).
@@ -76,45 +93,38 @@ inline int64_t window_argmax(const T* in, int64_t W, int64_t k) {
   return arg;
 }
 
-// The 2x2 rows work on raw element bits: the selected element is copied, never converted (so
-// bfloat16 needs no rounding), and the compares run on float (bfloat16: the bits shifted up).
-template <typename T> struct RawOf;  // the unsigned integer type of T's bits
+// The 2x2 rows work on the raw bits of float32 / float64 (bfloat16 rows are widened to float32
+// first): the selected element is copied, the compares run on the values, and every select is an
+// integer mask, so the loops vectorize.
+template <typename T> struct RawOf;
 template <> struct RawOf<float> { using type = uint32_t; };
 template <> struct RawOf<double> { using type = uint64_t; };
-template <> struct RawOf<c10::BFloat16> { using type = uint16_t; };
-template <> struct RawOf<c10::Half> { using type = uint16_t; };
 
 template <typename T, typename R>
-inline auto to_compare(R raw) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return bits_to_float(static_cast<uint32_t>(raw) << 16);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return static_cast<float>(c10::Half(raw, c10::Half::from_bits()));
-  } else {
-    T v;
-    std::memcpy(&v, &raw, sizeof(v));
-    return v;
-  }
+inline T value_of(R raw) {
+  T v;
+  std::memcpy(&v, &raw, sizeof(v));
+  return v;
 }
 
-// raw if keep else the bits of +0 (an integer mask: vectorizes)
+// raw if keep else the bits of +0
 template <typename R>
 inline R keep_or_zero(bool keep, R raw) {
   return raw & static_cast<R>(R(0) - static_cast<R>(keep));
 }
 
-// One output row of 2x2 windows (input rows r0, r1): the scan unrolled into selects, so that it
-// vectorizes. Starting from the first element equals ATen's start at -inf (the first element
-// either takes it or is -inf itself).
+// One output row of 2x2 windows (input rows r0, r1): the scan unrolled into selects. Starting
+// from the first element equals ATen's start at -inf (the first element either takes it or is
+// -inf itself).
 template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
 FS_CLONES_AVX2
 void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict__ out,
                int64_t OW) {
   for (int64_t ow = 0; ow < OW; ++ow) {
     const R a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
-    auto m = to_compare<T>(a);
+    T m = value_of<T>(a);
     R v = a;
-    const auto fb = to_compare<T>(b), fc = to_compare<T>(c), fd = to_compare<T>(d);
+    const T fb = value_of<T>(b), fc = value_of<T>(c), fd = value_of<T>(d);
     const bool tb = takes(fb, m);
     m = tb ? fb : m;
     v = tb ? b : v;
@@ -124,28 +134,36 @@ void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict
     const bool td = takes(fd, m);
     m = td ? fd : m;
     v = td ? d : v;
-    out[ow] = kRelu ? keep_or_zero(!(m <= 0), v) : v;
+    if constexpr (kRelu) {  // m, else relu(first element): -0 stays -0, anything else +0
+      constexpr R kNegZero = R(1) << (8 * sizeof(R) - 1);
+      const bool pass = relu_passes(m);
+      v = keep_or_zero(pass, v) | keep_or_zero(!pass && a == kNegZero, a);
+    }
+    out[ow] = v;
   }
 }
 
-// The gradient of one output row of 2x2 windows: the element the scan picks gets g, the three
-// others +0 (written, so dx needs no separate zero fill). Selects are integer masks: vectorize.
+// The gradient of one output row of 2x2 windows: the element the scan picks gets g (a -0 as +0),
+// the three others +0 (written, so dx needs no separate zero fill).
 template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
 FS_CLONES_AVX2
 void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __restrict__ g,
                  R* __restrict__ d0, R* __restrict__ d1, int64_t OW) {
   for (int64_t ow = 0; ow < OW; ++ow) {
-    auto m = to_compare<T>(r0[2 * ow]);
-    const auto fb = to_compare<T>(r0[2 * ow + 1]), fc = to_compare<T>(r1[2 * ow]),
-               fd = to_compare<T>(r1[2 * ow + 1]);
+    T m = value_of<T>(r0[2 * ow]);
+    const T fb = value_of<T>(r0[2 * ow + 1]), fc = value_of<T>(r1[2 * ow]),
+            fd = value_of<T>(r1[2 * ow + 1]);
     const bool tb = takes(fb, m);
     m = tb ? fb : m;
     const bool tc = takes(fc, m);
     m = tc ? fc : m;
     const bool td = takes(fd, m);
     m = td ? fd : m;
+    const R g0 = g[ow];
+    // 0 + g: +-0 (all bits but the sign clear) becomes +0, anything else stays as it is
+    R gv = keep_or_zero(static_cast<R>(g0 << 1) != 0, g0);
+    if constexpr (kRelu) gv = keep_or_zero(relu_passes(m), gv);
     // the last element that took the maximum is the one the scan picks
-    const R gv = kRelu ? keep_or_zero(!(m <= 0), g[ow]) : g[ow];
     d1[2 * ow + 1] = keep_or_zero(td, gv);
     d1[2 * ow] = keep_or_zero(tc && !td, gv);
     d0[2 * ow + 1] = keep_or_zero(tb && !tc && !td, gv);
@@ -153,52 +171,58 @@ void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __
   }
 }
 
-// bfloat16 rows run through the float code: widening is exact (the bits shifted up) and so is
-// narrowing the selected values back (they are widened bfloat16 values: the low bits are 0).
+// bfloat16 rows run through the float32 code: widening is exact (the bits shifted up); narrowing
+// the selected values back is too (their low bits are 0), except that a NaN becomes the canonical
+// 0x7FC0 as in ATen's float -> bfloat16 rounding.
 FS_CLONES_AVX2
 void widen(const uint16_t* __restrict__ src, uint32_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
 }
 FS_CLONES_AVX2
 void narrow(const uint32_t* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint16_t>(src[i] >> 16);
-}
-
-template <typename T>
-inline bool positive_or_nan(T v) {
-  return !(static_cast<at::opmath_type<T>>(v) <= 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t v = src[i];
+    dst[i] = (v & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(v >> 16);
+  }
 }
 
 template <typename T, bool kRelu>
 void pool_rows(const T* x, T* y, const PoolDims& d, int64_t k, int64_t r0, int64_t r1) {
+  using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   std::vector<uint32_t> buf(kBf16 ? 2 * d.W + d.OW : 0);
   for (int64_t r = r0; r < r1; ++r) {  // r = plane * OH + oh
     const int64_t plane = r / d.OH, oh = r % d.OH;
     const T* in = x + (plane * d.H + oh * k) * d.W;
     T* out = y + r * d.OW;
-    if (k == 2 && kBf16) {
+    if (k != 2) {
+      for (int64_t ow = 0; ow < d.OW; ++ow) {
+        C v = static_cast<C>(in[k * ow + window_argmax(in + k * ow, d.W, k)]);
+        if (kRelu && !relu_passes(v)) {  // relu(first element): -0 stays -0, else +0
+          const C first = static_cast<C>(in[k * ow]);
+          v = first == 0 && std::signbit(first) ? first : C(0);
+        }
+        out[ow] = static_cast<T>(v);  // rounded like ATen's
+      }
+    } else if constexpr (kBf16) {
       widen(reinterpret_cast<const uint16_t*>(in), buf.data(), 2 * d.W);
       pool_row2<float, kRelu>(buf.data(), buf.data() + d.W, buf.data() + 2 * d.W, d.OW);
       narrow(buf.data() + 2 * d.W, reinterpret_cast<uint16_t*>(out), d.OW);
-    } else if (k == 2) {
+    } else {
       using R = typename RawOf<T>::type;
       const R* raw = reinterpret_cast<const R*>(in);
       pool_row2<T, kRelu>(raw, raw + d.W, reinterpret_cast<R*>(out), d.OW);
-    } else {
-      for (int64_t ow = 0; ow < d.OW; ++ow) {
-        const T v = in[k * ow + window_argmax(in + k * ow, d.W, k)];
-        out[ow] = !kRelu || positive_or_nan(v) ? v : T(0);
-      }
     }
   }
 }
 
 // dx rows [oh*k, oh*k + k) of each plane for output rows r in [r0, r1), and, for the last output
-// row of a plane, the rows below it that the floor mode dropped (all zero).
+// row of a plane, the rows below it that the floor mode dropped (all zero): the chunks of
+// parallel_for write disjoint rows.
 template <typename T, bool kRelu>
 void unpool_rows(const T* g, const T* x, T* dx, const PoolDims& d, int64_t k, int64_t r0,
                  int64_t r1) {
+  using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   std::vector<uint32_t> buf(kBf16 ? 4 * d.W + d.OW : 0);
   for (int64_t r = r0; r < r1; ++r) {
@@ -211,11 +235,13 @@ void unpool_rows(const T* g, const T* x, T* dx, const PoolDims& d, int64_t k, in
       std::fill(dx + base, dx + base + rows * d.W, T(0));
       for (int64_t ow = 0; ow < d.OW; ++ow) {
         const int64_t a = k * ow + window_argmax(in + k * ow, d.W, k);
-        if (!kRelu || positive_or_nan(in[a])) dx[base + a] = gr[ow];
+        if (!kRelu || relu_passes(static_cast<C>(in[a]))) {
+          dx[base + a] = static_cast<T>(static_cast<C>(gr[ow]) + C(0));  // ATen's 0 + g
+        }
       }
       continue;
     }
-    if (kBf16) {  // via float rows, as pool_rows
+    if constexpr (kBf16) {  // via float rows, as pool_rows
       uint32_t *xb = buf.data(), *gb = xb + 2 * d.W, *db = gb + d.OW;
       widen(reinterpret_cast<const uint16_t*>(in), xb, 2 * d.W);
       widen(reinterpret_cast<const uint16_t*>(gr), gb, d.OW);
@@ -237,11 +263,10 @@ void unpool_rows(const T* g, const T* x, T* dx, const PoolDims& d, int64_t k, in
 }  // namespace
 
 at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu) {
-  const Target t = cpu_target("max_pool2d_fwd_cpu");
+  const Target t = pool_target("max_pool2d_fwd_cpu");
   const PoolDims d = check_pool(t, x, kernel_size);
   at::Tensor y = alloc({x.size(0), x.size(1), d.OH, d.OW}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_fwd_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool2d_fwd_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, d.planes * d.OH, kGrainRows, [&](int64_t r0, int64_t r1) {
@@ -254,7 +279,7 @@ at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu) {
 
 at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size,
                           bool relu) {
-  const Target t = cpu_target("max_pool2d_bwd_cpu");
+  const Target t = pool_target("max_pool2d_bwd_cpu");
   const PoolDims d = check_pool(t, x, kernel_size);
   check_float(t, grad_y, "grad_y", {4});
   check_like(t, grad_y, "grad_y", x, "x");
@@ -262,8 +287,7 @@ at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(want), t.fn, ": grad_y has sizes ",
               grad_y.sizes(), ", expected the pooled output's ", at::IntArrayRef(want));
   at::Tensor dx = alloc_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_bwd_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool2d_bwd_cpu", [&] {
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();

@@ -666,13 +666,15 @@ class EnsembleMaxPool2d(nn.Module):
         return k[0] == k[1] and self.stride == k
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
-        if self.fast:
+        if self.fast and t.dim() == 4:
             return ops.max_pool2d(t, self.kernel_size[0], relu=self.relu)
         return F.max_pool2d(torch.relu(t) if self.relu else t, self.kernel_size, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_rank(x, (4, 5), "(members, batch, C, H, W) or shared (batch, C, H, W)")
-        return self._pool(x) if x.dim() == 4 else fold_4d(x, self._pool)
+        # 3-D: a member-folded (S*B, H, W) batch, pooled like nn.MaxPool2d pools it
+        _check_rank(x, (3, 4, 5), "(members, batch, C, H, W), shared / folded (batch, C, H, W) "
+                                  "or folded (batch, H, W)")
+        return fold_4d(x, self._pool) if x.dim() == 5 else self._pool(x)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}"

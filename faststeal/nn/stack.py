@@ -10,7 +10,7 @@ How a user's model becomes S members (module swap; the member axis folded into t
   :class:`~faststeal.nn.EnsembleEmbedding`, ``nn.Dropout`` ->
   :class:`~faststeal.nn.EnsembleDropout` (switchable to MC dropout), ``nn.MaxPool2d(k)`` with
   stride k and no padding, dilation, ceil mode or indices -> :class:`~faststeal.nn.EnsembleMaxPool2d`
-  (the ``max_pool2d`` op: a C++ kernel on CPU, exactly ATen's results); with ``bayesian=True``
+  (the ``max_pool2d`` op: a C++ kernel on CPU, bit for bit ATen's results); with ``bayesian=True``
   Linear/Conv2d become :class:`~faststeal.nn.BayesLinear` / :class:`~faststeal.nn.BayesConv2d`;
 * everything else — the user's own ``forward`` code, activations, pooling, ``torch.flatten(x, 1)``,
   ``x.view(x.size(0), -1)``, residual additions, ``torch.cat`` on channels — runs unchanged on a
@@ -560,24 +560,42 @@ def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, Optional[str]]]:
     return {(node, act, readers.get(act)) for node, act in readers.items()}
 
 
+def _relu_pool_pairs(graph: torch.fx.Graph) -> set[tuple[str, str]]:
+    """(act, pool) module names where ``act`` alone reads its input (so nothing else can see or
+    change it: the fused pool saves it for its backward) and ``pool`` alone reads ``act``'s
+    output (see :func:`_sole_readers`)."""
+    readers = _sole_readers(graph)
+    nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
+    out = set()
+    for act, pool in readers.items():
+        src = nodes[act].args[0] if len(nodes[act].args) == 1 and not nodes[act].kwargs else None
+        if isinstance(src, torch.fx.Node) and len(src.users) == 1:
+            out.add((act, pool))
+    return out
+
+
 def _fuse_relu_pool(model: nn.Module, graphs: Sequence[torch.fx.Graph],
                     body: nn.Module) -> list[str]:
     """Fold an ``nn.ReLU`` module whose output only one fast-pooling :class:`EnsembleMaxPool2d`
     (a swapped ``nn.MaxPool2d(k)``) reads into that pool (``max_pool2d(..., relu=True)``: relu
     on the pooled quarter instead of two full-size passes forward and backward), replacing the
     ReLU with ``nn.Identity`` in ``body``. Only where the traced graphs of both modes prove it
-    and no module hook exists (a hook could observe the activation); same values and gradients
-    (max commutes with relu, see :func:`faststeal.ops.max_pool2d`). Returns the pools' names."""
+    and no module hook exists (a hook could observe the activation), the ReLU is not inplace and
+    alone reads its input (the pool saves that input for its backward); same values and
+    gradients (max commutes with relu, see :func:`faststeal.ops.max_pool2d`). Returns the pools'
+    names."""
     if not graphs or _has_hooks(model):
         return []
-    pairs = set.intersection(*({(a, b) for a, b in _sole_readers(g).items()} for g in graphs))
+    pairs = set.intersection(*(_relu_pool_pairs(g) for g in graphs))
     fused = []
     for act_name, pool_name in sorted(pairs):
         try:
             act, pool = body.get_submodule(act_name), body.get_submodule(pool_name)
         except AttributeError:  # inside a submodule that runs under vmap
             continue
-        if type(act) is not nn.ReLU or type(pool) is not EnsembleMaxPool2d or not pool.fast:
+        # an inplace ReLU writes its input, which other code may read: keep it
+        if (type(act) is not nn.ReLU or act.inplace or type(pool) is not EnsembleMaxPool2d
+                or not pool.fast):
             continue
         pool.relu = True
         body.set_submodule(act_name, nn.Identity())
@@ -859,7 +877,8 @@ class StackedModule(nn.Module):
         self.last_layer = last_layer if last_layer is not None else _last_linear(body)
         #: Linear layers whose following nn.ReLU was fused into them (see ``_fuse_relu``)
         self.fused_relus: list[str] = []
-        self.fused_relu_pools: list[str] = []  # pools that apply the ReLU before them
+        #: max-pool twins that apply the nn.ReLU before them (see ``_fuse_relu_pool``)
+        self.fused_relu_pools: list[str] = []
         #: convs that may write channels-last activations in the ``channels_last`` layout
         #: (see ``_channels_last_convs``)
         self.channels_last_convs: list[str] = []

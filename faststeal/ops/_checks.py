@@ -63,8 +63,8 @@ def class_labels(name: str, t: torch.Tensor, num_classes: int) -> None:
     One min/max reduction on the good path (it runs every training step on the CPU)."""
     if t.numel() == 0:
         return
-    lo, hi = torch.aminmax(t)
-    if int(lo) < 0 or int(hi) >= num_classes:
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one read-back
+    if lo < 0 or hi >= num_classes:
         bad = (t < 0) | (t >= num_classes)
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name}[{i}] = {int(t[i])} is not a class index in [0, {num_classes})"

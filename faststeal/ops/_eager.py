@@ -1,15 +1,17 @@
 """The eager twin of each differentiable custom op: the same forward, autograd formula and
 backend, without torch.library's per-call Python.
 
-A ``torch.library.custom_op`` is what torch.compile, export, fake tensors and opcheck need, but
-each eager call of one costs ~50-100 us of Python (schema default filling, the output alias
-check, the Python autograd wrapper, and the same again for its backward op). The S=5 MLP
-training step calls four of them per step and its backward three: an ``autograd.Function``
-running the same functions made that step 3-11% faster on the 2-core CPU host
-(docs/benchmarks.md, "Eager op calls"). So every public op runs its twin when :func:`plain`
-holds and the custom op otherwise; both call the one forward and backward implementation
-(through :mod:`faststeal.ops.dispatch`) and share ``setup_context``/``backward``, so they compute
-the same thing (tests/test_ops_cpp.py checks both routes against each other).
+A ``torch.library.custom_op`` is what torch.compile, export, fake tensors, ``torch.jit.trace``
+and opcheck need, but each eager call of one runs Python that a plain ``autograd.Function`` does
+not (schema default filling, the output alias check, the Python autograd wrapper, and the same
+again for its backward op; a fused ``ensemble_linear`` forward+backward cost ~190 us against ~60
+for the ``baddbmm`` + ``relu`` composite at a tiny shape). The S=5 MLP training step calls four
+of them per step and its backward three: the twins made that step 1.00-1.11x as fast on the
+2-core CPU host (docs/benchmarks.md, "The CNN pooling and the op-call overhead"). So every
+public op runs its twin when :func:`plain` holds and the custom op otherwise; both call the one
+forward and backward implementation (through :mod:`faststeal.ops.dispatch`) and share
+``setup_context``/``backward``, so they compute the same thing (tests/test_ops_cpp.py checks both
+routes against each other).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a call may run the op's eager twin: not traced by torch.compile / export, no
-    TorchDispatchMode active (fake tensors, make_fx, FlopCounterMode see the custom op), no
-    functorch transform (vmap, grad), and every tensor a plain ``torch.Tensor`` or
-    ``nn.Parameter`` (no tensor subclass)."""
-    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    """Whether a call may run the op's eager twin: not traced by torch.compile / export or
+    ``torch.jit.trace``, no TorchDispatchMode active (fake tensors, make_fx, FlopCounterMode see
+    the custom op), no functorch transform (vmap, grad), and every tensor a plain
+    ``torch.Tensor`` or ``nn.Parameter`` (no tensor subclass)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _get_current_dispatch_mode() is not None
             or torch._C._are_functorch_transforms_active()):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)

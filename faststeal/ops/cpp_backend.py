@@ -1,7 +1,7 @@
 """The ``cpp`` backend: the C++ CPU kernels of ``faststeal._C`` (``csrc/cpu``).
 
 Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32,
-float64, bfloat16 and float16. The GEMM ops (``ensemble_linear``, ``bayes_linear``) multiply in the
+float64, bfloat16 and float16 (``max_pool2d``: float16 runs the reference). The GEMM ops (``ensemble_linear``, ``bayes_linear``) multiply in the
 input dtype with float32 accumulation (AMX / AVX512-BF16 where the CPU has them) and run their
 elementwise passes in float32; the reduction ops convert bfloat16/float16 inputs to float32.
 
@@ -135,13 +135,18 @@ def ensemble_cross_entropy_bwd(grad, logits, target):
     return _ext.C.ensemble_cross_entropy_bwd_cpu(grad, logits, target)
 
 
+#: the dtypes of the C++ pooling kernel (float16 is left to ATen: the kernel's scalar float16
+#: path was slower than ATen's)
+_POOL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 def max_pool2d_fwd(x, kernel_size, relu):
-    if not _native(x):
+    if x.dtype not in _POOL_DTYPES:
         return reference.max_pool2d_fwd(x, kernel_size, relu)
     return _ext.C.max_pool2d_fwd_cpu(x, int(kernel_size), bool(relu))
 
 
 def max_pool2d_bwd(grad_y, x, kernel_size, relu):
-    if not _native(x):
+    if x.dtype not in _POOL_DTYPES:
         return reference.max_pool2d_bwd(grad_y, x, kernel_size, relu)
     return _ext.C.max_pool2d_bwd_cpu(grad_y, x, int(kernel_size), bool(relu))

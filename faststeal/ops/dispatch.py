@@ -48,7 +48,7 @@ _MODULES = {
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {op: ("cpp", "reference") for op in OPS},
     "cuda": {op: ("triton", "cuda", "reference") for op in OPS if op != "max_pool2d"}
-    | {"max_pool2d": ("reference",)},  # ATen's (cuDNN) pooling: no GPU kernel of ours
+    | {"max_pool2d": ("reference",)},  # no GPU kernel of ours (ops.max_pool2d runs ATen's)
 }
 
 

@@ -2,11 +2,12 @@
 and of most user CNNs — with a C++ CPU kernel (``csrc/cpu/max_pool.cpp``).
 
 ATen's CPU ``max_pool2d`` on an NCHW batch writes int64 indices from a loop that does not
-vectorize: on the 2-core hosts it costs ~10x an elementwise pass over its input, ~20% of a lenet
+vectorize: on the 2-core hosts it costs ~10x an elementwise pass over its input, ~16% of a lenet
 training step. The kernel keeps no index tensor (the backward finds the window's maximum again in
-the saved input) and computes exactly what ATen computes (same values, gradient to the same
-element). Which of the two runs is measured per shape class and dtype like every op
-(:mod:`faststeal.ops.dispatch`); on GPUs ATen's pooling runs.
+the saved input) and computes what ATen computes, bit for bit (values and the gradient's element;
+float32, float64, bfloat16 — float16 runs ATen's). On the CPU which of the two runs is measured
+per shape class and dtype like every op (:mod:`faststeal.ops.dispatch`); on other devices, or
+when a backend without this op is requested (``triton``, ``cuda``), ATen's pooling runs.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _backward_with(grads):
 
 _max_pool2d.register_autograd(_backward_with(_max_pool2d_backward), setup_context=_setup)
 #: the eager twin (faststeal/ops/_eager.py)
-_MaxPool2d = _eager.twin("MaxPool2d", _forward, _setup, _backward_with(_grad))
+_MaxPool2d = _eager.twin("FaststealMaxPool2d", _forward, _setup, _backward_with(_grad))
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> torch.Tensor:
@@ -73,8 +74,9 @@ def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> tor
     pooled maximum (max commutes with relu): the values and gradient of pooling relu's output,
     without the full-size relu passes.
 
-    x: (N, C, H, W) float with H, W >= kernel_size. A channels-last (or any non-contiguous) x
-    runs ``F.max_pool2d`` (then ``relu``) itself, which keeps its memory format. Differentiable
+    x: (N, C, H, W) float with H, W >= kernel_size. A channels-last (or any non-contiguous) x,
+    a tensor off the CPU, or a requested backend other than ``cpp``/``reference`` runs
+    ``F.max_pool2d`` (then ``torch.relu``) itself, which keeps the memory format. Differentiable
     in x.
     """
     _checks.tensor("x", x, (4,))
@@ -85,7 +87,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> tor
     if x.shape[2] < kernel_size or x.shape[3] < kernel_size:
         raise ValueError(f"x's height and width must be at least kernel_size {kernel_size}, got "
                          f"{_checks.describe(x)}")
-    if not x.is_contiguous():
+    if (not x.is_contiguous() or x.device.type != "cpu"
+            or dispatch.get_backend() not in ("auto", "cpp", "reference")):
         y = F.max_pool2d(x, kernel_size, kernel_size)
         return torch.relu(y) if relu else y
     op = _MaxPool2d.apply if _eager.plain(x) else _max_pool2d

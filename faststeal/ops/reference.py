@@ -31,10 +31,10 @@ validated and contiguous, keys come from :func:`faststeal.ops.rng.rng_key`):
   target) -> dlogits``.
 * ``max_pool2d_fwd(x, kernel_size, relu) -> y``: ``torch.nn.functional.max_pool2d`` over
   non-overlapping windows (stride = kernel_size, no padding, floor mode) of (N, C, H, W) ``x``,
-  of ``relu(x)`` when ``relu`` (computed as ``relu`` of the pooled maximum: max commutes with
-  relu); ``max_pool2d_bwd(grad_y, x, kernel_size, relu) -> dx``: the gradient goes to the element
-  ATen's window scan picks (the first maximum; a NaN wins), with ``relu`` only where the maximum
-  is not <= 0 (relu's backward). CPU only besides this module (``cpp``).
+  of ``relu(x)`` when ``relu`` (the fused backends compute it from the pooled maximum of ``x``:
+  max commutes with relu); ``max_pool2d_bwd(grad_y, x, kernel_size, relu) -> dx``: the gradient
+  goes to the element ATen's window scan picks (the first maximum; a NaN wins), with ``relu``
+  only where the maximum is not <= 0 (relu's backward). CPU only besides this module (``cpp``).
 
 ``softplus(r) = r if r > 20 else log1p(exp(r))`` (torch's threshold), derivative ``sigmoid(r)``.
 Argmax ties resolve to the first (lowest) class index everywhere.
@@ -277,8 +277,7 @@ def ensemble_cross_entropy_bwd(grad, logits, target):
 
 
 def max_pool2d_fwd(x, kernel_size, relu):
-    y = F.max_pool2d(x, kernel_size, kernel_size)
-    return torch.relu(y) if relu else y
+    return F.max_pool2d(torch.relu(x) if relu else x, kernel_size, kernel_size)
 
 
 def max_pool2d_bwd(grad_y, x, kernel_size, relu):
