@@ -366,6 +366,8 @@ def test_max_pool2d_matches_aten_exactly(seed_all, N, C, H, W, k, dtype, special
     if special and g.numel():
         g.view(-1)[::3] = -0.0
         g.view(-1)[1::7] = -float("nan")
+        if dtype == torch.float32:  # a signalling NaN: 0 + g quiets it (ATen accumulates)
+            g.view(torch.int32).view(-1)[2::11] = 0x7F800001
     dx = P.max_pool2d_bwd(g, x, k, relu)  # poisoned output: every element must be written
     _same_bits(dx, R.max_pool2d_bwd(g, x, k, relu))
     # what the op stands for: ATen's pooling (of torch.relu's output), through autograd
@@ -388,12 +390,19 @@ def test_max_pool2d_public_op(seed_all):
             assert yc.is_contiguous(memory_format=torch.channels_last)
             want = torch.nn.functional.max_pool2d(xc.relu() if relu else xc, 2)
             torch.testing.assert_close(yc, want, rtol=0, atol=0)
-    # off the CPU or under a backend without this op (triton, cuda): ATen's pooling runs
+    # off the CPU or under a backend without this op (triton, cuda): ATen's pooling runs, of
+    # relu's output (a window [-1, -0; -2, -3] pools to +0 there, as in the kernel)
     x = torch.randn(2, 3, 6, 6)
+    x[0, 0, :2, :2] = torch.tensor([[-1.0, -0.0], [-2.0, -3.0]])
+    want = torch.nn.functional.max_pool2d(x.relu(), 2)
     for backend in ("cuda", "triton"):
         with use_backend(backend):
             y = max_pool2d(x, 2, relu=True)
-        assert y.grad_fn is None and torch.equal(y, torch.nn.functional.max_pool2d(x.relu(), 2))
+        assert y.grad_fn is None
+        _same_bits(y, want)
+    _same_bits(max_pool2d(x, 2, relu=True), want)
+    _same_bits(max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, relu=True),
+               want.contiguous(memory_format=torch.channels_last))
     for bad, err, msg in [((torch.randn(2, 3, 4), 2), ValueError, "x must be 4-D"),
                           ((torch.randn(1, 1, 4, 4), 0), ValueError, "kernel_size must be a "
                                                                        "positive int, got 0"),

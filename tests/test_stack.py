@@ -174,33 +174,39 @@ def test_max_pool_modules_swapped_only_where_the_fast_op_applies(monkeypatch, la
 
 
 class PoolGuards(nn.Module):
-    """ReLU modules the fold must keep: an inplace one (it writes its input, which is read again)
-    and one whose input another reader sees; pools written as MaxPool2d((2, 2)) and
-    MaxPool2d(2, stride=2) (swapped), and a pool over a 3-D (batch, H, W) tensor."""
+    """ReLU modules the fold must keep: an inplace one (it writes its input, which is read again),
+    one whose input another reader sees, and one that reads a view changed in place later (the
+    fused pool would have saved it); pools written as MaxPool2d((2, 2)) and MaxPool2d(2,
+    stride=2) (swapped), and a pool over a 3-D (batch, H, W) tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
-        self.a1, self.a2 = nn.ReLU(inplace=True), nn.ReLU()
+        self.c3 = nn.Conv2d(1, 4, 3, padding=1)
+        self.a1, self.a2, self.a3 = nn.ReLU(inplace=True), nn.ReLU(), nn.ReLU()
         self.p1, self.p2, self.p3 = nn.MaxPool2d((2, 2)), nn.MaxPool2d(2, stride=2), nn.MaxPool2d(2)
-        self.fc = nn.Linear(4 * 4 * 4 * 2 + 4 * 4 + 2, 3)
+        self.p4 = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4 * 2 + 4 * 4 + 2 * 4 * 4 + 3, 3)
 
     def forward(self, x):
-        h1, h2 = self.c1(x), self.c2(x)
+        h1, h2, h3 = self.c1(x), self.c2(x), self.c3(x)
         a = self.p1(self.a1(h1))  # h1 is relu'd in place, then read again below
         b = self.p2(self.a2(h2))
         c = self.p3(x[:, 0])  # (batch, 8, 8) -> (batch, 4, 4)
-        extra = torch.stack([h1.mean((1, 2, 3)), h2.mean((1, 2, 3))], 1)
-        return self.fc(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), extra], 1))
+        d = self.p4(self.a3(h3[:, :2]))  # the ReLU alone reads the view ...
+        h3 = h3.mul_(2)  # ... which changes in place afterwards
+        extra = torch.stack([h1.mean((1, 2, 3)), h2.mean((1, 2, 3)), h3.mean((1, 2, 3))], 1)
+        return self.fc(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1), extra],
+                                 1))
 
 
 def test_relu_pool_fold_keeps_relus_it_cannot_prove():
     from faststeal.nn import EnsembleMaxPool2d
     torch.manual_seed(3)
     st = stack(PoolGuards, 2, seed=2, input_shape=(1, 8, 8))
-    assert all(type(getattr(st.body, p)) is EnsembleMaxPool2d for p in ("p1", "p2", "p3"))
+    assert all(type(getattr(st.body, p)) is EnsembleMaxPool2d for p in ("p1", "p2", "p3", "p4"))
     assert st.fused_relu_pools == []
-    assert type(st.body.a1) is nn.ReLU and type(st.body.a2) is nn.ReLU
+    assert all(type(getattr(st.body, a)) is nn.ReLU for a in ("a1", "a2", "a3"))
     x = torch.randn(5, 1, 8, 8)
     with use_backend(BACKENDS[-1]):
         _check_equal(st, _fresh(st), x, train=True, atol=1e-5)

@@ -11,9 +11,9 @@
 // window when there are several; an all -inf window picks its first element). The forward writes
 // that element's value (a bfloat16 NaN as the canonical 0x7FC0, as ATen's forward; its own
 // conversions elsewhere keep or drop payloads depending on the code path). The backward finds
-// the element again in x (no index tensor is stored) and gives it g + 0 (ATen accumulates into
-// zeros: a -0 gradient becomes +0); every other element, including rows/columns the floor mode
-// drops, gets +0.
+// the element again in x (no index tensor is stored) and gives it 0 + g (ATen accumulates into
+// zeros: a -0 gradient becomes +0, a signalling NaN quiet); every other element, including
+// rows/columns the floor mode drops, gets +0.
 //
 // With relu=true the op is max_pool2d(relu(x)) in one pass, computed from the pooled maximum m of
 // x (max commutes with relu): where m > 0 or NaN it is m; elsewhere every relu'd element is a
@@ -160,8 +160,13 @@ void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __
     const bool td = takes(fd, m);
     m = td ? fd : m;
     const R g0 = g[ow];
-    // 0 + g: +-0 (all bits but the sign clear) becomes +0, anything else stays as it is
+    // 0 + g: +-0 (all bits but the sign clear) becomes +0 and a signalling NaN quiet; anything
+    // else stays as it is
+    constexpr R kSign = R(1) << (8 * sizeof(R) - 1);
+    constexpr R kInf = std::is_same_v<T, float> ? R(0x7F800000u) : R(0x7FF0000000000000ull);
+    constexpr R kQuiet = std::is_same_v<T, float> ? R(1) << 22 : R(1) << 51;
     R gv = keep_or_zero(static_cast<R>(g0 << 1) != 0, g0);
+    gv |= keep_or_zero((g0 & ~kSign) > kInf, kQuiet);
     if constexpr (kRelu) gv = keep_or_zero(relu_passes(m), gv);
     // the last element that took the maximum is the one the scan picks
     d1[2 * ow + 1] = keep_or_zero(td, gv);

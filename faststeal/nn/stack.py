@@ -9,8 +9,9 @@ How a user's model becomes S members (module swap; the member axis folded into t
   statistics), ``nn.LayerNorm`` -> :class:`~faststeal.nn.EnsembleLayerNorm`, ``nn.Embedding`` ->
   :class:`~faststeal.nn.EnsembleEmbedding`, ``nn.Dropout`` ->
   :class:`~faststeal.nn.EnsembleDropout` (switchable to MC dropout), ``nn.MaxPool2d(k)`` with
-  stride k and no padding, dilation, ceil mode or indices -> :class:`~faststeal.nn.EnsembleMaxPool2d`
-  (the ``max_pool2d`` op: a C++ kernel on CPU, bit for bit ATen's results); with ``bayesian=True``
+  stride k and no padding, dilation, ceil mode or indices ->
+  :class:`~faststeal.nn.EnsembleMaxPool2d` (the ``max_pool2d`` op: a C++ kernel on CPU, bit for
+  bit ATen's results); with ``bayesian=True``
   Linear/Conv2d become :class:`~faststeal.nn.BayesLinear` / :class:`~faststeal.nn.BayesConv2d`;
 * everything else — the user's own ``forward`` code, activations, pooling, ``torch.flatten(x, 1)``,
   ``x.view(x.size(0), -1)``, residual additions, ``torch.cat`` on channels — runs unchanged on a
@@ -560,17 +561,19 @@ def _relu_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, Optional[str]]]:
     return {(node, act, readers.get(act)) for node, act in readers.items()}
 
 
-def _relu_pool_pairs(graph: torch.fx.Graph) -> set[tuple[str, str]]:
-    """(act, pool) module names where ``act`` alone reads its input (so nothing else can see or
-    change it: the fused pool saves it for its backward) and ``pool`` alone reads ``act``'s
-    output (see :func:`_sole_readers`)."""
+def _relu_pool_pairs(graph: torch.fx.Graph) -> set[tuple[str, str, str]]:
+    """(src, act, pool) module names where ``act``'s input is ``src``'s output, which only
+    ``act`` reads (so nothing else can see or change it: the fused pool saves it for its
+    backward), and ``pool`` alone reads ``act``'s output (see :func:`_sole_readers`)."""
     readers = _sole_readers(graph)
     nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
     out = set()
     for act, pool in readers.items():
         src = nodes[act].args[0] if len(nodes[act].args) == 1 and not nodes[act].kwargs else None
-        if isinstance(src, torch.fx.Node) and len(src.users) == 1:
-            out.add((act, pool))
+        # a module's output (not a view of another tensor that code could change in place) that
+        # only the ReLU reads
+        if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1:
+            out.add((src.target, act, pool))
     return out
 
 
@@ -581,21 +584,24 @@ def _fuse_relu_pool(model: nn.Module, graphs: Sequence[torch.fx.Graph],
     on the pooled quarter instead of two full-size passes forward and backward), replacing the
     ReLU with ``nn.Identity`` in ``body``. Only where the traced graphs of both modes prove it
     and no module hook exists (a hook could observe the activation), the ReLU is not inplace and
-    alone reads its input (the pool saves that input for its backward); same values and
-    gradients (max commutes with relu, see :func:`faststeal.ops.max_pool2d`). Returns the pools'
-    names."""
+    its input is a stacked conv's, norm's or linear's output that only it reads (the pool saves
+    that input for its backward: nothing may change it in place); same values and gradients
+    (max commutes with relu, see :func:`faststeal.ops.max_pool2d`). Returns the pools' names."""
     if not graphs or _has_hooks(model):
         return []
     pairs = set.intersection(*(_relu_pool_pairs(g) for g in graphs))
     fused = []
-    for act_name, pool_name in sorted(pairs):
+    for src_name, act_name, pool_name in sorted(pairs):
         try:
+            src = body.get_submodule(src_name)
             act, pool = body.get_submodule(act_name), body.get_submodule(pool_name)
         except AttributeError:  # inside a submodule that runs under vmap
             continue
-        # an inplace ReLU writes its input, which other code may read: keep it
-        if (type(act) is not nn.ReLU or act.inplace or type(pool) is not EnsembleMaxPool2d
-                or not pool.fast):
+        # the source must return a new tensor (a stacked conv, norm or linear, not e.g. an
+        # nn.Identity handing on a tensor others read); an inplace ReLU is kept as well
+        if (not isinstance(src, (_Conv2d, _BatchNorm, _LayerNorm, _Linear))
+                or type(act) is not nn.ReLU or act.inplace
+                or type(pool) is not EnsembleMaxPool2d or not pool.fast):
             continue
         pool.relu = True
         body.set_submodule(act_name, nn.Identity())

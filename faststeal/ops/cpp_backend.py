@@ -1,9 +1,10 @@
 """The ``cpp`` backend: the C++ CPU kernels of ``faststeal._C`` (``csrc/cpu``).
 
 Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32,
-float64, bfloat16 and float16 (``max_pool2d``: float16 runs the reference). The GEMM ops (``ensemble_linear``, ``bayes_linear``) multiply in the
-input dtype with float32 accumulation (AMX / AVX512-BF16 where the CPU has them) and run their
-elementwise passes in float32; the reduction ops convert bfloat16/float16 inputs to float32.
+float64, bfloat16 and float16 (``max_pool2d``: float16 runs the reference). The GEMM ops
+(``ensemble_linear``, ``bayes_linear``) multiply in the input dtype with float32 accumulation
+(AMX / AVX512-BF16 where the CPU has them) and run their elementwise passes in float32; the
+reduction ops convert bfloat16/float16 inputs to float32.
 
 The GEMM ops come in variants, one per GEMM library of ``csrc/cpu/gemm.cpp`` (:data:`GEMM_PATHS`):
 :func:`variants` hands them to the measured dispatch (:mod:`faststeal.ops.dispatch`), which times

@@ -70,13 +70,14 @@ _MaxPool2d = _eager.twin("FaststealMaxPool2d", _forward, _setup, _backward_with(
 def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> torch.Tensor:
     """``torch.nn.functional.max_pool2d(x, kernel_size)``: stride = kernel_size, no padding,
     dilation 1, floor mode; same values and the same gradient (each window's first maximum, a
-    NaN wins). ``relu=True``: ``max_pool2d(relu(x))`` in one pass, computed as ``relu`` of the
-    pooled maximum (max commutes with relu): the values and gradient of pooling relu's output,
-    without the full-size relu passes.
+    NaN wins). ``relu=True``: ``max_pool2d(relu(x))`` in one pass, computed from the pooled
+    maximum of x (max commutes with relu; where it is not positive, relu of the window's first
+    element, as ATen's scan of relu's output keeps it): the values and gradient of pooling relu's
+    output, without the full-size relu passes.
 
     x: (N, C, H, W) float with H, W >= kernel_size. A channels-last (or any non-contiguous) x,
     a tensor off the CPU, or a requested backend other than ``cpp``/``reference`` runs
-    ``F.max_pool2d`` (then ``torch.relu``) itself, which keeps the memory format. Differentiable
+    ``torch.relu`` then ``F.max_pool2d`` itself, which keeps the memory format. Differentiable
     in x.
     """
     _checks.tensor("x", x, (4,))
@@ -89,7 +90,6 @@ def max_pool2d(x: torch.Tensor, kernel_size: int = 2, relu: bool = False) -> tor
                          f"{_checks.describe(x)}")
     if (not x.is_contiguous() or x.device.type != "cpu"
             or dispatch.get_backend() not in ("auto", "cpp", "reference")):
-        y = F.max_pool2d(x, kernel_size, kernel_size)
-        return torch.relu(y) if relu else y
+        return F.max_pool2d(torch.relu(x) if relu else x, kernel_size, kernel_size)
     op = _MaxPool2d.apply if _eager.plain(x) else _max_pool2d
     return op(x, kernel_size, relu)
