@@ -18,8 +18,8 @@ namespace cpu {
 #include "op_entry_points.inc"
 
 // CPU only (csrc/cpu/max_pool.cpp; on GPUs ATen's pooling is the fast path): max_pool2d over
-// non-overlapping kernel_size x kernel_size windows of a contiguous NCHW x, ATen's semantics;
-// relu: of relu(x) (computed as relu of the pooled maximum, one pass).
+// non-overlapping kernel_size x kernel_size windows of a contiguous NCHW float32/float64/bfloat16
+// x, ATen's semantics; relu: of relu(x), in one pass from the pooled maximum of x.
 at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu);
 at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size,
                           bool relu);

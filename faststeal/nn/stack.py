@@ -581,7 +581,7 @@ def _fuse_relu_pool(model: nn.Module, graphs: Sequence[torch.fx.Graph],
                     body: nn.Module) -> list[str]:
     """Fold an ``nn.ReLU`` module whose output only one fast-pooling :class:`EnsembleMaxPool2d`
     (a swapped ``nn.MaxPool2d(k)``) reads into that pool (``max_pool2d(..., relu=True)``: relu
-    on the pooled quarter instead of two full-size passes forward and backward), replacing the
+    on the pooled output instead of two full-size passes forward and backward), replacing the
     ReLU with ``nn.Identity`` in ``body``. Only where the traced graphs of both modes prove it
     and no module hook exists (a hook could observe the activation), the ReLU is not inplace and
     its input is a stacked conv's, norm's or linear's output that only it reads (the pool saves
