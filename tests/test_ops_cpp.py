@@ -322,7 +322,11 @@ def test_ensemble_xent_rejects_out_of_range_label():
 # (N, C, H, W, kernel_size): odd heights/widths (floor mode drops a row/column), k = 1, 2, 3, an
 # empty batch
 POOL_SHAPES = [(2, 3, 8, 8, 2), (3, 2, 7, 9, 2), (1, 1, 2, 2, 2), (4, 5, 5, 3, 2),
-               (2, 3, 10, 11, 3), (2, 2, 4, 5, 1), (64, 6, 28, 28, 2), (0, 3, 4, 4, 2)]
+               (2, 3, 10, 11, 3), (2, 2, 4, 5, 1), (64, 6, 28, 28, 2), (0, 3, 4, 4, 2),
+               # 2x2 rows of every vector case: 4-7 windows (two overlapping 4-blocks), 8,
+               # 9-15 (an overlapping 8-block), 16 + remainder; odd sizes
+               (3, 4, 10, 10, 2), (2, 3, 6, 15, 2), (2, 2, 4, 16, 2), (3, 2, 5, 21, 2),
+               (1, 3, 6, 38, 2)]
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
            torch.float16: torch.int16}
 
