@@ -323,10 +323,12 @@ def test_ensemble_xent_rejects_out_of_range_label():
 # empty batch
 POOL_SHAPES = [(2, 3, 8, 8, 2), (3, 2, 7, 9, 2), (1, 1, 2, 2, 2), (4, 5, 5, 3, 2),
                (2, 3, 10, 11, 3), (2, 2, 4, 5, 1), (64, 6, 28, 28, 2), (0, 3, 4, 4, 2),
-               # 2x2 rows of every vector case: 4-7 windows (two overlapping 4-blocks), 8,
-               # 9-15 (an overlapping 8-block), 16 + remainder; odd sizes
-               (3, 4, 10, 10, 2), (2, 3, 6, 15, 2), (2, 2, 4, 16, 2), (3, 2, 5, 21, 2),
-               (1, 3, 6, 38, 2)]
+               # 2x2 rows of every path: 2-3 windows (scalar rows), 4-7 (two overlapping
+               # 4-blocks), 8, 9-15 (an overlapping 8-block: by 7 and by 1), 16 (two blocks),
+               # 16 + remainder; odd sizes
+               (2, 3, 4, 5, 2), (2, 2, 7, 7, 2), (3, 4, 10, 10, 2), (2, 3, 6, 15, 2),
+               (2, 2, 4, 16, 2), (1, 2, 5, 17, 2), (2, 2, 4, 18, 2), (3, 2, 5, 21, 2),
+               (1, 2, 6, 31, 2), (1, 2, 4, 32, 2), (1, 3, 6, 38, 2)]
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
            torch.float16: torch.int16}
 
@@ -379,6 +381,38 @@ def test_max_pool2d_matches_aten_exactly(seed_all, N, C, H, W, k, dtype, special
     ref = torch.nn.functional.max_pool2d(torch.relu(xr) if relu else xr, k)
     _same_bits(y, ref.detach())
     _same_bits(dx, torch.autograd.grad(ref, xr, g)[0] if ref.numel() else torch.zeros_like(x))
+
+
+# float32 bits of the window catalogue's values: -inf, -1, -0, +0, 1, a quiet NaN with a
+# payload, a negative one with another, a signalling NaN (each a bfloat16 value in its high half)
+_WINDOW_VALUES = [0xFF800000, 0xBF800000, 0x80000000, 0x00000000, 0x3F800000, 0x7FC10000,
+                  0xFFC20000, 0x7F810000]
+
+
+@pytest.mark.parametrize("ow", [2, 3, 4, 5, 8, 9, 15, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True], ids=["pool", "relu-pool"])
+def test_max_pool2d_every_window_in_every_lane(ow, dtype, relu):
+    # all 8^4 windows of the values above (ties, signed zeros, all -inf, NaN orders and
+    # payloads), window j of plane p being window (p + j) mod 8^4: each one in every position of
+    # a row (every vector lane, the overlapped blocks, the scalar rows); odd W drops a column
+    v = torch.tensor(_WINDOW_VALUES, dtype=torch.int64)
+    n = len(_WINDOW_VALUES) ** 4
+    digits = torch.arange(n).unsqueeze(1) // torch.tensor([512, 64, 8, 1]) % 8  # (n, 4): a b c d
+    win = v[digits][(torch.arange(n).unsqueeze(1) + torch.arange(ow)) % n]  # (plane, ow, 4)
+    x = torch.zeros(n, 2, 2 * ow + 1, dtype=torch.int64)
+    x[:, 0, :2 * ow] = win[..., :2].reshape(n, 2 * ow)
+    x[:, 1, :2 * ow] = win[..., 2:].reshape(n, 2 * ow)
+    x[:, :, -1] = 0x7FC30000  # the dropped column: a NaN the windows must not see
+    x = x.to(torch.int32).view(torch.float32).view(1, n, 2, 2 * ow + 1)
+    if dtype == torch.bfloat16:  # the high halves: the same values
+        x = (x.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    y = P.max_pool2d_fwd(x, 2, relu)
+    _same_bits(y, R.max_pool2d_fwd(x, 2, relu))
+    g = torch.randn(y.shape).to(dtype)
+    g.view(-1)[::5] = -0.0
+    dx = P.max_pool2d_bwd(g, x, 2, relu)
+    _same_bits(dx, R.max_pool2d_bwd(g, x, 2, relu))
 
 
 def test_max_pool2d_public_op(seed_all):

@@ -45,9 +45,6 @@ namespace {
 
 constexpr int64_t kGrainRows = 64;  // output rows per parallel chunk
 
-// the row helpers are inlined into the cloned loops over rows (one ifunc call per chunk)
-#define FS_INLINE inline __attribute__((always_inline))
-
 struct PoolDims {
   int64_t planes, H, W, OH, OW;
 };
@@ -96,9 +93,9 @@ inline int64_t window_argmax(const T* in, int64_t W, int64_t k) {
   return arg;
 }
 
-// The 2x2 rows work on the raw bits of float32 / float64 (bfloat16 rows are widened to float32
-// first): the selected element is copied, the compares run on the values, and every select is an
-// integer mask, so the loops vectorize.
+// The scalar 2x2 rows (float64; float32 and bfloat16 rows of fewer than 4 windows or without
+// GCC's vector extensions, bfloat16 widened to float32 first) work on the raw bits: the selected
+// element is copied, the compares run on the values, and every select is an integer mask.
 template <typename T> struct RawOf;
 template <> struct RawOf<float> { using type = uint32_t; };
 template <> struct RawOf<double> { using type = uint64_t; };
@@ -108,6 +105,13 @@ inline T value_of(R raw) {
   T v;
   std::memcpy(&v, &raw, sizeof(v));
   return v;
+}
+
+template <typename R, typename T>
+inline R raw_of(T value) {
+  R r;
+  std::memcpy(&r, &value, sizeof(r));
+  return r;
 }
 
 // raw if keep else the bits of +0
@@ -120,8 +124,8 @@ inline R keep_or_zero(bool keep, R raw) {
 // from the first element equals ATen's start at -inf (the first element either takes it or is
 // -inf itself).
 template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
-FS_INLINE void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* __restrict__ out,
-               int64_t OW) {
+FS_INLINE void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1,
+                         R* __restrict__ out, int64_t OW) {
   for (int64_t ow = 0; ow < OW; ++ow) {
     const R a = r0[2 * ow], b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
     T m = value_of<T>(a);
@@ -148,8 +152,9 @@ FS_INLINE void pool_row2(const R* __restrict__ r0, const R* __restrict__ r1, R* 
 // The gradient of one output row of 2x2 windows: the element the scan picks gets g (a -0 as +0),
 // the three others +0 (written, so dx needs no separate zero fill).
 template <typename T, bool kRelu, typename R = typename RawOf<T>::type>
-FS_INLINE void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, const R* __restrict__ g,
-                 R* __restrict__ d0, R* __restrict__ d1, int64_t OW) {
+FS_INLINE void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1,
+                           const R* __restrict__ g, R* __restrict__ d0, R* __restrict__ d1,
+                           int64_t OW) {
   for (int64_t ow = 0; ow < OW; ++ow) {
     T m = value_of<T>(r0[2 * ow]);
     const T fb = value_of<T>(r0[2 * ow + 1]), fc = value_of<T>(r1[2 * ow]),
@@ -160,14 +165,9 @@ FS_INLINE void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1, c
     m = tc ? fc : m;
     const bool td = takes(fd, m);
     m = td ? fd : m;
-    const R g0 = g[ow];
-    // 0 + g: +-0 (all bits but the sign clear) becomes +0 and a signalling NaN quiet; anything
-    // else stays as it is
-    constexpr R kSign = R(1) << (8 * sizeof(R) - 1);
-    constexpr R kInf = std::is_same_v<T, float> ? R(0x7F800000u) : R(0x7FF0000000000000ull);
-    constexpr R kQuiet = std::is_same_v<T, float> ? R(1) << 22 : R(1) << 51;
-    R gv = keep_or_zero(static_cast<R>(g0 << 1) != 0, g0);
-    gv |= keep_or_zero((g0 & ~kSign) > kInf, kQuiet);
+    // ATen accumulates into zeros, 0 + g: -0 becomes +0, a signalling NaN quiet (and a
+    // denormal 0 under flush-to-zero, as there)
+    R gv = raw_of<R>(value_of<T>(g[ow]) + T(0));
     if constexpr (kRelu) gv = keep_or_zero(relu_passes(m), gv);
     // the last element that took the maximum is the one the scan picks
     d1[2 * ow + 1] = keep_or_zero(td, gv);
@@ -200,6 +200,7 @@ struct VecF {
 // N float32 values from N float32 (raw bits) or bfloat16 elements (widened: exact)
 template <int N, typename Raw>
 FS_INLINE typename VecF<N>::F load_vec(const Raw* p) {
+  static_assert(std::is_same_v<Raw, uint32_t> || std::is_same_v<Raw, uint16_t>);
   using F = typename VecF<N>::F;
   if constexpr (sizeof(Raw) == 4) {
     F v;
@@ -218,6 +219,7 @@ FS_INLINE typename VecF<N>::F load_vec(const Raw* p) {
 // canonical 0x7FC0, as `narrow` below)
 template <int N, typename Raw>
 FS_INLINE void store_vec(Raw* p, typename VecF<N>::F v) {
+  static_assert(std::is_same_v<Raw, uint32_t> || std::is_same_v<Raw, uint16_t>);
   if constexpr (sizeof(Raw) == 4) {
     std::memcpy(p, &v, sizeof(v));
   } else {
@@ -311,27 +313,49 @@ FS_INLINE void unpool_vec(const Raw* r0, const Raw* r1, const Raw* g, Raw* d0, R
   store_vec<N>(d1 + N, interleave<N, 1>(gc, gd));
 }
 
-// Calls step(ow) for window blocks covering [0, OW) (the last one overlapping); false if OW < 4
-// (the scalar rows then).
-template <int N, typename Step>
-FS_INLINE void cover(int64_t OW, Step step) {
+// A row's OW >= N windows in blocks of N, the last one overlapping the one before when N does
+// not divide OW (the windows it recomputes get the same values again).
+template <int N, bool kRelu, typename Raw>
+FS_INLINE void pool_blocks(const Raw* r0, const Raw* r1, Raw* out, int64_t OW) {
   int64_t ow = 0;
-  for (; ow + N <= OW; ow += N) step(ow);
-  if (ow < OW) step(OW - N);
+  for (; ow + N <= OW; ow += N) pool_vec<N, kRelu>(r0 + 2 * ow, r1 + 2 * ow, out + ow);
+  if (ow < OW) {
+    ow = OW - N;
+    pool_vec<N, kRelu>(r0 + 2 * ow, r1 + 2 * ow, out + ow);
+  }
+}
+
+template <int N, bool kRelu, typename Raw>
+FS_INLINE void unpool_blocks(const Raw* r0, const Raw* r1, const Raw* g, Raw* d0, Raw* d1,
+                             int64_t OW) {
+  int64_t ow = 0;
+  for (; ow + N <= OW; ow += N) {
+    unpool_vec<N, kRelu>(r0 + 2 * ow, r1 + 2 * ow, g + ow, d0 + 2 * ow, d1 + 2 * ow);
+  }
+  if (ow < OW) {
+    ow = OW - N;
+    unpool_vec<N, kRelu>(r0 + 2 * ow, r1 + 2 * ow, g + ow, d0 + 2 * ow, d1 + 2 * ow);
+  }
 }
 #endif
 
+#ifdef FS_POOL_VEC
+constexpr int64_t kVecMinWindows = 4;  // rows of fewer windows run the scalar code
+#else
+constexpr int64_t kVecMinWindows = std::numeric_limits<int64_t>::max();
+#endif
+
 // One 2x2 output row by vector steps (float32 raw bits or bfloat16 elements); false where they
-// do not apply (fewer than 4 windows, or not GCC): the caller runs the scalar row.
+// do not apply (fewer than kVecMinWindows windows): the caller runs the scalar row.
 template <bool kRelu, typename Raw>
 FS_INLINE bool pool_row2_vec(const Raw* r0, const Raw* r1, Raw* out, int64_t OW) {
 #ifdef FS_POOL_VEC
   if (OW >= 8) {
-    cover<8>(OW, [&](int64_t ow) { pool_vec<8, kRelu>(r0 + 2 * ow, r1 + 2 * ow, out + ow); });
+    pool_blocks<8, kRelu>(r0, r1, out, OW);
     return true;
   }
   if (OW >= 4) {
-    cover<4>(OW, [&](int64_t ow) { pool_vec<4, kRelu>(r0 + 2 * ow, r1 + 2 * ow, out + ow); });
+    pool_blocks<4, kRelu>(r0, r1, out, OW);
     return true;
   }
 #endif
@@ -343,24 +367,20 @@ FS_INLINE bool unpool_row2_vec(const Raw* r0, const Raw* r1, const Raw* g, Raw* 
                                int64_t OW) {
 #ifdef FS_POOL_VEC
   if (OW >= 8) {
-    cover<8>(OW, [&](int64_t ow) {
-      unpool_vec<8, kRelu>(r0 + 2 * ow, r1 + 2 * ow, g + ow, d0 + 2 * ow, d1 + 2 * ow);
-    });
+    unpool_blocks<8, kRelu>(r0, r1, g, d0, d1, OW);
     return true;
   }
   if (OW >= 4) {
-    cover<4>(OW, [&](int64_t ow) {
-      unpool_vec<4, kRelu>(r0 + 2 * ow, r1 + 2 * ow, g + ow, d0 + 2 * ow, d1 + 2 * ow);
-    });
+    unpool_blocks<4, kRelu>(r0, r1, g, d0, d1, OW);
     return true;
   }
 #endif
   return false;
 }
 
-// bfloat16 rows run through the float32 code: widening is exact (the bits shifted up); narrowing
-// the selected values back is too (their low bits are 0), except that a NaN becomes the canonical
-// 0x7FC0 as in ATen's float -> bfloat16 rounding.
+// The scalar bfloat16 rows run through the float32 code: widening is exact (the bits shifted
+// up); narrowing the selected values back is too (their low bits are 0), except that a NaN
+// becomes the canonical 0x7FC0 as in ATen's float -> bfloat16 rounding.
 FS_INLINE void widen(const uint16_t* __restrict__ src, uint32_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
 }
@@ -376,7 +396,7 @@ FS_CLONES_AVX2
 void pool_rows(const T* x, T* y, const PoolDims d, int64_t k, int64_t r0, int64_t r1) {
   using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  std::vector<uint32_t> buf(kBf16 ? 2 * d.W + d.OW : 0);
+  std::vector<uint32_t> buf(kBf16 && d.OW < kVecMinWindows ? 2 * d.W + d.OW : 0);
   int64_t plane = r0 / d.OH, oh = r0 % d.OH;
   for (int64_t r = r0; r < r1; ++r, oh = oh + 1 == d.OH ? 0 : oh + 1) {  // r = plane * OH + oh
     plane += r > r0 && oh == 0;
@@ -403,9 +423,11 @@ void pool_rows(const T* x, T* y, const PoolDims d, int64_t k, int64_t r0, int64_
       using R = typename RawOf<T>::type;
       const R* raw = reinterpret_cast<const R*>(in);
       R* rout = reinterpret_cast<R*>(out);
-      if (std::is_same_v<T, double> || !pool_row2_vec<kRelu>(raw, raw + d.W, rout, d.OW)) {
-        pool_row2<T, kRelu>(raw, raw + d.W, rout, d.OW);
+      bool done = false;
+      if constexpr (std::is_same_v<T, float>) {
+        done = pool_row2_vec<kRelu>(raw, raw + d.W, rout, d.OW);
       }
+      if (!done) pool_row2<T, kRelu>(raw, raw + d.W, rout, d.OW);
     }
   }
 }
@@ -419,7 +441,7 @@ void unpool_rows(const T* g, const T* x, T* dx, const PoolDims d, int64_t k, int
                  int64_t r1) {
   using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  std::vector<uint32_t> buf(kBf16 ? 4 * d.W + d.OW : 0);
+  std::vector<uint32_t> buf(kBf16 && d.OW < kVecMinWindows ? 4 * d.W + d.OW : 0);
   int64_t plane = r0 / d.OH, oh = r0 % d.OH;
   for (int64_t r = r0; r < r1; ++r, oh = oh + 1 == d.OH ? 0 : oh + 1) {
     plane += r > r0 && oh == 0;
@@ -452,10 +474,11 @@ void unpool_rows(const T* g, const T* x, T* dx, const PoolDims d, int64_t k, int
       using R = typename RawOf<T>::type;
       const R *raw = reinterpret_cast<const R*>(in), *graw = reinterpret_cast<const R*>(gr);
       R* draw = reinterpret_cast<R*>(dx + base);
-      if (std::is_same_v<T, double>
-          || !unpool_row2_vec<kRelu>(raw, raw + d.W, graw, draw, draw + d.W, d.OW)) {
-        unpool_row2<T, kRelu>(raw, raw + d.W, graw, draw, draw + d.W, d.OW);
+      bool done = false;
+      if constexpr (std::is_same_v<T, float>) {
+        done = unpool_row2_vec<kRelu>(raw, raw + d.W, graw, draw, draw + d.W, d.OW);
       }
+      if (!done) unpool_row2<T, kRelu>(raw, raw + d.W, graw, draw, draw + d.W, d.OW);
     }
     // the column the floor mode dropped (odd W) and the row below the last window (odd H)
     for (int64_t i = 0; i < 2 && d.W > 2 * d.OW; ++i) dx[base + i * d.W + d.W - 1] = T(0);

@@ -20,6 +20,9 @@
 #define FS_CLONES_AVX2
 #endif
 
+// FS_INLINE: a helper inlined into its (cloned) caller, so it is compiled for the clone's ISA
+#define FS_INLINE inline __attribute__((always_inline))
+
 namespace faststeal {
 namespace cpu {
 
