@@ -392,10 +392,11 @@ _WINDOW_VALUES = [0xFF800000, 0xBF800000, 0x80000000, 0x00000000, 0x3F800000, 0x
 @pytest.mark.parametrize("ow", [2, 3, 4, 5, 8, 9, 15, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("relu", [False, True], ids=["pool", "relu-pool"])
-def test_max_pool2d_every_window_in_every_lane(ow, dtype, relu):
+def test_max_pool2d_every_window_in_every_lane(seed_all, ow, dtype, relu):
     # all 8^4 windows of the values above (ties, signed zeros, all -inf, NaN orders and
-    # payloads), window j of plane p being window (p + j) mod 8^4: each one in every position of
-    # a row (every vector lane, the overlapped blocks, the scalar rows); odd W drops a column
+    # payloads: float32's; bfloat16 NaNs are compared as NaNs, see _same_bits), window j of plane
+    # p being window (p + j) mod 8^4: each one in every position of a row (every vector lane,
+    # the overlapped blocks, the scalar rows); odd W drops a column
     v = torch.tensor(_WINDOW_VALUES, dtype=torch.int64)
     n = len(_WINDOW_VALUES) ** 4
     digits = torch.arange(n).unsqueeze(1) // torch.tensor([512, 64, 8, 1]) % 8  # (n, 4): a b c d
@@ -411,8 +412,30 @@ def test_max_pool2d_every_window_in_every_lane(ow, dtype, relu):
     _same_bits(y, R.max_pool2d_fwd(x, 2, relu))
     g = torch.randn(y.shape).to(dtype)
     g.view(-1)[::5] = -0.0
+    g.view(-1)[1::7] = float("inf")
+    g.view(-1)[2::11] = -float("nan")
+    ints = g.view(torch.int32 if dtype == torch.float32 else torch.int16).view(-1)
+    ints[3::13] = 0x7F800001 if dtype == torch.float32 else 0x7F81  # signalling: 0 + g quiets
     dx = P.max_pool2d_bwd(g, x, 2, relu)
     _same_bits(dx, R.max_pool2d_bwd(g, x, 2, relu))
+    if dtype == torch.bfloat16:  # the kernel's bfloat16 NaNs are the canonical 0x7FC0
+        for t in (y, dx):
+            assert bool((t.view(torch.int16)[t.isnan()] == 0x7FC0).all())
+
+
+def test_max_pool2d_chunks_that_start_inside_a_plane(seed_all):
+    # 75 output rows (5 planes of 15) over 2 and 3 threads: the chunks start inside planes
+    threads = torch.get_num_threads()
+    x = _pool_input(1, 5, 30, 30, torch.float32, True)
+    g = torch.randn(1, 5, 15, 15)
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for relu in (False, True):
+                _same_bits(P.max_pool2d_fwd(x, 2, relu), R.max_pool2d_fwd(x, 2, relu))
+                _same_bits(P.max_pool2d_bwd(g, x, 2, relu), R.max_pool2d_bwd(g, x, 2, relu))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_max_pool2d_public_op(seed_all):

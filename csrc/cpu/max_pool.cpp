@@ -33,8 +33,9 @@
 #include "../ops.h"
 #include "vec_math.h"
 
-// Our compares never trap (no FP exceptions are enabled): let GCC turn the selects of the 2x2
-// rows into vector blends (under the default -ftrapping-math it keeps them as branches).
+// Our compares never trap (no FP exceptions are enabled): let GCC turn the selects of the scalar
+// 2x2 rows (float64, rows of fewer than 4 windows) into vector blends (under the default
+// -ftrapping-math it keeps them as branches).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -187,10 +188,13 @@ FS_INLINE void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1,
 // de-interleaves and a scalar tail); bfloat16 ~1.6x / 1.1-1.4x the widened scalar rows.
 #if defined(__GNUC__) && !defined(__clang__)
 #define FS_POOL_VEC 1
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector values only pass between inlined functions
+// vector values only pass between inlined functions (for the rest of this file: GCC reports
+// -Wpsabi where the templates are instantiated, at its end)
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 template <int N>
 struct VecF {
+  static_assert(N == 4 || N == 8, "split and interleave have the shuffles of 4 and 8 lanes");
   typedef float F __attribute__((vector_size(4 * N)));
   typedef int32_t I __attribute__((vector_size(4 * N)));
   typedef uint32_t U __attribute__((vector_size(4 * N)));
@@ -218,7 +222,7 @@ FS_INLINE typename VecF<N>::F load_vec(const Raw* p) {
 // stores N values loaded by load_vec (bfloat16: the high halves, exact for them; a NaN as the
 // canonical 0x7FC0, as `narrow` below)
 template <int N, typename Raw>
-FS_INLINE void store_vec(Raw* p, typename VecF<N>::F v) {
+FS_INLINE void store_vec(Raw* p, const typename VecF<N>::F& v) {
   static_assert(std::is_same_v<Raw, uint32_t> || std::is_same_v<Raw, uint16_t>);
   if constexpr (sizeof(Raw) == 4) {
     std::memcpy(p, &v, sizeof(v));
@@ -234,7 +238,8 @@ FS_INLINE void store_vec(Raw* p, typename VecF<N>::F v) {
 
 // the even (kOdd = 0) or odd elements of the 2N elements lo, hi
 template <int N, int kOdd>
-FS_INLINE typename VecF<N>::F split(typename VecF<N>::F lo, typename VecF<N>::F hi) {
+FS_INLINE typename VecF<N>::F split(const typename VecF<N>::F& lo,
+                                    const typename VecF<N>::F& hi) {
   using I = typename VecF<N>::I;
   if constexpr (N == 8) {
     return __builtin_shuffle(lo, hi, I{kOdd, 2 + kOdd, 4 + kOdd, 6 + kOdd, 8 + kOdd, 10 + kOdd,
@@ -246,7 +251,8 @@ FS_INLINE typename VecF<N>::F split(typename VecF<N>::F lo, typename VecF<N>::F 
 
 // element i of e, then element i of o, for i in [kHalf * N / 2, (kHalf + 1) * N / 2)
 template <int N, int kHalf>
-FS_INLINE typename VecF<N>::F interleave(typename VecF<N>::F e, typename VecF<N>::F o) {
+FS_INLINE typename VecF<N>::F interleave(const typename VecF<N>::F& e,
+                                         const typename VecF<N>::F& o) {
   using I = typename VecF<N>::I;
   constexpr int h = kHalf * N / 2;
   if constexpr (N == 8) {
@@ -348,13 +354,15 @@ constexpr int64_t kVecMinWindows = std::numeric_limits<int64_t>::max();
 // One 2x2 output row by vector steps (float32 raw bits or bfloat16 elements); false where they
 // do not apply (fewer than kVecMinWindows windows): the caller runs the scalar row.
 template <bool kRelu, typename Raw>
-FS_INLINE bool pool_row2_vec(const Raw* r0, const Raw* r1, Raw* out, int64_t OW) {
+FS_INLINE bool pool_row2_vec([[maybe_unused]] const Raw* r0, [[maybe_unused]] const Raw* r1,
+                             [[maybe_unused]] Raw* out, [[maybe_unused]] int64_t OW) {
 #ifdef FS_POOL_VEC
+  static_assert(kVecMinWindows == 4);
   if (OW >= 8) {
     pool_blocks<8, kRelu>(r0, r1, out, OW);
     return true;
   }
-  if (OW >= 4) {
+  if (OW >= kVecMinWindows) {
     pool_blocks<4, kRelu>(r0, r1, out, OW);
     return true;
   }
@@ -363,14 +371,16 @@ FS_INLINE bool pool_row2_vec(const Raw* r0, const Raw* r1, Raw* out, int64_t OW)
 }
 
 template <bool kRelu, typename Raw>
-FS_INLINE bool unpool_row2_vec(const Raw* r0, const Raw* r1, const Raw* g, Raw* d0, Raw* d1,
-                               int64_t OW) {
+FS_INLINE bool unpool_row2_vec([[maybe_unused]] const Raw* r0, [[maybe_unused]] const Raw* r1,
+                               [[maybe_unused]] const Raw* g, [[maybe_unused]] Raw* d0,
+                               [[maybe_unused]] Raw* d1, [[maybe_unused]] int64_t OW) {
 #ifdef FS_POOL_VEC
+  static_assert(kVecMinWindows == 4);
   if (OW >= 8) {
     unpool_blocks<8, kRelu>(r0, r1, g, d0, d1, OW);
     return true;
   }
-  if (OW >= 4) {
+  if (OW >= kVecMinWindows) {
     unpool_blocks<4, kRelu>(r0, r1, g, d0, d1, OW);
     return true;
   }
@@ -396,7 +406,8 @@ FS_CLONES_AVX2
 void pool_rows(const T* x, T* y, const PoolDims d, int64_t k, int64_t r0, int64_t r1) {
   using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  std::vector<uint32_t> buf(kBf16 && d.OW < kVecMinWindows ? 2 * d.W + d.OW : 0);
+  // float rows for the scalar bfloat16 2x2 rows only (the vector steps need none)
+  std::vector<uint32_t> buf(kBf16 && k == 2 && d.OW < kVecMinWindows ? 2 * d.W + d.OW : 0);
   int64_t plane = r0 / d.OH, oh = r0 % d.OH;
   for (int64_t r = r0; r < r1; ++r, oh = oh + 1 == d.OH ? 0 : oh + 1) {  // r = plane * OH + oh
     plane += r > r0 && oh == 0;
@@ -441,7 +452,7 @@ void unpool_rows(const T* g, const T* x, T* dx, const PoolDims d, int64_t k, int
                  int64_t r1) {
   using C = at::opmath_type<T>;
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  std::vector<uint32_t> buf(kBf16 && d.OW < kVecMinWindows ? 4 * d.W + d.OW : 0);
+  std::vector<uint32_t> buf(kBf16 && k == 2 && d.OW < kVecMinWindows ? 4 * d.W + d.OW : 0);
   int64_t plane = r0 / d.OH, oh = r0 % d.OH;
   for (int64_t r = r0; r < r1; ++r, oh = oh + 1 == d.OH ? 0 : oh + 1) {
     plane += r > r0 && oh == 0;
