@@ -19,7 +19,7 @@ run interleaved over ``--rounds`` rounds (faststeal first in even rounds, the lo
 ones); each reports its wall time and fidelity; the loop is timed without its victim queries
 (``loop``) and with them (``loop+queries``, the oracle's time measured once per round); each × is
 the loop's wall over the config's within one round, median over rounds (this VM changes speed
-by up to 5x between rounds). For
+by up to 5x between rounds; the last column lists the rounds' × loop). For
 all-Linear surrogates (mlp) each round also measures the GEMM+Adam floor of the run (see
 ``_gemm_adam_floor``): the run's matrix products alone plus the float32 Adam, whose × loop bounds
 what an implementation on ATen's GEMMs with a float32 optimiser could reach on this host.
@@ -329,8 +329,15 @@ def compare_markdown(res: dict[str, Any]) -> str:
         return common.paired_ratio({"round_ms": [ref[k] for k in both]},
                                    {"round_ms": [this[k] for k in both]})
 
+    def per_round(loop: list[dict], rows: list[dict]) -> str:
+        # the paired ratios the median is taken over, in round order: this VM's spread
+        ref = {r["round"]: r["wall_s"] for r in loop}
+        xs = [ref[r["round"]] / r["wall_s"] for r in sorted(rows, key=lambda r: r["round"])
+              if r["round"] in ref and r["wall_s"] > 0]
+        return " / ".join(f"{x:.2f}" for x in xs) or "—"
+
     head = ["surrogate", "S", "run", "wall s (min–max)", "fidelity % (mean)", "× loop",
-            "× loop+queries"]
+            "× loop+queries", "× loop per round"]
     body = []
     for (arch, s, who, prec), rs in sorted(groups.items()):
         walls = [r["wall_s"] for r in rs]
@@ -342,7 +349,8 @@ def compare_markdown(res: dict[str, Any]) -> str:
                      f"{min(walls):.1f}–{max(walls):.1f}",
                      "—" if who == "floor" else
                      f"{100 * sum(r['fidelity'] for r in rs) / len(rs):.2f}",
-                     common.fmt_x(x) if x else "—", common.fmt_x(xq) if xq else "—"])
+                     common.fmt_x(x) if x else "—", common.fmt_x(xq) if xq else "—",
+                     "—" if who == "loop" else per_round(loop, rs)])
     return (f"`steal()` Deep Ensemble vs the plain loop, {res['dataset']}, budget {res['budget']}, "
             f"{res['epochs']} epochs, {res['rounds']} interleaved round(s) (× = the loop's wall / "
             f"this run's wall in the same round, median over rounds; a GEMM+Adam floor row is the "

@@ -95,7 +95,10 @@ def test_bench_e2e_speedups_are_paired_per_round():
     md = bench_e2e.compare_markdown({"rows": rows, "budget": 1, "epochs": 1, "rounds": 3,
                                      "dataset": "x"})
     line = next(ln for ln in md.splitlines() if "faststeal[fp32]" in ln)
-    assert line.endswith("| 2.00× | 2.05× |")  # loop+queries: 41/20, 11/5, 13/40
+    # loop+queries: 41/20, 11/5, 13/40; then each round's x loop
+    assert line.endswith("| 2.00× | 2.05× | 2.00 / 2.00 / 0.30 |")
+    loop_line = next(ln for ln in md.splitlines() if "plain loop" in ln)
+    assert loop_line.endswith("| 1.00× | 1.08× | — |")  # 41/40, 11/10, 13/12: median 1.08
 
 
 def test_gemm_adam_floor_times_the_runs_products(monkeypatch):
