@@ -97,7 +97,7 @@ def test_bench_e2e_speedups_are_paired_per_round():
     line = next(ln for ln in md.splitlines() if "faststeal[fp32]" in ln)
     # loop+queries: 41/20, 11/5, 13/40; then each round's x loop
     assert line.endswith("| 2.00× | 2.05× | 2.00 / 2.00 / 0.30 |")
-    loop_line = next(ln for ln in md.splitlines() if "plain loop" in ln)
+    loop_line = next(ln for ln in md.splitlines() if "| plain loop |" in ln)
     assert loop_line.endswith("| 1.00× | 1.08× | — |")  # 41/40, 11/10, 13/12: median 1.08
 
 
