@@ -2,8 +2,8 @@
 // floor mode) of a contiguous NCHW float32 / float64 / bfloat16 tensor: the pooling of the zoo's
 // CNNs and of most user CNNs (nn.MaxPool2d(2)). It exists because ATen's CPU
 // max_pool2d_with_indices on NCHW costs ~10x one elementwise pass over its input (it writes int64
-// indices from a loop that does not vectorize; docs/benchmarks.md, "The CNN pooling and the
-// op-call overhead"). float16 is left to ATen (faststeal/ops/cpp_backend.py).
+// indices from a loop that does not vectorize; measured on a 2-vCPU Intel Xeon, family 6 model
+// 207, AVX-512/AMX: docs/benchmarks.md, "The CNN pooling and the op-call overhead"). float16 is left to ATen (faststeal/ops/cpp_backend.py).
 //
 // Semantics are ATen's, bit for bit (tests/test_ops_cpp.py compares the bits; bfloat16 NaN
 // payloads aside): each window is scanned row-major and an element replaces the running maximum
@@ -183,9 +183,11 @@ FS_INLINE void unpool_row2(const R* __restrict__ r0, const R* __restrict__ r1,
 // the windows' a b / c d elements and runs the scan above as lane-wise compares and selects
 // (selects copy bits, so NaN payloads and signed zeros stay what the scalar code gives). Rows of
 // the zoo's maps are short (OW = 14, 5): instead of a scalar remainder the last step re-runs the
-// row's final N windows, overlapping the previous step (same values written twice). float32
-// forward ~4x, backward ~3.5x the scalar rows (whose loops GCC vectorizes only for OW >= 8, with
-// de-interleaves and a scalar tail); bfloat16 ~1.6x / 1.1-1.4x the widened scalar rows.
+// row's final N windows, overlapping the previous step (same values written twice). On that Intel
+// Xeon host (AVX2 clone, 2 threads, the lenet pools): float32 forward ~4x, backward ~3.5x the
+// scalar rows (whose loops GCC vectorizes only for OW >= 8, with de-interleaves and a scalar
+// tail); bfloat16 ~1.6x / 1.1-1.4x the widened scalar rows (docs/benchmarks.md, "The pooling
+// rows vectorised").
 #if defined(__GNUC__) && !defined(__clang__)
 #define FS_POOL_VEC 1
 // vector values only pass between inlined functions (for the rest of this file: GCC reports
