@@ -69,6 +69,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "NCHW x", py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
   m.def("max_pool2d_bwd_cpu", &c::max_pool2d_bwd, "dx of max_pool2d_fwd_cpu", py::arg("grad_y"),
         py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
+  m.def("conv2d_direct_isa", &c::conv2d_direct_isa,
+        "the vector ISA conv2d_direct runs on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 none "
+        "(unavailable)");
+  m.def("conv2d_direct_fwd_cpu", &c::conv2d_direct_fwd,
+        "S stacked stride-1 convolutions (S,B,C,H,W) x (S,O,C,KH,KW) -> (S,B,O,Ho,Wo)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("ph"), py::arg("pw"),
+        py::arg("isa") = 0);
+  m.def("conv2d_direct_dw_cpu", &c::conv2d_direct_dw,
+        "(dweight, dbias or None) of conv2d_direct_fwd_cpu", py::arg("grad_y"), py::arg("x"),
+        py::arg("kh"), py::arg("kw"), py::arg("ph"), py::arg("pw"), py::arg("need_bias"),
+        py::arg("isa") = 0);
 
 #ifdef WITH_CUDA
   faststeal::bind_cuda(m);

@@ -24,6 +24,18 @@ at::Tensor max_pool2d_fwd(const at::Tensor& x, int64_t kernel_size, bool relu);
 at::Tensor max_pool2d_bwd(const at::Tensor& grad_y, const at::Tensor& x, int64_t kernel_size,
                           bool relu);
 
+// CPU only (csrc/cpu/conv_direct.cpp): S stacked stride-1 convolutions of float32 images computed
+// directly (vector FMAs along output rows), x (S,B,C,H,W), weight (S,O,C,KH,KW), bias (S,O) or
+// none, zero padding (ph, pw) smaller than the kernel, KW <= 7. isa: 0 the best this CPU has,
+// 1 AVX2+FMA, 2 AVX-512; conv2d_direct_isa() is the best (0: none, the op is unavailable).
+int64_t conv2d_direct_isa();
+at::Tensor conv2d_direct_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                             int64_t ph, int64_t pw, int64_t isa);
+// (dweight (S,O,C,KH,KW), dbias (S,O) or, without need_bias, an undefined tensor (None))
+std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, const at::Tensor& x,
+                                                    int64_t kh, int64_t kw, int64_t ph,
+                                                    int64_t pw, bool need_bias, int64_t isa);
+
 // Which library runs the CPU ops' GEMMs on the calling thread (csrc/cpu/gemm.cpp): chosen by
 // Python's measured dispatch (faststeal/ops/tuning.py) around each call. Returns the previous.
 enum class GemmPath : int { kDefault = 0, kOneDNN = 1, kBmm = 2, kMm = 3 };

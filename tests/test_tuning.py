@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from faststeal import _ext, ops
 from faststeal.nn import EnsembleConv2d
 from faststeal.nn.layers import default_conv_strategy, ensemble_conv2d
-from faststeal.ops import dispatch, tuning
+from faststeal.ops import conv_direct, dispatch, tuning
 from tolerances import assert_close
 
 needs_ext = pytest.mark.skipif(_ext.C is None, reason=f"faststeal._C is not built "
@@ -77,6 +77,29 @@ def test_corrupt_cache_is_ignored_with_a_warning(tuned):
     assert tuning.tunings_run == before + 1  # measured again ...
     assert "decisions" in json.loads(open(path).read())  # ... and the file rewritten
     assert_close(y, ops.reference.ensemble_linear_fwd(x, w, b, act, 0.0, 0)[0])
+
+
+def test_decision_cached_among_other_candidates_is_measured_again(tuned):
+    # a cache written before a candidate existed (an older faststeal: the conv strategies before
+    # 'direct') must not pin the old winner
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2, 6, 6)
+    w = torch.randn(3, 4, 2, 3, 3)
+    ensemble_conv2d(x, w, None, (1, 1), (0, 0))
+    path = tuning.cache_path()
+    data = json.loads(open(path).read())
+    (key,) = [k for k in data["decisions"] if k.startswith("ensemble_conv2d|")]
+    data["decisions"][key] = {"choice": "grouped", "times_ms": {"grouped": 1.0},
+                              "default": False}  # no "names": written by the older version
+    with open(path, "w") as f:
+        json.dump(data, f)
+    tuning.clear()
+    before = tuning.tunings_run
+    ensemble_conv2d(x, w, None, (1, 1), (0, 0))
+    assert tuning.tunings_run == before + 1
+    assert tuning.decisions()[key]["names"] == ["grouped", "unfold", "loop", "direct"]
+    ensemble_conv2d(x, w, None, (1, 1), (0, 0))  # now current: read, not measured
+    assert tuning.tunings_run == before + 1
 
 
 def test_tuning_off_takes_the_documented_default(monkeypatch):
@@ -142,7 +165,10 @@ def test_conv_auto_measures_the_strategies_once(tuned):
     ensemble_conv2d(x, w, None, (1, 1), (0, 0))
     assert tuning.tunings_run == before + 1
     (d,) = [v for k, v in tuning.decisions().items() if k.startswith("ensemble_conv2d|")]
-    assert set(d["times_ms"]) == {"grouped", "unfold", "loop"}
+    # 'direct' is timed where it can run (float32, stride 1, an AVX2/AVX-512 CPU)
+    assert set(d["times_ms"]) == {"grouped", "unfold", "loop"} | \
+        ({"direct"} if conv_direct.isa() else set())
+    assert d["names"] == ["grouped", "unfold", "loop", "direct"]
 
 
 @pytest.mark.parametrize("dilation,groups", [((2, 2), 1), ((1, 1), 2)])

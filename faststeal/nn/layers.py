@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..checks import positive_int
-from ..ops import tuning
+from ..ops import conv_direct, tuning
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -249,7 +249,7 @@ def _check_index(i, members: int) -> None:
 
 # ----------------------------------------------------------------------------- conv
 
-CONV_STRATEGIES = ("auto", "grouped", "unfold", "loop")
+CONV_STRATEGIES = ("auto", "grouped", "unfold", "loop", "direct")
 CONV_ENV = "FASTSTEAL_CONV_STRATEGY"
 
 
@@ -297,7 +297,10 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                     folded)
                 y.backward(torch.ones_like(y))
 
-        return {n: (lambda n=n: run(n)) for n in names if plain or n != "unfold"}
+        direct_ok = conv_direct.unavailable_reason(x, weight, stride, padding, dilation,
+                                                   groups) is None
+        return {n: (lambda n=n: run(n)) for n in names
+                if (plain or n != "unfold") and (direct_ok or n != "direct")}
 
     return tuning.decide("ensemble_conv2d", x.device.type, shape, candidates,
                          default_conv_strategy(x), names, force_env=CONV_ENV)
@@ -323,6 +326,10 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
       a shared input needs no groups at all (the S filter banks are concatenated).
     ``unfold``  members folded into a batched GEMM: im2col (``F.unfold``) then ``torch.bmm``.
     ``loop``    one ``F.conv2d`` per member (the baseline people write).
+    ``direct``  the C++ CPU kernel :func:`faststeal.ops.conv_direct.conv2d_direct` (vector FMAs
+      along output rows): stacked float32 input, stride 1, no dilation or groups, padding
+      smaller than the kernel, kernels up to 7 wide, an AVX2+FMA or AVX-512 CPU; ValueError
+      (with the reason) elsewhere. ``auto`` times it only where it can run.
     """
     s, co, ci, kh, kw = weight.shape  # ci: input channels per group
     shared = x.dim() == 4
@@ -366,6 +373,11 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         if bias is not None:
             y = y + bias.unsqueeze(-1)
         return y.view(s, co, b, ho, wo).transpose(1, 2)
+    if strategy == "direct":
+        why = conv_direct.unavailable_reason(x, weight, stride, padding, dilation, groups)
+        if why is not None:
+            raise ValueError(f"strategy 'direct' cannot run this convolution: {why}")
+        return conv_direct.conv2d_direct(x, weight, bias, padding)
     if strategy == "loop":
         # unbind, not x[i]: the backward of S selects would zero-fill and add S full-size input
         # gradients (O(S^2) memory traffic); unbind's backward is one stack

@@ -276,14 +276,17 @@ def decide(point: str, device_type: str, shape: str,
         if hit is None:
             _load_disk()
             hit = _decisions.get(key)
-        if hit is not None and hit["choice"] in names:
+        # reused only if measured among the same candidates: a decision cached before a new
+        # candidate existed (an older faststeal) is measured again
+        if hit is not None and hit["choice"] in names and hit.get("names") == list(names):
             return hit["choice"]
         if cannot_time(device_type):
             return default
         cands = dict(candidates())
         if len(cands) <= 1:
             choice = next(iter(cands), default)
-            _decisions[key] = {"choice": choice, "times_ms": {}, "default": True}
+            _decisions[key] = {"choice": choice, "times_ms": {}, "default": True,
+                               "names": list(names)}
             return choice
         _announce()
         global tunings_run
@@ -295,7 +298,7 @@ def decide(point: str, device_type: str, shape: str,
         _decisions[key] = {"choice": choice,
                            "times_ms": {n: (round(t, 4) if math.isfinite(t) else None)
                                         for n, t in times.items()},
-                           "default": False}
+                           "default": False, "names": list(names)}
         _save_disk()
         return choice
 
