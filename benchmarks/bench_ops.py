@@ -232,13 +232,59 @@ def pool_cases(n: int, c: int, h: int, w: int, dtype, device, size: str) -> list
                  tags={"size": size, "N": n, "C": c, "H": h, "W": w})]
 
 
+def conv_cases(s: int, b: int, c: int, o: int, hw: int, k: int, pad: int, x_grad: bool, device,
+               size: str) -> list[Case]:
+    """A stacked conv's forward+backward as in a training step (the weight and bias gradients,
+    and the input's where it needs one): faststeal's ``ensemble_conv2d`` with the strategy the
+    tuner picks on this host (``direct``, ``loop``, ``grouped`` or ``unfold``) against the two
+    ATen formulations a user writes — one ``F.conv2d`` per member (the reference) and one grouped
+    ``F.conv2d`` over the member-folded channels."""
+    ho = hw + 2 * pad - k + 1
+
+    def make():
+        return {"x": torch.randn(s, b, c, hw, hw, device=device).requires_grad_(x_grad),
+                "w": (torch.randn(s, o, c, k, k, device=device) / math.sqrt(c * k * k))
+                .requires_grad_(True),
+                "b": torch.randn(s, o, device=device).requires_grad_(True),
+                "g": torch.randn(s, b, o, ho, ho, device=device)}
+
+    def grads(d, y):
+        inputs = ((d["x"],) if x_grad else ()) + (d["w"], d["b"])
+        return torch.cat([t.reshape(-1) for t in _grads(y, inputs, d["g"])])
+
+    def fs(d):
+        from faststeal.nn.layers import ensemble_conv2d
+        return grads(d, ensemble_conv2d(d["x"], d["w"], d["b"], (1, 1), (pad, pad)))
+
+    def loop(d):
+        return grads(d, torch.stack([F.conv2d(d["x"][i], d["w"][i], d["b"][i], padding=pad)
+                                     for i in range(s)]))
+
+    def grouped(d):
+        xt = d["x"].transpose(0, 1).reshape(b, s * c, hw, hw)
+        y = F.conv2d(xt, d["w"].reshape(s * o, c, k, k), d["b"].reshape(-1), padding=pad,
+                     groups=s)
+        return grads(d, y.view(b, s, o, ho, ho).transpose(0, 1))
+
+    flops = 2.0 * s * b * o * c * k * k * ho * ho * (3 if x_grad else 2)
+    nbytes = 4 * s * b * (2 * c * hw * hw + 2 * o * ho * ho) + 8 * s * o * c * k * k
+    return [Case("ensemble_conv2d fwd+bwd",
+                 f"S={s} B={b} {c}->{o} {hw}x{hw} k={k} pad={pad}"
+                 f"{'' if x_grad else ' (no dx)'} float32", torch.float32, flops, nbytes, make,
+                 fs, {"F.conv2d per member": loop, "F.conv2d grouped": grouped},
+                 deterministic_composites=("F.conv2d per member",),
+                 tags={"size": size, "S": s, "B": b})]
+
+
 PRESETS = {
     # (linear (S, B, K, N, p, size, dtypes), bayes (S, B, K, N, size), stats (S, B, C, size),
     #  xent (S, B, C, size), optional pool (N, C, H, W, size; CPU: the lenet S=5 batch-128
-    #  pooling), min_run_time t, optional interleaved rounds (default 3))
+    #  pooling), optional conv (S, B, C, O, HW, k, pad, x_grad, size), min_run_time t, optional
+    #  interleaved rounds (default 3))
     "smoke": dict(linear=[(2, 8, 16, 8, 0.1, "small")], bayes=[(2, 8, 16, 8, "small")],
                   stats=[(2, 64, 10, "small")], xent=[(2, 64, 10, "small")],
-                  pool=[(8, 3, 8, 8, "small")], t=0.01),
+                  pool=[(8, 3, 8, 8, "small")], conv=[(2, 4, 1, 3, 8, 3, 1, False, "small")],
+                  t=0.01),
     "cpu-quick": dict(linear=[(16, 32, 784, 512, 0.1, "small"), (16, 128, 784, 512, 0.0, "large")],
                       bayes=[(16, 128, 784, 512, "small")],
                       stats=[(16, 8192, 10, "target")], xent=[(16, 128, 10, "small")],
@@ -254,6 +300,11 @@ PRESETS = {
                          # ratio is one round's): these VMs change speed by up to 5x for seconds
                          # at a time (docs/benchmarks.md)
                          rounds=13),
+    # the zoo lenet's two convolutions at S=5, batch 128, as in its training step (the first
+    # without an input gradient)
+    "cpu-conv": dict(linear=[], bayes=[], stats=[], xent=[],
+                     conv=[(5, 128, 1, 6, 28, 5, 2, False, "large"),
+                           (5, 128, 6, 16, 14, 5, 0, True, "small")], t=0.3, rounds=7),
     # the zoo lenet's two poolings at S=5, batch 128 (the member-folded 640-row batch)
     "cpu-pool": dict(linear=[], bayes=[], stats=[], xent=[],
                      pool=[(640, 6, 28, 28, "large"), (640, 16, 10, 10, "small")], t=0.3,
@@ -299,6 +350,8 @@ def build_cases(preset: str, device: torch.device) -> list[Case]:
         cases += bayes_cases(s, b, k, n, torch.float32, device, size)
     for s, b, c, size in cfg["xent"]:
         cases += xent_cases(s, b, c, device, size)
+    for args in cfg.get("conv", ()):
+        cases += conv_cases(*args[:-1], device, args[-1])
     for n, c, h, w, size in cfg.get("pool", ()):
         cases += pool_cases(n, c, h, w, torch.float32, device, size)
         if cfg.get("bf16"):

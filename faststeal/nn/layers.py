@@ -400,7 +400,9 @@ class EnsembleConv2d(nn.Module):
     on the host the first time a shape class is seen and keeps the fastest
     (:func:`conv_strategy`; ``FASTSTEAL_CONV_STRATEGY`` forces one; with ``FASTSTEAL_TUNE=0`` it is
     ``loop`` for a stacked input on the CPU and ``grouped`` otherwise, from these measurements);
-    ``grouped``, ``unfold`` and ``loop`` stay selectable. Measured 2026-11-26 (float32, B=128,
+    ``grouped``, ``unfold``, ``loop`` and ``direct`` (the C++ CPU kernel
+    :func:`faststeal.ops.conv_direct.conv2d_direct`, where it can run) stay selectable. Measured
+    2026-11-26 (float32, B=128,
     28x28x1 input, one training step = forward + cross-entropy + backward of the whole stacked
     model, median ms):
 
