@@ -14,18 +14,28 @@ from faststeal.nn.layers import ensemble_conv2d
 from faststeal.ops import conv_direct
 from tolerances import assert_close
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     conv_direct.isa() == 0,
     reason=f"conv2d_direct needs the extension and an AVX2+FMA or AVX-512 CPU "
-           f"({_ext.LOAD_ERROR or 'this CPU has neither'})")
+           f"({_ext.LOAD_ERROR or 'this CPU has neither'})"), pytest.mark.usefixtures("poison")]
 
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(conv_direct.isa() < i, reason=f"no {n} here"),
                      id=n) for i, n in ((1, "avx2"), (2, "avx512"))]
 
-# (S, B, C, O, H, W, KH, KW, ph, pw): lenet's two convs; output widths around both vector sizes
-# (8, 16) and their multiples (tiles of 32 columns and a partial one), 1..7 wide kernels,
-# output-channel counts that need every block size and a remainder, a 1x1 everything.
+# (S, B, C, O, H, W, KH, KW, ph, pw): lenet's two convs (and its first without padding: a partial
+# weight-gradient tile on AVX2); output widths around both vector sizes (8, 16) and their
+# multiples (tiles of 32 columns and a partial one), 1..7 wide kernels, output-channel counts
+# that take block sizes 1-16 of both ISAs (AVX-512 rows of 1-2 vectors, AVX2 rows of 1-4), a 1x1
+# everything.
 SHAPES = [
+    (2, 2, 1, 6, 28, 28, 5, 5, 0, 0),
+    (1, 1, 1, 8, 4, 20, 3, 3, 1, 1),
+    (1, 2, 2, 7, 3, 12, 2, 2, 0, 0),
+    (1, 2, 1, 3, 5, 14, 3, 3, 1, 1),
+    (1, 1, 1, 8, 5, 6, 2, 2, 0, 1),
+    (1, 1, 1, 10, 3, 22, 3, 1, 1, 0),
+    (1, 1, 2, 1, 3, 22, 3, 3, 1, 1),
+    (1, 1, 1, 3, 2, 40, 2, 2, 1, 0),
     (2, 3, 1, 6, 28, 28, 5, 5, 2, 2),
     (2, 2, 6, 16, 14, 14, 5, 5, 0, 0),
     (1, 2, 3, 5, 9, 37, 3, 3, 1, 1),
@@ -42,16 +52,8 @@ SHAPES = [
 
 
 def _ref(x, w, b, padding):
-    """The loop strategy in float64: the oracle."""
-    return torch.stack([F.conv2d(x[s], w[s], None if b is None else b[s], padding=padding)
-                        for s in range(x.shape[0])])
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    _ext.C._set_poison_outputs(True)
-    yield
-    _ext.C._set_poison_outputs(False)
+    """The oracle: the ``loop`` strategy (one F.conv2d per member), run in float64 by callers."""
+    return ensemble_conv2d(x, w, b, (1, 1), padding, "loop")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -82,6 +84,47 @@ def test_kernels_match_the_reference(seed_all, isa, shape):
     assert_close(dx, xd.grad.float(), what="dx")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wo", [7, 12, 20, 24, 28, 40, 50])
+def test_non_finite_inputs_reach_exactly_the_outputs_they_reach_in_aten(seed_all, isa, wo):
+    # an inf in the last input column: the lanes of a partial row tile past the output width must
+    # neither read it (0 * inf = NaN) nor anything past the row
+    x = torch.randn(2, 3, 2, 6, wo + 2)
+    x[:, :, 1, 3, -1] = float("inf")
+    x[:, 1, 0, 0, -2] = float("nan")
+    w = torch.randn(2, 4, 2, 3, 3)
+    g = torch.randn(2, 3, 4, 6, wo)
+    wr = w.double().requires_grad_()
+    br = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    _ref(x.double(), wr, br, (1, 0)).backward(g.double())
+    dw, db = _ext.C.conv2d_direct_dw_cpu(g, x, 3, 3, 1, 0, True, isa)
+    assert torch.equal(dw.isfinite(), wr.grad.isfinite())
+    assert not dw.isfinite().all()
+    ok = wr.grad.isfinite()
+    assert_close(dw[ok], wr.grad[ok].float(), what="the finite dweight entries")
+    assert_close(db, br.grad.float(), what="dbias")
+    y = _ext.C.conv2d_direct_fwd_cpu(x, w, None, 1, 0, isa)
+    r = _ref(x.double(), w.double(), None, (1, 0))
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isinf(), r.isinf())
+
+
+def test_empty_batches_and_members(seed_all):
+    C = _ext.C
+    for s, b in ((0, 3), (2, 0)):
+        x, g = torch.randn(s, b, 2, 8, 8), torch.randn(s, b, 4, 8, 8)
+        w = torch.randn(s, 4, 2, 3, 3)
+        assert C.conv2d_direct_fwd_cpu(x, w, torch.randn(s, 4), 1, 1).shape == (s, b, 4, 8, 8)
+        dw, db = C.conv2d_direct_dw_cpu(g, x, 3, 3, 1, 1, True)
+        assert dw.shape == (s, 4, 2, 3, 3) and db.shape == (s, 4)
+        assert (dw == 0).all() and (db == 0).all()
+    with pytest.raises(RuntimeError, match="at least one channel, row and column"):
+        C.conv2d_direct_fwd_cpu(torch.randn(1, 2, 0, 8, 8), torch.randn(1, 4, 0, 3, 3), None, 1,
+                                1)
+    why = conv_direct.unavailable_reason(torch.randn(1, 2, 3, 0, 8), torch.randn(1, 4, 3, 3, 3),
+                                         (1, 1), (1, 1), (1, 1), 1)
+    assert "at least one channel, row and column" in why
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_weight_gradient_partial_sums_do_not_depend_on_threads(seed_all, threads):
     # the weight gradient is summed in image groups whose count follows the thread count
@@ -101,9 +144,12 @@ def test_weight_gradient_partial_sums_do_not_depend_on_threads(seed_all, threads
 
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_public_op_gradients_match_the_loop(seed_all, x_grad, bias):
+@pytest.mark.parametrize("w_grad", [True, False])
+def test_public_op_gradients_match_the_loop(seed_all, x_grad, bias, w_grad):
+    if not (x_grad or w_grad or bias):
+        pytest.skip("nothing to differentiate")
     x = torch.randn(3, 4, 2, 10, 12, requires_grad=x_grad)
-    w = torch.randn(3, 5, 2, 3, 5, requires_grad=True)
+    w = torch.randn(3, 5, 2, 3, 5, requires_grad=w_grad)
     b = torch.randn(3, 5, requires_grad=True) if bias else None
     y = conv_direct.conv2d_direct(x, w, b, (1, 2))
     g = torch.randn(y.shape)
@@ -115,7 +161,7 @@ def test_public_op_gradients_match_the_loop(seed_all, x_grad, bias):
     ref_grads = torch.autograd.grad(yr, [t for t in refs if t is not None and t.requires_grad],
                                     g.double())
     assert_close(y, yr.detach().float(), what="y")
-    assert len(grads) == len(ref_grads) == 1 + x_grad + bias
+    assert len(grads) == len(ref_grads) == x_grad + w_grad + bias
     for got, want in zip(grads, ref_grads):
         assert_close(got, want.float(), what="grad")
 
@@ -134,6 +180,10 @@ def test_custom_op_and_eager_twin_agree(seed_all):
             torch.randn(2, 4, 1, 3, 3, requires_grad=True), torch.randn(2, 4, requires_grad=True),
             1, 1)
     torch.library.opcheck(torch.ops.faststeal.conv2d_direct.default, args,
+                          atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.faststeal.conv2d_direct.default,
+                          (torch.randn(2, 3, 2, 7, 9, requires_grad=True),
+                           torch.randn(2, 3, 2, 3, 5, requires_grad=True), None, 0, 2),
                           atol=1e-4, rtol=1e-4)
     torch.library.opcheck(torch.ops.faststeal.conv2d_direct_weight_grad.default,
                           (torch.randn(2, 3, 4, 8, 8), torch.randn(2, 3, 1, 8, 8), 3, 3, 1, 1),
@@ -155,6 +205,33 @@ def test_direct_strategy_of_the_stacked_conv(seed_all, folded):
     assert_close(conv.weight.grad, base.weight.grad, what="dweight")
     assert_close(conv.bias.grad, base.bias.grad, what="dbias")
     assert_close(xs[1].grad, xs[0].grad, what="dx")
+
+
+def test_direct_strategy_under_no_grad_and_in_the_tuner(seed_all, monkeypatch, tmp_path):
+    conv = EnsembleConv2d(2, 1, 6, 5, padding=2, strategy="direct")
+    x = torch.randn(2, 8, 1, 12, 12)
+    with torch.no_grad():
+        y = conv(x)
+    assert not y.requires_grad
+    assert_close(y, _ref(x, conv.weight.detach(), conv.bias.detach(), (2, 2)), what="y")
+    # tuned: 'direct' is a candidate here, and a kernel it cannot run (8 wide) of the same
+    # power-of-two shape class is decided separately instead of reusing its decision
+    from faststeal.ops import tuning
+    monkeypatch.setenv("FASTSTEAL_TUNE", "1")
+    monkeypatch.setenv("FASTSTEAL_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "BUDGET_S", 0.01)
+    tuning.clear()
+    try:
+        w5, w8 = torch.randn(2, 6, 1, 5, 5), torch.randn(2, 6, 1, 5, 8)
+        with torch.no_grad():
+            ensemble_conv2d(x, w5, None, (1, 1), (2, 2))
+            y8 = ensemble_conv2d(x, w8, None, (1, 1), (2, 2))
+        times = [d["times_ms"] for k, d in tuning.decisions().items()
+                 if k.startswith("ensemble_conv2d|")]
+        assert sorted("direct" in t for t in times) == [False, True]
+        assert_close(y8, _ref(x, w8, None, (2, 2)), what="the 5x8 conv")
+    finally:
+        tuning.clear()
 
 
 @pytest.mark.parametrize("kwargs,call,match", [

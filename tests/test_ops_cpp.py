@@ -16,8 +16,9 @@ from faststeal.ops import reference as R
 from faststeal.ops import rng, use_backend
 from tolerances import assert_close
 
-pytestmark = pytest.mark.skipif(
-    _ext.C is None, reason=f"faststeal._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}")
+pytestmark = [pytest.mark.skipif(
+    _ext.C is None, reason=f"faststeal._C is not built ({_ext.LOAD_ERROR}); {_ext.BUILD_HINT}"),
+    pytest.mark.usefixtures("poison")]
 
 if _ext.C is not None:
     from faststeal.ops import cpp_backend as P
@@ -27,16 +28,6 @@ LINEAR_SHAPES = [(1, 1, 1, 1), (2, 3, 97, 123), (5, 97, 123, 3), (16, 3, 97, 123
                  (16, 123, 3, 1), (5, 1025, 97, 3)]
 # (S, B, C)
 STATS_SHAPES = [(1, 1, 1), (2, 3, 97), (5, 97, 3), (16, 123, 10), (16, 1025, 3), (5, 3, 123)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    if _ext.C is None:
-        yield
-        return
-    _ext.C._set_poison_outputs(True)
-    yield
-    _ext.C._set_poison_outputs(False)
 
 
 def linear_inputs(S, B, K, N, shared, bias, dtype=torch.float32):

@@ -108,13 +108,6 @@ def _cuda():
     return G
 
 
-@pytest.fixture
-def poison():
-    _ext.C._set_poison_outputs(True)
-    yield
-    _ext.C._set_poison_outputs(False)
-
-
 def assert_stats_close(got, want):
     """MemberStats fields: ``pred`` identical, the others within the float32 tolerance."""
     for name, a, e in zip(R.MemberStats._fields, got, want):

@@ -143,16 +143,19 @@ ConvDims conv_dims(const at::Tensor& x, int64_t O, int64_t KH, int64_t KW, int64
   return d;
 }
 
-void check_geometry(const Target& t, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t ph,
-                    int64_t pw) {
+void check_geometry(const Target& t, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                    int64_t ph, int64_t pw) {
+  TORCH_CHECK(C >= 1 && H >= 1 && W >= 1, t.fn, ": x must have at least one channel, row and ",
+              "column, got C = ", C, ", H = ", H, ", W = ", W);
   TORCH_CHECK(KH >= 1 && KW >= 1 && KW <= kMaxKW, t.fn, ": the kernel must be KH x KW with ",
               "KH >= 1 and 1 <= KW <= ", kMaxKW, ", got ", KH, " x ", KW);
   TORCH_CHECK(ph >= 0 && ph < KH && pw >= 0 && pw < KW, t.fn, ": padding (", ph, ", ", pw,
               ") must be >= 0 and smaller than the kernel (", KH, ", ", KW, ")");
   TORCH_CHECK(H + 2 * ph >= KH && W + 2 * pw >= KW, t.fn, ": the padded image (", H + 2 * ph,
               " x ", W + 2 * pw, ") is smaller than the kernel (", KH, " x ", KW, ")");
-  TORCH_CHECK((H + 2 * ph) * (W + 2 * pw + 64) < (int64_t{1} << 30), t.fn,
-              ": the image is too large for this kernel (", H, " x ", W, ")");
+  // the vector offsets into a padded image are int: C * Hp * Wp (Wp < W + 2*pw + 64 + KW)
+  TORCH_CHECK(C * (H + 2 * ph) * (W + 2 * pw + 64 + KW) < (int64_t{1} << 31), t.fn,
+              ": the image is too large for this kernel (C = ", C, ", ", H, " x ", W, ")");
 }
 
 }  // namespace
@@ -174,7 +177,7 @@ at::Tensor conv2d_direct_fwd(const at::Tensor& x, const at::Tensor& weight, cons
               ": weight must be (S, O, C, KH, KW) with S = ", x.size(0), " and C = ", x.size(2),
               " of x (S, B, C, H, W), got sizes ", weight.sizes(), " for x of sizes ", x.sizes());
   const int64_t O = weight.size(1), KH = weight.size(3), KW = weight.size(4);
-  check_geometry(t, x.size(3), x.size(4), KH, KW, ph, pw);
+  check_geometry(t, x.size(2), x.size(3), x.size(4), KH, KW, ph, pw);
   if (bias.has_value()) {
     check_float(t, *bias, "bias", {2});
     TORCH_CHECK(bias->size(0) == x.size(0) && bias->size(1) == O, t.fn, ": bias must be (S, O) = (",
@@ -216,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, co
   const int isa = resolve_isa(t, isa_arg);
   check_float(t, x, "x", {5});
   check_float(t, grad_y, "grad_y", {5});
-  check_geometry(t, x.size(3), x.size(4), KH, KW, ph, pw);
+  check_geometry(t, x.size(2), x.size(3), x.size(4), KH, KW, ph, pw);
   const ConvDims d = conv_dims(x, grad_y.size(2), KH, KW, ph, pw, isa);
   TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(3) == d.Ho &&
                   grad_y.size(4) == d.Wo,
@@ -228,9 +231,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, co
   constexpr int64_t kChunk = 2;  // images per pass: their padded planes and dy stay in L1/L2
   const int64_t G = std::max<int64_t>(
       1, std::min<int64_t>((d.B + kChunk - 1) / kChunk,
-                           (8 * at::get_num_threads() + d.S - 1) / d.S));
+                           (8 * at::get_num_threads() + d.S - 1) / std::max<int64_t>(d.S, 1)));
   at::Tensor part = at::zeros({d.S, G, wsz + d.O}, x.options());
-  if (d.B > 0 && d.O > 0) {
+  if (d.S > 0 && d.B > 0 && d.O > 0) {
     const float* xd = x.data_ptr<float>();
     const float* gd = grad_y.data_ptr<float>();
     float* pd = part.data_ptr<float>();

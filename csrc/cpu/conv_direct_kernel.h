@@ -84,17 +84,51 @@ inline void fwd_image(const float* xp, const int* off, int ckk, const float* w, 
       switch (nv) {
         case 1: fwd_tile<1>(base, off, ckk, w, bias, O, out, plane, cnt); break;
         case 2: fwd_tile<2>(base, off, ckk, w, bias, O, out, plane, cnt); break;
-        case 3: if constexpr (kMaxNV >= 3) fwd_tile<3>(base, off, ckk, w, bias, O, out, plane, cnt); break;
-        default: if constexpr (kMaxNV >= 4) fwd_tile<4>(base, off, ckk, w, bias, O, out, plane, cnt); break;
+        case 3:
+          if constexpr (kMaxNV >= 3) fwd_tile<3>(base, off, ckk, w, bias, O, out, plane, cnt);
+          break;
+        default:
+          if constexpr (kMaxNV >= 4) fwd_tile<4>(base, off, ckk, w, bias, O, out, plane, cnt);
+          break;
       }
     }
   }
 }
 
+// One tile's rows of one image into the dw_images accumulators: columns [j0, j0 + NV*L) of
+// every dy row against the padded x rows at offsets kw. A partial tile (Full false: the row's
+// last, past Wo) loads dy and x with masks, so lanes past Wo are zero in both and read nothing
+// (0 * inf there would be NaN, and the x row may end before the tile).
+template <int KW, int NV, bool Full>
+__attribute__((always_inline)) inline void dw_rows(typename V::R (&acc)[KW][NV],
+                                                   typename V::R& accb, bool with_db,
+                                                   const float* g, const float* xc, int kh,
+                                                   int Ho, int Wo, int Wp, int j0) {
+  for (int i = 0; i < Ho; ++i) {
+    const float* grow = g + (int64_t)i * Wo + j0;
+    const float* row = xc + (int64_t)(i + kh) * Wp + j0;
+    typename V::R d[NV];
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v)
+      d[v] = Full ? V::loadu(grow + V::L * v) : V::load_n(grow + V::L * v, Wo - j0 - V::L * v);
+    if (with_db) {
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) accb = V::add(accb, d[v]);
+    }
+#pragma GCC unroll 32
+    for (int kw = 0; kw < KW; ++kw)
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) {
+        const typename V::R xv = Full ? V::loadu(row + kw + V::L * v)
+                                      : V::load_n(row + kw + V::L * v, Wo - j0 - V::L * v);
+        acc[kw][v] = V::fmadd(d[v], xv, acc[kw][v]);
+      }
+  }
+}
+
 // Adds to dw (O, C, KH, KW) and, when db, to db (O) the weight and bias gradients of nb padded
 // images xp (nb, C, Hp, Wp) with output gradients dy (nb, O, Ho, Wo): for each (o, c, kh) the
-// KW x NV accumulators run over every row of every image (dy rows read with masked loads: lanes
-// past Wo are zero), then fold into dw.
+// KW x NV accumulators run over every row of every image, then fold into dw.
 template <int KW, int NV>
 void dw_images(const float* xp, const float* dy, int nb, int C, int O, int KH, int Hp, int Wp,
                int Ho, int Wo, float* dw, float* db) {
@@ -113,22 +147,10 @@ void dw_images(const float* xp, const float* dy, int nb, int C, int O, int KH, i
           const float* g = dy + ((int64_t)n * O + o) * Ho * Wo;
           const float* xc = xp + ((int64_t)n * C + c) * Hp * Wp;
           for (int j0 = 0; j0 < Wo; j0 += T) {
-            for (int i = 0; i < Ho; ++i) {
-              typename V::R d[NV];
-#pragma GCC unroll 32
-              for (int v = 0; v < NV; ++v)
-                d[v] = V::load_n(g + (int64_t)i * Wo + j0 + V::L * v, Wo - j0 - V::L * v);
-              if (with_db) {
-#pragma GCC unroll 32
-                for (int v = 0; v < NV; ++v) accb = V::add(accb, d[v]);
-              }
-              const float* row = xc + (int64_t)(i + kh) * Wp + j0;
-#pragma GCC unroll 32
-              for (int kw = 0; kw < KW; ++kw)
-#pragma GCC unroll 32
-                for (int v = 0; v < NV; ++v)
-                  acc[kw][v] = V::fmadd(d[v], V::loadu(row + kw + V::L * v), acc[kw][v]);
-            }
+            if (j0 + T <= Wo)
+              dw_rows<KW, NV, true>(acc, accb, with_db, g, xc, kh, Ho, Wo, Wp, j0);
+            else
+              dw_rows<KW, NV, false>(acc, accb, with_db, g, xc, kh, Ho, Wo, Wp, j0);
           }
         }
         float* dwk = dw + (((int64_t)o * C + c) * KH + kh) * KW;

@@ -273,8 +273,12 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     names = CONV_STRATEGIES[1:]
     train = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     amp = tuning.autocast_tag(x.device.type)
+    # whether 'direct' can run is part of the class: sizes rounded to powers of two (a 5x5 and a
+    # 5x8 kernel) must not share a decision for 'direct' that only one of them can run
+    direct_ok = conv_direct.unavailable_reason(x, weight, stride, padding, dilation,
+                                               groups) is None
     extra = (() if plain else (f"dilation={tuple(dilation)}", f"groups={groups}")) + \
-        (("folded",) if folded else ())
+        (("folded",) if folded else ()) + (("direct",) if direct_ok else ())
     shape = tuning.shape_class(x, weight, bias is not None, stride, padding,
                                "train" if train else "eval", amp, *extra)
 
@@ -297,8 +301,6 @@ def conv_strategy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                     folded)
                 y.backward(torch.ones_like(y))
 
-        direct_ok = conv_direct.unavailable_reason(x, weight, stride, padding, dilation,
-                                                   groups) is None
         return {n: (lambda n=n: run(n)) for n in names
                 if (plain or n != "unfold") and (direct_ok or n != "direct")}
 
@@ -320,8 +322,8 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ``dilation`` and ``groups`` mean what they mean for ``F.conv2d`` (per member); ``unfold``
     supports ``groups == 1`` only.
 
-    Strategies (all loop-free except ``loop``; ``auto``, the default, times the three on this
-    machine for this shape class and keeps the fastest — :func:`conv_strategy`):
+    Strategies (all loop-free except ``loop``; ``auto``, the default, times those that can run
+    on this machine for this shape class and keeps the fastest — :func:`conv_strategy`):
     ``grouped`` members folded into channel groups: one ``F.conv2d(groups=S)`` on (B, S*C, H, W);
       a shared input needs no groups at all (the S filter banks are concatenated).
     ``unfold``  members folded into a batched GEMM: im2col (``F.unfold``) then ``torch.bmm``.
@@ -396,7 +398,7 @@ class EnsembleConv2d(nn.Module):
     member initialised independently like ``nn.Conv2d``. With ``members == 1`` an input of S' > 1
     copies is folded into the batch (one conv).
 
-    ``strategy`` (see :func:`ensemble_conv2d`): ``auto`` (default) measures the three strategies
+    ``strategy`` (see :func:`ensemble_conv2d`): ``auto`` (default) measures the runnable strategies
     on the host the first time a shape class is seen and keeps the fastest
     (:func:`conv_strategy`; ``FASTSTEAL_CONV_STRATEGY`` forces one; with ``FASTSTEAL_TUNE=0`` it is
     ``loop`` for a stacked input on the CPU and ``grouped`` otherwise, from these measurements);

@@ -12,17 +12,20 @@ order than oneDNN's: results agree with ATen to float32 rounding, not bit for bi
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import _ext
 from . import _eager
+from ._checks import describe as _describe
 
 #: the widest kernel the weight-gradient kernel is instantiated for (csrc/cpu/conv_direct.cpp)
 MAX_KERNEL_WIDTH = 7
 
 
+@functools.lru_cache(maxsize=None)
 def isa() -> int:
     """The vector ISA the kernels run on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 none (or no
     extension)."""
@@ -41,6 +44,8 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
         return f"it runs on the CPU only (x on {x.device})"
     if x.dim() != 5:
         return "it needs a stacked (S, B, C, H, W) input"
+    if min(x.shape[2:]) < 1:
+        return f"it needs at least one channel, row and column (x of shape {tuple(x.shape)})"
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return f"it computes in float32 only (x {x.dtype}, weight {weight.dtype})"
     if torch.is_autocast_enabled("cpu"):
@@ -65,13 +70,16 @@ def _forward(x, weight, bias, ph, pw):
     return _ext.C.conv2d_direct_fwd_cpu(x, weight, bias, ph, pw)
 
 
-def _grads(grad_y, x, weight, ph, pw, need_x):
+def _grads(grad_y, x, weight, ph, pw, need):
+    """(dx, dweight, dbias), each None where ``need`` (x, weight, bias) says it is not wanted."""
     grad_y = grad_y.contiguous()
     kh, kw = weight.shape[-2:]
     dx = _ext.C.conv2d_direct_fwd_cpu(grad_y, _weight_t(weight), None, kh - 1 - ph,
-                                      kw - 1 - pw) if need_x else None
-    dw, db = _ext.C.conv2d_direct_dw_cpu(grad_y, x, kh, kw, ph, pw, True)
-    return dx, dw, db
+                                      kw - 1 - pw) if need[0] else None
+    dw = db = None
+    if need[1] or need[2]:
+        dw, db = _ext.C.conv2d_direct_dw_cpu(grad_y, x, kh, kw, ph, pw, need[2])
+    return dx, (dw if need[1] else None), (db if need[2] else None)
 
 
 @torch.library.custom_op("faststeal::conv2d_direct", mutates_args=())
@@ -113,8 +121,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     ph, pw, has_bias = ctx.args
-    dx, dw, db = _grads(grad_y, x, weight, ph, pw, ctx.needs_input_grad[0])
-    return dx, dw, (db if has_bias else None), None, None
+    need = ctx.needs_input_grad
+    return (*_grads(grad_y, x, weight, ph, pw, (need[0], need[1], has_bias and need[2])), None,
+            None)
 
 
 def _backward_op(ctx, grad_y):
@@ -149,9 +158,10 @@ def conv2d_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if weight.dim() != 5 or weight.shape[0] != x.shape[0] or weight.shape[2] != x.shape[2]:
         raise ValueError(f"weight must be (S, O, C, KH, KW) with S = {x.shape[0]} and "
                          f"C = {x.shape[2]} of x, got shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
-        raise ValueError(f"bias must be (S, O) = {tuple(weight.shape[:2])}, got shape "
-                         f"{tuple(bias.shape)}")
+    if bias is not None and (tuple(bias.shape) != tuple(weight.shape[:2])
+                             or bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"bias must be (S, O) = {tuple(weight.shape[:2])} in weight's dtype and "
+                         f"device ({weight.dtype}, {weight.device}), got {_describe(bias)}")
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     op = _Conv2dDirect.apply if _eager.plain(x, weight, bias) else _conv2d_direct

@@ -276,9 +276,10 @@ def decide(point: str, device_type: str, shape: str,
         if hit is None:
             _load_disk()
             hit = _decisions.get(key)
-        # reused only if measured among the same candidates: a decision cached before a new
-        # candidate existed (an older faststeal) is measured again
-        if hit is not None and hit["choice"] in names and hit.get("names") == list(names):
+        # reused only if measured among the same candidate names: a decision cached before a
+        # candidate existed (by an older faststeal, or one that did not record its names) is
+        # measured again, once
+        if hit is not None and hit.get("names") == list(names):
             return hit["choice"]
         if cannot_time(device_type):
             return default
