@@ -56,6 +56,13 @@ struct V {
   static R load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static void store_n(float* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  // c + a * (the n valid lanes of p); the other lanes of c unchanged (p's lanes past n may be
+  // read but never used: 0 * inf there is not NaN)
+  using Lanes = __mmask16;
+  static Lanes lanes(int n) { return mask(n); }
+  static R fmadd_lanes(R a, const float* p, R c, Lanes m) {
+    return _mm512_mask3_fmadd_ps(a, loadu(p), c, m);
+  }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static float sum(R v) {  // (not _mm512_reduce_add_ps: GCC 12 warns inside it)
     alignas(64) float t[L];
@@ -91,6 +98,11 @@ struct V {
     else _mm256_maskstore_ps(p, mask(n), v);
   }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  using Lanes = __m256;  // all-ones lanes
+  static Lanes lanes(int n) { return _mm256_castsi256_ps(mask(n)); }
+  static R fmadd_lanes(R a, const float* p, R c, Lanes m) {
+    return _mm256_fmadd_ps(a, _mm256_and_ps(loadu(p), m), c);
+  }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static float sum(R v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -139,7 +151,8 @@ ConvDims conv_dims(const at::Tensor& x, int64_t O, int64_t KH, int64_t KW, int64
   d.Ho = d.H + 2 * ph - KH + 1, d.Wo = d.W + 2 * pw - KW + 1;
   const int L = lanes(isa);
   d.Hp = static_cast<int>(d.H + 2 * ph);
-  d.Wp = static_cast<int>((d.Wo + L - 1) / L * L + KW - 1);
+  // the widest row read: a weight-gradient tile of 4 vectors from a column < Wo, plus KW - 1
+  d.Wp = static_cast<int>((d.Wo + 4 * L - 1) / (4 * L) * (4 * L) + KW - 1);
   return d;
 }
 

@@ -5,7 +5,7 @@
 // accumulators of one block may use) are defined there.
 //
 // Layout. A padded image is C planes of Hp x Wp floats, Hp = H + 2*ph rows, the image at column
-// pw, zeros around it; Wp covers the widest vector read (round_up(Wo, V::L) + KW - 1). Output
+// pw, zeros around it; Wp covers the widest vector read (round_up(Wo, 4 * V::L) + KW - 1). Output
 // row i of channel o is the sum over (c, kh, kw) of w[o,c,kh,kw] times the padded row i+kh of
 // plane c from column kw: every term a vector load at offset off[t] = (c*Hp + kh)*Wp + kw from
 // the row's base, so one flat loop over t = (c, kh, kw) keeps a block's accumulators in
@@ -97,13 +97,17 @@ inline void fwd_image(const float* xp, const int* off, int ckk, const float* w, 
 
 // One tile's rows of one image into the dw_images accumulators: columns [j0, j0 + NV*L) of
 // every dy row against the padded x rows at offsets kw. A partial tile (Full false: the row's
-// last, past Wo) loads dy and x with masks, so lanes past Wo are zero in both and read nothing
-// (0 * inf there would be NaN, and the x row may end before the tile).
+// last, past Wo) loads dy with masks (lanes past Wo zero; dy is not padded) and adds only the
+// valid lanes' products (an x lane past Wo may hold an inf: 0 * inf would be NaN). Every x read
+// stays inside the padded row (Wp covers a 4-vector tile from a column < Wo, plus KW - 1).
 template <int KW, int NV, bool Full>
 __attribute__((always_inline)) inline void dw_rows(typename V::R (&acc)[KW][NV],
                                                    typename V::R& accb, bool with_db,
                                                    const float* g, const float* xc, int kh,
                                                    int Ho, int Wo, int Wp, int j0) {
+  typename V::Lanes valid[NV];
+#pragma GCC unroll 32
+  for (int v = 0; v < NV; ++v) valid[v] = V::lanes(Wo - j0 - V::L * v);
   for (int i = 0; i < Ho; ++i) {
     const float* grow = g + (int64_t)i * Wo + j0;
     const float* row = xc + (int64_t)(i + kh) * Wp + j0;
@@ -118,11 +122,9 @@ __attribute__((always_inline)) inline void dw_rows(typename V::R (&acc)[KW][NV],
 #pragma GCC unroll 32
     for (int kw = 0; kw < KW; ++kw)
 #pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) {
-        const typename V::R xv = Full ? V::loadu(row + kw + V::L * v)
-                                      : V::load_n(row + kw + V::L * v, Wo - j0 - V::L * v);
-        acc[kw][v] = V::fmadd(d[v], xv, acc[kw][v]);
-      }
+      for (int v = 0; v < NV; ++v)
+        acc[kw][v] = Full ? V::fmadd(d[v], V::loadu(row + kw + V::L * v), acc[kw][v])
+                          : V::fmadd_lanes(d[v], row + kw + V::L * v, acc[kw][v], valid[v]);
   }
 }
 
