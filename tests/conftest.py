@@ -41,7 +41,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-
 @pytest.fixture
 def poison():
     """The compiled kernels' outputs start as NaN (integers: a sentinel) for the test, so an

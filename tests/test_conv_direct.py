@@ -88,7 +88,7 @@ def test_kernels_match_the_reference(seed_all, isa, shape):
 @pytest.mark.parametrize("wo", [7, 12, 20, 24, 28, 40, 50])
 def test_non_finite_inputs_reach_exactly_the_outputs_they_reach_in_aten(seed_all, isa, wo):
     # an inf in the last input column: the lanes of a partial row tile past the output width must
-    # neither read it (0 * inf = NaN) nor anything past the row
+    # not add its product (0 * inf = NaN where ATen's gradient is finite)
     x = torch.randn(2, 3, 2, 6, wo + 2)
     x[:, :, 1, 3, -1] = float("inf")
     x[:, 1, 0, 0, -2] = float("nan")
@@ -122,7 +122,10 @@ def test_empty_batches_and_members(seed_all):
                                 1)
     why = conv_direct.unavailable_reason(torch.randn(1, 2, 3, 0, 8), torch.randn(1, 4, 3, 3, 3),
                                          (1, 1), (1, 1), (1, 1), 1)
-    assert "at least one channel, row and column" in why
+    assert "at least one input and output channel, row and column" in why
+    why = conv_direct.unavailable_reason(torch.randn(1, 2, 3, 8, 8), torch.randn(1, 0, 3, 3, 3),
+                                         (1, 1), (1, 1), (1, 1), 1)
+    assert "at least one input and output channel" in why
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -296,5 +299,9 @@ def test_entry_points_check_their_arguments():
                                 0)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         C.conv2d_direct_fwd_cpu(x.transpose(3, 4), w, None, 0, 0)
+    with pytest.raises(RuntimeError, match="at least one output channel"):
+        C.conv2d_direct_fwd_cpu(x, torch.randn(2, 0, 1, 3, 3), None, 0, 0)
+    with pytest.raises(RuntimeError, match="grad_y must have at least one channel"):
+        C.conv2d_direct_dw_cpu(torch.randn(2, 3, 0, 6, 6), x, 3, 3, 0, 0, True)
     with pytest.raises(RuntimeError, match=r"grad_y must be \(S, B, O, Ho, Wo\)"):
         C.conv2d_direct_dw_cpu(torch.randn(2, 3, 4, 5, 6), x, 3, 3, 0, 0, True)

@@ -190,6 +190,8 @@ at::Tensor conv2d_direct_fwd(const at::Tensor& x, const at::Tensor& weight, cons
               ": weight must be (S, O, C, KH, KW) with S = ", x.size(0), " and C = ", x.size(2),
               " of x (S, B, C, H, W), got sizes ", weight.sizes(), " for x of sizes ", x.sizes());
   const int64_t O = weight.size(1), KH = weight.size(3), KW = weight.size(4);
+  TORCH_CHECK(O >= 1, t.fn, ": weight must have at least one output channel, got sizes ",
+              weight.sizes());
   check_geometry(t, x.size(2), x.size(3), x.size(4), KH, KW, ph, pw);
   if (bias.has_value()) {
     check_float(t, *bias, "bias", {2});
@@ -232,6 +234,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, co
   const int isa = resolve_isa(t, isa_arg);
   check_float(t, x, "x", {5});
   check_float(t, grad_y, "grad_y", {5});
+  TORCH_CHECK(grad_y.size(2) >= 1, t.fn, ": grad_y must have at least one channel, got sizes ",
+              grad_y.sizes());
   check_geometry(t, x.size(2), x.size(3), x.size(4), KH, KW, ph, pw);
   const ConvDims d = conv_dims(x, grad_y.size(2), KH, KW, ph, pw, isa);
   TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(3) == d.Ho &&

@@ -44,8 +44,9 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
         return f"it runs on the CPU only (x on {x.device})"
     if x.dim() != 5:
         return "it needs a stacked (S, B, C, H, W) input"
-    if min(x.shape[2:]) < 1:
-        return f"it needs at least one channel, row and column (x of shape {tuple(x.shape)})"
+    if min(x.shape[2:]) < 1 or weight.dim() < 2 or weight.shape[1] < 1:
+        return f"it needs at least one input and output channel, row and column (x of shape " \
+            f"{tuple(x.shape)}, weight of shape {tuple(weight.shape)})"
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return f"it computes in float32 only (x {x.dtype}, weight {weight.dtype})"
     if torch.is_autocast_enabled("cpu"):
@@ -129,11 +130,14 @@ def _backward(ctx, grad_y):
 def _backward_op(ctx, grad_y):
     x, weight = ctx.saved_tensors
     ph, pw, has_bias = ctx.args
+    need = ctx.needs_input_grad
     kh, kw = weight.shape[-2:]
     dx = _conv2d_direct(grad_y.contiguous(), _weight_t(weight), None, kh - 1 - ph, kw - 1 - pw) \
-        if ctx.needs_input_grad[0] else None
-    dw, db = _conv2d_direct_weight_grad(grad_y, x, kh, kw, ph, pw)
-    return dx, dw, (db if has_bias else None), None, None
+        if need[0] else None
+    dw = db = None
+    if need[1] or (has_bias and need[2]):
+        dw, db = _conv2d_direct_weight_grad(grad_y, x, kh, kw, ph, pw)
+    return dx, (dw if need[1] else None), (db if has_bias and need[2] else None), None, None
 
 
 _conv2d_direct.register_autograd(_backward_op, setup_context=_setup)

@@ -225,9 +225,11 @@ def cannot_time(device_type: str) -> bool:
 
 
 def measure(candidates: Mapping[str, Callable[[], Any]], device_type: str,
-            budget_s: float = BUDGET_S) -> dict[str, float]:
+            budget_s: Optional[float] = None) -> dict[str, float]:
     """Milliseconds per call of each candidate (the minimum over interleaved rounds after one
-    warm-up round); a candidate that raises gets ``inf``."""
+    warm-up round); a candidate that raises gets ``inf``. ``budget_s``: seconds of timed rounds
+    (None: :data:`BUDGET_S`, read at the call)."""
+    budget_s = BUDGET_S if budget_s is None else budget_s
     names = list(candidates)
     best = {n: math.inf for n in names}
     failed: set[str] = set()
@@ -256,14 +258,15 @@ def measure(candidates: Mapping[str, Callable[[], Any]], device_type: str,
 def decide(point: str, device_type: str, shape: str,
            candidates: Callable[[], Mapping[str, Callable[[], Any]]], default: str,
            names: tuple[str, ...], force_env: Optional[str] = None,
-           budget_s: float = BUDGET_S) -> str:
+           budget_s: Optional[float] = None) -> str:
     """The candidate to run at choice point ``point`` for this ``shape`` class on ``device_type``.
 
     names: every candidate's name (the allowed values of ``force_env``); candidates: builds the
     ``{name: zero-argument callable}`` to time (only called when a measurement is needed; it may
     leave out names that cannot run this call); default: the choice without tuning;
-    budget_s: seconds of timed rounds, at most :data:`MAX_ROUNDS` (a choice between
-    whole-model runs of more than ~50 ms gets more rounds than :data:`BUDGET_S` allows).
+    budget_s: seconds of timed rounds (None: :data:`BUDGET_S`), at most :data:`MAX_ROUNDS` (a
+    choice between whole-model runs of more than ~50 ms gets more rounds than :data:`BUDGET_S`
+    allows).
     """
     f = forced(force_env, names)
     if f is not None:
@@ -279,7 +282,7 @@ def decide(point: str, device_type: str, shape: str,
         # reused only if measured among the same candidate names: a decision cached before a
         # candidate existed (by an older faststeal, or one that did not record its names) is
         # measured again, once
-        if hit is not None and hit.get("names") == list(names):
+        if hit is not None and hit["choice"] in names and hit.get("names") == list(names):
             return hit["choice"]
         if cannot_time(device_type):
             return default
