@@ -163,7 +163,8 @@ def _load_disk() -> None:
                       RuntimeWarning, stacklevel=3)
         return
     for k, v in entries.items():
-        _decisions.setdefault(k, v)
+        if "names" in v:  # older entries (no candidate names) are never reused: measured again
+            _decisions.setdefault(k, v)
 
 
 def _save_disk() -> None:
