@@ -116,7 +116,9 @@ constexpr int kMaxNV = 4;  // vectors per output row tile (32 columns)
 }  // namespace avx2
 #pragma GCC pop_options
 
-int lanes(int isa) { return isa == 2 ? 16 : 8; }
+// Floats per padded row beyond Wo - 1 that a kernel may read: a weight-gradient tile of 4 vectors
+// of the widest ISA (AVX-512, 16 lanes) starting at a column < Wo.
+constexpr int kRowTile = 4 * 16;
 
 int resolve_isa(const Target& t, int64_t isa) {
   const int64_t best = conv2d_direct_isa();
@@ -143,16 +145,14 @@ struct ConvDims {
 };
 
 ConvDims conv_dims(const at::Tensor& x, int64_t O, int64_t KH, int64_t KW, int64_t ph,
-                   int64_t pw, int isa) {
+                   int64_t pw) {
   ConvDims d{};
   d.S = x.size(0), d.B = x.size(1), d.C = x.size(2), d.H = x.size(3), d.W = x.size(4);
   d.O = O, d.KH = KH, d.KW = KW;
   d.ph = static_cast<int>(ph), d.pw = static_cast<int>(pw);
   d.Ho = d.H + 2 * ph - KH + 1, d.Wo = d.W + 2 * pw - KW + 1;
-  const int L = lanes(isa);
   d.Hp = static_cast<int>(d.H + 2 * ph);
-  // the widest row read: a weight-gradient tile of 4 vectors from a column < Wo, plus KW - 1
-  d.Wp = static_cast<int>((d.Wo + 4 * L - 1) / (4 * L) * (4 * L) + KW - 1);
+  d.Wp = static_cast<int>((d.Wo + kRowTile - 1) / kRowTile * kRowTile + KW - 1);
   return d;
 }
 
@@ -166,18 +166,21 @@ void check_geometry(const Target& t, int64_t C, int64_t H, int64_t W, int64_t KH
               ") must be >= 0 and smaller than the kernel (", KH, ", ", KW, ")");
   TORCH_CHECK(H + 2 * ph >= KH && W + 2 * pw >= KW, t.fn, ": the padded image (", H + 2 * ph,
               " x ", W + 2 * pw, ") is smaller than the kernel (", KH, " x ", KW, ")");
-  // the vector offsets into a padded image are int: C * Hp * Wp (Wp < W + 2*pw + 64 + KW)
-  TORCH_CHECK(C * (H + 2 * ph) * (W + 2 * pw + 64 + KW) < (int64_t{1} << 31), t.fn,
+  // the vector offsets into a padded image are int: C * Hp * Wp (Wp < W + 2*pw + kRowTile + KW)
+  TORCH_CHECK(C * (H + 2 * ph) * (W + 2 * pw + kRowTile + KW) < (int64_t{1} << 31), t.fn,
               ": the image is too large for this kernel (C = ", C, ", ", H, " x ", W, ")");
 }
 
 }  // namespace
 
 int64_t conv2d_direct_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-  return 0;
+  static const int64_t best = [] {  // asked once per process (every op call checks its isa)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return int64_t{2};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int64_t{1};
+    return int64_t{0};
+  }();
+  return best;
 }
 
 at::Tensor conv2d_direct_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
@@ -198,7 +201,7 @@ at::Tensor conv2d_direct_fwd(const at::Tensor& x, const at::Tensor& weight, cons
     TORCH_CHECK(bias->size(0) == x.size(0) && bias->size(1) == O, t.fn, ": bias must be (S, O) = (",
                 x.size(0), ", ", O, "), got sizes ", bias->sizes());
   }
-  const ConvDims d = conv_dims(x, O, KH, KW, ph, pw, isa);
+  const ConvDims d = conv_dims(x, O, KH, KW, ph, pw);
   at::Tensor y = alloc({d.S, d.B, d.O, d.Ho, d.Wo}, x.options());
   if (y.numel() == 0) return y;
   const int ckk = static_cast<int>(d.C * KH * KW);
@@ -237,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, co
   TORCH_CHECK(grad_y.size(2) >= 1, t.fn, ": grad_y must have at least one channel, got sizes ",
               grad_y.sizes());
   check_geometry(t, x.size(2), x.size(3), x.size(4), KH, KW, ph, pw);
-  const ConvDims d = conv_dims(x, grad_y.size(2), KH, KW, ph, pw, isa);
+  const ConvDims d = conv_dims(x, grad_y.size(2), KH, KW, ph, pw);
   TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(3) == d.Ho &&
                   grad_y.size(4) == d.Wo,
               t.fn, ": grad_y must be (S, B, O, Ho, Wo) = (", d.S, ", ", d.B, ", O, ", d.Ho, ", ",

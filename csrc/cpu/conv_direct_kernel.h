@@ -1,11 +1,11 @@
 // The vector kernels of csrc/cpu/conv_direct.cpp, written once over a vector type V and
 // included there twice: inside an AVX-512 target region (V = 16 floats in zmm registers) and an
 // AVX2+FMA one (V = 8 floats in ymm registers), each in its own namespace. No include guard: it
-// is meant to be included once per ISA namespace, after V and kAcc (the vector registers the
-// accumulators of one block may use) are defined there.
+// is meant to be included once per ISA namespace, after V, kAcc (the vector registers the
+// accumulators of one block may use) and kMaxNV (vectors per forward row tile) are defined there.
 //
 // Layout. A padded image is C planes of Hp x Wp floats, Hp = H + 2*ph rows, the image at column
-// pw, zeros around it; Wp covers the widest vector read (round_up(Wo, 4 * V::L) + KW - 1). Output
+// pw, zeros around it; Wp covers the widest vector read (round_up(Wo, 64) + KW - 1). Output
 // row i of channel o is the sum over (c, kh, kw) of w[o,c,kh,kw] times the padded row i+kh of
 // plane c from column kw: every term a vector load at offset off[t] = (c*Hp + kh)*Wp + kw from
 // the row's base, so one flat loop over t = (c, kh, kw) keeps a block's accumulators in
@@ -99,7 +99,7 @@ inline void fwd_image(const float* xp, const int* off, int ckk, const float* w, 
 // every dy row against the padded x rows at offsets kw. A partial tile (Full false: the row's
 // last, past Wo) loads dy with masks (lanes past Wo zero; dy is not padded) and adds only the
 // valid lanes' products (an x lane past Wo may hold an inf: 0 * inf would be NaN). Every x read
-// stays inside the padded row (Wp covers a 4-vector tile from a column < Wo, plus KW - 1).
+// stays inside the padded row (Wp covers a 4 x 16-float tile from a column < Wo, plus KW - 1).
 template <int KW, int NV, bool Full>
 __attribute__((always_inline)) inline void dw_rows(typename V::R (&acc)[KW][NV],
                                                    typename V::R& accb, bool with_db,

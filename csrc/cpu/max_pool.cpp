@@ -3,7 +3,8 @@
 // CNNs and of most user CNNs (nn.MaxPool2d(2)). It exists because ATen's CPU
 // max_pool2d_with_indices on NCHW costs ~10x one elementwise pass over its input (it writes int64
 // indices from a loop that does not vectorize; measured on a 2-vCPU Intel Xeon, family 6 model
-// 207, AVX-512/AMX: docs/benchmarks.md, "The CNN pooling and the op-call overhead"). float16 is left to ATen (faststeal/ops/cpp_backend.py).
+// 207, AVX-512/AMX: docs/benchmarks.md, "The CNN pooling and the op-call overhead"). float16 is
+// left to ATen (faststeal/ops/cpp_backend.py).
 //
 // Semantics are ATen's, bit for bit (tests/test_ops_cpp.py compares the bits; bfloat16 NaN
 // payloads aside): each window is scanned row-major and an element replaces the running maximum

@@ -3,9 +3,10 @@ and of most user CNNs — with a C++ CPU kernel (``csrc/cpu/max_pool.cpp``).
 
 ATen's CPU ``max_pool2d`` on an NCHW batch writes int64 indices from a loop that does not
 vectorize: on the 2-vCPU Intel Xeon host of docs/benchmarks.md (family 6 model 207, AVX-512, AMX)
-it cost ~10x an elementwise pass over its input, ~16% of a lenet training step. The kernel keeps no index tensor (the backward finds the window's maximum again in
-the saved input) and computes what ATen computes, bit for bit (values and the gradient's element;
-float32, float64, bfloat16 — float16 runs ATen's). On the CPU which of the two runs is measured
+it cost ~10x an elementwise pass over its input, ~16% of a lenet training step. The kernel keeps
+no index tensor (the backward finds the window's maximum again in the saved input) and computes
+what ATen computes, bit for bit (values and the gradient's element; float32, float64, bfloat16 —
+float16 runs ATen's). On the CPU which of the two runs is measured
 per shape class and dtype like every op (:mod:`faststeal.ops.dispatch`); on other devices, or
 when a backend without this op is requested (``triton``, ``cuda``), ATen's pooling runs.
 """
