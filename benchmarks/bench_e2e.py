@@ -23,6 +23,8 @@ by up to 5x between rounds; the last column lists the rounds' × loop). For
 all-Linear surrogates (mlp) each round also measures the GEMM+Adam floor of the run (see
 ``_gemm_adam_floor``): the run's matrix products alone plus the float32 Adam, whose × loop bounds
 what an implementation on ATen's GEMMs with a float32 optimiser could reach on this host.
+``--precision bf16-cast`` adds the bf16 run with the weights' bfloat16 copies off
+(``FASTSTEAL_BF16_COPIES=0``: faststeal.master_weights), the cast path, in the same rounds.
 
     python -m benchmarks.bench_e2e --compare [--budget 10000] [--epochs 10] [--rounds 2]
         [--archs mlp,lenet] [--members 5,16] [--precision fp32,bf16] [--json out.json]
@@ -37,6 +39,7 @@ import tempfile
 import time
 from collections import defaultdict
 from typing import Any, Optional
+from unittest import mock
 
 import torch
 
@@ -260,6 +263,7 @@ def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2
             victim_arch: str = "lenet", log=print) -> dict[str, Any]:
     """faststeal.steal (Deep Ensemble) vs the plain loop, interleaved; see the module docstring."""
     import faststeal
+    from faststeal import master_weights
     from faststeal.attack import random_queries
 
     device = torch.device(device)
@@ -278,8 +282,9 @@ def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2
             qy = torch.cat([victim(qx[i:i + 1024]).argmax(-1) for i in range(0, len(qx), 1024)])
         query_s = time.perf_counter() - t0
         for arch, s, prec in configs:
-            floor = _gemm_adam_floor(arch, s, prec, qx.shape[1:], int(vlabels.max()) + 1,
-                                     len(qx), epochs, BATCH_SIZE, device)
+            floor = None if prec == "bf16-cast" else _gemm_adam_floor(
+                arch, s, prec, qx.shape[1:], int(vlabels.max()) + 1, len(qx), epochs, BATCH_SIZE,
+                device)
             if floor is not None:
                 rows.append({"round": r, "who": "floor", "arch": arch, "S": s,
                              "precision": prec, "wall_s": floor, "fidelity": None})
@@ -289,13 +294,16 @@ def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2
                 if who == "loop" and prec != "fp32":
                     continue  # the plain loop is the fp32 baseline
                 if who == "faststeal":
+                    cast = {master_weights.ENV: "0"} if prec == "bf16-cast" else {}
                     t0 = time.perf_counter()
-                    out = faststeal.steal(victim, pool_x, (splits.test.x, splits.test.y), budget,
-                                          methods=["deep-ensemble"], surrogate_arch=arch,
-                                          epochs=epochs, batch_size=BATCH_SIZE,
-                                          device=str(device), progress=False,
-                                          method_params={"deep-ensemble": {"members": s}},
-                                          precision=prec)
+                    with mock.patch.dict(os.environ, cast):
+                        out = faststeal.steal(victim, pool_x, (splits.test.x, splits.test.y),
+                                              budget, methods=["deep-ensemble"],
+                                              surrogate_arch=arch, epochs=epochs,
+                                              batch_size=BATCH_SIZE, device=str(device),
+                                              progress=False,
+                                              method_params={"deep-ensemble": {"members": s}},
+                                              precision=prec.split("-")[0])
                     wall = time.perf_counter() - t0
                     fid = out["results"]["deep-ensemble"][0]["fidelity"]
                     rows.append({"round": r, "who": "faststeal", "arch": arch, "S": s,

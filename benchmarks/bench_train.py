@@ -16,6 +16,10 @@ Methods (same architecture, same per-member data, Adam, lr 1e-3):
 * ``faststeal[bf16]`` the ``faststeal`` step with ``precision="bf16"`` (bfloat16 compute in the
                 stacked layers, float32 weights, fused Adam and loss — what ``--precision bf16``
                 trains with); its GFLOP/s and '% GEMM' are still against the float32 GEMM rate.
+                On the CPU its Adam update writes the weights' bfloat16 copies
+                (faststeal.master_weights);
+* ``faststeal[bf16-cast]`` the same step with those copies off (``FASTSTEAL_BF16_COPIES=0``): the
+                weights cast to bfloat16 in every forward, their gradients back in every backward.
 
 The ``cpu-precision`` preset is the bf16 comparison of docs/benchmarks.md: the S=16 MLP step at
 batch 32/128/1024, bf16 vs fp32 faststeal vs the fp32 loop:
@@ -69,7 +73,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # many short interleaved rounds (an odd number): see bench_ops' cpu-dispatch preset
     "cpu-precision": dict(grid=[("mlp", 16, 32), ("mlp", 16, 128), ("mlp", 16, 1024)],
                           compile=[], t=1.0, infer=True, rounds=11,
-                          methods=("loop", "faststeal", "faststeal[bf16]")),
+                          methods=("loop", "faststeal", "faststeal[bf16]",
+                                   "faststeal[bf16-cast]")),
     "gpu-quick": dict(grid=[("mlp", 16, 128), ("mlp", 16, 1024), ("mlp", 64, 128),
                             ("cnn", 16, 128)],
                       compile=[("mlp", 16, 128)], t=0.1, infer=True),
@@ -80,8 +85,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 METHODS = ("loop", "vmap", "vmap+compile", "faststeal[reference]", "faststeal", "faststeal+graph",
-           "faststeal[bf16]")
-DEFAULT_METHODS = METHODS[:-1]  # bf16 runs where asked (--methods, the cpu-precision preset)
+           "faststeal[bf16]", "faststeal[bf16-cast]")
+DEFAULT_METHODS = METHODS[:-2]  # bf16 runs where asked (--methods, the cpu-precision preset)
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -208,14 +213,15 @@ def make_vmap(arch, s, x, y, xs, compile_: bool = False) -> Runner:
 
 
 def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False,
-                   precision: str = "fp32") -> Runner:
-    from faststeal import ops
+                   precision: str = "fp32", bf16_copies: bool = True) -> Runner:
+    from faststeal import master_weights, ops
     from faststeal.train_step import autocast, make_optimizer, make_train_step
 
     zoo = _zoo()
     model = zoo.build_model(ARCHS[arch], INPUT_SHAPE, NUM_CLASSES, members=s).to(x.device)
     opt = make_optimizer(model.parameters(), lr=LR, capturable=cuda_graph)
-    step = make_train_step(model, opt, cuda_graph=cuda_graph, precision=precision)
+    with mock.patch.dict(os.environ, {} if bf16_copies else {master_weights.ENV: "0"}):
+        step = make_train_step(model, opt, cuda_graph=cuda_graph, precision=precision)
     r = Runner()
 
     def train():
@@ -239,7 +245,8 @@ def make_faststeal(arch, s, x, y, xs, backend: str, cuda_graph: bool = False,
     r.train, r.infer = train, (None if cuda_graph else infer)
     r.note = f"fused Adam ({type(opt).__name__}, " + ("fused" if opt.defaults.get("fused")
                                                       else "foreach") + "), backend " + backend \
-        + ("" if precision == "fp32" else f", {precision}")
+        + ("" if precision == "fp32" else f", {precision}") \
+        + (", bf16 copies" if step.master_weights is not None else "")
     return r
 
 
@@ -256,6 +263,8 @@ def make_runner(method: str, arch, s, x, y, xs) -> Runner:
         return make_faststeal(arch, s, x, y, xs, "auto")
     if method == "faststeal[bf16]":
         return make_faststeal(arch, s, x, y, xs, "auto", precision="bf16")
+    if method == "faststeal[bf16-cast]":
+        return make_faststeal(arch, s, x, y, xs, "auto", precision="bf16", bf16_copies=False)
     if method == "faststeal+graph":
         return make_faststeal(arch, s, x, y, xs, "auto", cuda_graph=True)
     raise ValueError(f"unknown method {method!r}")

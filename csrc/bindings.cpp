@@ -69,6 +69,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "NCHW x", py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
   m.def("max_pool2d_bwd_cpu", &c::max_pool2d_bwd, "dx of max_pool2d_fwd_cpu", py::arg("grad_y"),
         py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
+  m.def("adam_bf16_step_cpu", &c::adam_bf16_step,
+        "in place: one Adam update of a float32 param from bf16 (+ float32) grads, and its "
+        "bfloat16 copy", py::arg("param"), py::arg("grad_bf16"), py::arg("grad_f32"),
+        py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("copy"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"));
   m.def("conv2d_direct_isa", &c::conv2d_direct_isa,
         "the vector ISA conv2d_direct runs on this CPU: 2 AVX-512, 1 AVX2+FMA, 0 none "
         "(unavailable)");

@@ -82,6 +82,7 @@ def collect() -> dict:
         "cpp_dtypes": _cpp_dtypes(),
         "tuning": _tuning_status(),
         "cpu_retain_freed_memory": _retain_status(),
+        "cpu_bf16_weight_copies": _bf16_copies_status(),
         "ops": dispatch.report(devices),
         "decisions": tuning.decisions(),
     }
@@ -117,6 +118,15 @@ def _retain_status() -> str:
     return (f"off ({reason})" if reason else
             "on when training on CPU (glibc keeps freed memory; FASTSTEAL_RETAIN_CPU_MEMORY=0 "
             "turns it off)")
+
+
+def _bf16_copies_status() -> str:
+    from .master_weights import ENV, host_disabled_reason
+
+    reason = host_disabled_reason()
+    return (f"off ({reason}): bf16 steps cast the weights and their gradients" if reason else
+            f"on for bf16 training with the fused Adam (the update writes the weights' bfloat16 "
+            f"copies; {ENV}=0 turns it off)")
 
 
 def format_info(info: dict) -> str:

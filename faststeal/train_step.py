@@ -30,8 +30,11 @@ Precision. ``precision="bf16"`` runs the forward under ``torch.autocast(dtype=to
 the stacked ops (``ensemble_linear``, ``bayes_linear``) and the convolutions compute in bfloat16
 with float32 accumulation (AMX / AVX512-BF16 on CPUs that have them, tensor cores on GPUs), the
 weights stay float32 (the master copy) and so do the optimizer state and step, and the loss is
-computed in float32 from float32-cast logits (:func:`ensemble_loss`). ``Method.fit`` trains with
-this same step (:class:`TrainStep`), so the benchmarked step is the one that runs.
+computed in float32 from float32-cast logits (:func:`ensemble_loss`). On the CPU with the fused
+Adam of :func:`make_optimizer`, the step keeps a bfloat16 copy of each weight that the Adam update
+writes (:mod:`faststeal.master_weights`): no cast of the weights in the forward or of their
+gradients in the backward, the same bits. ``Method.fit`` trains with this same step
+(:class:`TrainStep`), so the benchmarked step is the one that runs.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from . import master_weights
+from .master_weights import MasterWeights
 
 __all__ = ["PRECISIONS", "autocast", "check_precision", "ensemble_loss", "make_optimizer",
            "make_train_step", "retain_disabled_reason", "retain_freed_cpu_memory", "TrainStep"]
@@ -203,6 +209,11 @@ class TrainStep:
         self.warmup = int(warmup)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        # bf16 on the CPU: the Adam step writes the weights' bfloat16 copies (no cast passes)
+        self.master_weights: Optional[MasterWeights] = None
+        if (self.precision == "bf16" and not self.cuda_graph and self.device_type == "cpu"
+                and master_weights.disabled_reason(optimizer) is None):
+            self.master_weights = MasterWeights(optimizer)
         if self.cuda_graph:
             p = next(model.parameters())
             if p.device.type != "cuda":
@@ -223,9 +234,16 @@ class TrainStep:
             return self.loss_fn(self.model(x), y)
 
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
-        loss = self._loss(x, y)
-        loss.backward()
-        self.optimizer.step()
+        mw = self.master_weights
+        if mw is None:
+            loss = self._loss(x, y)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            with mw.forward():
+                loss = self._loss(x, y)
+            loss.backward()
+            mw.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

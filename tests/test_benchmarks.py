@@ -67,16 +67,23 @@ def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FASTSTEAL_CACHE", str(tmp_path))
     res = bench_e2e.compare("cpu", budget=120, epochs=1, rounds=1, archs=("mlp",), members=(2,),
-                            precisions=("fp32", "bf16"), victim_epochs=1, dataset="digits",
-                            victim_arch="mlp", log=lambda *a: None)
+                            precisions=("fp32", "bf16", "bf16-cast"), victim_epochs=1,
+                            dataset="digits", victim_arch="mlp", log=lambda *a: None)
     kinds = {(r["who"], r["precision"]) for r in res["rows"]}
-    assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("loop", "fp32"),
-                     ("floor", "fp32"), ("floor", "bf16")}
+    assert kinds == {("faststeal", "fp32"), ("faststeal", "bf16"), ("faststeal", "bf16-cast"),
+                     ("loop", "fp32"), ("floor", "fp32"), ("floor", "bf16")}
     runs = [r for r in res["rows"] if r["who"] != "floor"]
     assert all(r["wall_s"] > 0 and 0 <= r["fidelity"] <= 1 for r in runs)
     # the floor (the run's GEMMs alone + Adam) is below every whole run it bounds
     floors = {r["precision"]: r["wall_s"] for r in res["rows"] if r["who"] == "floor"}
-    assert all(0 < floors[r["precision"]] < r["wall_s"] for r in runs)
+    assert all(0 < floors[r["precision"].split("-")[0]] < r["wall_s"] for r in runs)
+    import torch
+
+    from faststeal import _ext
+    if _ext.C is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        # the bf16 weight copies (faststeal.master_weights) train bit-identically to the cast path
+        fid = {r["precision"]: r["fidelity"] for r in runs if r["who"] == "faststeal"}
+        assert fid["bf16"] == fid["bf16-cast"]
     md = bench_e2e.compare_markdown(res)
     assert "plain loop" in md and "GEMM+Adam floor[bf16]" in md
 

@@ -328,10 +328,7 @@ class Method(abc.ABC):
                 order = self._epoch_order(order_gen, n, s_data, pool).to(self.device)
                 for step in range(steps):
                     idx = order[:, step * batch_size:(step + 1) * batch_size]
-                    if s_data == 1:
-                        xb, yb = x[idx[0]], y[idx[0]]
-                    else:
-                        xb, yb = x[idx], y[idx]
+                    xb, yb = _rows(x, idx, s_data), _rows(y, idx, s_data)
                     self._last_loss = step_fn(xb, yb)
                     it += 1
                     self._on_step(it, epoch, step)
@@ -546,6 +543,15 @@ def as_tensor(name: str, x: Any) -> Tensor:
 #: Scalar training loss: the sum over members of each member's mean cross-entropy (shared or
 #: per-member targets); one implementation, :func:`faststeal.train_step.ensemble_loss`.
 member_loss_sum = train_step.ensemble_loss
+
+
+def _rows(t: Tensor, idx: Tensor, s_data: int) -> Tensor:
+    """The rows ``idx`` (s_data, b) of ``t``: (b, ...) for one shared order, else (s_data, b,
+    ...). ``index_select`` on the flat indices is what ``t[idx]`` computes, ~3x faster for the
+    (5, 128) x 784 gather of a training step on the CPU (advanced indexing's general kernel)."""
+    if s_data == 1:
+        return t.index_select(0, idx[0])
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
 
 
 def _progress(total: int, enabled: bool, name: str):

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .. import master_weights
 from . import _checks, _eager, dispatch, rng
 from .reference import ACTIVATIONS
 
@@ -14,12 +15,14 @@ def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
     """Inside ``torch.autocast(device_type, dtype)``: the floating tensors cast to ``dtype``
     (float64 stays), as autocast does for ``torch.nn.functional.linear``; else unchanged. The
     ops then compute in that dtype with float32 accumulation, and autograd returns the gradients
-    of the float32 master weights through the cast."""
+    of the float32 master weights through the cast (or, in a training step with
+    :class:`faststeal.master_weights.MasterWeights`, a parameter's bfloat16 working copy stands
+    in for the cast and keeps its gradient for the optimizer)."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dt = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                 and t.dtype != torch.float64 else t for t in tensors)
+    return tuple(master_weights.cast(t, dt) if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 def _forward(x, weight, bias, activation, dropout_p, seed):

@@ -1,0 +1,183 @@
+// adam_bf16_step on the CPU: torch.optim.Adam's update of one float32 master parameter from a
+// bfloat16 gradient (plus, optionally, a float32 one), writing the parameter's bfloat16 working
+// copy in the same pass (faststeal/master_weights.py: bf16 training without the two cast passes
+// per step).
+//
+// The arithmetic is that of the vector loop of ATen's fused CPU Adam
+// (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, float32, mode ORIGINAL) as the torch wheels
+// compile it for AVX2 / AVX-512, where GCC in GNU mode contracts its multiply-adds into FMAs.
+// Per element:
+//   g = grad_bf16 (+ grad_f32);  g = fma(p, weight_decay, g) (skipped at 0)
+//   m = lerp(m, g, w = 1 - beta1) = fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)
+//   v = fma((1 - beta2) * g, g, v * beta2)
+//   p = p - (step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+//   copy = bfloat16(p), rounded to nearest even (a NaN becomes 0x7FC0, c10's rule)
+// with step_size = lr / bias_correction1 and the bias corrections of `step` in double. On a
+// tensor whose length is a multiple of ATen's vector width (16 floats under AVX-512, 8 under
+// AVX2) the update is bit-identical to torch.optim.Adam(fused=True) on the float32 sum of the
+// gradients; ATen computes the last numel % width elements with other roundings, so
+// faststeal/master_weights.py hands those to torch itself (tests/test_master_weights.py). The FMAs
+// are explicit std::fma: vfmadd in the AVX2+FMA build, a correctly rounded libm call in the
+// baseline one (slower, the same bits); this file is compiled in ISO C++ mode, where GCC
+// contracts nothing.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "../common.h"
+#include "../ops.h"
+#include "vec_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FS_ADAM_AVX2 1
+#endif
+
+namespace faststeal {
+namespace cpu {
+namespace {
+
+constexpr int64_t kAdamGrain = 1 << 15;  // elements per parallel task
+
+struct AdamArgs {
+  float w, w_minus_1, beta2, c2, weight_decay, eps, step_size, bc2_sqrt;
+  bool lerp_small;
+};
+
+// float -> bfloat16 bits, round to nearest even; any NaN becomes the quiet 0x7FC0 (c10's rule)
+FS_INLINE uint16_t to_bf16_rne(float x) {
+  const uint32_t u = float_to_bits(x);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = nan_mask(x);
+  return static_cast<uint16_t>((r & ~nan) | (0x7FC0u & nan));
+}
+
+// The loop over elements [i0, i1), one instantiation per case (no test inside the loop, so that
+// GCC vectorizes it): kF32 a float32 gradient is added, kDecay weight_decay != 0, kSmall w < 0.5.
+template <bool kF32, bool kDecay, bool kSmall>
+FS_INLINE void adam_loop(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
+                         const uint16_t* __restrict__ gb, const float* __restrict__ gf,
+                         uint16_t* __restrict__ copy, int64_t i0, int64_t i1, const AdamArgs a) {
+  const float w = kSmall ? a.w : a.w_minus_1, beta2 = a.beta2, c2 = a.c2, wd = a.weight_decay;
+  const float eps = a.eps, step_size = a.step_size, bc2_sqrt = a.bc2_sqrt;
+  for (int64_t i = i0; i < i1; ++i) {
+    float g = bits_to_float(static_cast<uint32_t>(gb[i]) << 16);
+    if constexpr (kF32) g += gf[i];
+    const float pi = p[i];
+    if constexpr (kDecay) g = std::fma(pi, wd, g);  // skipped at 0, as in ATen
+    const float mi = m[i];
+    const float mn = std::fma(w, g - mi, kSmall ? mi : g);
+    const float vn = std::fma(c2 * g, g, v[i] * beta2);
+    m[i] = mn;
+    v[i] = vn;
+    const float pn = pi - (step_size * mn) / (std::sqrt(vn) / bc2_sqrt + eps);
+    p[i] = pn;
+    copy[i] = to_bf16_rne(pn);
+  }
+}
+
+template <bool kF32, bool kDecay>
+FS_INLINE void adam_span2(float* p, float* m, float* v, const uint16_t* gb, const float* gf,
+                          uint16_t* copy, int64_t i0, int64_t i1, const AdamArgs& a) {
+  if (a.lerp_small) {
+    adam_loop<kF32, kDecay, true>(p, m, v, gb, gf, copy, i0, i1, a);
+  } else {
+    adam_loop<kF32, kDecay, false>(p, m, v, gb, gf, copy, i0, i1, a);
+  }
+}
+
+FS_INLINE void adam_span(float* p, float* m, float* v, const uint16_t* gb, const float* gf,
+                         uint16_t* copy, int64_t i0, int64_t i1, const AdamArgs& a) {
+  const bool decay = a.weight_decay != 0.0f;
+  if (gf != nullptr) {
+    decay ? adam_span2<true, true>(p, m, v, gb, gf, copy, i0, i1, a)
+          : adam_span2<true, false>(p, m, v, gb, gf, copy, i0, i1, a);
+  } else {
+    decay ? adam_span2<false, true>(p, m, v, gb, gf, copy, i0, i1, a)
+          : adam_span2<false, false>(p, m, v, gb, gf, copy, i0, i1, a);
+  }
+}
+
+using SpanFn = void (*)(float*, float*, float*, const uint16_t*, const float*, uint16_t*, int64_t,
+                        int64_t, const AdamArgs&);
+
+void adam_base(float* p, float* m, float* v, const uint16_t* gb, const float* gf, uint16_t* copy,
+               int64_t i0, int64_t i1, const AdamArgs& a) {
+  adam_span(p, m, v, gb, gf, copy, i0, i1, a);
+}
+
+#ifdef FS_ADAM_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+void adam_avx2(float* p, float* m, float* v, const uint16_t* gb, const float* gf, uint16_t* copy,
+               int64_t i0, int64_t i1, const AdamArgs& a) {
+  adam_span(p, m, v, gb, gf, copy, i0, i1, a);
+}
+#pragma GCC pop_options
+#endif
+
+SpanFn adam_rows() {
+  static const SpanFn fn = [] {  // asked once per process
+#ifdef FS_ADAM_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &adam_avx2;
+#endif
+    return &adam_base;
+  }();
+  return fn;
+}
+
+void check_state(const Target& t, const at::Tensor& x, const char* name, at::ScalarType dtype,
+                 const at::Tensor& param) {
+  check_device(t, x, name);
+  TORCH_CHECK(x.scalar_type() == dtype, t.fn, ": ", name, " must be ", dtype, ", got ",
+              x.scalar_type());
+  TORCH_CHECK(x.sizes() == param.sizes(), t.fn, ": ", name, " must have param's shape ",
+              param.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), t.fn, ": ", name, " must be contiguous");
+}
+
+}  // namespace
+
+void adam_bf16_step(const at::Tensor& param, const at::Tensor& grad_bf16, const OptTensor& grad_f32,
+                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                    const at::Tensor& copy, int64_t step, double lr, double beta1, double beta2,
+                    double eps, double weight_decay) {
+  const Target t = cpu_target("adam_bf16_step_cpu");
+  check_state(t, param, "param", at::kFloat, param);
+  check_state(t, grad_bf16, "grad_bf16", at::kBFloat16, param);
+  if (grad_f32.has_value()) check_state(t, *grad_f32, "grad_f32", at::kFloat, param);
+  check_state(t, exp_avg, "exp_avg", at::kFloat, param);
+  check_state(t, exp_avg_sq, "exp_avg_sq", at::kFloat, param);
+  check_state(t, copy, "copy", at::kBFloat16, param);
+  TORCH_CHECK(step >= 1, t.fn, ": step must be >= 1 (the count including this update), got ",
+              step);
+  TORCH_CHECK(lr >= 0.0, t.fn, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, t.fn,
+              ": betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
+  TORCH_CHECK(eps >= 0.0, t.fn, ": eps must be >= 0, got ", eps);
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const float w = static_cast<float>(1.0 - beta1);
+  const AdamArgs a{w,
+                   w - 1.0f,
+                   static_cast<float>(beta2),
+                   static_cast<float>(1.0 - beta2),
+                   static_cast<float>(weight_decay),
+                   static_cast<float>(eps),
+                   static_cast<float>(lr / bc1),
+                   static_cast<float>(std::sqrt(bc2)),
+                   std::abs(w) < 0.5f};
+  float* p = param.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const auto* gb = reinterpret_cast<const uint16_t*>(grad_bf16.data_ptr<at::BFloat16>());
+  const float* gf = grad_f32.has_value() ? grad_f32->data_ptr<float>() : nullptr;
+  auto* c = reinterpret_cast<uint16_t*>(copy.data_ptr<at::BFloat16>());
+  const SpanFn run = adam_rows();
+  at::parallel_for(0, param.numel(), kAdamGrain, [&](int64_t i0, int64_t i1) {
+    run(p, m, v, gb, gf, c, i0, i1, a);
+  });
+}
+
+}  // namespace cpu
+}  // namespace faststeal

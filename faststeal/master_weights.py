@@ -1,0 +1,188 @@
+"""bfloat16 training without the per-step casts: float32 master weights whose bfloat16 working
+copies are written by the Adam step.
+
+Under ``precision="bf16"`` the stacked ops cast their float32 weights to bfloat16 in every
+forward (``autocast``), and autograd casts the bfloat16 weight gradients back to float32 in every
+backward: two extra passes over every weight per training step, ~17% of a profiled S=5 mlp bf16
+``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). :class:`MasterWeights`
+removes both on the CPU, the way mixed-precision optimizers with a bf16 parameter copy do:
+
+* inside :meth:`MasterWeights.forward`, an op that would cast a float32 parameter of the
+  optimizer to bfloat16 (``faststeal.ops.ensemble_linear.autocast_inputs``) gets the parameter's
+  bfloat16 copy instead - a leaf tensor, so its gradient stays bfloat16 in ``copy.grad``;
+* :meth:`MasterWeights.step` updates the float32 parameter and the optimizer's own Adam state
+  (``optimizer.state[p]``, so ``state_dict`` and checkpoints are unchanged) from that gradient,
+  plus any float32 ``p.grad`` from uses outside the ops, and writes the new bfloat16 copy in the
+  same pass (``faststeal._C.adam_bf16_step_cpu``); then ``optimizer.step()`` updates the rest.
+
+Numerics: the copy is ``p.to(torch.bfloat16)`` bit for bit (round to nearest even; a NaN is a
+NaN, its payload may differ), and the update is torch's fused CPU Adam on the float32 sum of the
+gradients: the kernel repeats the arithmetic of its vector loop FMA for FMA (as the torch wheels
+compile it for AVX2 / AVX-512) and the last few elements of each tensor, which torch's scalar code
+rounds differently, go to ``torch._fused_adam_`` itself. Where torch runs those kernels, training
+with the copies is bit-identical to the cast path (tests/test_master_weights.py); elsewhere the
+update may differ in the last bit.
+A parameter used a second time in one forward gets the plain cast, so its gradients are summed in
+float32 as on the cast path (bit for bit for two uses; the order of a longer sum may differ). A
+parameter changed outside :meth:`step` (``load_state_dict``, an in-place edit: its version
+counter or storage moves) gets a fresh copy at its next use.
+
+Where: CPU float32 parameters of a ``torch.optim.Adam`` with ``fused=True`` (what
+:func:`faststeal.train_step.make_optimizer` builds on the CPU) and none of amsgrad, maximize,
+capturable, differentiable, decoupled weight decay or a tensor lr; anywhere else (GPUs, SGD,
+AdamW, ``MemberAdam``, a missing extension) :func:`disabled_reason` says why and training keeps
+the cast path. ``FASTSTEAL_BF16_COPIES=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+ENV = "FASTSTEAL_BF16_COPIES"
+
+#: the float vector width of torch's CPU kernels: its fused Adam rounds the last numel % width
+#: elements of a tensor differently from the rest, so :meth:`MasterWeights.step` leaves those to
+#: torch and runs the fused kernel (the arithmetic of torch's vector loop) on the rest
+_ATEN_VEC_WIDTH = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 8)
+
+#: .mw: the MasterWeights whose forward is running in this thread (set by MasterWeights.forward)
+_active = threading.local()
+
+
+def host_disabled_reason() -> Optional[str]:
+    """Why no optimizer gets bfloat16 copies in this process (the switch, the extension), or
+    None."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{ENV}={os.environ[ENV]}"
+    return _ext.unavailable_reason()
+
+
+def disabled_reason(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Why :class:`MasterWeights` cannot run ``optimizer``'s bf16 steps, or None."""
+    why = host_disabled_reason()
+    if why is not None:
+        return why
+    if type(optimizer) is not torch.optim.Adam:
+        return f"the optimizer is {type(optimizer).__name__}, not torch.optim.Adam"
+    for group in optimizer.param_groups:
+        for flag in ("amsgrad", "maximize", "capturable", "differentiable",
+                     "decoupled_weight_decay"):
+            if group.get(flag):
+                return f"Adam with {flag}=True"
+        if not group.get("fused"):
+            return "Adam without fused=True"
+        if isinstance(group["lr"], Tensor):
+            return "Adam with a tensor lr"
+    return None
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, or inside :meth:`MasterWeights.forward` the bfloat16 working copy of a
+    parameter it manages (the ops' autocast casts go through here)."""
+    mw = getattr(_active, "mw", None)
+    return t.to(dtype) if mw is None else mw._cast(t, dtype)
+
+
+class _Copy:
+    __slots__ = ("leaf", "version", "ptr", "used")
+
+    def __init__(self, p: Tensor) -> None:
+        self.leaf = p.detach().to(torch.bfloat16).requires_grad_()
+        self.version, self.ptr, self.used = p._version, p.data_ptr(), False
+
+
+class MasterWeights:
+    """bfloat16 working copies of ``optimizer``'s CPU float32 parameters, updated by the Adam
+    step itself (see the module docstring). ``optimizer`` must pass :func:`disabled_reason`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        why = disabled_reason(optimizer)
+        if why is not None:
+            raise ValueError(f"MasterWeights cannot run this optimizer: {why}")
+        self.optimizer = optimizer
+        self._params = {id(p): p for g in optimizer.param_groups for p in g["params"]
+                        if p.device.type == "cpu" and p.dtype == torch.float32}
+        self._copies: dict[int, _Copy] = {}
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """The context one training forward runs in: casts of managed parameters to bfloat16
+        return their working copies (each copy once; a second use gets the plain cast)."""
+        for c in self._copies.values():
+            c.used = False
+        prev, _active.mw = getattr(_active, "mw", None), self
+        try:
+            yield
+        finally:
+            _active.mw = prev
+
+    def _cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        if (dtype != torch.bfloat16 or self._params.get(id(t)) is not t
+                or not (t.requires_grad and torch.is_grad_enabled() and t.is_contiguous())):
+            return t.to(dtype)
+        c = self._copies.get(id(t))
+        if c is None or c.version != t._version or c.ptr != t.data_ptr():
+            c = self._copies[id(t)] = _Copy(t)  # first use, or t changed outside step()
+        if c.used:
+            return t.to(dtype)
+        c.used = True
+        return c.leaf
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam step: the parameters whose copies got gradients by the fused kernel, then
+        ``optimizer.step()`` for those with only a float32 ``.grad`` (if any). Gradients of the
+        copies are cleared; the parameters' ``.grad`` are left to ``zero_grad`` as usual."""
+        opt = self.optimizer
+        rest = False
+        for group in opt.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                c = self._copies.get(id(p))
+                if c is None or c.leaf.grad is None:
+                    rest = rest or p.grad is not None
+                    continue
+                state = opt.state[p]
+                if not state:  # as torch.optim.Adam initialises it (fused: a float32 step)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                _update(p, c.leaf, p.grad, state, group, beta1, beta2)
+                c.leaf.grad = None
+                p.grad = None  # consumed (the float32 part of the gradient, if any)
+                c.version, c.ptr = p._version, p.data_ptr()
+        if rest:
+            opt.step()
+
+
+def _update(p: Tensor, copy: Tensor, grad_f32: Optional[Tensor], state: dict, group: dict,
+            beta1: float, beta2: float) -> None:
+    """One Adam update of ``p`` from ``copy.grad`` (+ ``grad_f32``), writing ``copy``: the fused
+    kernel on the first numel - numel % width elements, torch's own fused Adam on the rest (the
+    elements its scalar code rounds differently; a few per tensor) - bit for bit torch's step."""
+    flat = [t.detach().view(-1) for t in (p, copy.grad, copy)]
+    pf, gb, cf = flat
+    gf = grad_f32.detach().view(-1) if grad_f32 is not None else None
+    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+    n = pf.numel()
+    body = n - n % _ATEN_VEC_WIDTH
+    lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+    if body:
+        _ext.C.adam_bf16_step_cpu(pf[:body], gb[:body], None if gf is None else gf[:body],
+                                  m[:body], v[:body], cf[:body], int(state["step"]), lr,
+                                  float(beta1), float(beta2), eps, wd)
+    if body < n:
+        g = gb[body:].float() if gf is None else gb[body:].float() + gf[body:]
+        torch._fused_adam_([pf[body:]], [g], [m[body:]], [v[body:]], [], [state["step"]], lr=lr,
+                           beta1=float(beta1), beta2=float(beta2), weight_decay=wd, eps=eps,
+                           amsgrad=False, maximize=False)
+        cf[body:] = pf[body:]
