@@ -265,7 +265,12 @@ def compare(device="cpu", budget: int = 10000, epochs: int = 10, rounds: int = 2
     import faststeal
     from faststeal import master_weights
     from faststeal.attack import random_queries
+    from faststeal.train_step import PRECISIONS
 
+    allowed = (*PRECISIONS, "bf16-cast")
+    bad = [p for p in precisions if p not in allowed]
+    if bad:
+        raise ValueError(f"precisions must be among {allowed}, got {bad}")
     device = torch.device(device)
     splits, victim = _victim_and_data(device, victim_epochs, dataset, victim_arch, log)
     pool_x, test_x = splits.pool.x, splits.test.x.to(device)

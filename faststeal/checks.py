@@ -1,8 +1,11 @@
-"""The one integer argument check every layer uses (configs, oracle, victim, methods, data, nn)."""
+"""Checks every layer uses: the integer argument check (configs, oracle, victim, methods, data,
+nn) and the on/off environment switches (``FASTSTEAL_TUNE``, ``FASTSTEAL_RETAIN_CPU_MEMORY``,
+``FASTSTEAL_BF16_COPIES``)."""
 
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any, Optional
 
 
@@ -27,3 +30,9 @@ def positive_int(name: str, value: Any, minimum: int = 1, allow_none: bool = Fal
     if v < minimum:
         raise ValueError(f"{name} must be {what}, got {v}")
     return v
+
+
+def env_off(name: str) -> bool:
+    """Whether the on/off switch ``name`` is set to off (``0``, ``false``, ``no`` or ``off``, any
+    case); unset or anything else is on."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")

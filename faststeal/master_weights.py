@@ -7,7 +7,7 @@ backward: two extra passes over every weight per training step, ~17% of a profil
 ``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). :class:`MasterWeights`
 removes both on the CPU, the way mixed-precision optimizers with a bf16 parameter copy do:
 
-* inside :meth:`MasterWeights.forward`, an op that would cast a float32 parameter of the
+* inside :meth:`MasterWeights.active`, an op that would cast a float32 parameter of the
   optimizer to bfloat16 (``faststeal.ops.ensemble_linear.autocast_inputs``) gets the parameter's
   bfloat16 copy instead - a leaf tensor, so its gradient stays bfloat16 in ``copy.grad``;
 * :meth:`MasterWeights.step` updates the float32 parameter and the optimizer's own Adam state
@@ -24,8 +24,9 @@ with the copies is bit-identical to the cast path (tests/test_master_weights.py)
 update may differ in the last bit.
 A parameter used a second time in one forward gets the plain cast, so its gradients are summed in
 float32 as on the cast path (bit for bit for two uses; the order of a longer sum may differ). A
-parameter changed outside :meth:`step` (``load_state_dict``, an in-place edit: its version
-counter or storage moves) gets a fresh copy at its next use.
+parameter changed outside :meth:`step` by a torch operation (``load_state_dict``, an in-place edit
+under ``no_grad``: its version counter or storage moves) gets a fresh copy at its next use; an
+edit through ``p.data`` bypasses the version counter and is not seen (as it is not by autograd).
 
 Where: CPU float32 parameters of a ``torch.optim.Adam`` with ``fused=True`` (what
 :func:`faststeal.train_step.make_optimizer` builds on the CPU) and none of amsgrad, maximize,
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from .checks import env_off
 
 ENV = "FASTSTEAL_BF16_COPIES"
 
@@ -53,14 +55,14 @@ ENV = "FASTSTEAL_BF16_COPIES"
 #: torch and runs the fused kernel (the arithmetic of torch's vector loop) on the rest
 _ATEN_VEC_WIDTH = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 8)
 
-#: .mw: the MasterWeights whose forward is running in this thread (set by MasterWeights.forward)
+#: .mw: the MasterWeights whose forward is running in this thread (set by MasterWeights.active)
 _active = threading.local()
 
 
 def host_disabled_reason() -> Optional[str]:
     """Why no optimizer gets bfloat16 copies in this process (the switch, the extension), or
     None."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if env_off(ENV):
         return f"{ENV}={os.environ[ENV]}"
     return _ext.unavailable_reason()
 
@@ -84,19 +86,30 @@ def disabled_reason(optimizer: torch.optim.Optimizer) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """No working copies inside (the tuner's timed forwards run here: they must not use up the
+    copies of the training forward they interrupt)."""
+    prev, _active.mw = getattr(_active, "mw", None), None
+    try:
+        yield
+    finally:
+        _active.mw = prev
+
+
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, or inside :meth:`MasterWeights.forward` the bfloat16 working copy of a
+    """``t.to(dtype)``, or inside :meth:`MasterWeights.active` the bfloat16 working copy of a
     parameter it manages (the ops' autocast casts go through here)."""
     mw = getattr(_active, "mw", None)
     return t.to(dtype) if mw is None else mw._cast(t, dtype)
 
 
 class _Copy:
-    __slots__ = ("leaf", "version", "ptr", "used")
+    __slots__ = ("leaf", "pid", "version", "ptr", "used")
 
     def __init__(self, p: Tensor) -> None:
         self.leaf = p.detach().to(torch.bfloat16).requires_grad_()
-        self.version, self.ptr, self.used = p._version, p.data_ptr(), False
+        self.pid, self.version, self.ptr, self.used = id(p), p._version, p.data_ptr(), False
 
 
 class MasterWeights:
@@ -113,11 +126,19 @@ class MasterWeights:
         self._copies: dict[int, _Copy] = {}
 
     @contextlib.contextmanager
-    def forward(self) -> Iterator[None]:
+    def active(self) -> Iterator[None]:
         """The context one training forward runs in: casts of managed parameters to bfloat16
-        return their working copies (each copy once; a second use gets the plain cast)."""
+        return their working copies (each copy once; a second use gets the plain cast). A copy's
+        gradient still unused from an earlier backward (gradients accumulated over several
+        backwards before one :meth:`step`) moves to ``p.grad`` in float32 first, so that no
+        gradient is summed in bfloat16."""
         for c in self._copies.values():
             c.used = False
+            g = c.leaf.grad
+            if g is not None:
+                p = self._params[c.pid]
+                p.grad = g.float() if p.grad is None else p.grad + g.float()
+                c.leaf.grad = None
         prev, _active.mw = getattr(_active, "mw", None), self
         try:
             yield
@@ -138,17 +159,16 @@ class MasterWeights:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam step: the parameters whose copies got gradients by the fused kernel, then
-        ``optimizer.step()`` for those with only a float32 ``.grad`` (if any). Gradients of the
-        copies are cleared; the parameters' ``.grad`` are left to ``zero_grad`` as usual."""
+        """One Adam step: the parameters whose copies got gradients through the fused kernel
+        (their copy's gradient and their float32 ``.grad``, if any, are consumed: both are None
+        afterwards, so clip or inspect gradients before, not here), then ``optimizer.step()``
+        for the rest (its hooks run as usual; the managed parameters have no gradient left)."""
         opt = self.optimizer
-        rest = False
         for group in opt.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 c = self._copies.get(id(p))
                 if c is None or c.leaf.grad is None:
-                    rest = rest or p.grad is not None
                     continue
                 state = opt.state[p]
                 if not state:  # as torch.optim.Adam initialises it (fused: a float32 step)
@@ -158,10 +178,12 @@ class MasterWeights:
                 state["step"] += 1
                 _update(p, c.leaf, p.grad, state, group, beta1, beta2)
                 c.leaf.grad = None
-                p.grad = None  # consumed (the float32 part of the gradient, if any)
+                p.grad = None
+                # the kernel wrote p and the copy through pointers: tell autograd (a graph still
+                # holding them fails loudly), then take p's new version as the copy's
+                torch.autograd.graph.increment_version([p, c.leaf])
                 c.version, c.ptr = p._version, p.data_ptr()
-        if rest:
-            opt.step()
+        opt.step()
 
 
 def _update(p: Tensor, copy: Tensor, grad_f32: Optional[Tensor], state: dict, group: dict,

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from . import master_weights
+from .checks import env_off
 from .master_weights import MasterWeights
 
 __all__ = ["PRECISIONS", "autocast", "check_precision", "ensemble_loss", "make_optimizer",
@@ -81,7 +82,7 @@ _retained: Optional[bool] = None
 
 def retain_disabled_reason() -> Optional[str]:
     """Why :func:`retain_freed_cpu_memory` does nothing in this process, or None."""
-    if os.environ.get(_RETAIN_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if env_off(_RETAIN_ENV):
         return f"{_RETAIN_ENV}={os.environ[_RETAIN_ENV]}"
     if not sys.platform.startswith("linux"):
         return f"not Linux/glibc ({sys.platform})"
@@ -240,7 +241,7 @@ class TrainStep:
             loss.backward()
             self.optimizer.step()
         else:
-            with mw.forward():
+            with mw.active():
                 loss = self._loss(x, y)
             loss.backward()
             mw.step()

@@ -86,6 +86,8 @@ def test_bench_e2e_compare_runs_both_sides(monkeypatch, tmp_path):
         assert fid["bf16"] == fid["bf16-cast"]
     md = bench_e2e.compare_markdown(res)
     assert "plain loop" in md and "GEMM+Adam floor[bf16]" in md
+    with pytest.raises(ValueError, match="precisions must be among"):
+        bench_e2e.compare("cpu", precisions=("fp32-cast",))
 
 
 def test_bench_e2e_speedups_are_paired_per_round():

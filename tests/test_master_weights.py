@@ -3,6 +3,7 @@
 The oracle of the fused update is torch.optim.Adam(fused=True) itself, fed the float32 sum of the
 gradients; the oracle of the training step is the cast path (FASTSTEAL_BF16_COPIES=0)."""
 
+import contextlib
 import math
 
 import pytest
@@ -76,8 +77,8 @@ def _check_against(got, want):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-# lengths that are multiples of ATen's vector width (its scalar tail is torch's, below); several
-# parallel tasks for the largest
+# lengths that are multiples of ATen's vector width (its scalar tail is torch's, below); the
+# largest in three parallel tasks of the kernel (two threads, 32768-element grain)
 @pytest.mark.parametrize("n", [16, 48, 70000])
 @pytest.mark.parametrize("with_f32", [False, True])
 @pytest.mark.parametrize("wd,step,beta1", [(0.0, 1, 0.9), (0.01, 7, 0.9), (0.01, 3, 0.3)])
@@ -87,7 +88,12 @@ def test_fused_kernel_is_torch_adams_vector_loop(n, with_f32, wd, step, beta1):
     hyper = (step, 1e-2, (beta1, 0.999), 1e-8, wd)
     want = _torch_adam(p, g, m, v, *hyper)
     copy = torch.full((n,), float("nan"), dtype=torch.bfloat16)  # every element must be written
-    _kernel(p, gb, gf, m, v, copy, *hyper)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _kernel(p, gb, gf, m, v, copy, *hyper)
+    finally:
+        torch.set_num_threads(threads)
     _check_against((p, m, v), want)
     assert _same_bf16(copy, p.to(torch.bfloat16))
 
@@ -177,7 +183,7 @@ def test_kernel_checks_name_the_argument():
         args = dict(param=f32.clone(), grad_bf16=bf, grad_f32=None, exp_avg=f32.clone(),
                     exp_avg_sq=f32.clone(), copy=bf.clone(), step=1, lr=1e-3, beta1=0.9,
                     beta2=0.999, eps=1e-8, weight_decay=0.0)
-        args.update(kw)
+        args.update({k: args[v] if isinstance(v, str) else v for k, v in kw.items()})
         _ext.C.adam_bf16_step_cpu(*args.values())
 
     call()  # the valid call runs
@@ -190,7 +196,10 @@ def test_kernel_checks_name_the_argument():
              ({"step": 0}, "step must be >= 1"),
              ({"lr": -1.0}, "lr must be >= 0"),
              ({"beta2": 1.0}, "betas must be in"),
-             ({"eps": -1e-8}, "eps must be >= 0")]
+             ({"eps": -1e-8}, "eps must be >= 0"),
+             ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+             ({"copy": bf}, "refer to a single memory location"),  # copy is grad_bf16
+             ({"exp_avg_sq": "exp_avg"}, "refer to a single memory location")]
     for kw, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             call(**kw)
@@ -234,10 +243,8 @@ def test_training_step_matches_the_cast_path(monkeypatch, wd):
     assert len(s1.master_weights._copies) == 6
     assert all(c.leaf.grad is None for c in s1.master_weights._copies.values())
     assert all(p.grad is None for p in m1.parameters())
-    for c in s1.master_weights._copies.values():  # each copy is its parameter's bf16 rounding
-        p = s1.master_weights._params[id(next(k for k in m1.parameters()
-                                             if s1.master_weights._copies.get(id(k)) is c))]
-        assert _same_bf16(c.leaf, p.to(torch.bfloat16))
+    for p in m1.parameters():  # each copy is its parameter's bf16 rounding
+        assert _same_bf16(s1.master_weights._copies[id(p)].leaf, p.to(torch.bfloat16))
     assert l1[0] == l0[0]  # the same bf16 weights in the first forward, whatever the ISA
     _assert_same_training(m1, m0, l1, l0)
     # the optimizer state is the one torch.optim.Adam keeps: same keys, dtypes, shapes, steps
@@ -323,13 +330,60 @@ def test_copies_are_used_only_inside_a_training_forward(monkeypatch):
     step(x, y)
     w = next(model.parameters())
     mw = step.master_weights
-    assert master_weights.cast(w, torch.bfloat16) is not mw._copies[id(w)].leaf  # outside: a cast
-    with mw.forward():
+    leaf = mw._copies[id(w)].leaf
+    assert master_weights.cast(w, torch.bfloat16) is not leaf  # outside a training forward
+    with mw.active():
+        with torch.no_grad():  # an evaluation inside: a cast, the copy stays for the training use
+            assert master_weights.cast(w, torch.bfloat16) is not leaf
+        with master_weights.paused():  # the tuner's timed forwards
+            assert master_weights.cast(w, torch.bfloat16) is not leaf
+        assert master_weights.cast(w, torch.float16).dtype == torch.float16
         first = master_weights.cast(w, torch.bfloat16)
-        second = master_weights.cast(w, torch.bfloat16)
-        with torch.no_grad():
-            nograd = master_weights.cast(w, torch.bfloat16)
-        half = master_weights.cast(w, torch.float16)
-    assert first is mw._copies[id(w)].leaf and second is not first
-    assert nograd is not first and half.dtype == torch.float16
-    assert torch.equal(second, first.detach()) and not math.isnan(float(step(x, y)))
+        second = master_weights.cast(w, torch.bfloat16)  # a second use: the plain cast
+    assert first is leaf and second is not leaf
+    assert torch.equal(second, leaf.detach()) and not math.isnan(float(step(x, y)))
+
+
+def test_gradients_of_two_backwards_are_summed_in_float32(monkeypatch):
+    # two forward/backward passes before one step: the copy's first gradient moves to p.grad in
+    # float32 when the second forward starts (no bfloat16 sum), as the cast path sums them
+    def run(on):
+        monkeypatch.setenv(master_weights.ENV, on)
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 8, 8), 4, members=3)
+        opt = make_optimizer(model.parameters(), lr=1e-2)
+        step = make_train_step(model, opt, precision="bf16")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for _ in range(2):
+                x = torch.randn(3, 16, 1, 8, 8, generator=gen)
+                y = torch.randint(0, 4, (3, 16), generator=gen)
+                with (step.master_weights.active() if step.master_weights else
+                      contextlib.nullcontext()):
+                    loss = step._loss(x, y)
+                loss.backward()
+            (step.master_weights or opt).step()
+            opt.zero_grad(set_to_none=True)
+        return model
+
+    m1, m0 = run("1"), run("0")
+    for a, b in zip(m1.parameters(), m0.parameters()):
+        if EXACT:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-3)
+
+
+def test_a_graph_holding_an_updated_copy_fails_loudly(monkeypatch):
+    # the kernel writes p and the copy in place: autograd's version check sees it
+    monkeypatch.setenv(master_weights.ENV, "1")
+    model = build_model("mlp", (1, 4, 4), 3, members=2)
+    opt = make_optimizer(model.parameters(), lr=1e-2)
+    step = make_train_step(model, opt, precision="bf16")
+    x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 3, (2, 8))
+    with step.master_weights.active():
+        loss = step._loss(x, y)
+    loss.backward(retain_graph=True)
+    step.master_weights.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -566,6 +566,31 @@ def test_bf16_training_keeps_fp32_master_state_and_learns(name):
     assert abs(accuracy(m) - accuracy(fitted(name))) < 0.15  # fp32 vs bf16 on the toy task
 
 
+@pytest.mark.parametrize("name,arch", [("deep-ensemble", "mlp"), ("deep-ensemble", "lenet"),
+                                       ("mc-dropout", "mlp"), ("bbb", "mlp"), ("laplace", "mlp")])
+def test_bf16_weight_copies_fit_what_the_cast_path_fits(monkeypatch, name, arch):
+    # faststeal.master_weights: the Adam update writes the weights' bfloat16 copies instead of
+    # casting them every forward (and their gradients every backward). Under torch's AVX2 /
+    # AVX-512 kernels the fit is bit-identical to the cast path: the same copies (MC dropout's
+    # masks, BBB's KL term in float32, lenet's convolutions left to torch's Adam included)
+    from faststeal import _ext, master_weights
+
+    if _ext.C is None:
+        pytest.skip("faststeal._C not built")
+    fits = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(master_weights.ENV, on)
+        m = make(name, arch=arch, precision="bf16").fit(X[:128], Y[:128], epochs=1,
+                                                        batch_size=32, progress=False)
+        fits[on] = (m.predict_members(XT), [p.detach().clone() for p in m.model.parameters()])
+    (pred1, w1), (pred0, w0) = fits["1"], fits["0"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert torch.equal(pred1, pred0)
+        assert all(torch.equal(a, b) for a, b in zip(w1, w0))
+    else:  # other vector ISAs: the update may differ from torch's in the last bit
+        torch.testing.assert_close(pred1, pred0, rtol=0, atol=1e-2)
+
+
 def test_bf16_stacked_layers_compute_in_bf16(monkeypatch):
     # the forward of a bf16 fit reaches the op with bfloat16 tensors, the optimizer sees fp32
     from faststeal.ops import dispatch

@@ -20,6 +20,7 @@
 // are explicit std::fma: vfmadd in the AVX2+FMA build, a correctly rounded libm call in the
 // baseline one (slower, the same bits); this file is compiled in ISO C++ mode, where GCC
 // contracts nothing.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -27,10 +28,6 @@
 #include "../common.h"
 #include "../ops.h"
 #include "vec_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FS_ADAM_AVX2 1
-#endif
 
 namespace faststeal {
 namespace cpu {
@@ -105,7 +102,7 @@ void adam_base(float* p, float* m, float* v, const uint16_t* gb, const float* gf
   adam_span(p, m, v, gb, gf, copy, i0, i1, a);
 }
 
-#ifdef FS_ADAM_AVX2
+#ifdef FS_X86_GCC
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void adam_avx2(float* p, float* m, float* v, const uint16_t* gb, const float* gf, uint16_t* copy,
@@ -115,15 +112,11 @@ void adam_avx2(float* p, float* m, float* v, const uint16_t* gb, const float* gf
 #pragma GCC pop_options
 #endif
 
-SpanFn adam_rows() {
-  static const SpanFn fn = [] {  // asked once per process
-#ifdef FS_ADAM_AVX2
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &adam_avx2;
+SpanFn adam_span_fn() {
+#ifdef FS_X86_GCC
+  if (cpu_has_avx2_fma()) return &adam_avx2;
 #endif
-    return &adam_base;
-  }();
-  return fn;
+  return &adam_base;
 }
 
 void check_state(const Target& t, const at::Tensor& x, const char* name, at::ScalarType dtype,
@@ -155,6 +148,17 @@ void adam_bf16_step(const at::Tensor& param, const at::Tensor& grad_bf16, const 
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, t.fn,
               ": betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
   TORCH_CHECK(eps >= 0.0, t.fn, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(weight_decay >= 0.0, t.fn, ": weight_decay must be >= 0, got ", weight_decay);
+  // the kernel's pointers are __restrict__: the written tensors must not share memory with any
+  // other argument
+  const at::Tensor* written[] = {&param, &exp_avg, &exp_avg_sq, &copy};
+  const at::Tensor* all[] = {&param, &exp_avg, &exp_avg_sq, &copy, &grad_bf16,
+                             grad_f32.has_value() ? &*grad_f32 : nullptr};
+  for (const at::Tensor* w : written) {
+    for (const at::Tensor* o : all) {
+      if (o != nullptr && o != w) at::assert_no_overlap(*w, *o);
+    }
+  }
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   const float w = static_cast<float>(1.0 - beta1);
@@ -173,7 +177,7 @@ void adam_bf16_step(const at::Tensor& param, const at::Tensor& grad_bf16, const 
   const auto* gb = reinterpret_cast<const uint16_t*>(grad_bf16.data_ptr<at::BFloat16>());
   const float* gf = grad_f32.has_value() ? grad_f32->data_ptr<float>() : nullptr;
   auto* c = reinterpret_cast<uint16_t*>(copy.data_ptr<at::BFloat16>());
-  const SpanFn run = adam_rows();
+  const SpanFn run = adam_span_fn();
   at::parallel_for(0, param.numel(), kAdamGrain, [&](int64_t i0, int64_t i1) {
     run(p, m, v, gb, gf, c, i0, i1, a);
   });

@@ -28,8 +28,9 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "vec_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef FS_X86_GCC
 #define FS_CONV_DIRECT 1
 #include <immintrin.h>
 #endif
@@ -177,7 +178,7 @@ int64_t conv2d_direct_isa() {
   static const int64_t best = [] {  // asked once per process (every op call checks its isa)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return int64_t{2};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return int64_t{1};
+    if (cpu_has_avx2_fma()) return int64_t{1};
     return int64_t{0};
   }();
   return best;

@@ -11,10 +11,16 @@
 
 #include "../common.h"
 
+// FS_X86_GCC: GCC on x86-64, where the kernels may compile functions for an ISA extension
+// (#pragma GCC target, target_clones) and ask the CPU at run time (__builtin_cpu_supports).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FS_X86_GCC 1
+#endif
+
 // FS_CLONES_AVX2: compile a function for AVX2 and for the baseline x86-64 ISA, picked at load time
 // (GCC target_clones, an ifunc: glibc/ELF only; clang does not clone templates). AVX2 without FMA:
 // no contraction, so both clones compute bit-identical results. Elsewhere: the baseline only.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+#if defined(FS_X86_GCC) && defined(__GLIBC__)
 #define FS_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
 #else
 #define FS_CLONES_AVX2
@@ -25,6 +31,18 @@
 
 namespace faststeal {
 namespace cpu {
+
+#ifdef FS_X86_GCC
+// Whether this CPU has AVX2 and FMA (asked once per process): the kernels compiled under
+// #pragma GCC target("avx2,fma") may run.
+inline bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
 
 inline float bits_to_float(uint32_t u) {
   float f;

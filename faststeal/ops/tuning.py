@@ -47,6 +47,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from .. import master_weights
+from ..checks import env_off
+
 #: Seconds of timed rounds per decision, after one warm-up round (at least one timed round).
 BUDGET_S = 0.25
 #: Timed rounds at most per decision.
@@ -67,7 +70,7 @@ generation = 0
 
 def enabled() -> bool:
     """Whether choice points measure (False with ``FASTSTEAL_TUNE=0``)."""
-    return os.environ.get(ENV_TUNE, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not env_off(ENV_TUNE)
 
 
 def forced(env: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
@@ -296,7 +299,8 @@ def decide(point: str, device_type: str, shape: str,
         _announce()
         global tunings_run
         tunings_run += 1
-        times = measure(cands, device_type, budget_s)
+        with master_weights.paused():  # a timed forward must not use up a training step's copies
+            times = measure(cands, device_type, budget_s)
         choice = min(times, key=lambda n: times[n])
         if not math.isfinite(times[choice]):
             choice = default
