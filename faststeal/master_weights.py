@@ -4,7 +4,9 @@ copies are written by the Adam step.
 Under ``precision="bf16"`` the stacked ops cast their float32 weights to bfloat16 in every
 forward (``autocast``), and autograd casts the bfloat16 weight gradients back to float32 in every
 backward: two extra passes over every weight per training step, ~17% of a profiled S=5 mlp bf16
-``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). :class:`MasterWeights`
+``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). Only the weights the
+stacked linear ops cast get copies (``ensemble_linear``, ``bayes_linear``); convolutions keep
+autocast's own casts. :class:`MasterWeights`
 removes both on the CPU, the way mixed-precision optimizers with a bf16 parameter copy do:
 
 * inside :meth:`MasterWeights.active`, an op that would cast a float32 parameter of the
@@ -131,7 +133,8 @@ class MasterWeights:
         return their working copies (each copy once; a second use gets the plain cast). A copy's
         gradient still unused from an earlier backward (gradients accumulated over several
         backwards before one :meth:`step`) moves to ``p.grad`` in float32 first, so that no
-        gradient is summed in bfloat16."""
+        gradient is summed in bfloat16. To discard gradients instead, call :meth:`zero_grad`
+        (``optimizer.zero_grad`` does not see the copies)."""
         for c in self._copies.values():
             c.used = False
             g = c.leaf.grad
@@ -157,12 +160,18 @@ class MasterWeights:
         c.used = True
         return c.leaf
 
+    def zero_grad(self) -> None:
+        """Drop the copies' gradients (as ``optimizer.zero_grad(set_to_none=True)`` drops the
+        parameters')."""
+        for c in self._copies.values():
+            c.leaf.grad = None
+
     @torch.no_grad()
     def step(self) -> None:
         """One Adam step: the parameters whose copies got gradients through the fused kernel
         (their copy's gradient and their float32 ``.grad``, if any, are consumed: both are None
         afterwards, so clip or inspect gradients before, not here), then ``optimizer.step()``
-        for the rest (its hooks run as usual; the managed parameters have no gradient left)."""
+        for the rest (its step hooks run then, after the fused updates, and do not see them)."""
         opt = self.optimizer
         for group in opt.param_groups:
             beta1, beta2 = group["betas"]

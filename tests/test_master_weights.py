@@ -78,7 +78,7 @@ def _check_against(got, want):
 
 
 # lengths that are multiples of ATen's vector width (its scalar tail is torch's, below); the
-# largest in three parallel tasks of the kernel (two threads, 32768-element grain)
+# largest split over two threads
 @pytest.mark.parametrize("n", [16, 48, 70000])
 @pytest.mark.parametrize("with_f32", [False, True])
 @pytest.mark.parametrize("wd,step,beta1", [(0.0, 1, 0.9), (0.01, 7, 0.9), (0.01, 3, 0.3)])
@@ -375,15 +375,58 @@ def test_gradients_of_two_backwards_are_summed_in_float32(monkeypatch):
 
 
 def test_a_graph_holding_an_updated_copy_fails_loudly(monkeypatch):
-    # the kernel writes p and the copy in place: autograd's version check sees it
+    # the kernel writes p and the copy in place: autograd's version check sees it. 8 classes:
+    # every tensor's length is a multiple of 16, so the kernel alone updates them all (torch's
+    # own ops, which bump versions anyway, update no tail)
     monkeypatch.setenv(master_weights.ENV, "1")
-    model = build_model("mlp", (1, 4, 4), 3, members=2)
+    model = build_model("mlp", (1, 4, 4), 8, members=2)
+    assert all(p.numel() % 16 == 0 for p in model.parameters())
     opt = make_optimizer(model.parameters(), lr=1e-2)
     step = make_train_step(model, opt, precision="bf16")
-    x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 3, (2, 8))
+    x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 8, (2, 8))
     with step.master_weights.active():
         loss = step._loss(x, y)
     loss.backward(retain_graph=True)
+    versions = {id(p): (p._version, c.leaf._version)
+                for p in model.parameters() for c in [step.master_weights._copies[id(p)]]}
     step.master_weights.step()
+    for p in model.parameters():
+        leaf = step.master_weights._copies[id(p)].leaf
+        assert p._version > versions[id(p)][0] and leaf._version > versions[id(p)][1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_zero_grad_discards_the_copies_gradients(monkeypatch):
+    monkeypatch.setenv(master_weights.ENV, "1")
+    model = build_model("mlp", (1, 4, 4), 3, members=2)
+    step = make_train_step(model, precision="bf16")
+    x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 3, (2, 8))
+    step(x, y)
+    mw = step.master_weights
+    with mw.active():
+        step._loss(x, y).backward()
+    assert all(c.leaf.grad is not None for c in mw._copies.values())
+    mw.zero_grad()
+    step.optimizer.zero_grad(set_to_none=True)
+    with mw.active():  # nothing left to move into p.grad
+        pass
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_tuners_timed_forwards_do_not_use_the_copies(monkeypatch):
+    # a decision measured inside a training forward (the stack's layout, a conv strategy) runs
+    # its candidates with the copies paused: the training forward still gets them
+    from faststeal.ops import tuning
+
+    monkeypatch.setenv(tuning.ENV_TUNE, "1")
+    seen = []
+    monkeypatch.setattr(tuning, "measure", lambda cands, dev, budget: (
+        seen.append(getattr(master_weights._active, "mw", "unset")), {n: 1.0 for n in cands})[1])
+    model = build_model("mlp", (1, 4, 4), 3, members=2)
+    mw = make_train_step(model, precision="bf16").master_weights
+    with mw.active():
+        tuning.decide("test.paused", "cpu", "one-shape", lambda: {"a": None, "b": None}, "a",
+                      ("a", "b"))
+        assert getattr(master_weights._active, "mw", None) is mw
+    assert seen == [None]

@@ -577,12 +577,17 @@ def test_bf16_weight_copies_fit_what_the_cast_path_fits(monkeypatch, name, arch)
 
     if _ext.C is None:
         pytest.skip("faststeal._C not built")
+    steps = []
+    real_step = master_weights.MasterWeights.step
+    monkeypatch.setattr(master_weights.MasterWeights, "step",
+                        lambda self: (steps.append(1), real_step(self))[1])
     fits = {}
     for on in ("1", "0"):
         monkeypatch.setenv(master_weights.ENV, on)
         m = make(name, arch=arch, precision="bf16").fit(X[:128], Y[:128], epochs=1,
                                                         batch_size=32, progress=False)
         fits[on] = (m.predict_members(XT), [p.detach().clone() for p in m.model.parameters()])
+        assert len(steps) == 4  # the copies ran every step of the "1" fit, none of the "0" fit
     (pred1, w1), (pred0, w0) = fits["1"], fits["0"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert torch.equal(pred1, pred0)
