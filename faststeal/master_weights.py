@@ -4,10 +4,10 @@ copies are written by the Adam step.
 Under ``precision="bf16"`` the stacked ops cast their float32 weights to bfloat16 in every
 forward (``autocast``), and autograd casts the bfloat16 weight gradients back to float32 in every
 backward: two extra passes over every weight per training step, ~17% of a profiled S=5 mlp bf16
-``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). Only the weights the
-stacked linear ops cast get copies (``ensemble_linear``, ``bayes_linear``); convolutions keep
-autocast's own casts. :class:`MasterWeights`
-removes both on the CPU, the way mixed-precision optimizers with a bf16 parameter copy do:
+``steal()`` on a 2-core CPU (docs/benchmarks.md, "bf16 without the casts"). :class:`MasterWeights`
+removes both on the CPU, the way mixed-precision optimizers with a bf16 parameter copy do, for the
+weights the stacked linear ops cast (``ensemble_linear``, ``bayes_linear``; convolutions keep
+autocast's own casts):
 
 * inside :meth:`MasterWeights.active`, an op that would cast a float32 parameter of the
   optimizer to bfloat16 (``faststeal.ops.ensemble_linear.autocast_inputs``) gets the parameter's
@@ -200,8 +200,7 @@ def _update(p: Tensor, copy: Tensor, grad_f32: Optional[Tensor], state: dict, gr
     """One Adam update of ``p`` from ``copy.grad`` (+ ``grad_f32``), writing ``copy``: the fused
     kernel on the first numel - numel % width elements, torch's own fused Adam on the rest (the
     elements its scalar code rounds differently; a few per tensor) - bit for bit torch's step."""
-    flat = [t.detach().view(-1) for t in (p, copy.grad, copy)]
-    pf, gb, cf = flat
+    pf, gb, cf = (t.detach().view(-1) for t in (p, copy.grad, copy))
     gf = grad_f32.detach().view(-1) if grad_f32 is not None else None
     m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
     n = pf.numel()

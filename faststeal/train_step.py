@@ -236,15 +236,10 @@ class TrainStep:
 
     def _eager(self, x: Tensor, y: Tensor) -> Tensor:
         mw = self.master_weights
-        if mw is None:
+        with mw.active() if mw is not None else contextlib.nullcontext():
             loss = self._loss(x, y)
-            loss.backward()
-            self.optimizer.step()
-        else:
-            with mw.active():
-                loss = self._loss(x, y)
-            loss.backward()
-            mw.step()
+        loss.backward()
+        (mw or self.optimizer).step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

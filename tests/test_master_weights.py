@@ -322,12 +322,18 @@ def test_disabled_reason_names_what_keeps_the_cast_path(monkeypatch):
     assert make_train_step(model, precision="bf16").master_weights is not None
 
 
-def test_copies_are_used_only_inside_a_training_forward(monkeypatch):
+def _stepped_tiny_mlp(monkeypatch):
+    """A 2-member bf16 mlp step with the copies on, after one step: (model, step, x, y)."""
     monkeypatch.setenv(master_weights.ENV, "1")
     model = build_model("mlp", (1, 4, 4), 3, members=2)
     step = make_train_step(model, precision="bf16")
     x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 3, (2, 8))
     step(x, y)
+    return model, step, x, y
+
+
+def test_copies_are_used_only_inside_a_training_forward(monkeypatch):
+    model, step, x, y = _stepped_tiny_mlp(monkeypatch)
     w = next(model.parameters())
     mw = step.master_weights
     leaf = mw._copies[id(w)].leaf
@@ -398,11 +404,7 @@ def test_a_graph_holding_an_updated_copy_fails_loudly(monkeypatch):
 
 
 def test_zero_grad_discards_the_copies_gradients(monkeypatch):
-    monkeypatch.setenv(master_weights.ENV, "1")
-    model = build_model("mlp", (1, 4, 4), 3, members=2)
-    step = make_train_step(model, precision="bf16")
-    x, y = torch.randn(2, 8, 1, 4, 4), torch.randint(0, 3, (2, 8))
-    step(x, y)
+    model, step, x, y = _stepped_tiny_mlp(monkeypatch)
     mw = step.master_weights
     with mw.active():
         step._loss(x, y).backward()
