@@ -439,7 +439,7 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
         deadline: Optional[common.Deadline] = None, log=print) -> dict[str, Any]:
     """Run every case of ``preset``; returns {"ceilings", "rows", "refused"}."""
     from faststeal import ops
-    from faststeal.ops import dispatch
+    from faststeal.ops import cpp_backend, dispatch
 
     device = torch.device(device)
     deadline = deadline or common.Deadline(None)
@@ -478,7 +478,7 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
         for b in backends:
             variants.append((f"faststeal[{b}]", (lambda d=d: case.faststeal(d)), b))
             if b == "cpp" and op_name in ("ensemble_linear", "bayes_linear"):
-                for path in ("onednn", "bmm", "mm"):
+                for path in cpp_backend.GEMM_PATHS:
                     variants.append((f"faststeal[cpp:{path}]", (lambda d=d: case.faststeal(d)),
                                      f"cpp:{path}"))
         for name, fn in case.composites.items():

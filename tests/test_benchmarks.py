@@ -42,6 +42,7 @@ def test_bench_ops_has_the_tuned_and_forced_gemm_variants():
 
     from benchmarks import bench_ops
     from faststeal import _ext
+    from faststeal.ops.cpp_backend import GEMM_PATHS
 
     res = bench_ops.run("cpu", "smoke", ceil=bench_ops.ceilings("cpu", tiny=True),
                         log=lambda *a: None)
@@ -49,7 +50,7 @@ def test_bench_ops_has_the_tuned_and_forced_gemm_variants():
     variants = {r["variant"] for r in rows}
     assert "faststeal[auto]" in variants
     if _ext.C is not None:
-        assert {"faststeal[cpp:onednn]", "faststeal[cpp:bmm]", "faststeal[cpp:mm]"} <= variants
+        assert {f"faststeal[cpp:{p}]" for p in GEMM_PATHS} <= variants
     assert all(r.get("x_vs_best_torch") for r in rows)
     assert torch.isfinite(torch.tensor([r["max_err"] for r in rows
                                         if r["variant"].startswith("faststeal")])).all()

@@ -13,6 +13,7 @@ import torch
 
 from faststeal import _ext
 from faststeal.ops import reference as R
+from faststeal.ops.cpp_backend import GEMM_PATHS
 from faststeal.ops import rng, use_backend
 from tolerances import assert_close
 
@@ -70,7 +71,7 @@ def test_ensemble_linear_matches_reference(seed_all, S, B, K, N, activation, dro
             assert_close(a, e, what=name)
 
 
-@pytest.mark.parametrize("gemm", ["default", "onednn", "bmm", "mm"])
+@pytest.mark.parametrize("gemm", ["default", *GEMM_PATHS])
 @pytest.mark.parametrize("S,B,K,N,shared", [(2, 123, 97, 3, False), (5, 3, 97, 123, False),
                                             (16, 97, 123, 97, False), (5, 33, 97, 65, True)])
 @pytest.mark.parametrize("activation", ["none", "relu"])
@@ -874,7 +875,7 @@ def _lowp(*ts, dtype):
 # bf16: every GEMM path (stacked and shared input) with relu, and the fused gelu/dropout and plain
 # epilogues; fp16: the default path
 LOWP_LINEAR = (
-    [(torch.bfloat16, g, sh, "relu", 0.0) for g in ("onednn", "bmm", "mm") for sh in (False, True)]
+    [(torch.bfloat16, g, sh, "relu", 0.0) for g in GEMM_PATHS for sh in (False, True)]
     + [(torch.bfloat16, "default", sh, a, p) for sh in (False, True)
        for a, p in (("gelu", 0.25), ("none", 0.0))]
     + [(torch.float16, "default", sh, "relu", 0.25) for sh in (False, True)])

@@ -15,7 +15,10 @@ from faststeal import _ext, ops
 from faststeal.nn import EnsembleConv2d
 from faststeal.nn.layers import default_conv_strategy, ensemble_conv2d
 from faststeal.ops import conv_direct, dispatch, tuning
+from faststeal.ops.cpp_backend import GEMM_PATHS
 from tolerances import assert_close
+
+CPP_PATHS = tuple(f"cpp:{p}" for p in GEMM_PATHS)  # the cpp backend's tuned variants
 
 needs_ext = pytest.mark.skipif(_ext.C is None, reason=f"faststeal._C is not built "
                                                       f"({_ext.LOAD_ERROR})")
@@ -50,8 +53,7 @@ def test_decision_is_measured_once_and_read_from_the_cache(tuned):
     (path,) = [p for p in os.listdir(tuned) if p.endswith(".json")]
     saved = json.loads((tuned / path).read_text())["decisions"]
     fwd = [v for k, v in saved.items() if k.startswith("ensemble_linear.fwd|cpu:")]
-    assert len(fwd) == 1 and set(fwd[0]["times_ms"]) == {"cpp:onednn", "cpp:bmm", "cpp:mm",
-                                                          "reference"}
+    assert len(fwd) == 1 and set(fwd[0]["times_ms"]) == {*CPP_PATHS, "reference"}
     assert fwd[0]["choice"] in fwd[0]["times_ms"]
     ops.ensemble_linear(x, w, b, act).sum().backward()  # same process: memory
     tuning.clear()  # a new process: the file
@@ -116,7 +118,7 @@ def test_tuning_off_takes_the_documented_default(monkeypatch):
 
 
 @needs_ext
-@pytest.mark.parametrize("path", ["onednn", "bmm", "mm"])
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 def test_forced_gemm_path_runs_and_matches_reference(monkeypatch, path, shared):
     monkeypatch.setenv("FASTSTEAL_CPU_GEMM", path)
@@ -213,7 +215,7 @@ def test_info_prints_the_decisions_and_alternatives(tuned, capsys):
     assert "tuning                   on" in out
     line = [ln for ln in out.splitlines() if ln.strip().startswith("ensemble_linear.fwd")]
     assert len(line) == 1 and "->" in line[0]
-    for cand in ("cpp:onednn", "cpp:bmm", "cpp:mm", "reference"):
+    for cand in (*CPP_PATHS, "reference"):
         assert cand in line[0]
 
 
@@ -230,4 +232,4 @@ def test_a_requested_backend_does_not_share_auto_decisions(tuned):
     fwd = {k.split("|")[0]: v for k, v in tuning.decisions().items()
            if k.startswith("ensemble_linear.fwd")}
     assert "reference" in fwd["ensemble_linear.fwd"]["times_ms"]
-    assert "reference" not in fwd["ensemble_linear.fwd[cpp:onednn,cpp:bmm,cpp:mm]"]["times_ms"]
+    assert "reference" not in fwd[f"ensemble_linear.fwd[{','.join(CPP_PATHS)}]"]["times_ms"]

@@ -10,6 +10,12 @@
 //   mm      a shared input (every member sees the same rows): ONE at::mm / addmm against the
 //           (S*N, K) stack of all members' weights, then one transposing copy; a stacked input:
 //           one at::mm per member written into its slice of the output (no stack copy).
+//   packed  at::bmm as bmm, after copying a transposed (strided) operand into row-major order:
+//           the backward's dW GEMM multiplies dz^T, a transposed view; with a dense copy of it
+//           (S*B*N elements, small beside the GEMM) oneDNN's bfloat16 batched matmul ran the
+//           S=16, 784->512 dW 1.36x (batch 128) and 1.69x (batch 32) faster on an AMX host,
+//           while the forward's W^T copy made it slower there: measured per op and shape class
+//           like the others.
 //   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, else
 //           at::bmm — the rule measured on the AMD host, documented in docs/benchmarks.md.
 //
@@ -86,11 +92,13 @@ std::optional<at::Tensor> onednn_linear_all(const at::Tensor& a, const at::Tenso
 }
 
 at::Tensor bmm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
-                      bool shared) {
+                      bool shared, bool packed) {
   const int64_t S = b.size(0);
-  const at::Tensor a3 = shared ? a.unsqueeze(0).expand({S, a.size(0), a.size(1)}) : a;
-  return bias.has_value() ? at::baddbmm(bias->unsqueeze(1), a3, b.transpose(1, 2))
-                          : at::bmm(a3, b.transpose(1, 2));
+  // packed: row-major copies of strided operands (a shared input before its stride-0 expand)
+  const at::Tensor a2 = packed ? a.contiguous() : a;
+  const at::Tensor a3 = shared ? a2.unsqueeze(0).expand({S, a.size(0), a.size(1)}) : a2;
+  const at::Tensor bt = packed ? b.transpose(1, 2).contiguous() : b.transpose(1, 2);
+  return bias.has_value() ? at::baddbmm(bias->unsqueeze(1), a3, bt) : at::bmm(a3, bt);
 }
 
 at::Tensor mm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
@@ -142,8 +150,9 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
   std::optional<at::Tensor> out;
   if (path == GemmPath::kOneDNN) out = onednn_linear_all(a, b, bias, shared);
   if (!out.has_value()) {
-    out = (path == GemmPath::kMm && !empty) ? mm_linear(a, b, bias, shared)
-                                            : bmm_linear(a, b, bias, shared);
+    out = (path == GemmPath::kMm && !empty)
+              ? mm_linear(a, b, bias, shared)
+              : bmm_linear(a, b, bias, shared, path == GemmPath::kPacked && !empty);
   }
   if (relu) out->relu_();  // NaN-preserving, unlike oneDNN's fused relu
   return *out;
@@ -153,7 +162,8 @@ std::string cpu_gemm_library() {
   std::string s = "paths onednn (mkldnn::_linear_pointwise per member";
   if (onednn_linear() == nullptr) s += ": unavailable, this torch has no such op";
   if (g_onednn_failed.load()) s += ": unavailable, a oneDNN call failed earlier";
-  s += "), bmm (torch.bmm), mm (torch.mm); default without tuning: onednn for float32 with a "
+  s += "), bmm (torch.bmm), mm (torch.mm), packed (torch.bmm on row-major copies of "
+       "transposed operands); default without tuning: onednn for float32 with a "
        "reduction >= " + std::to_string(kMinReduction) + ", else bmm";
   return s;
 }

@@ -26,7 +26,7 @@ from .reference import MemberStats
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: The GEMM paths of the C++ CPU ops (csrc/cpu/gemm.cpp), by their code in the extension.
-GEMM_PATHS = {"onednn": 1, "bmm": 2, "mm": 3}
+GEMM_PATHS = {"onednn": 1, "bmm": 2, "mm": 3, "packed": 4}
 _GEMM_OPS = ("ensemble_linear", "bayes_linear")
 GEMM_ENV = "FASTSTEAL_CPU_GEMM"
 
