@@ -174,7 +174,7 @@ class MasterWeights:
         for the rest (its step hooks run then, after the fused updates, and do not see them)."""
         opt = self.optimizer
         for group in opt.param_groups:
-            beta1, beta2 = group["betas"]
+            todo, states = [], []  # the parameters the kernel updates, their Adam states
             for p in group["params"]:
                 c = self._copies.get(id(p))
                 if c is None or c.leaf.grad is None:
@@ -184,35 +184,51 @@ class MasterWeights:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                _update(p, c.leaf, p.grad, state, group, beta1, beta2)
+                todo.append((p, c))
+                states.append(state)
+            if not todo:
+                continue
+            torch._foreach_add_([st["step"] for st in states], 1)
+            _update([p for p, _ in todo], [c.leaf for _, c in todo], states, group)
+            for p, c in todo:
                 c.leaf.grad = None
                 p.grad = None
-                # the kernel wrote p and the copy through pointers: tell autograd (a graph still
-                # holding them fails loudly), then take p's new version as the copy's
-                torch.autograd.graph.increment_version([p, c.leaf])
+            # the kernel wrote p and the copy through pointers: tell autograd (a graph still
+            # holding them fails loudly), then take p's new version as the copy's
+            torch.autograd.graph.increment_version([t for p, c in todo for t in (p, c.leaf)])
+            for p, c in todo:
                 c.version, c.ptr = p._version, p.data_ptr()
         opt.step()
 
 
-def _update(p: Tensor, copy: Tensor, grad_f32: Optional[Tensor], state: dict, group: dict,
-            beta1: float, beta2: float) -> None:
-    """One Adam update of ``p`` from ``copy.grad`` (+ ``grad_f32``), writing ``copy``: the fused
-    kernel on the first numel - numel % width elements, torch's own fused Adam on the rest (the
-    elements its scalar code rounds differently; a few per tensor) - bit for bit torch's step."""
-    pf, gb, cf = (t.detach().view(-1) for t in (p, copy.grad, copy))
-    gf = grad_f32.detach().view(-1) if grad_f32 is not None else None
-    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-    n = pf.numel()
-    body = n - n % _ATEN_VEC_WIDTH
+def _update(params: list[Tensor], copies: list[Tensor], states: list[dict],
+            group: dict) -> None:
+    """One Adam update of each float32 ``params[i]`` from ``copies[i].grad`` (+ its own float32
+    ``.grad``, if any) with ``states[i]`` (its step already counted), writing ``copies[i]``: the
+    fused kernel on the first numel - numel % width elements of every parameter, all in one call,
+    and torch's own fused Adam on the rest (the elements its scalar code rounds differently; a
+    few per tensor) - bit for bit torch's step."""
+    beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    if body:
-        _ext.C.adam_bf16_step_cpu(pf[:body], gb[:body], None if gf is None else gf[:body],
-                                  m[:body], v[:body], cf[:body], int(state["step"]), lr,
-                                  float(beta1), float(beta2), eps, wd)
-    if body < n:
-        g = gb[body:].float() if gf is None else gb[body:].float() + gf[body:]
-        torch._fused_adam_([pf[body:]], [g], [m[body:]], [v[body:]], [], [state["step"]], lr=lr,
-                           beta1=float(beta1), beta2=float(beta2), weight_decay=wd, eps=eps,
-                           amsgrad=False, maximize=False)
-        cf[body:] = pf[body:]
+    body: list[list] = [[] for _ in range(7)]  # the kernel's lists
+    tail: list[list] = [[] for _ in range(6)]  # torch._fused_adam_'s lists, and the copies
+    for p, c, st in zip(params, copies, states):
+        pf, gb, cf = p.detach().view(-1), c.grad.view(-1), c.detach().view(-1)
+        gf = None if p.grad is None else p.grad.view(-1)
+        m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
+        n = pf.numel()
+        b = n - n % _ATEN_VEC_WIDTH
+        if b:
+            for lst, t in zip(body, (pf[:b], gb[:b], None if gf is None else gf[:b], m[:b], v[:b],
+                                     cf[:b], int(st["step"]))):
+                lst.append(t)
+        if b < n:
+            g = gb[b:].float() if gf is None else gb[b:].float() + gf[b:]
+            for lst, t in zip(tail, (pf[b:], g, m[b:], v[b:], st["step"], cf[b:])):
+                lst.append(t)
+    if body[0]:
+        _ext.C.adam_bf16_step_cpu(*body, lr, beta1, beta2, eps, wd)
+    if tail[0]:
+        torch._fused_adam_(tail[0], tail[1], tail[2], tail[3], [], tail[4], lr=lr, beta1=beta1,
+                           beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+        torch._foreach_copy_(tail[5], tail[0])

@@ -45,7 +45,8 @@ EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _kernel(p, gb, gf, m, v, copy, step, lr, betas, eps, wd):
-    _ext.C.adam_bf16_step_cpu(p, gb, gf, m, v, copy, step, lr, betas[0], betas[1], eps, wd)
+    _ext.C.adam_bf16_step_cpu([p], [gb], [gf], [m], [v], [copy], [step], lr, betas[0], betas[1],
+                              eps, wd)
 
 
 def _case(n, seed, with_f32):
@@ -64,8 +65,10 @@ def _mw_update(p, gb, gf, m, v, step, lr, wd):
     copy.grad = gb
     state = {"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v}
     with torch.no_grad():
-        master_weights._update(p, copy, gf, state, {"lr": lr, "eps": 1e-8, "weight_decay": wd},
-                               0.9, 0.999)
+        p.grad = gf
+        master_weights._update([p], [copy], [state], {"lr": lr, "eps": 1e-8, "weight_decay": wd,
+                                                      "betas": (0.9, 0.999)})
+        p.grad = None
     return copy
 
 
@@ -180,29 +183,58 @@ def test_kernel_checks_name_the_argument():
     f32, bf = torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)
 
     def call(**kw):
-        args = dict(param=f32.clone(), grad_bf16=bf, grad_f32=None, exp_avg=f32.clone(),
-                    exp_avg_sq=f32.clone(), copy=bf.clone(), step=1, lr=1e-3, beta1=0.9,
+        # one parameter's lists (index 0 of every list argument) and the group's scalars
+        args = dict(params=f32.clone(), grads_bf16=bf, grads_f32=None, exp_avgs=f32.clone(),
+                    exp_avg_sqs=f32.clone(), copies=bf.clone(), steps=1, lr=1e-3, beta1=0.9,
                     beta2=0.999, eps=1e-8, weight_decay=0.0)
         args.update({k: args[v] if isinstance(v, str) else v for k, v in kw.items()})
-        _ext.C.adam_bf16_step_cpu(*args.values())
+        lists = [[args[k]] for k in list(args)[:7]]
+        _ext.C.adam_bf16_step_cpu(*lists, *list(args.values())[7:])
 
     call()  # the valid call runs
-    cases = [({"param": bf.clone()}, "param must be Float"),
-             ({"grad_bf16": f32}, "grad_bf16 must be BFloat16"),
-             ({"grad_f32": torch.zeros(5)}, "grad_f32 must have param's shape"),
-             ({"exp_avg": torch.zeros(2, 2)}, "exp_avg must have param.s shape"),
-             ({"exp_avg_sq": torch.zeros(4, 2)[:, 0]}, "exp_avg_sq must be contiguous"),
-             ({"copy": f32.clone()}, "copy must be BFloat16"),
-             ({"step": 0}, "step must be >= 1"),
+    cases = [({"params": bf.clone()}, r"params\[0\] must be Float"),
+             ({"grads_bf16": f32}, r"grads_bf16\[0\] must be BFloat16"),
+             ({"grads_f32": torch.zeros(5)}, r"grads_f32\[0\] must have param's shape"),
+             ({"exp_avgs": torch.zeros(2, 2)}, r"exp_avgs\[0\] must have param.s shape"),
+             ({"exp_avg_sqs": torch.zeros(4, 2)[:, 0]}, r"exp_avg_sqs\[0\] must be contiguous"),
+             ({"copies": f32.clone()}, r"copies\[0\] must be BFloat16"),
+             ({"steps": 0}, r"steps\[0\] must be >= 1"),
              ({"lr": -1.0}, "lr must be >= 0"),
              ({"beta2": 1.0}, "betas must be in"),
              ({"eps": -1e-8}, "eps must be >= 0"),
              ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-             ({"copy": bf}, "refer to a single memory location"),  # copy is grad_bf16
-             ({"exp_avg_sq": "exp_avg"}, "refer to a single memory location")]
+             ({"copies": bf}, "refer to a single memory location"),  # copy is grad_bf16
+             ({"exp_avg_sqs": "exp_avgs"}, "refer to a single memory location")]
     for kw, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             call(**kw)
+    with pytest.raises(RuntimeError, match="must be lists of one length, got 1, 1, 1, 1, 1, 1 "
+                                           "and 2"):
+        _ext.C.adam_bf16_step_cpu([f32.clone()], [bf], [None], [f32.clone()], [f32.clone()],
+                                  [bf.clone()], [1, 1], 1e-3, 0.9, 0.999, 1e-8, 0.0)
+
+
+def test_one_call_updates_every_parameter_as_torch_adam_does_each():
+    # MasterWeights updates a group's parameters in one kernel call (one parallel pass over all
+    # of them, tails to torch in one call): each must come out as torch's Adam alone makes it,
+    # at its own step count, with or without a float32 gradient
+    cases = [_case(n, n, f32) + (step,) for n, f32, step in
+             ((70000, False, 3), (48, True, 1), (37, False, 9), (1, True, 2), (33000, True, 5))]
+    want = [_torch_adam(p, g, m, v, step, 1e-2, (0.9, 0.999), 1e-8, 0.01)
+            for p, m, v, gb, gf, g, step in cases]
+    copies, states = [], []
+    for p, m, v, gb, gf, g, step in cases:
+        copies.append(torch.empty(p.shape, dtype=torch.bfloat16, requires_grad=True))
+        copies[-1].grad = gb
+        p.grad = gf
+        states.append({"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v})
+    with torch.no_grad():
+        master_weights._update([c[0] for c in cases], copies, states,
+                               {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.01,
+                                "betas": (0.9, 0.999)})
+    for (p, m, v, *_), w, copy in zip(cases, want, copies):
+        _check_against((p, m, v), w)
+        assert _same_bf16(copy, p.to(torch.bfloat16))
 
 
 def _train(copies: bool, monkeypatch, steps=6, model_fn=None, wd=0.0, edit=None):

@@ -1,7 +1,7 @@
-// adam_bf16_step on the CPU: torch.optim.Adam's update of one float32 master parameter from a
-// bfloat16 gradient (plus, optionally, a float32 one), writing the parameter's bfloat16 working
-// copy in the same pass (faststeal/master_weights.py: bf16 training without the two cast passes
-// per step).
+// adam_bf16_step on the CPU: torch.optim.Adam's update of float32 master parameters (a list, one
+// parallel pass over all of them) from bfloat16 gradients (plus, optionally, float32 ones),
+// writing each parameter's bfloat16 working copy in the same pass (faststeal/master_weights.py:
+// bf16 training without the two cast passes per step).
 //
 // The arithmetic is that of the vector loop of ATen's fused CPU Adam
 // (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, float32, mode ORIGINAL) as the torch wheels
@@ -23,7 +23,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "../common.h"
 #include "../ops.h"
@@ -131,55 +134,88 @@ void check_state(const Target& t, const at::Tensor& x, const char* name, at::Sca
 
 }  // namespace
 
-void adam_bf16_step(const at::Tensor& param, const at::Tensor& grad_bf16, const OptTensor& grad_f32,
-                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                    const at::Tensor& copy, int64_t step, double lr, double beta1, double beta2,
-                    double eps, double weight_decay) {
+void adam_bf16_step(const std::vector<at::Tensor>& params,
+                    const std::vector<at::Tensor>& grads_bf16,
+                    const std::vector<OptTensor>& grads_f32,
+                    const std::vector<at::Tensor>& exp_avgs,
+                    const std::vector<at::Tensor>& exp_avg_sqs,
+                    const std::vector<at::Tensor>& copies, const std::vector<int64_t>& steps,
+                    double lr, double beta1, double beta2, double eps, double weight_decay) {
   const Target t = cpu_target("adam_bf16_step_cpu");
-  check_state(t, param, "param", at::kFloat, param);
-  check_state(t, grad_bf16, "grad_bf16", at::kBFloat16, param);
-  if (grad_f32.has_value()) check_state(t, *grad_f32, "grad_f32", at::kFloat, param);
-  check_state(t, exp_avg, "exp_avg", at::kFloat, param);
-  check_state(t, exp_avg_sq, "exp_avg_sq", at::kFloat, param);
-  check_state(t, copy, "copy", at::kBFloat16, param);
-  TORCH_CHECK(step >= 1, t.fn, ": step must be >= 1 (the count including this update), got ",
-              step);
+  const size_t n = params.size();
+  TORCH_CHECK(grads_bf16.size() == n && grads_f32.size() == n && exp_avgs.size() == n &&
+                  exp_avg_sqs.size() == n && copies.size() == n && steps.size() == n,
+              t.fn, ": params, grads_bf16, grads_f32, exp_avgs, exp_avg_sqs, copies and steps ",
+              "must be lists of one length, got ", n, ", ", grads_bf16.size(), ", ",
+              grads_f32.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ",
+              copies.size(), " and ", steps.size());
   TORCH_CHECK(lr >= 0.0, t.fn, ": lr must be >= 0, got ", lr);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, t.fn,
               ": betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
   TORCH_CHECK(eps >= 0.0, t.fn, ": eps must be >= 0, got ", eps);
   TORCH_CHECK(weight_decay >= 0.0, t.fn, ": weight_decay must be >= 0, got ", weight_decay);
-  // the kernel's pointers are __restrict__: the written tensors must not share memory with any
-  // other argument
-  const at::Tensor* written[] = {&param, &exp_avg, &exp_avg_sq, &copy};
-  const at::Tensor* all[] = {&param, &exp_avg, &exp_avg_sq, &copy, &grad_bf16,
-                             grad_f32.has_value() ? &*grad_f32 : nullptr};
-  for (const at::Tensor* w : written) {
-    for (const at::Tensor* o : all) {
-      if (o != nullptr && o != w) at::assert_no_overlap(*w, *o);
+
+  struct Job {
+    float *p, *m, *v;
+    const uint16_t* gb;
+    const float* gf;
+    uint16_t* c;
+    AdamArgs a;
+  };
+  std::vector<Job> jobs;
+  jobs.reserve(n);
+  std::vector<std::array<int64_t, 3>> tasks;  // (job, first, end): kAdamGrain elements each
+  const float w = static_cast<float>(1.0 - beta1);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    const at::Tensor& param = params[i];
+    check_state(t, param, ("params" + at_i).c_str(), at::kFloat, param);
+    check_state(t, grads_bf16[i], ("grads_bf16" + at_i).c_str(), at::kBFloat16, param);
+    if (grads_f32[i].has_value()) {
+      check_state(t, *grads_f32[i], ("grads_f32" + at_i).c_str(), at::kFloat, param);
+    }
+    check_state(t, exp_avgs[i], ("exp_avgs" + at_i).c_str(), at::kFloat, param);
+    check_state(t, exp_avg_sqs[i], ("exp_avg_sqs" + at_i).c_str(), at::kFloat, param);
+    check_state(t, copies[i], ("copies" + at_i).c_str(), at::kBFloat16, param);
+    TORCH_CHECK(steps[i] >= 1, t.fn, ": steps", at_i, " must be >= 1 (the count including this ",
+                "update), got ", steps[i]);
+    // the kernel's pointers are __restrict__: the written tensors must not share memory with
+    // any other argument of the same parameter
+    const at::Tensor* written[] = {&param, &exp_avgs[i], &exp_avg_sqs[i], &copies[i]};
+    const at::Tensor* all[] = {&param, &exp_avgs[i], &exp_avg_sqs[i], &copies[i], &grads_bf16[i],
+                               grads_f32[i].has_value() ? &*grads_f32[i] : nullptr};
+    for (const at::Tensor* wr : written) {
+      for (const at::Tensor* o : all) {
+        if (o != nullptr && o != wr) at::assert_no_overlap(*wr, *o);
+      }
+    }
+    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(steps[i]));
+    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(steps[i]));
+    const AdamArgs a{w,
+                     w - 1.0f,
+                     static_cast<float>(beta2),
+                     static_cast<float>(1.0 - beta2),
+                     static_cast<float>(weight_decay),
+                     static_cast<float>(eps),
+                     static_cast<float>(lr / bc1),
+                     static_cast<float>(std::sqrt(bc2)),
+                     std::abs(w) < 0.5f};
+    jobs.push_back({param.data_ptr<float>(), exp_avgs[i].data_ptr<float>(),
+                    exp_avg_sqs[i].data_ptr<float>(),
+                    reinterpret_cast<const uint16_t*>(grads_bf16[i].data_ptr<at::BFloat16>()),
+                    grads_f32[i].has_value() ? grads_f32[i]->data_ptr<float>() : nullptr,
+                    reinterpret_cast<uint16_t*>(copies[i].data_ptr<at::BFloat16>()), a});
+    for (int64_t i0 = 0; i0 < param.numel(); i0 += kAdamGrain) {
+      tasks.push_back({static_cast<int64_t>(i), i0, std::min(param.numel(), i0 + kAdamGrain)});
     }
   }
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const float w = static_cast<float>(1.0 - beta1);
-  const AdamArgs a{w,
-                   w - 1.0f,
-                   static_cast<float>(beta2),
-                   static_cast<float>(1.0 - beta2),
-                   static_cast<float>(weight_decay),
-                   static_cast<float>(eps),
-                   static_cast<float>(lr / bc1),
-                   static_cast<float>(std::sqrt(bc2)),
-                   std::abs(w) < 0.5f};
-  float* p = param.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  const auto* gb = reinterpret_cast<const uint16_t*>(grad_bf16.data_ptr<at::BFloat16>());
-  const float* gf = grad_f32.has_value() ? grad_f32->data_ptr<float>() : nullptr;
-  auto* c = reinterpret_cast<uint16_t*>(copy.data_ptr<at::BFloat16>());
+  // one parallel region for all the tensors (small ones, biases, share a task with nobody)
   const SpanFn run = adam_span_fn();
-  at::parallel_for(0, param.numel(), kAdamGrain, [&](int64_t i0, int64_t i1) {
-    run(p, m, v, gb, gf, c, i0, i1, a);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const Job& j = jobs[tasks[k][0]];
+      run(j.p, j.m, j.v, j.gb, j.gf, j.c, tasks[k][1], tasks[k][2], j.a);
+    }
   });
 }
 
