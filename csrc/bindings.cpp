@@ -31,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_set_cpu_gemm_path",
       [](int64_t path) {
-        TORCH_CHECK(path >= 0 && path <= 4, "_set_cpu_gemm_path: path must be 0 (default), ",
+        TORCH_CHECK(path >= 0 && path <= static_cast<int64_t>(c::GemmPath::kPacked), "_set_cpu_gemm_path: path must be 0 (default), ",
                     "1 (onednn), 2 (bmm), 3 (mm) or 4 (packed), got ", path);
         return static_cast<int64_t>(c::set_cpu_gemm_path(static_cast<c::GemmPath>(path)));
       },

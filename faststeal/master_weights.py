@@ -174,11 +174,12 @@ class MasterWeights:
         for the rest (its step hooks run then, after the fused updates, and do not see them)."""
         opt = self.optimizer
         for group in opt.param_groups:
-            todo, states = [], []  # the parameters the kernel updates, their Adam states
+            todo, states, seen = [], [], set()  # the parameters the kernel updates, their states
             for p in group["params"]:
                 c = self._copies.get(id(p))
-                if c is None or c.leaf.grad is None:
+                if c is None or c.leaf.grad is None or id(p) in seen:  # (torch allows repeats)
                     continue
+                seen.add(id(p))
                 state = opt.state[p]
                 if not state:  # as torch.optim.Adam initialises it (fused: a float32 step)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -188,7 +189,6 @@ class MasterWeights:
                 states.append(state)
             if not todo:
                 continue
-            torch._foreach_add_([st["step"] for st in states], 1)
             _update([p for p, _ in todo], [c.leaf for _, c in todo], states, group)
             for p, c in todo:
                 c.leaf.grad = None
@@ -204,14 +204,16 @@ class MasterWeights:
 def _update(params: list[Tensor], copies: list[Tensor], states: list[dict],
             group: dict) -> None:
     """One Adam update of each float32 ``params[i]`` from ``copies[i].grad`` (+ its own float32
-    ``.grad``, if any) with ``states[i]`` (its step already counted), writing ``copies[i]``: the
-    fused kernel on the first numel - numel % width elements of every parameter, all in one call,
-    and torch's own fused Adam on the rest (the elements its scalar code rounds differently; a
-    few per tensor) - bit for bit torch's step."""
+    ``.grad``, if any) with ``states[i]``, counting its step and writing ``copies[i]``: the fused
+    kernel on the first numel - numel % width elements of every parameter, all in one call (its
+    checks run before anything is written or counted), then torch's own fused Adam on the rest
+    (the elements its scalar code rounds differently; a few per tensor) - bit for bit torch's
+    step."""
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    body: list[list] = [[] for _ in range(7)]  # the kernel's lists
-    tail: list[list] = [[] for _ in range(6)]  # torch._fused_adam_'s lists, and the copies
+    body = {k: [] for k in ("params", "grads_bf16", "grads_f32", "exp_avgs", "exp_avg_sqs",
+                            "copies", "steps")}  # the kernel's arguments, in its order
+    tail = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "copies")}
     for p, c, st in zip(params, copies, states):
         pf, gb, cf = p.detach().view(-1), c.grad.view(-1), c.detach().view(-1)
         gf = None if p.grad is None else p.grad.view(-1)
@@ -219,16 +221,18 @@ def _update(params: list[Tensor], copies: list[Tensor], states: list[dict],
         n = pf.numel()
         b = n - n % _ATEN_VEC_WIDTH
         if b:
-            for lst, t in zip(body, (pf[:b], gb[:b], None if gf is None else gf[:b], m[:b], v[:b],
-                                     cf[:b], int(st["step"]))):
-                lst.append(t)
+            for k, t in zip(body, (pf[:b], gb[:b], None if gf is None else gf[:b], m[:b], v[:b],
+                                   cf[:b], int(st["step"]) + 1)):
+                body[k].append(t)
         if b < n:
             g = gb[b:].float() if gf is None else gb[b:].float() + gf[b:]
-            for lst, t in zip(tail, (pf[b:], g, m[b:], v[b:], st["step"], cf[b:])):
-                lst.append(t)
-    if body[0]:
-        _ext.C.adam_bf16_step_cpu(*body, lr, beta1, beta2, eps, wd)
-    if tail[0]:
-        torch._fused_adam_(tail[0], tail[1], tail[2], tail[3], [], tail[4], lr=lr, beta1=beta1,
-                           beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
-        torch._foreach_copy_(tail[5], tail[0])
+            for k, t in zip(tail, (pf[b:], g, m[b:], v[b:], st["step"], cf[b:])):
+                tail[k].append(t)
+    if body["params"]:
+        _ext.C.adam_bf16_step_cpu(*body.values(), lr, beta1, beta2, eps, wd)
+    torch._foreach_add_([st["step"] for st in states], 1)
+    if tail["params"]:
+        torch._fused_adam_(tail["params"], tail["grads"], tail["exp_avgs"], tail["exp_avg_sqs"],
+                           [], tail["steps"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
+                           eps=eps, amsgrad=False, maximize=False)
+        torch._foreach_copy_(tail["copies"], tail["params"])

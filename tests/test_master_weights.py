@@ -63,7 +63,7 @@ def _mw_update(p, gb, gf, m, v, step, lr, wd):
     """MasterWeights' update of p (betas 0.9, 0.999, eps 1e-8); returns the new copy."""
     copy = torch.empty(p.shape, dtype=torch.bfloat16, requires_grad=True)
     copy.grad = gb
-    state = {"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v}
+    state = {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
     with torch.no_grad():
         p.grad = gf
         master_weights._update([p], [copy], [state], {"lr": lr, "eps": 1e-8, "weight_decay": wd,
@@ -194,8 +194,8 @@ def test_kernel_checks_name_the_argument():
     call()  # the valid call runs
     cases = [({"params": bf.clone()}, r"params\[0\] must be Float"),
              ({"grads_bf16": f32}, r"grads_bf16\[0\] must be BFloat16"),
-             ({"grads_f32": torch.zeros(5)}, r"grads_f32\[0\] must have param's shape"),
-             ({"exp_avgs": torch.zeros(2, 2)}, r"exp_avgs\[0\] must have param.s shape"),
+             ({"grads_f32": torch.zeros(5)}, r"grads_f32\[0\] must have params\[0\]'s shape"),
+             ({"exp_avgs": torch.zeros(2, 2)}, r"exp_avgs\[0\] must have params\[0\].s shape"),
              ({"exp_avg_sqs": torch.zeros(4, 2)[:, 0]}, r"exp_avg_sqs\[0\] must be contiguous"),
              ({"copies": f32.clone()}, r"copies\[0\] must be BFloat16"),
              ({"steps": 0}, r"steps\[0\] must be >= 1"),
@@ -227,14 +227,54 @@ def test_one_call_updates_every_parameter_as_torch_adam_does_each():
         copies.append(torch.empty(p.shape, dtype=torch.bfloat16, requires_grad=True))
         copies[-1].grad = gb
         p.grad = gf
-        states.append({"step": torch.tensor(float(step)), "exp_avg": m, "exp_avg_sq": v})
+        states.append({"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v})
     with torch.no_grad():
         master_weights._update([c[0] for c in cases], copies, states,
                                {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.01,
                                 "betas": (0.9, 0.999)})
-    for (p, m, v, *_), w, copy in zip(cases, want, copies):
+    for (p, m, v, *_, step), w, copy, st in zip(cases, want, copies, states):
         _check_against((p, m, v), w)
         assert _same_bf16(copy, p.to(torch.bfloat16))
+        assert st["step"].item() == step  # counted once
+
+
+def test_a_rejected_update_changes_nothing():
+    # the kernel checks every parameter before it writes any or counts a step
+    (p, m, v, gb, _, _), (q, mq, vq, gq, _, _) = _case(48, 1, False), _case(32, 2, False)
+    copies = []
+    for g in (gb, gq):
+        copies.append(torch.zeros(g.shape, dtype=torch.bfloat16, requires_grad=True))
+        copies[-1].grad = g
+    states = [{"step": torch.tensor(2.0), "exp_avg": m, "exp_avg_sq": v},
+              {"step": torch.tensor(2.0), "exp_avg": mq, "exp_avg_sq": vq[:16]}]  # wrong shape
+    before = [t.clone() for t in (p, m, v, q, mq)]
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] must have"):
+        master_weights._update([p, q], copies, states, {"lr": 1e-2, "eps": 1e-8,
+                                                         "weight_decay": 0.0,
+                                                         "betas": (0.9, 0.999)})
+    assert all(torch.equal(a, b) for a, b in zip((p, m, v, q, mq), before))
+    assert [st["step"].item() for st in states] == [2.0, 2.0]
+    assert not copies[0].detach().any()
+
+
+def test_a_parameter_listed_twice_is_updated_once(monkeypatch):
+    # torch.optim only warns about a repeated parameter; the update must not run (or count) twice
+    monkeypatch.setenv(master_weights.ENV, "1")
+    p = torch.nn.Parameter(torch.randn(32))
+    q = torch.nn.Parameter(p.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = make_optimizer([p, p], lr=1e-2)
+    ref = torch.optim.Adam([q], lr=1e-2, fused=True)
+    mw = master_weights.MasterWeights(opt)
+    with mw.active():
+        copy = master_weights.cast(p, torch.bfloat16)
+    assert copy is mw._copies[id(p)].leaf
+    (copy.float() * torch.arange(32.0)).sum().backward()
+    q.grad = copy.grad.float()
+    mw.step()
+    ref.step()
+    assert torch.equal(p, q) if EXACT else torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert opt.state[p]["step"].item() == 1.0
 
 
 def _train(copies: bool, monkeypatch, steps=6, model_fn=None, wd=0.0, edit=None):

@@ -93,6 +93,22 @@ def test_every_cpu_gemm_path_matches_reference(seed_all, gemm, S, B, K, N, share
         assert_close(a, e, what=name)
 
 
+def test_packed_gemm_path_multiplies_a_dense_copy_of_the_transposed_gradient(seed_all):
+    # the matching above holds for any path; here: cpp:packed really differs from cpp:bmm by a
+    # row-major copy of the backward's dz^T (the dW GEMM's strided operand), one per call
+    x, w, b = linear_inputs(4, 33, 40, 24, False, True)
+    g = torch.randn(4, 33, 24)
+    y, z = P.ensemble_linear_fwd(x, w, b, "none", 0.0, 0)
+
+    def clones(path):
+        bwd = P.variants("ensemble_linear", "bwd")[path]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            bwd(g, x, w, b, y, z, "none", 0.0, 0, True)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+
+    assert clones("packed") == clones("bmm") + 1
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 def test_ensemble_linear_float64_matches_reference(seed_all, shared, activation):

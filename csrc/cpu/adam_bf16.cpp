@@ -23,7 +23,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include <array>
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -122,14 +122,16 @@ SpanFn adam_span_fn() {
   return &adam_base;
 }
 
-void check_state(const Target& t, const at::Tensor& x, const char* name, at::ScalarType dtype,
-                 const at::Tensor& param) {
-  check_device(t, x, name);
-  TORCH_CHECK(x.scalar_type() == dtype, t.fn, ": ", name, " must be ", dtype, ", got ",
+// x is argument `name`[i] of parameter i (params[i]): dtype, params[i]'s shape, contiguous
+void check_state(const Target& t, const at::Tensor& x, const std::string& name, size_t i,
+                 at::ScalarType dtype, const at::Tensor& param) {
+  const std::string label = name + "[" + std::to_string(i) + "]";
+  check_device(t, x, label.c_str());
+  TORCH_CHECK(x.scalar_type() == dtype, t.fn, ": ", label, " must be ", dtype, ", got ",
               x.scalar_type());
-  TORCH_CHECK(x.sizes() == param.sizes(), t.fn, ": ", name, " must have param's shape ",
-              param.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), t.fn, ": ", name, " must be contiguous");
+  TORCH_CHECK(x.sizes() == param.sizes(), t.fn, ": ", label, " must have params[", i,
+              "]'s shape ", param.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), t.fn, ": ", label, " must be contiguous");
 }
 
 }  // namespace
@@ -163,24 +165,22 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
     AdamArgs a;
   };
   std::vector<Job> jobs;
+  std::vector<int64_t> starts{0};  // job i owns [starts[i], starts[i + 1]) of the joined range
   jobs.reserve(n);
-  std::vector<std::array<int64_t, 3>> tasks;  // (job, first, end): kAdamGrain elements each
   const float w = static_cast<float>(1.0 - beta1);
   for (size_t i = 0; i < n; ++i) {
-    const std::string at_i = "[" + std::to_string(i) + "]";
     const at::Tensor& param = params[i];
-    check_state(t, param, ("params" + at_i).c_str(), at::kFloat, param);
-    check_state(t, grads_bf16[i], ("grads_bf16" + at_i).c_str(), at::kBFloat16, param);
-    if (grads_f32[i].has_value()) {
-      check_state(t, *grads_f32[i], ("grads_f32" + at_i).c_str(), at::kFloat, param);
-    }
-    check_state(t, exp_avgs[i], ("exp_avgs" + at_i).c_str(), at::kFloat, param);
-    check_state(t, exp_avg_sqs[i], ("exp_avg_sqs" + at_i).c_str(), at::kFloat, param);
-    check_state(t, copies[i], ("copies" + at_i).c_str(), at::kBFloat16, param);
-    TORCH_CHECK(steps[i] >= 1, t.fn, ": steps", at_i, " must be >= 1 (the count including this ",
+    check_state(t, param, "params", i, at::kFloat, param);
+    check_state(t, grads_bf16[i], "grads_bf16", i, at::kBFloat16, param);
+    if (grads_f32[i].has_value()) check_state(t, *grads_f32[i], "grads_f32", i, at::kFloat, param);
+    check_state(t, exp_avgs[i], "exp_avgs", i, at::kFloat, param);
+    check_state(t, exp_avg_sqs[i], "exp_avg_sqs", i, at::kFloat, param);
+    check_state(t, copies[i], "copies", i, at::kBFloat16, param);
+    TORCH_CHECK(steps[i] >= 1, t.fn, ": steps[", i, "] must be >= 1 (the count including this ",
                 "update), got ", steps[i]);
     // the kernel's pointers are __restrict__: the written tensors must not share memory with
-    // any other argument of the same parameter
+    // any other argument of the same parameter (different parameters must not overlap either:
+    // their updates run concurrently; MasterWeights passes each parameter once)
     const at::Tensor* written[] = {&param, &exp_avgs[i], &exp_avg_sqs[i], &copies[i]};
     const at::Tensor* all[] = {&param, &exp_avgs[i], &exp_avg_sqs[i], &copies[i], &grads_bf16[i],
                                grads_f32[i].has_value() ? &*grads_f32[i] : nullptr};
@@ -205,16 +205,19 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
                     reinterpret_cast<const uint16_t*>(grads_bf16[i].data_ptr<at::BFloat16>()),
                     grads_f32[i].has_value() ? grads_f32[i]->data_ptr<float>() : nullptr,
                     reinterpret_cast<uint16_t*>(copies[i].data_ptr<at::BFloat16>()), a});
-    for (int64_t i0 = 0; i0 < param.numel(); i0 += kAdamGrain) {
-      tasks.push_back({static_cast<int64_t>(i), i0, std::min(param.numel(), i0 + kAdamGrain)});
-    }
+    starts.push_back(starts.back() + param.numel());
   }
-  // one parallel region for all the tensors (small ones, biases, share a task with nobody)
+  // one parallel region over all the parameters joined end to end: the threads get equal
+  // numbers of elements (a single tensor splits as a call of its own would)
   const SpanFn run = adam_span_fn();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const Job& j = jobs[tasks[k][0]];
-      run(j.p, j.m, j.v, j.gb, j.gf, j.c, tasks[k][1], tasks[k][2], j.a);
+  at::parallel_for(0, starts.back(), kAdamGrain, [&](int64_t e0, int64_t e1) {
+    // the job holding element e0, then each job the range overlaps
+    size_t j = std::upper_bound(starts.begin(), starts.end(), e0) - starts.begin() - 1;
+    for (; j < jobs.size() && starts[j] < e1; ++j) {
+      const Job& job = jobs[j];
+      const int64_t i0 = std::max(e0, starts[j]) - starts[j];
+      const int64_t i1 = std::min(e1, starts[j + 1]) - starts[j];
+      if (i0 < i1) run(job.p, job.m, job.v, job.gb, job.gf, job.c, i0, i1, job.a);
     }
   });
 }

@@ -152,7 +152,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
   if (!out.has_value()) {
     out = (path == GemmPath::kMm && !empty)
               ? mm_linear(a, b, bias, shared)
-              : bmm_linear(a, b, bias, shared, path == GemmPath::kPacked && !empty);
+              : bmm_linear(a, b, bias, shared, path == GemmPath::kPacked);
   }
   if (relu) out->relu_();  // NaN-preserving, unlike oneDNN's fused relu
   return *out;
