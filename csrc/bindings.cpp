@@ -71,10 +71,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_bwd_cpu", &c::max_pool2d_bwd, "dx of max_pool2d_fwd_cpu", py::arg("grad_y"),
         py::arg("x"), py::arg("kernel_size"), py::arg("relu") = false);
   m.def("adam_bf16_step_cpu", &c::adam_bf16_step,
-        "in place: one Adam update of float32 params from bf16 (+ float32) grads, and their "
-        "bfloat16 copies (lists, one entry per param; grads_f32 entries may be None)",
+        "in place: one Adam update of the first counts[i] elements of float32 params from bf16 "
+        "(+ float32) grads, and of their bfloat16 copies (lists, one entry per param; grads_f32 "
+        "entries may be None)",
         py::arg("params"), py::arg("grads_bf16"), py::arg("grads_f32"), py::arg("exp_avgs"),
-        py::arg("exp_avg_sqs"), py::arg("copies"), py::arg("steps"),
+        py::arg("exp_avg_sqs"), py::arg("copies"), py::arg("steps"), py::arg("counts"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"));
   m.def("conv2d_direct_isa", &c::conv2d_direct_isa,

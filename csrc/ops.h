@@ -37,18 +37,21 @@ std::tuple<at::Tensor, at::Tensor> conv2d_direct_dw(const at::Tensor& grad_y, co
                                                     int64_t pw, bool need_bias, int64_t isa);
 
 // CPU only (csrc/cpu/adam_bf16.cpp; faststeal/master_weights.py): one torch.optim.Adam update of
-// each float32 parameter of a list (in place, with its exp_avg / exp_avg_sq) from its bfloat16
-// gradient plus an optional float32 one, writing the parameter's bfloat16 working copy (same
-// shape) in the same pass; one parallel pass over all of them. steps[i] counts this update of
-// params[i] (>= 1). All tensors contiguous, on the CPU. The arithmetic is that of the vector loop
-// of torch's fused CPU Adam (see the file).
+// the first counts[i] elements of each float32 parameter params[i] of a list (in place, with its
+// exp_avg / exp_avg_sq) from its bfloat16 gradient plus an optional float32 one, writing the
+// parameter's bfloat16 working copy (same shape) in the same pass; one parallel pass over all of
+// them, after every argument is checked. steps[i] counts this update of params[i] (>= 1). All
+// tensors contiguous, on the CPU; different parameters must not overlap (their updates run
+// concurrently). The arithmetic is that of the vector loop of torch's fused CPU Adam (see the
+// file).
 void adam_bf16_step(const std::vector<at::Tensor>& params,
                     const std::vector<at::Tensor>& grads_bf16,
                     const std::vector<OptTensor>& grads_f32,
                     const std::vector<at::Tensor>& exp_avgs,
                     const std::vector<at::Tensor>& exp_avg_sqs,
                     const std::vector<at::Tensor>& copies, const std::vector<int64_t>& steps,
-                    double lr, double beta1, double beta2, double eps, double weight_decay);
+                    const std::vector<int64_t>& counts, double lr, double beta1, double beta2,
+                    double eps, double weight_decay);
 
 // Which library runs the CPU ops' GEMMs on the calling thread (csrc/cpu/gemm.cpp): chosen by
 // Python's measured dispatch (faststeal/ops/tuning.py) around each call. Returns the previous.

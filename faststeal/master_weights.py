@@ -171,7 +171,9 @@ class MasterWeights:
         """One Adam step: the parameters whose copies got gradients through the fused kernel
         (their copy's gradient and their float32 ``.grad``, if any, are consumed: both are None
         afterwards, so clip or inspect gradients before, not here), then ``optimizer.step()``
-        for the rest (its step hooks run then, after the fused updates, and do not see them)."""
+        for the rest (its step hooks run then, after the fused updates, and do not see them).
+        A parameter listed twice in a group (torch.optim warns) is updated once; torch's own
+        Adam would update it twice."""
         opt = self.optimizer
         for group in opt.param_groups:
             todo, states, seen = [], [], set()  # the parameters the kernel updates, their states
@@ -205,32 +207,30 @@ def _update(params: list[Tensor], copies: list[Tensor], states: list[dict],
             group: dict) -> None:
     """One Adam update of each float32 ``params[i]`` from ``copies[i].grad`` (+ its own float32
     ``.grad``, if any) with ``states[i]``, counting its step and writing ``copies[i]``: the fused
-    kernel on the first numel - numel % width elements of every parameter, all in one call (its
-    checks run before anything is written or counted), then torch's own fused Adam on the rest
-    (the elements its scalar code rounds differently; a few per tensor) - bit for bit torch's
-    step."""
+    kernel on the first numel - numel % width elements of every parameter, all in one call that
+    checks every argument before it writes anything (its errors index these lists), then
+    torch's own fused Adam on the rest (the elements its scalar code rounds differently; a few
+    per tensor) - bit for bit torch's step."""
     beta1, beta2 = (float(b) for b in group["betas"])
     lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
-    body = {k: [] for k in ("params", "grads_bf16", "grads_f32", "exp_avgs", "exp_avg_sqs",
-                            "copies", "steps")}  # the kernel's arguments, in its order
-    tail = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "copies")}
-    for p, c, st in zip(params, copies, states):
-        pf, gb, cf = p.detach().view(-1), c.grad.view(-1), c.detach().view(-1)
-        gf = None if p.grad is None else p.grad.view(-1)
-        m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
-        n = pf.numel()
-        b = n - n % _ATEN_VEC_WIDTH
-        if b:
-            for k, t in zip(body, (pf[:b], gb[:b], None if gf is None else gf[:b], m[:b], v[:b],
-                                   cf[:b], int(st["step"]) + 1)):
-                body[k].append(t)
-        if b < n:
-            g = gb[b:].float() if gf is None else gb[b:].float() + gf[b:]
-            for k, t in zip(tail, (pf[b:], g, m[b:], v[b:], st["step"], cf[b:])):
-                tail[k].append(t)
-    if body["params"]:
-        _ext.C.adam_bf16_step_cpu(*body.values(), lr, beta1, beta2, eps, wd)
+    counts = [p.numel() - p.numel() % _ATEN_VEC_WIDTH for p in params]
+    _ext.C.adam_bf16_step_cpu([p.detach() for p in params], [c.grad for c in copies],
+                              [p.grad for p in params], [st["exp_avg"] for st in states],
+                              [st["exp_avg_sq"] for st in states], [c.detach() for c in copies],
+                              [int(st["step"]) + 1 for st in states], counts, lr, beta1, beta2,
+                              eps, wd)
     torch._foreach_add_([st["step"] for st in states], 1)
+    tail = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "copies")}
+    for p, c, st, b in zip(params, copies, states, counts):
+        if b == p.numel():
+            continue
+        g = c.grad.view(-1)[b:].float()
+        if p.grad is not None:
+            g = g + p.grad.view(-1)[b:]
+        for k, t in zip(tail, (p.detach().view(-1)[b:], g, st["exp_avg"].view(-1)[b:],
+                               st["exp_avg_sq"].view(-1)[b:], st["step"],
+                               c.detach().view(-1)[b:])):
+            tail[k].append(t)
     if tail["params"]:
         torch._fused_adam_(tail["params"], tail["grads"], tail["exp_avgs"], tail["exp_avg_sqs"],
                            [], tail["steps"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,

@@ -45,8 +45,8 @@ EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _kernel(p, gb, gf, m, v, copy, step, lr, betas, eps, wd):
-    _ext.C.adam_bf16_step_cpu([p], [gb], [gf], [m], [v], [copy], [step], lr, betas[0], betas[1],
-                              eps, wd)
+    _ext.C.adam_bf16_step_cpu([p], [gb], [gf], [m], [v], [copy], [step], [p.numel()], lr,
+                              betas[0], betas[1], eps, wd)
 
 
 def _case(n, seed, with_f32):
@@ -185,11 +185,11 @@ def test_kernel_checks_name_the_argument():
     def call(**kw):
         # one parameter's lists (index 0 of every list argument) and the group's scalars
         args = dict(params=f32.clone(), grads_bf16=bf, grads_f32=None, exp_avgs=f32.clone(),
-                    exp_avg_sqs=f32.clone(), copies=bf.clone(), steps=1, lr=1e-3, beta1=0.9,
-                    beta2=0.999, eps=1e-8, weight_decay=0.0)
+                    exp_avg_sqs=f32.clone(), copies=bf.clone(), steps=1, counts=4, lr=1e-3,
+                    beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
         args.update({k: args[v] if isinstance(v, str) else v for k, v in kw.items()})
-        lists = [[args[k]] for k in list(args)[:7]]
-        _ext.C.adam_bf16_step_cpu(*lists, *list(args.values())[7:])
+        lists = [[args[k]] for k in list(args)[:8]]
+        _ext.C.adam_bf16_step_cpu(*lists, *list(args.values())[8:])
 
     call()  # the valid call runs
     cases = [({"params": bf.clone()}, r"params\[0\] must be Float"),
@@ -199,6 +199,8 @@ def test_kernel_checks_name_the_argument():
              ({"exp_avg_sqs": torch.zeros(4, 2)[:, 0]}, r"exp_avg_sqs\[0\] must be contiguous"),
              ({"copies": f32.clone()}, r"copies\[0\] must be BFloat16"),
              ({"steps": 0}, r"steps\[0\] must be >= 1"),
+             ({"counts": 5}, r"counts\[0\] must be in \[0, 4\]"),
+             ({"counts": -1}, r"counts\[0\] must be in \[0, 4\]"),
              ({"lr": -1.0}, "lr must be >= 0"),
              ({"beta2": 1.0}, "betas must be in"),
              ({"eps": -1e-8}, "eps must be >= 0"),
@@ -208,18 +210,19 @@ def test_kernel_checks_name_the_argument():
     for kw, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             call(**kw)
-    with pytest.raises(RuntimeError, match="must be lists of one length, got 1, 1, 1, 1, 1, 1 "
-                                           "and 2"):
+    with pytest.raises(RuntimeError, match="must be lists of one length, got 1, 1, 1, 1, 1, 1, "
+                                           "2 and 1"):
         _ext.C.adam_bf16_step_cpu([f32.clone()], [bf], [None], [f32.clone()], [f32.clone()],
-                                  [bf.clone()], [1, 1], 1e-3, 0.9, 0.999, 1e-8, 0.0)
+                                  [bf.clone()], [1, 1], [4], 1e-3, 0.9, 0.999, 1e-8, 0.0)
 
 
 def test_one_call_updates_every_parameter_as_torch_adam_does_each():
     # MasterWeights updates a group's parameters in one kernel call (one parallel pass over all
     # of them, tails to torch in one call): each must come out as torch's Adam alone makes it,
     # at its own step count, with or without a float32 gradient
+    # three threads split the joined 103,072 elements inside the third tensor, twice
     cases = [_case(n, n, f32) + (step,) for n, f32, step in
-             ((70000, False, 3), (48, True, 1), (37, False, 9), (1, True, 2), (33000, True, 5))]
+             ((33000, True, 5), (48, True, 1), (70000, False, 3), (37, False, 9), (1, True, 2))]
     want = [_torch_adam(p, g, m, v, step, 1e-2, (0.9, 0.999), 1e-8, 0.01)
             for p, m, v, gb, gf, g, step in cases]
     copies, states = [], []
@@ -228,10 +231,15 @@ def test_one_call_updates_every_parameter_as_torch_adam_does_each():
         copies[-1].grad = gb
         p.grad = gf
         states.append({"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v})
-    with torch.no_grad():
-        master_weights._update([c[0] for c in cases], copies, states,
-                               {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.01,
-                                "betas": (0.9, 0.999)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.no_grad():
+            master_weights._update([c[0] for c in cases], copies, states,
+                                   {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.01,
+                                    "betas": (0.9, 0.999)})
+    finally:
+        torch.set_num_threads(threads)
     for (p, m, v, *_, step), w, copy, st in zip(cases, want, copies, states):
         _check_against((p, m, v), w)
         assert _same_bf16(copy, p.to(torch.bfloat16))
@@ -239,22 +247,27 @@ def test_one_call_updates_every_parameter_as_torch_adam_does_each():
 
 
 def test_a_rejected_update_changes_nothing():
-    # the kernel checks every parameter before it writes any or counts a step
-    (p, m, v, gb, _, _), (q, mq, vq, gq, _, _) = _case(48, 1, False), _case(32, 2, False)
-    copies = []
-    for g in (gb, gq):
-        copies.append(torch.zeros(g.shape, dtype=torch.bfloat16, requires_grad=True))
-        copies[-1].grad = g
-    states = [{"step": torch.tensor(2.0), "exp_avg": m, "exp_avg_sq": v},
-              {"step": torch.tensor(2.0), "exp_avg": mq, "exp_avg_sq": vq[:16]}]  # wrong shape
-    before = [t.clone() for t in (p, m, v, q, mq)]
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"exp_avg_sqs\[1\] must have"):
-        master_weights._update([p, q], copies, states, {"lr": 1e-2, "eps": 1e-8,
-                                                         "weight_decay": 0.0,
-                                                         "betas": (0.9, 0.999)})
-    assert all(torch.equal(a, b) for a, b in zip((p, m, v, q, mq), before))
-    assert [st["step"].item() for st in states] == [2.0, 2.0]
-    assert not copies[0].detach().any()
+    # the kernel checks every parameter - also one short enough to be all tail, which only
+    # torch's Adam updates - before it writes any or counts a step
+    for bad in (1, 2):
+        cases = [_case(48, 1, False), _case(32, 2, False), _case(5, 3, False)]
+        copies = []
+        for *_, gb, _, _ in cases:
+            copies.append(torch.zeros(gb.shape, dtype=torch.bfloat16, requires_grad=True))
+            copies[-1].grad = gb
+        states = [{"step": torch.tensor(2.0), "exp_avg": m, "exp_avg_sq": v}
+                  for _, m, v, *_ in cases]
+        states[bad]["exp_avg_sq"] = torch.zeros(64)  # wrong shape
+        before = [t.clone() for p, m, v, *_ in cases for t in (p, m, v)]
+        with torch.no_grad(), pytest.raises(RuntimeError,
+                                            match=rf"exp_avg_sqs\[{bad}\] must have params"):
+            master_weights._update([c[0] for c in cases], copies, states,
+                                   {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.0,
+                                    "betas": (0.9, 0.999)})
+        after = [t for p, m, v, *_ in cases for t in (p, m, v)]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+        assert [st["step"].item() for st in states] == [2.0, 2.0, 2.0]
+        assert not any(c.detach().any() for c in copies)
 
 
 def test_a_parameter_listed_twice_is_updated_once(monkeypatch):

@@ -142,15 +142,17 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
                     const std::vector<at::Tensor>& exp_avgs,
                     const std::vector<at::Tensor>& exp_avg_sqs,
                     const std::vector<at::Tensor>& copies, const std::vector<int64_t>& steps,
-                    double lr, double beta1, double beta2, double eps, double weight_decay) {
+                    const std::vector<int64_t>& counts, double lr, double beta1, double beta2,
+                    double eps, double weight_decay) {
   const Target t = cpu_target("adam_bf16_step_cpu");
   const size_t n = params.size();
   TORCH_CHECK(grads_bf16.size() == n && grads_f32.size() == n && exp_avgs.size() == n &&
-                  exp_avg_sqs.size() == n && copies.size() == n && steps.size() == n,
-              t.fn, ": params, grads_bf16, grads_f32, exp_avgs, exp_avg_sqs, copies and steps ",
-              "must be lists of one length, got ", n, ", ", grads_bf16.size(), ", ",
+                  exp_avg_sqs.size() == n && copies.size() == n && steps.size() == n &&
+                  counts.size() == n,
+              t.fn, ": params, grads_bf16, grads_f32, exp_avgs, exp_avg_sqs, copies, steps and ",
+              "counts must be lists of one length, got ", n, ", ", grads_bf16.size(), ", ",
               grads_f32.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ",
-              copies.size(), " and ", steps.size());
+              copies.size(), ", ", steps.size(), " and ", counts.size());
   TORCH_CHECK(lr >= 0.0, t.fn, ": lr must be >= 0, got ", lr);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, t.fn,
               ": betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
@@ -178,6 +180,9 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
     check_state(t, copies[i], "copies", i, at::kBFloat16, param);
     TORCH_CHECK(steps[i] >= 1, t.fn, ": steps[", i, "] must be >= 1 (the count including this ",
                 "update), got ", steps[i]);
+    TORCH_CHECK(counts[i] >= 0 && counts[i] <= param.numel(), t.fn, ": counts[", i,
+                "] must be in [0, ", param.numel(), "] (params[", i, "]'s elements), got ",
+                counts[i]);
     // the kernel's pointers are __restrict__: the written tensors must not share memory with
     // any other argument of the same parameter (different parameters must not overlap either:
     // their updates run concurrently; MasterWeights passes each parameter once)
@@ -205,7 +210,7 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
                     reinterpret_cast<const uint16_t*>(grads_bf16[i].data_ptr<at::BFloat16>()),
                     grads_f32[i].has_value() ? grads_f32[i]->data_ptr<float>() : nullptr,
                     reinterpret_cast<uint16_t*>(copies[i].data_ptr<at::BFloat16>()), a});
-    starts.push_back(starts.back() + param.numel());
+    starts.push_back(starts.back() + counts[i]);
   }
   // one parallel region over all the parameters joined end to end: the threads get equal
   // numbers of elements (a single tensor splits as a call of its own would)
