@@ -13,9 +13,10 @@
 //   packed  at::bmm as bmm, after copying a transposed (strided) operand into row-major order:
 //           the backward's dW GEMM multiplies dz^T, a transposed view; with a dense copy of it
 //           (S*B*N elements, small beside the GEMM) oneDNN's bfloat16 batched matmul ran the
-//           S=16, 784->512 dW 1.36x (batch 128) and 1.69x (batch 32) faster on an AMX host,
-//           while the forward's W^T copy made it slower there: measured per op and shape class
-//           like the others.
+//           S=16, 784->512 dW 1.36x (batch 128) and 1.69x (batch 32) faster on an AMX host
+//           (Intel Xeon, family 6 model 207, 2 threads; docs/benchmarks.md), while the
+//           forward's W^T copy made it slower there: measured per op and shape class like the
+//           others.
 //   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, else
 //           at::bmm — the rule measured on the AMD host, documented in docs/benchmarks.md.
 //

@@ -8,8 +8,8 @@ reduction ops convert bfloat16/float16 inputs to float32.
 
 The GEMM ops come in variants, one per GEMM library of ``csrc/cpu/gemm.cpp`` (:data:`GEMM_PATHS`):
 :func:`variants` hands them to the measured dispatch (:mod:`faststeal.ops.dispatch`), which times
-them on the host; ``FASTSTEAL_CPU_GEMM=onednn|bmm|mm|packed`` forces one. The plain functions use the
-extension's default rule (no tuning).
+them on the host; ``FASTSTEAL_CPU_GEMM=onednn|bmm|mm|packed`` forces one. The plain functions use
+the extension's default rule (no tuning).
 """
 
 from __future__ import annotations

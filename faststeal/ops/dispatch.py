@@ -11,10 +11,9 @@ The choice comes from :func:`set_backend` / :func:`use_backend`, else the ``FAST
 environment variable, else ``auto``. ``auto`` is *measured*: the first call of an op with a new
 shape class times every available backend of :data:`AUTO_ORDER` for the device — and each
 backend's variants (the ``cpp`` backend's GEMM paths: ``cpp:onednn``, ``cpp:bmm``, ``cpp:mm``,
-``cpp:packed``) —
-on the call's own arguments, and runs the fastest from then on (:mod:`faststeal.ops.tuning`: one
-decision per op, forward/backward, shape class, dtype, device model and thread count, cached on
-disk). A requested backend is tuned among its own variants only; ``FASTSTEAL_CPU_GEMM`` forces
+``cpp:packed``) — on the call's own arguments, and runs the fastest from then on
+(:mod:`faststeal.ops.tuning`: one decision per op, forward/backward, shape class, dtype, device
+model and thread count, cached on disk). A requested backend is tuned among its own variants only; ``FASTSTEAL_CPU_GEMM`` forces
 the ``cpp`` GEMM path. With ``FASTSTEAL_TUNE=0`` ``auto`` takes the first available backend of
 :data:`AUTO_ORDER` with its default variant (the documented default). An explicitly requested
 backend that cannot run raises :class:`BackendUnavailableError` saying why.
