@@ -31,13 +31,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_set_cpu_gemm_path",
       [](int64_t path) {
-        TORCH_CHECK(path >= 0 && path <= static_cast<int64_t>(c::GemmPath::kPacked),
-                    "_set_cpu_gemm_path: path must be 0 (default), 1 (onednn), 2 (bmm), 3 (mm) ",
-                    "or 4 (packed), got ", path);
+        TORCH_CHECK(path >= 0 && path <= static_cast<int64_t>(c::GemmPath::kUpcast),
+                    "_set_cpu_gemm_path: path must be 0 (default), 1 (onednn), 2 (bmm), 3 (mm), ",
+                    "4 (packed) or 5 (upcast), got ", path);
         return static_cast<int64_t>(c::set_cpu_gemm_path(static_cast<c::GemmPath>(path)));
       },
       "set the GEMM path of the CPU ops on this thread (0 default, 1 onednn, 2 bmm, 3 mm, "
-      "4 packed); returns the previous one",
+      "4 packed, 5 upcast); returns the previous one",
       py::arg("path"));
   m.def("ensemble_linear_fwd_cpu", &c::ensemble_linear_fwd, "(y, z) = ensemble_linear forward",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("activation"),

@@ -55,7 +55,9 @@ void adam_bf16_step(const std::vector<at::Tensor>& params,
 
 // Which library runs the CPU ops' GEMMs on the calling thread (csrc/cpu/gemm.cpp): chosen by
 // Python's measured dispatch (faststeal/ops/tuning.py) around each call. Returns the previous.
-enum class GemmPath : int { kDefault = 0, kOneDNN = 1, kBmm = 2, kMm = 3, kPacked = 4 };
+enum class GemmPath : int {
+  kDefault = 0, kOneDNN = 1, kBmm = 2, kMm = 3, kPacked = 4, kUpcast = 5
+};
 GemmPath set_cpu_gemm_path(GemmPath path);
 
 namespace detail {

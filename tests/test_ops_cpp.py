@@ -928,6 +928,37 @@ def test_ensemble_linear_low_precision_runs_natively(seed_all, dtype, gemm, shar
         assert_close_lowp(a, e, c, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_upcast_gemm_path_multiplies_in_float32(seed_all, dtype, shared):
+    # cpp:upcast: bit for bit the float32 torch.baddbmm of the operands, rounded once to the
+    # input dtype (then relu) — not the bfloat16/float16 GEMM of cpp:bmm
+    x, w, b = _lowp(*linear_inputs(5, 33, 97, 65, shared, True), dtype=dtype)
+    y, _ = P.variants("ensemble_linear", "fwd")["upcast"](x, w, b, "relu", 0.0, 0)
+    xs = x.float().unsqueeze(0).expand(5, -1, -1) if shared else x.float()
+    want = torch.baddbmm(b.float().unsqueeze(1), xs, w.float().transpose(1, 2))
+    assert y.dtype == dtype
+    assert torch.equal(y, want.to(dtype).relu())
+    # the dispatch times it for these dtypes only (for float32 it would be cpp:bmm again)
+    assert P.variant_applies("upcast", (x,))
+    assert not P.variant_applies("upcast", (x.float(),))
+
+
+def test_onednn_path_runs_bfloat16_on_every_cpu(seed_all):
+    # where this CPU's oneDNN cannot multiply bfloat16 (no AVX512-BF16/AMX: it throws "could
+    # not create a primitive descriptor"), cpp:onednn runs at::bmm for the call; the dispatch
+    # then does not time it
+    x, w, b = _lowp(*linear_inputs(3, 17, 40, 24, False, True), dtype=torch.bfloat16)
+    y, _ = P.variants("ensemble_linear", "fwd")["onednn"](x, w, b, "none", 0.0, 0)
+    y_bmm, _ = P.variants("ensemble_linear", "fwd")["bmm"](x, w, b, "none", 0.0, 0)
+    supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert P.variant_applies("onednn", (x,)) == supported
+    if not supported:
+        assert torch.equal(y, y_bmm)
+    else:
+        assert_close(y.float(), y_bmm.float(), torch.bfloat16, "y")
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
 def test_bayes_linear_low_precision_runs_natively(seed_all, dtype, shared):

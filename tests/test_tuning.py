@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def test_decision_is_measured_once_and_read_from_the_cache(tuned):
     (path,) = [p for p in os.listdir(tuned) if p.endswith(".json")]
     saved = json.loads((tuned / path).read_text())["decisions"]
     fwd = [v for k, v in saved.items() if k.startswith("ensemble_linear.fwd|cpu:")]
-    assert len(fwd) == 1 and set(fwd[0]["times_ms"]) == {*CPP_PATHS, "reference"}
+    # every path but cpp:upcast, which is cpp:bmm for float32 inputs (not timed twice)
+    assert len(fwd) == 1 and set(fwd[0]["times_ms"]) == {*CPP_PATHS, "reference"} - \
+        {"cpp:upcast"}
     assert fwd[0]["choice"] in fwd[0]["times_ms"]
     ops.ensemble_linear(x, w, b, act).sum().backward()  # same process: memory
     tuning.clear()  # a new process: the file
@@ -64,6 +67,38 @@ def test_decision_is_measured_once_and_read_from_the_cache(tuned):
     # a partial batch of the same power-of-two class shares the decision
     ops.ensemble_linear(x[:, :10], w, b, act)
     assert tuning.tunings_run == before + 2
+
+
+@needs_ext
+def test_bfloat16_decision_times_the_upcast_path(tuned):
+    # bfloat16 inputs: cpp:upcast is timed; cpp:onednn only where this CPU's oneDNN multiplies
+    # bfloat16 (elsewhere it would run cpp:bmm's GEMM again)
+    x, w, b, act = _linear_call()
+    xb, wb, bb = x.bfloat16(), w.detach().bfloat16(), b.detach().bfloat16()
+    fn = dispatch.impl("ensemble_linear", "fwd", "cpu")
+    choice = fn.choose(xb, wb, bb, act, 0.0, 0)
+    (dec,) = [v for k, v in tuning.decisions().items()
+              if k.startswith("ensemble_linear.fwd|") and k.endswith(":bfloat16,relu,False")]
+    want = {*CPP_PATHS, "reference"}
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        want.discard("cpp:onednn")
+    assert set(dec["times_ms"]) == want and choice == dec["choice"]
+
+
+def test_a_far_slower_candidate_is_not_timed_again():
+    calls = {"fast": 0, "close": 0, "slow": 0}
+
+    def run(name, seconds):
+        def f():
+            calls[name] += 1
+            time.sleep(seconds)
+        return f
+
+    times = tuning.measure({"fast": run("fast", 0.0), "close": run("close", 0.002),
+                            "slow": run("slow", 0.2)}, "cpu", budget_s=0.02)
+    assert calls["slow"] == 1 and times["slow"] >= 200  # its warm-up time stands
+    assert calls["fast"] > 1 and calls["close"] > 1  # within the budget of the fastest: timed
+    assert times["fast"] < times["close"] < times["slow"]
 
 
 @needs_ext
@@ -216,7 +251,7 @@ def test_info_prints_the_decisions_and_alternatives(tuned, capsys):
     line = [ln for ln in out.splitlines() if ln.strip().startswith("ensemble_linear.fwd")]
     assert len(line) == 1 and "->" in line[0]
     for cand in (*CPP_PATHS, "reference"):
-        assert cand in line[0]
+        assert (cand in line[0]) == (cand != "cpp:upcast")  # float32: upcast is cpp:bmm
 
 
 @needs_ext

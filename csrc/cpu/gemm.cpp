@@ -5,7 +5,8 @@
 //   onednn  one oneDNN inner product per member through ATen's registered op
 //           `mkldnn::_linear_pointwise` (bias fused; the results are then stacked). On AMD Zen 4/5,
 //           where MKL runs its AVX2 code, ~2x the rate of at::bmm; on Intel AVX-512/AMX hosts
-//           often slower than one at::bmm (docs/benchmarks.md).
+//           often slower than one at::bmm (docs/benchmarks.md). bfloat16/float16 only where
+//           ATen says this CPU's oneDNN has them (else the call runs at::bmm).
 //   bmm     one at::bmm / at::baddbmm over all members (MKL, or oneDNN/AMX for bfloat16).
 //   mm      a shared input (every member sees the same rows): ONE at::mm / addmm against the
 //           (S*N, K) stack of all members' weights, then one transposing copy; a stacked input:
@@ -17,6 +18,13 @@
 //           (Intel Xeon, family 6 model 207, 2 threads; docs/benchmarks.md), while the
 //           forward's W^T copy made it slower there: measured per op and shape class like the
 //           others.
+//   upcast  bfloat16/float16 operands cast to float32, one float32 at::bmm, the product cast
+//           back (float32/float64 inputs: bmm). Where the CPU has no bfloat16 arithmetic (AVX2
+//           only: no AVX512-BF16, no AMX) ATen's bfloat16 GEMMs are slow fallbacks and oneDNN
+//           refuses them: on an AMD EPYC Zen 3 (2 threads) the S=16, 784->512 forward at batch
+//           128 took 118 ms in bfloat16 through at::bmm, 16 ms this way and 12.5 ms in float32
+//           (docs/benchmarks.md). The product is rounded once, to the input dtype, as the
+//           other paths round their float32 accumulator.
 //   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, else
 //           at::bmm — the rule measured on the AMD host, documented in docs/benchmarks.md.
 //
@@ -53,8 +61,21 @@ const c10::OperatorHandle* onednn_linear() {
 // on the onednn path runs at::bmm, after one warning.
 std::atomic<bool> g_onednn_failed{false};
 
+// Whether this CPU's oneDNN multiplies bfloat16 / float16 (asked of ATen's own checks, the ops
+// mkldnn::_is_mkldnn_{bf16,fp16}_supported): without AVX512-BF16/AMX it cannot create the
+// primitive and throws.
+bool onednn_supports(const char* op_name) {
+  const auto op = c10::Dispatcher::singleton().findOp({op_name, ""});
+  if (!op.has_value()) return false;
+  torch::jit::Stack stack;
+  op->callBoxed(&stack);
+  return !stack.empty() && stack.back().toBool();
+}
+
 bool onednn_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  static const bool bf16 = onednn_supports("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = onednn_supports("mkldnn::_is_mkldnn_fp16_supported");
+  return t == at::kFloat || (t == at::kBFloat16 && bf16) || (t == at::kHalf && fp16);
 }
 
 at::Tensor onednn_member(const c10::OperatorHandle& op, const at::Tensor& a, const at::Tensor& b,
@@ -148,8 +169,16 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
        g_onednn_failed.load(std::memory_order_relaxed))) {
     path = GemmPath::kBmm;  // oneDNN cannot run this call: the documented fallback
   }
+  const bool reduced = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  if (path == GemmPath::kUpcast && !reduced) path = GemmPath::kBmm;
   std::optional<at::Tensor> out;
   if (path == GemmPath::kOneDNN) out = onednn_linear_all(a, b, bias, shared);
+  if (path == GemmPath::kUpcast) {
+    out = bmm_linear(a.to(at::kFloat), b.to(at::kFloat),
+                     bias.has_value() ? OptTensor(bias->to(at::kFloat)) : OptTensor(), shared,
+                     /*packed=*/false)
+              .to(a.scalar_type());
+  }
   if (!out.has_value()) {
     out = (path == GemmPath::kMm && !empty)
               ? mm_linear(a, b, bias, shared)
@@ -164,7 +193,8 @@ std::string cpu_gemm_library() {
   if (onednn_linear() == nullptr) s += ": unavailable, this torch has no such op";
   if (g_onednn_failed.load()) s += ": unavailable, a oneDNN call failed earlier";
   s += "), bmm (torch.bmm), mm (torch.mm), packed (torch.bmm on row-major copies of "
-       "transposed operands); default without tuning: onednn for float32 with a "
+       "transposed operands), upcast (bfloat16/float16 multiplied as float32 by torch.bmm); "
+       "default without tuning: onednn for float32 with a "
        "reduction >= " + std::to_string(kMinReduction) + ", else bmm";
   return s;
 }

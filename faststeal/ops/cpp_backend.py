@@ -8,12 +8,15 @@ reduction ops convert bfloat16/float16 inputs to float32.
 
 The GEMM ops come in variants, one per GEMM library of ``csrc/cpu/gemm.cpp`` (:data:`GEMM_PATHS`):
 :func:`variants` hands them to the measured dispatch (:mod:`faststeal.ops.dispatch`), which times
-them on the host; ``FASTSTEAL_CPU_GEMM=onednn|bmm|mm|packed`` forces one. The plain functions use
-the extension's default rule (no tuning).
+them on the host; ``FASTSTEAL_CPU_GEMM=onednn|bmm|mm|packed|upcast`` forces one. The plain
+functions use the extension's default rule (no tuning). ``upcast`` multiplies bfloat16/float16
+inputs as float32 (the CPU's own bfloat16 GEMM is a slow fallback where it lacks AVX512-BF16/AMX);
+:func:`variant_applies` keeps the dispatch from timing a path that would only repeat another.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
@@ -26,7 +29,8 @@ from .reference import MemberStats
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: The GEMM paths of the C++ CPU ops (csrc/cpu/gemm.cpp), by their code in the extension.
-GEMM_PATHS = {"onednn": 1, "bmm": 2, "mm": 3, "packed": 4}
+GEMM_PATHS = {"onednn": 1, "bmm": 2, "mm": 3, "packed": 4, "upcast": 5}
+_REDUCED = (torch.bfloat16, torch.float16)
 _GEMM_OPS = ("ensemble_linear", "bayes_linear")
 GEMM_ENV = "FASTSTEAL_CPU_GEMM"
 
@@ -53,6 +57,33 @@ def variants(op: str, kind: str) -> Optional[dict[str, Callable]]:
                          f"got {forced!r}")
     paths = [forced] if forced and forced != "auto" else list(GEMM_PATHS)
     return {p: _with_gemm_path(f"{op}_{kind}", GEMM_PATHS[p]) for p in paths}
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_multiplies(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN multiplies ``dtype`` (ATen's own check; csrc/cpu/gemm.cpp asks
+    the same and runs ``bmm`` instead where it does not)."""
+    if dtype not in _REDUCED:
+        return True
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else \
+        "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):  # a torch without the op: neither side uses oneDNN
+        return False
+
+
+def variant_applies(variant: str, args: tuple) -> bool:
+    """Whether GEMM path ``variant`` runs its own GEMM for these arguments (``args[0]``: the
+    input or the output gradient, in the compute dtype): ``upcast`` only for bfloat16/float16
+    (else it is ``bmm``), ``onednn`` only for a dtype this CPU's oneDNN multiplies (else it runs
+    ``bmm``). The dispatch does not time a path that would repeat another."""
+    dtype = args[0].dtype if args and isinstance(args[0], torch.Tensor) else None
+    if variant == "upcast":
+        return dtype in _REDUCED
+    if variant == "onednn":
+        return dtype is None or onednn_multiplies(dtype)
+    return True
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:

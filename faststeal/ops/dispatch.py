@@ -11,7 +11,8 @@ The choice comes from :func:`set_backend` / :func:`use_backend`, else the ``FAST
 environment variable, else ``auto``. ``auto`` is *measured*: the first call of an op with a new
 shape class times every available backend of :data:`AUTO_ORDER` for the device — and each
 backend's variants (the ``cpp`` backend's GEMM paths: ``cpp:onednn``, ``cpp:bmm``, ``cpp:mm``,
-``cpp:packed``) — on the call's own arguments, and runs the fastest from then on
+``cpp:packed``, ``cpp:upcast``; a variant that would only repeat another for the call's dtype is
+left out) — on the call's own arguments, and runs the fastest from then on
 (:mod:`faststeal.ops.tuning`: one decision per op, forward/backward, shape class, dtype, device
 model and thread count, cached on disk). A requested backend is tuned among its own variants only; ``FASTSTEAL_CPU_GEMM`` forces
 the ``cpp`` GEMM path. With ``FASTSTEAL_TUNE=0`` ``auto`` takes the first available backend of
@@ -170,6 +171,15 @@ def variants(backend: str, op: str, kind: str) -> dict[str, Callable]:
     return {f"{backend}:{v}": f for v, f in found.items()}
 
 
+def _applies(name: str, args: tuple) -> bool:
+    """Whether variant ``backend:variant`` runs its own code for these arguments (the backend's
+    ``variant_applies``; e.g. ``cpp:upcast`` is ``cpp:bmm`` for float32 inputs): a variant that
+    would only repeat another is not timed."""
+    backend, _, variant = name.partition(":")
+    check = getattr(backend_module(backend), "variant_applies", None) if variant else None
+    return check is None or check(variant, args)
+
+
 def candidates(op: str, kind: str, device_type: str) -> tuple[dict[str, Callable], str]:
     """The measured candidates for ``<op>_<kind>`` on ``device_type`` under the current request,
     and the name of the default (the un-tuned choice, runnable under that name too)."""
@@ -226,7 +236,8 @@ def _runner(op: str, kind: str, device_type: str, request: tuple) -> Callable:
         if hit is not None:
             return hit
         choice = tuning.decide(point, device_type, _shape(op, kind, args),
-                               lambda: {n: functools.partial(f, *args) for n, f in timed.items()},
+                               lambda: {n: functools.partial(f, *args)
+                                        for n, f in timed.items() if _applies(n, args)},
                                default, names)
         if not tuning.cannot_time(device_type):  # else: a default until measuring is possible
             memo[fast] = choice
