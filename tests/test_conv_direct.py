@@ -238,6 +238,25 @@ def test_direct_strategy_under_no_grad_and_in_the_tuner(seed_all, monkeypatch, t
         tuning.clear()
 
 
+@pytest.mark.skipif(conv_direct.isa() == 0, reason="no AVX2+FMA / AVX-512 or no extension")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_direct_strategy_under_bf16_autocast_computes_in_float32(seed_all, x_dtype):
+    # bf16 training: the float32 kernel on x cast up (a first layer's float32 input or an earlier
+    # bf16 layer's output), the float32 weights as they are, the result rounded once to bf16;
+    # the weight gradient is the float32 kernel's on the bf16 output gradient
+    conv = EnsembleConv2d(2, 2, 3, 3, padding=1, strategy="direct")
+    x = torch.randn(2, 4, 2, 9, 9).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    want = conv_direct.conv2d_direct(x.float(), conv.weight, conv.bias, (1, 1))
+    assert torch.equal(y, want.bfloat16())
+    g = torch.randn_like(want).bfloat16()
+    y.backward(g)
+    gw, gb = torch.autograd.grad(want, (conv.weight, conv.bias), g.float())
+    assert torch.equal(conv.weight.grad, gw) and torch.equal(conv.bias.grad, gb)
+
+
 @pytest.mark.parametrize("kwargs,call,match", [
     (dict(stride=2), None, "stride 1, dilation 1 and groups 1"),
     (dict(dilation=2), None, "stride 1, dilation 1 and groups 1"),
@@ -245,7 +264,7 @@ def test_direct_strategy_under_no_grad_and_in_the_tuner(seed_all, monkeypatch, t
     (dict(kernel=(3, 8)), None, "up to 7 wide"),
     (dict(), "shared", "stacked"),
     (dict(), "float64", "float32 only"),
-    (dict(), "autocast", "autocast is on"),
+    (dict(), "autocast", "under CPU autocast x may be torch.bfloat16"),
 ])
 def test_direct_strategy_says_why_it_cannot_run(kwargs, call, match):
     k = kwargs.pop("kernel", 3)
@@ -254,9 +273,9 @@ def test_direct_strategy_says_why_it_cannot_run(kwargs, call, match):
     if call == "float64":
         conv, x = conv.double(), x.double()
     with pytest.raises(ValueError, match=match):
-        if call == "autocast":
+        if call == "autocast":  # a float16 input under bfloat16 autocast
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                conv(x)
+                conv(x.half())
         else:
             conv(x)
 

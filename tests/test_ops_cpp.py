@@ -928,13 +928,16 @@ def test_ensemble_linear_low_precision_runs_natively(seed_all, dtype, gemm, shar
         assert_close_lowp(a, e, c, name)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
-def test_upcast_gemm_path_multiplies_in_float32(seed_all, dtype, shared):
+def test_upcast_gemm_path_multiplies_in_float32(seed_all, dtype, shared, autocast):
     # cpp:upcast: bit for bit the float32 torch.baddbmm of the operands, rounded once to the
-    # input dtype (then relu) — not the bfloat16/float16 GEMM of cpp:bmm
+    # input dtype (then relu) — not the bfloat16/float16 GEMM of cpp:bmm; also inside
+    # torch.autocast, where bf16 training calls it (autocast must not cast the operands back)
     x, w, b = _lowp(*linear_inputs(5, 33, 97, 65, shared, True), dtype=dtype)
-    y, _ = P.variants("ensemble_linear", "fwd")["upcast"](x, w, b, "relu", 0.0, 0)
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        y, _ = P.variants("ensemble_linear", "fwd")["upcast"](x, w, b, "relu", 0.0, 0)
     xs = x.float().unsqueeze(0).expand(5, -1, -1) if shared else x.float()
     want = torch.baddbmm(b.float().unsqueeze(1), xs, w.float().transpose(1, 2))
     assert y.dtype == dtype

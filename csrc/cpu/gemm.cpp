@@ -34,6 +34,7 @@
 // 0), so a diverged network stays visibly NaN on every path.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <atomic>
 #include <string>
@@ -157,6 +158,10 @@ namespace detail {
 
 at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                           bool relu) {
+  // The GEMM runs in the dtype it is given: under CPU autocast (bf16 training calls these ops
+  // from inside torch.autocast) at::bmm / at::mm would cast upcast's float32 operands back to
+  // bfloat16.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool shared = a.dim() == 2;
   const bool empty = a.numel() == 0 || b.numel() == 0;
   GemmPath path = g_path;

@@ -331,7 +331,9 @@ def ensemble_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ``direct``  the C++ CPU kernel :func:`faststeal.ops.conv_direct.conv2d_direct` (vector FMAs
       along output rows): stacked float32 input, stride 1, no dilation or groups, padding
       smaller than the kernel, kernels up to 7 wide, an AVX2+FMA or AVX-512 CPU; ValueError
-      (with the reason) elsewhere. ``auto`` times it only where it can run.
+      (with the reason) elsewhere. Under bf16 autocast it computes in float32 and returns
+      bfloat16 (where the CPU lacks bf16 arithmetic, autocast's bf16 convolutions are slow
+      fallbacks). ``auto`` times it only where it can run.
     """
     s, co, ci, kh, kw = weight.shape  # ci: input channels per group
     shared = x.dim() == 4

@@ -1,6 +1,6 @@
 """``conv2d_direct``: S stacked stride-1 convolutions of float32 images on the CPU, computed
 directly by the C++ kernels of ``csrc/cpu/conv_direct.cpp`` (vector FMAs along output rows, no
-im2col; AVX-512 or AVX2+FMA, picked at run time).
+im2col; AVX-512 or AVX2+FMA, picked at run time); under bf16 autocast too, in float32.
 
 It is the ``direct`` strategy of :func:`faststeal.nn.layers.ensemble_conv2d`, for the narrow
 layers where oneDNN's convolution runs far below the CPU's FMA rate — the first conv of a small
@@ -32,6 +32,10 @@ def isa() -> int:
     return 0 if _ext.C is None else int(_ext.C.conv2d_direct_isa())
 
 
+def _autocast_dtype() -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
 def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
                        groups: int) -> Optional[str]:
     """Why :func:`conv2d_direct` cannot run this convolution, or None."""
@@ -47,10 +51,10 @@ def unavailable_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding, d
     if min(x.shape[2:]) < 1 or weight.dim() < 2 or weight.shape[1] < 1:
         return f"it needs at least one input and output channel, row and column (x of shape " \
             f"{tuple(x.shape)}, weight of shape {tuple(weight.shape)})"
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return f"it computes in float32 only (x {x.dtype}, weight {weight.dtype})"
-    if torch.is_autocast_enabled("cpu"):
-        return "it computes in float32 only and CPU autocast is on"
+    amp = _autocast_dtype()
+    if weight.dtype != torch.float32 or x.dtype not in (torch.float32, amp):
+        return f"it computes in float32 only (x {x.dtype}, weight {weight.dtype}" + \
+            (f"; under CPU autocast x may be {amp})" if amp is not None else ")")
     if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or groups != 1:
         return f"it needs stride 1, dilation 1 and groups 1 (got stride {tuple(stride)}, " \
             f"dilation {tuple(dilation)}, groups {groups})"
@@ -150,8 +154,10 @@ def conv2d_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """S stacked convolutions, stride 1: x (S, B, C, H, W), weight (S, O, C, KH, KW), bias (S, O)
     or None, zero ``padding`` (ph, pw) smaller than the kernel -> (S, B, O, Ho, Wo), member s
     being ``F.conv2d(x[s], weight[s], bias[s], padding=padding)``. float32 on the CPU;
-    differentiable in x, weight and bias. ValueError says why a call cannot run (see
-    :func:`unavailable_reason`)."""
+    differentiable in x, weight and bias. Under CPU autocast (``precision="bf16"``) it still
+    computes in float32 (x cast up, the float32 weights as they are) and returns the autocast
+    dtype, like the autocast convolutions it is measured against. ValueError says why a call
+    cannot run (see :func:`unavailable_reason`)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and "
                         f"{type(weight).__name__}")
@@ -166,6 +172,10 @@ def conv2d_direct(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                              or bias.dtype != weight.dtype or bias.device != weight.device):
         raise ValueError(f"bias must be (S, O) = {tuple(weight.shape[:2])} in weight's dtype and "
                          f"device ({weight.dtype}, {weight.device}), got {_describe(bias)}")
+    amp = _autocast_dtype()
+    if amp is not None:
+        with torch.autocast("cpu", enabled=False):
+            return conv2d_direct(x.float(), weight, bias, (ph, pw)).to(amp)
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     op = _Conv2dDirect.apply if _eager.plain(x, weight, bias) else _conv2d_direct
