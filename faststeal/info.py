@@ -91,8 +91,11 @@ def collect() -> dict:
 def _cpp_dtypes() -> str:
     from .ops import cpp_backend
 
+    native = cpp_backend.onednn_multiplies(torch.bfloat16)
     return (", ".join(str(d)[6:] for d in cpp_backend._DTYPES)
-            + " (bfloat16/float16: GEMMs in that dtype with float32 accumulation)")
+            + " (bfloat16/float16: GEMMs in that dtype with float32 accumulation, or as float32"
+            + " by cpp:upcast where measured faster; bfloat16 arithmetic on this CPU: "
+            + ("yes" if native else "no, per oneDNN (no AVX512-BF16/AMX)") + ")")
 
 
 def _tuning_status() -> str:

@@ -44,6 +44,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -185,6 +186,23 @@ def _has_host_seeded_randomness(model: nn.Module) -> Optional[str]:
     return None
 
 
+_warned_no_bf16 = False
+
+
+def _warn_if_no_cpu_bf16() -> None:
+    """Once per process: bf16 on a CPU without bfloat16 arithmetic is slower than float32."""
+    global _warned_no_bf16
+    from .ops.cpp_backend import onednn_multiplies
+
+    if _warned_no_bf16 or onednn_multiplies(torch.bfloat16):
+        return
+    _warned_no_bf16 = True
+    warnings.warn("faststeal: this CPU has no bfloat16 arithmetic (oneDNN reports no "
+                  "AVX512-BF16/AMX): precision='bf16' runs its matrix products as float32 on "
+                  "bf16-rounded values and is slower than precision='fp32' here "
+                  "(docs/benchmarks.md)", RuntimeWarning, stacklevel=3)
+
+
 class TrainStep:
     """A callable ``step(x, y) -> loss``: a detached 0-d device tensor (see
     :func:`make_train_step`).
@@ -215,6 +233,8 @@ class TrainStep:
         if (self.precision == "bf16" and not self.cuda_graph and self.device_type == "cpu"
                 and master_weights.disabled_reason(optimizer) is None):
             self.master_weights = MasterWeights(optimizer)
+        if self.precision == "bf16" and self.device_type == "cpu":
+            _warn_if_no_cpu_bf16()
         if self.cuda_graph:
             p = next(model.parameters())
             if p.device.type != "cuda":

@@ -153,3 +153,26 @@ def test_bf16_step_keeps_fp32_master_weights_and_loss(seed_all):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(v.dtype == torch.float32 for st in step.optimizer.state.values()
                for k, v in st.items() if k != "step")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_once(monkeypatch, native):
+    # precision="bf16" where oneDNN says the CPU has no bfloat16 arithmetic: one RuntimeWarning
+    # per process saying it is slower than fp32 here; none where the CPU has it, none for fp32
+    import warnings
+
+    from faststeal import train_step
+    from faststeal.models import build_model
+    from faststeal.ops import cpp_backend
+
+    monkeypatch.setattr(cpp_backend, "onednn_multiplies", lambda dtype: native)
+    monkeypatch.setattr(train_step, "_warned_no_bf16", False)
+    model = build_model("mlp", (1, 8, 8), 4, members=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make_train_step(model, lr=1e-2)
+        make_train_step(model, lr=1e-2, precision="bf16")
+        make_train_step(model, lr=1e-2, precision="bf16")
+    msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)
+            and "no bfloat16 arithmetic" in str(w.message)]
+    assert len(msgs) == (0 if native else 1)
