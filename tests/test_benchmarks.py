@@ -139,6 +139,17 @@ def test_gemm_adam_floor_times_the_runs_products(monkeypatch):
     seen.clear()
     t10 = bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 10, 1, 4, "cpu")
     assert ((2, 2, 784), (2, 784, 512)) in seen and t10 > 0 and t9 > 0
+    # bf16: the same products, in bfloat16 and (the fourth route) as float32 of float32 copies
+    seen.clear()
+    dtypes = set()
+
+    def rec_bmm_dtype(a, b):
+        dtypes.add(a.dtype)
+        return rec_bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", rec_bmm_dtype)
+    assert bench_e2e._gemm_adam_floor("mlp", 2, "bf16", (1, 28, 28), 10, 9, 1, 4, "cpu") > 0
+    assert seen == want and dtypes == {torch.bfloat16, torch.float32}
     monkeypatch.setattr(torch, "bmm", bmm)
     assert bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 8, 20, 4, "cpu") > \
         bench_e2e._gemm_adam_floor("mlp", 2, "fp32", (1, 28, 28), 10, 8, 1, 4, "cpu")
