@@ -67,6 +67,11 @@ namespace detail {
 at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias,
                           bool relu);
 
+// a @ b for 2-D a, b (the shared-input backward's single GEMMs): at::mm, or for bfloat16/float16
+// on the upcast path (chosen, or the default where oneDNN cannot multiply the dtype) at::mm of
+// float32 copies rounded back to a's dtype.
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
+
 // The GEMM paths stacked_linear offers and its default rule (for `faststeal info`).
 std::string cpu_gemm_library();
 }  // namespace detail

@@ -89,6 +89,8 @@ def collect() -> dict:
 
 
 def _cpp_dtypes() -> str:
+    import torch
+
     from .ops import cpp_backend
 
     native = cpp_backend.onednn_multiplies(torch.bfloat16)

@@ -947,6 +947,33 @@ def test_upcast_gemm_path_multiplies_in_float32(seed_all, dtype, shared, autocas
     assert not P.variant_applies("upcast", (x.float(),))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_upcast_gemm_path_backward_multiplies_in_float32(seed_all, shared):
+    # every GEMM of the backward (the stacked one through stacked_linear, the shared-input one
+    # through detail::mm) gets float32 operands on cpp:upcast, bfloat16 ones on cpp:bmm
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GemmDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm,
+                                       torch.ops.aten.baddbmm, torch.ops.aten.addmm):
+                self.seen.add(args[1].dtype if func.overloadpacket in (
+                    torch.ops.aten.baddbmm, torch.ops.aten.addmm) else args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _lowp(*linear_inputs(3, 17, 40, 24, shared, True), dtype=torch.bfloat16)
+    y, z = P.ensemble_linear_fwd(x, w, b, "none", 0.0, 0)
+    g = torch.randn_like(y)
+    for path, want in (("upcast", {torch.float32}), ("bmm", {torch.bfloat16})):
+        with GemmDtypes() as mode:
+            P.variants("ensemble_linear", "bwd")[path](g, x, w, b, y, z, "none", 0.0, 0, True)
+        assert mode.seen == want, path
+
+
 def test_onednn_path_runs_bfloat16_on_every_cpu(seed_all):
     # where this CPU's oneDNN cannot multiply bfloat16 (no AVX512-BF16/AMX: it throws "could
     # not create a primitive descriptor"), cpp:onednn runs at::bmm for the call; the dispatch
@@ -960,6 +987,8 @@ def test_onednn_path_runs_bfloat16_on_every_cpu(seed_all):
         assert torch.equal(y, y_bmm)
     else:
         assert_close(y.float(), y_bmm.float(), torch.bfloat16, "y")
+    # not by a caught failure: that would turn oneDNN off for float32 too, for the process
+    assert "failed earlier" not in _ext.C._cpu_gemm_library()
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])

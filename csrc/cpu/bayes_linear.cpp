@@ -130,9 +130,9 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   if (d.shared) {
     // dx = sum_s g_s @ W_s and dW_s = g_s^T @ x are single GEMMs over g as (B, S*N).
     const at::Tensor g2 = grad_y.permute({1, 0, 2}).contiguous().view({B, S * N});
-    if (need_dx) dx = at::mm(g2, Wg.view({S * N, K}));
+    if (need_dx) dx = detail::mm(g2, Wg.view({S * N, K}));
     if (red) {
-      W = at::mm(g2.t(), x).to(at::kFloat).view({S, N, K});
+      W = detail::mm(g2.t(), x).to(at::kFloat).view({S, N, K});
     } else {
       at::Tensor W2 = W.view({S * N, K});
       at::mm_out(W2, g2.t(), x);

@@ -233,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_linear_bwd(
   at::Tensor dx = x.new_empty({0}), dw;
   if (d.shared) {
     const at::Tensor dz2 = dz.view({B, S * N});
-    if (need_dx) dx = at::mm(dz2, weight.view({S * N, K}));
-    dw = at::mm(dz2.t(), x).view({S, N, K});
+    if (need_dx) dx = detail::mm(dz2, weight.view({S * N, K}));
+    dw = detail::mm(dz2.t(), x).view({S, N, K});
   } else {
     if (need_dx) dx = detail::stacked_linear(dz, weight.transpose(1, 2), std::nullopt, false);
     dw = detail::stacked_linear(dz.transpose(1, 2), x.transpose(1, 2), std::nullopt, false);

@@ -25,8 +25,12 @@
 //           128 took 118 ms in bfloat16 through at::bmm, 16 ms this way and 12.5 ms in float32
 //           (docs/benchmarks.md). The product is rounded once, to the input dtype, as the
 //           other paths round their float32 accumulator.
-//   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, else
-//           at::bmm — the rule measured on the AMD host, documented in docs/benchmarks.md.
+//   default (tuning off, FASTSTEAL_TUNE=0): oneDNN for float32 with a reduction >= 64, upcast
+//           for bfloat16/float16 where oneDNN cannot multiply them (no bf16 arithmetic), else
+//           at::bmm — documented in docs/benchmarks.md.
+//
+// detail::mm, the 2-D product of the shared-input backward, follows the path's dtype rule
+// (upcast or not); its GEMM is at::mm on every other path.
 //
 // All paths are plain GEMMs with float32 accumulation (bfloat16/float16 inputs are multiplied
 // with float32 accumulation by every library); they differ only in summation order. relu is
@@ -68,9 +72,13 @@ std::atomic<bool> g_onednn_failed{false};
 bool onednn_supports(const char* op_name) {
   const auto op = c10::Dispatcher::singleton().findOp({op_name, ""});
   if (!op.has_value()) return false;
-  torch::jit::Stack stack;
-  op->callBoxed(&stack);
-  return !stack.empty() && stack.back().toBool();
+  try {
+    torch::jit::Stack stack;
+    op->callBoxed(&stack);
+    return !stack.empty() && stack.back().toBool();
+  } catch (const std::exception&) {  // a torch whose op changed: do not use oneDNN for it
+    return false;
+  }
 }
 
 bool onednn_dtype(at::ScalarType t) {
@@ -146,6 +154,16 @@ at::Tensor mm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& 
   return out;
 }
 
+bool reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// The thread's path, with the default rule's dtype part applied: a bfloat16/float16 GEMM that
+// this CPU's oneDNN cannot multiply has no bfloat16 arithmetic under it (ATen's fallback), so
+// without tuning it is multiplied as float32 (upcast).
+GemmPath resolved_path(at::ScalarType t) {
+  if (g_path == GemmPath::kDefault && reduced(t) && !onednn_dtype(t)) return GemmPath::kUpcast;
+  return g_path;
+}
+
 }  // namespace
 
 GemmPath set_cpu_gemm_path(GemmPath path) {
@@ -164,7 +182,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool shared = a.dim() == 2;
   const bool empty = a.numel() == 0 || b.numel() == 0;
-  GemmPath path = g_path;
+  GemmPath path = resolved_path(a.scalar_type());
   if (path == GemmPath::kDefault) {
     path = (a.scalar_type() == at::kFloat && a.size(-1) >= kMinReduction) ? GemmPath::kOneDNN
                                                                           : GemmPath::kBmm;
@@ -174,8 +192,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
        g_onednn_failed.load(std::memory_order_relaxed))) {
     path = GemmPath::kBmm;  // oneDNN cannot run this call: the documented fallback
   }
-  const bool reduced = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-  if (path == GemmPath::kUpcast && !reduced) path = GemmPath::kBmm;
+  if (path == GemmPath::kUpcast && !reduced(a.scalar_type())) path = GemmPath::kBmm;
   std::optional<at::Tensor> out;
   if (path == GemmPath::kOneDNN) out = onednn_linear_all(a, b, bias, shared);
   if (path == GemmPath::kUpcast) {
@@ -193,6 +210,14 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
   return *out;
 }
 
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (resolved_path(a.scalar_type()) == GemmPath::kUpcast && reduced(a.scalar_type())) {
+    return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
+  }
+  return at::mm(a, b);
+}
+
 std::string cpu_gemm_library() {
   std::string s = "paths onednn (mkldnn::_linear_pointwise per member";
   if (onednn_linear() == nullptr) s += ": unavailable, this torch has no such op";
@@ -200,7 +225,9 @@ std::string cpu_gemm_library() {
   s += "), bmm (torch.bmm), mm (torch.mm), packed (torch.bmm on row-major copies of "
        "transposed operands), upcast (bfloat16/float16 multiplied as float32 by torch.bmm); "
        "default without tuning: onednn for float32 with a "
-       "reduction >= " + std::to_string(kMinReduction) + ", else bmm";
+       "reduction >= " + std::to_string(kMinReduction) + ", upcast for bfloat16/float16 where "
+       "oneDNN cannot multiply them (bfloat16 here: " +
+       (onednn_dtype(at::kBFloat16) ? "yes" : "no") + "), else bmm";
   return s;
 }
 

@@ -3,8 +3,9 @@
 Implements the backend contract of :mod:`faststeal.ops.reference` for CPU tensors in float32,
 float64, bfloat16 and float16 (``max_pool2d``: float16 runs the reference). The GEMM ops
 (``ensemble_linear``, ``bayes_linear``) multiply in the input dtype with float32 accumulation
-(AMX / AVX512-BF16 where the CPU has them) and run their elementwise passes in float32; the
-reduction ops convert bfloat16/float16 inputs to float32.
+(AMX / AVX512-BF16 where the CPU has them; the ``upcast`` path multiplies bfloat16/float16 as
+float32) and run their elementwise passes in float32; the reduction ops convert bfloat16/float16
+inputs to float32.
 
 The GEMM ops come in variants, one per GEMM library of ``csrc/cpu/gemm.cpp`` (:data:`GEMM_PATHS`):
 :func:`variants` hands them to the measured dispatch (:mod:`faststeal.ops.dispatch`), which times
@@ -64,7 +65,7 @@ def onednn_multiplies(dtype: torch.dtype) -> bool:
     """Whether this CPU's oneDNN multiplies ``dtype`` (ATen's own check; csrc/cpu/gemm.cpp asks
     the same and runs ``bmm`` instead where it does not)."""
     if dtype not in _REDUCED:
-        return True
+        return dtype == torch.float32  # float64: csrc/cpu/gemm.cpp runs bmm
     name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else \
         "_is_mkldnn_fp16_supported"
     try:

@@ -14,9 +14,10 @@ backend's variants (the ``cpp`` backend's GEMM paths: ``cpp:onednn``, ``cpp:bmm`
 ``cpp:packed``, ``cpp:upcast``; a variant that would only repeat another for the call's dtype is
 left out) — on the call's own arguments, and runs the fastest from then on
 (:mod:`faststeal.ops.tuning`: one decision per op, forward/backward, shape class, dtype, device
-model and thread count, cached on disk). A requested backend is tuned among its own variants only; ``FASTSTEAL_CPU_GEMM`` forces
-the ``cpp`` GEMM path. With ``FASTSTEAL_TUNE=0`` ``auto`` takes the first available backend of
-:data:`AUTO_ORDER` with its default variant (the documented default). An explicitly requested
+model and thread count, cached on disk). A requested backend is tuned among its own variants
+only; ``FASTSTEAL_CPU_GEMM`` forces the ``cpp`` GEMM path (a forced path is always timed).
+With ``FASTSTEAL_TUNE=0`` ``auto`` takes the first available backend of :data:`AUTO_ORDER` with
+its default variant (the documented default). An explicitly requested
 backend that cannot run raises :class:`BackendUnavailableError` saying why.
 """
 
@@ -174,7 +175,7 @@ def variants(backend: str, op: str, kind: str) -> dict[str, Callable]:
 def _applies(name: str, args: tuple) -> bool:
     """Whether variant ``backend:variant`` runs its own code for these arguments (the backend's
     ``variant_applies``; e.g. ``cpp:upcast`` is ``cpp:bmm`` for float32 inputs): a variant that
-    would only repeat another is not timed."""
+    would only repeat another is not timed (unless it is the default: a forced path)."""
     backend, _, variant = name.partition(":")
     check = getattr(backend_module(backend), "variant_applies", None) if variant else None
     return check is None or check(variant, args)
@@ -236,8 +237,8 @@ def _runner(op: str, kind: str, device_type: str, request: tuple) -> Callable:
         if hit is not None:
             return hit
         choice = tuning.decide(point, device_type, _shape(op, kind, args),
-                               lambda: {n: functools.partial(f, *args)
-                                        for n, f in timed.items() if _applies(n, args)},
+                               lambda: {n: functools.partial(f, *args) for n, f in timed.items()
+                                        if n == default or _applies(n, args)},
                                default, names)
         if not tuning.cannot_time(device_type):  # else: a default until measuring is possible
             memo[fast] = choice

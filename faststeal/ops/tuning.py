@@ -54,10 +54,6 @@ from ..checks import env_off
 BUDGET_S = 0.25
 #: Timed rounds at most per decision.
 MAX_ROUNDS = 5
-#: A candidate whose warm-up call took this many times the fastest one's, and longer by more
-#: than the rounds' budget, is not timed again (its warm-up time stands): a bfloat16 GEMM on a
-#: CPU without bfloat16 arithmetic can take seconds where another path takes milliseconds.
-SLOW_FACTOR = 4.0
 
 ENV_TUNE = "FASTSTEAL_TUNE"
 ENV_CACHE = "FASTSTEAL_TUNING_CACHE"
@@ -235,32 +231,23 @@ def cannot_time(device_type: str) -> bool:
 def measure(candidates: Mapping[str, Callable[[], Any]], device_type: str,
             budget_s: Optional[float] = None) -> dict[str, float]:
     """Milliseconds per call of each candidate (the minimum over interleaved rounds after one
-    warm-up round); a candidate that raises gets ``inf``; one whose warm-up was far slower than
-    the fastest (:data:`SLOW_FACTOR`) keeps its warm-up time and is not run again. ``budget_s``:
-    seconds of timed rounds (None: :data:`BUDGET_S`, read at the call)."""
+    warm-up round); a candidate that raises gets ``inf``. ``budget_s``: seconds of timed rounds
+    (None: :data:`BUDGET_S`, read at the call)."""
     budget_s = BUDGET_S if budget_s is None else budget_s
     names = list(candidates)
     best = {n: math.inf for n in names}
-    warm: dict[str, float] = {}
+    failed: set[str] = set()
     for n in names:  # warm-up: first-call costs (primitive creation, page faults, allocation)
-        _sync(device_type)
-        t0 = time.perf_counter()
         try:
             candidates[n]()
-            _sync(device_type)
-            warm[n] = (time.perf_counter() - t0) * 1e3
         except Exception:  # noqa: BLE001 - a candidate that cannot run this call is skipped
-            pass
-    fastest = min(warm.values(), default=math.inf)
-    slow = {n: t for n, t in warm.items()
-            if t > SLOW_FACTOR * fastest and t - fastest > budget_s * 1e3}
-    best.update(slow)
-    skip = set(names) - set(warm) | set(slow)
+            failed.add(n)
+    _sync(device_type)
     start = time.perf_counter()
     for r in range(MAX_ROUNDS):
         order = names if r % 2 == 0 else names[::-1]  # alternate, so no one always runs first
         for n in order:
-            if n in skip:
+            if n in failed:
                 continue
             _sync(device_type)
             t0 = time.perf_counter()
