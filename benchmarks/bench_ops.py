@@ -479,6 +479,9 @@ def run(device="cpu", preset: str = "cpu-quick", ceil: Optional[dict] = None,
             variants.append((f"faststeal[{b}]", (lambda d=d: case.faststeal(d)), b))
             if b == "cpp" and op_name in ("ensemble_linear", "bayes_linear"):
                 for path in cpp_backend.GEMM_PATHS:
+                    # not a path that repeats another for this dtype (upcast for float32, ...)
+                    if not cpp_backend.variant_applies(path, (torch.empty(0, dtype=case.dtype),)):
+                        continue
                     variants.append((f"faststeal[cpp:{path}]", (lambda d=d: case.faststeal(d)),
                                      f"cpp:{path}"))
         for name, fn in case.composites.items():

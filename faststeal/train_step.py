@@ -28,7 +28,9 @@ What the profile of the plain loop showed, and what this module removes (docs/be
 
 Precision. ``precision="bf16"`` runs the forward under ``torch.autocast(dtype=torch.bfloat16)``:
 the stacked ops (``ensemble_linear``, ``bayes_linear``) and the convolutions compute in bfloat16
-with float32 accumulation (AMX / AVX512-BF16 on CPUs that have them, tensor cores on GPUs), the
+with float32 accumulation (AMX / AVX512-BF16 on CPUs that have them, tensor cores on GPUs; on a
+CPU without bf16 arithmetic the measured dispatch multiplies the bf16 values as float32, and a
+one-time warning says bf16 is slower than fp32 there), the
 weights stay float32 (the master copy) and so do the optimizer state and step, and the loss is
 computed in float32 from float32-cast logits (:func:`ensemble_loss`). On the CPU with the fused
 Adam of :func:`make_optimizer`, the step keeps a bfloat16 copy of each weight that the Adam update
@@ -198,9 +200,10 @@ def _warn_if_no_cpu_bf16() -> None:
         return
     _warned_no_bf16 = True
     warnings.warn("faststeal: this CPU has no bfloat16 arithmetic (oneDNN reports no "
-                  "AVX512-BF16/AMX): precision='bf16' runs its matrix products as float32 on "
-                  "bf16-rounded values and is slower than precision='fp32' here "
-                  "(docs/benchmarks.md)", RuntimeWarning, stacklevel=3)
+                  "AVX512-BF16/AMX), so precision='bf16' is slower than precision='fp32' here: "
+                  "its bf16 products are emulated (ATen's fallback GEMMs, or float32 products "
+                  "of the bf16 values where the dispatch measured that faster; "
+                  "docs/benchmarks.md)", RuntimeWarning, stacklevel=2)
 
 
 class TrainStep:
@@ -234,7 +237,7 @@ class TrainStep:
                 and master_weights.disabled_reason(optimizer) is None):
             self.master_weights = MasterWeights(optimizer)
         if self.precision == "bf16" and self.device_type == "cpu":
-            _warn_if_no_cpu_bf16()
+            _warn_if_no_cpu_bf16()  # (stacklevel: the caller that built the step)
         if self.cuda_graph:
             p = next(model.parameters())
             if p.device.type != "cuda":

@@ -50,7 +50,8 @@ def test_bench_ops_has_the_tuned_and_forced_gemm_variants():
     variants = {r["variant"] for r in rows}
     assert "faststeal[auto]" in variants
     if _ext.C is not None:
-        assert {f"faststeal[cpp:{p}]" for p in GEMM_PATHS} <= variants
+        # float32 shapes: every path but upcast (it would repeat bmm, so it gets no row)
+        assert {f"faststeal[cpp:{p}]" for p in GEMM_PATHS} - variants == {"faststeal[cpp:upcast]"}
     assert all(r.get("x_vs_best_torch") for r in rows)
     assert torch.isfinite(torch.tensor([r["max_err"] for r in rows
                                         if r["variant"].startswith("faststeal")])).all()
