@@ -947,11 +947,11 @@ def test_upcast_gemm_path_multiplies_in_float32(seed_all, dtype, shared, autocas
     assert not P.variant_applies("upcast", (x.float(),))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
-def test_upcast_gemm_path_backward_multiplies_in_float32(seed_all, shared):
-    # every GEMM of the backward (the stacked one through stacked_linear, the shared-input one
-    # through detail::mm) gets float32 operands on cpp:upcast, bfloat16 ones on cpp:bmm
+def _gemm_dtypes():
+    """A TorchDispatchMode recording the dtype of every ATen GEMM the C++ ops call (``.seen``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
 
     class GemmDtypes(TorchDispatchMode):
         def __init__(self):
@@ -959,19 +959,40 @@ def test_upcast_gemm_path_backward_multiplies_in_float32(seed_all, shared):
             self.seen = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm,
-                                       torch.ops.aten.baddbmm, torch.ops.aten.addmm):
-                self.seen.add(args[1].dtype if func.overloadpacket in (
-                    torch.ops.aten.baddbmm, torch.ops.aten.addmm) else args[0].dtype)
+            if func.overloadpacket in (aten.mm, aten.bmm):
+                self.seen.add(args[0].dtype)
+            elif func.overloadpacket in (aten.baddbmm, aten.addmm):
+                self.seen.add(args[1].dtype)  # args[0] is the bias
             return func(*args, **(kwargs or {}))
 
+    return GemmDtypes()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_upcast_gemm_path_backward_multiplies_in_float32(seed_all, shared):
+    # every GEMM of the backward (the stacked one through stacked_linear, the shared-input one
+    # through detail::mm) gets float32 operands on cpp:upcast, bfloat16 ones on cpp:bmm
     x, w, b = _lowp(*linear_inputs(3, 17, 40, 24, shared, True), dtype=torch.bfloat16)
     y, z = P.ensemble_linear_fwd(x, w, b, "none", 0.0, 0)
     g = torch.randn_like(y)
     for path, want in (("upcast", {torch.float32}), ("bmm", {torch.bfloat16})):
-        with GemmDtypes() as mode:
+        with _gemm_dtypes() as mode:
             P.variants("ensemble_linear", "bwd")[path](g, x, w, b, y, z, "none", 0.0, 0, True)
         assert mode.seen == want, path
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stacked", "shared"])
+def test_default_gemm_rule_multiplies_bf16_as_float32_where_onednn_cannot(seed_all, shared):
+    # without tuning (the extension's default rule): bfloat16 is multiplied as float32 where
+    # this CPU's oneDNN has no bfloat16 (no AVX512-BF16/AMX), in bfloat16 where it has
+    x, w, b = _lowp(*linear_inputs(3, 17, 70, 24, shared, True), dtype=torch.bfloat16)
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    with _gemm_dtypes() as mode:
+        y, z = P.ensemble_linear_fwd(x, w, b, "none", 0.0, 0)
+        P.ensemble_linear_bwd(torch.randn_like(y), x, w, b, y, z, "none", 0.0, 0, True)
+    # the native default for bfloat16 is at::bmm (bfloat16); a shared forward may also reach
+    # oneDNN, which the mode does not see
+    assert mode.seen == ({torch.bfloat16} if native else {torch.float32})
 
 
 def test_onednn_path_runs_bfloat16_on_every_cpu(seed_all):
