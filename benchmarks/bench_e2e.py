@@ -215,12 +215,13 @@ def _gemm_adam_floor(arch: str, members: int, precision: str, in_shape, classes:
     arithmetic), in the run's compute dtype and the stacked (S, N, K) weight layout; a bf16
     route whose first call takes over 4x (and 50 ms more than) the best time so far is not
     timed further; plus the float32 fused Adam over the S members' parameters (the master
-    weights the issue's rules keep); every time the fastest measured. The steps are those of the plain
-    loop (and ``Method.fit``): ``rows // batch_size`` full batches and the remainder when it
-    has at least 2 rows. Everything else costs nothing here, so ``loop wall / floor`` bounds
-    what an implementation on these GEMMs and a float32 optimiser could gain over the loop.
-    None unless every module with parameters is an ``nn.Linear`` (convolutions, norms ... have
-    no such floor here)."""
+    weights the issue's rules keep); every time the fastest measured. The steps are those of the
+    plain loop (and ``Method.fit``): ``rows // batch_size`` full batches and the remainder when
+    it has at least 2 rows. Everything else costs nothing here, so ``loop wall / floor`` bounds
+    what an implementation on these GEMMs and a float32 optimiser could gain over the loop. None
+    unless every module with parameters is an ``nn.Linear`` (convolutions, norms ... have no
+    such floor here).
+    """
     from faststeal.models import build_model
     from faststeal.train_step import PRECISIONS
 

@@ -96,7 +96,8 @@ def _cpp_dtypes() -> str:
     native = cpp_backend.onednn_multiplies(torch.bfloat16)
     return (", ".join(str(d)[6:] for d in cpp_backend._DTYPES)
             + " (bfloat16/float16: GEMMs in that dtype with float32 accumulation, or as float32"
-            + " by cpp:upcast where measured faster; bfloat16 arithmetic on this CPU: "
+            + " by cpp:upcast where measured faster (the default where oneDNN has no bfloat16);"
+            + " bfloat16 arithmetic on this CPU: "
             + ("yes" if native else "no, per oneDNN (no AVX512-BF16/AMX)") + ")")
 
 

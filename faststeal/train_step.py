@@ -202,8 +202,8 @@ def _warn_if_no_cpu_bf16() -> None:
     warnings.warn("faststeal: this CPU has no bfloat16 arithmetic (oneDNN reports no "
                   "AVX512-BF16/AMX), so precision='bf16' is slower than precision='fp32' here: "
                   "its bf16 products are emulated (ATen's fallback GEMMs, or float32 products "
-                  "of the bf16 values where the dispatch measured that faster; "
-                  "docs/benchmarks.md)", RuntimeWarning, stacklevel=2)
+                  "of the bf16 values where measured faster and by default without tuning; "
+                  "docs/benchmarks.md)", RuntimeWarning, stacklevel=3)
 
 
 class TrainStep:

@@ -990,8 +990,14 @@ def test_default_gemm_rule_multiplies_bf16_as_float32_where_onednn_cannot(seed_a
     with _gemm_dtypes() as mode:
         y, z = P.ensemble_linear_fwd(x, w, b, "none", 0.0, 0)
         P.ensemble_linear_bwd(torch.randn_like(y), x, w, b, y, z, "none", 0.0, 0, True)
-    # the native default for bfloat16 is at::bmm (bfloat16); a shared forward may also reach
-    # oneDNN, which the mode does not see
+    # the native default for bfloat16 is at::bmm in bfloat16 (its oneDNN rule is float32 only)
+    assert mode.seen == ({torch.bfloat16} if native else {torch.float32})
+    # bayes_linear's GEMMs (weights sampled in float32, multiplied in x's dtype) follow it too
+    w_mu, w_rho = _lowp(torch.randn(24, 70) / 70**0.5, torch.randn(24, 70) - 3.0,
+                        dtype=torch.bfloat16)
+    with _gemm_dtypes() as mode:
+        yb = P.bayes_linear_fwd(x, w_mu, w_rho, None, None, 3, 1, 2)
+        P.bayes_linear_bwd(torch.randn_like(yb), x, w_mu, w_rho, None, None, 3, 1, 2, True)
     assert mode.seen == ({torch.bfloat16} if native else {torch.float32})
 
 

@@ -114,10 +114,13 @@ std::optional<at::Tensor> onednn_linear_all(const at::Tensor& a, const at::Tenso
                                                     : OptTensor()));
     }
     return at::stack(outs);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {  // c10::Error, or oneDNN's own dnnl::error
     g_onednn_failed.store(true);
     TORCH_WARN_ONCE("faststeal: the oneDNN GEMM (mkldnn::_linear_pointwise) failed, the CPU ops ",
-                    "use at::bmm instead from now on: ", e.what_without_backtrace());
+                    "use at::bmm instead from now on: ",
+                    dynamic_cast<const c10::Error*>(&e) != nullptr
+                        ? static_cast<const c10::Error&>(e).what_without_backtrace()
+                        : e.what());
   }
   return std::nullopt;
 }
@@ -156,12 +159,14 @@ at::Tensor mm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& 
 
 bool reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// The thread's path, with the default rule's dtype part applied: a bfloat16/float16 GEMM that
-// this CPU's oneDNN cannot multiply has no bfloat16 arithmetic under it (ATen's fallback), so
-// without tuning it is multiplied as float32 (upcast).
-GemmPath resolved_path(at::ScalarType t) {
-  if (g_path == GemmPath::kDefault && reduced(t) && !onednn_dtype(t)) return GemmPath::kUpcast;
-  return g_path;
+// The thread's path, or without one (no tuning) the default rule: oneDNN for float32 with a
+// reduction of at least kMinReduction; upcast for a bfloat16/float16 GEMM that this CPU's
+// oneDNN cannot multiply (no bfloat16 arithmetic under it: ATen's fallback); else at::bmm.
+GemmPath resolved_path(at::ScalarType t, int64_t reduction) {
+  if (g_path != GemmPath::kDefault) return g_path;
+  if (t == at::kFloat && reduction >= kMinReduction) return GemmPath::kOneDNN;
+  if (reduced(t) && !onednn_dtype(t)) return GemmPath::kUpcast;
+  return GemmPath::kBmm;
 }
 
 }  // namespace
@@ -182,11 +187,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool shared = a.dim() == 2;
   const bool empty = a.numel() == 0 || b.numel() == 0;
-  GemmPath path = resolved_path(a.scalar_type());
-  if (path == GemmPath::kDefault) {
-    path = (a.scalar_type() == at::kFloat && a.size(-1) >= kMinReduction) ? GemmPath::kOneDNN
-                                                                          : GemmPath::kBmm;
-  }
+  GemmPath path = resolved_path(a.scalar_type(), a.size(-1));
   if (path == GemmPath::kOneDNN &&
       (empty || !onednn_dtype(a.scalar_type()) || onednn_linear() == nullptr ||
        g_onednn_failed.load(std::memory_order_relaxed))) {
@@ -212,7 +213,8 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (resolved_path(a.scalar_type()) == GemmPath::kUpcast && reduced(a.scalar_type())) {
+  if (resolved_path(a.scalar_type(), a.size(-1)) == GemmPath::kUpcast &&
+      reduced(a.scalar_type())) {
     return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
   }
   return at::mm(a, b);
@@ -226,7 +228,7 @@ std::string cpu_gemm_library() {
        "transposed operands), upcast (bfloat16/float16 multiplied as float32 by torch.bmm); "
        "default without tuning: onednn for float32 with a "
        "reduction >= " + std::to_string(kMinReduction) + ", upcast for bfloat16/float16 where "
-       "oneDNN cannot multiply them (bfloat16 here: " +
+       "oneDNN cannot multiply them (oneDNN bfloat16 on this CPU: " +
        (onednn_dtype(at::kBFloat16) ? "yes" : "no") + "), else bmm";
   return s;
 }
