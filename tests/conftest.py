@@ -4,7 +4,9 @@ Without a CUDA device, Triton kernels run under the interpreter: TRITON_INTERPRE
 before any ``@triton.jit`` decorator executes, i.e. before faststeal's kernel modules import.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -16,7 +18,10 @@ if not torch.cuda.is_available():
 # pays for tuning; tests/test_tuning.py turns it on where it is the subject. Any cache goes to
 # a private folder, never the user's ~/.cache.
 os.environ.setdefault("FASTSTEAL_TUNE", "0")
-os.environ.setdefault("FASTSTEAL_TUNING_CACHE", tempfile.mkdtemp(prefix="faststeal-tuning-"))
+if "FASTSTEAL_TUNING_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="faststeal-tuning-")
+    os.environ["FASTSTEAL_TUNING_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 

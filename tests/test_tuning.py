@@ -85,6 +85,21 @@ def test_bfloat16_decision_times_the_upcast_path(tuned):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_input_backward_times_one_mm_path(tuned, dtype):
+    # a shared (2-D) input's backward runs the same torch.mm on onednn/bmm/mm/packed: cpp:bmm
+    # stands for them (plus cpp:upcast for bfloat16, which multiplies as float32)
+    x, w, b, act = _linear_call(shared=True)
+    x, w, b = x.to(dtype), w.detach().to(dtype), b.detach().to(dtype)
+    y, z = ops.reference.ensemble_linear_fwd(x, w, b, act, 0.0, 0)
+    dispatch.impl("ensemble_linear", "bwd", "cpu").choose(torch.ones_like(y), x, w, b, y, z,
+                                                          act, 0.0, 0, True)
+    (dec,) = [v for k, v in tuning.decisions().items() if k.startswith("ensemble_linear.bwd")]
+    want = {"cpp:bmm", "reference"} | ({"cpp:upcast"} if dtype == torch.bfloat16 else set())
+    assert set(dec["times_ms"]) == want
+
+
+@needs_ext
 def test_a_forced_gemm_path_is_timed_where_it_repeats_another(tuned, monkeypatch):
     # FASTSTEAL_CPU_GEMM=upcast under auto with float32 inputs (where cpp:upcast is cpp:bmm):
     # the forced path stays a candidate beside the reference, it is not dropped

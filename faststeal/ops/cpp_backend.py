@@ -74,14 +74,20 @@ def onednn_multiplies(dtype: torch.dtype) -> bool:
         return False
 
 
-def variant_applies(variant: str, args: tuple) -> bool:
-    """Whether GEMM path ``variant`` runs its own GEMM for these arguments (``args[0]``: the
-    input or the output gradient, in the compute dtype): ``upcast`` only for bfloat16/float16
-    (else it is ``bmm``), ``onednn`` only for a dtype this CPU's oneDNN multiplies (else it runs
-    ``bmm``). The dispatch does not time a path that would repeat another."""
+def variant_applies(variant: str, args: tuple, kind: str = "fwd") -> bool:
+    """Whether GEMM path ``variant`` runs its own GEMM for these arguments of ``<op>_<kind>``
+    (``args[0]``: the input or the output gradient, in the compute dtype; in a backward
+    ``args[1]`` is the input): ``upcast`` only for bfloat16/float16 (else it is ``bmm``),
+    ``onednn`` only for a dtype this CPU's oneDNN multiplies (else it runs ``bmm``); the
+    backward of a shared (2-D) input runs the same ``torch.mm`` on every path but ``upcast``, so
+    ``bmm`` stands for them there. The dispatch does not time a path that would repeat another."""
     dtype = args[0].dtype if args and isinstance(args[0], torch.Tensor) else None
     if variant == "upcast":
         return dtype in _REDUCED
+    shared_bwd = kind == "bwd" and len(args) > 1 and isinstance(args[1], torch.Tensor) and \
+        args[1].dim() == 2
+    if shared_bwd:
+        return variant == "bmm"
     if variant == "onednn":
         return dtype is None or onednn_multiplies(dtype)
     return True

@@ -172,13 +172,14 @@ def variants(backend: str, op: str, kind: str) -> dict[str, Callable]:
     return {f"{backend}:{v}": f for v, f in found.items()}
 
 
-def _applies(name: str, args: tuple) -> bool:
-    """Whether variant ``backend:variant`` runs its own code for these arguments (the backend's
-    ``variant_applies``; e.g. ``cpp:upcast`` is ``cpp:bmm`` for float32 inputs): a variant that
-    would only repeat another is not timed (unless it is the default: a forced path)."""
+def _applies(name: str, args: tuple, kind: str) -> bool:
+    """Whether variant ``backend:variant`` runs its own code for these arguments of a ``kind``
+    (fwd/bwd) call (the backend's ``variant_applies``; e.g. ``cpp:upcast`` is ``cpp:bmm`` for
+    float32 inputs): a variant that would only repeat another is not timed (the caller keeps
+    the default, i.e. a forced path)."""
     backend, _, variant = name.partition(":")
     check = getattr(backend_module(backend), "variant_applies", None) if variant else None
-    return check is None or check(variant, args)
+    return check is None or check(variant, args, kind)
 
 
 def candidates(op: str, kind: str, device_type: str) -> tuple[dict[str, Callable], str]:
@@ -238,7 +239,7 @@ def _runner(op: str, kind: str, device_type: str, request: tuple) -> Callable:
             return hit
         choice = tuning.decide(point, device_type, _shape(op, kind, args),
                                lambda: {n: functools.partial(f, *args) for n, f in timed.items()
-                                        if n == default or _applies(n, args)},
+                                        if n == default or _applies(n, args, kind)},
                                default, names)
         if not tuning.cannot_time(device_type):  # else: a default until measuring is possible
             memo[fast] = choice
