@@ -110,6 +110,11 @@ enum class Act : int { kNone = 0, kRelu = 1, kGelu = 2 };
 
 namespace faststeal {
 
+// bfloat16 / float16: the CPU ops run their elementwise passes in float32 on these (and the
+// upcast GEMM path multiplies them as float32).
+inline bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+inline bool is_reduced(const at::Tensor& t) { return is_reduced(t.scalar_type()); }
+
 // Which device and dtypes an entry point accepts.
 struct Target {
   const char* fn;               // entry point name, prefixes every message

@@ -61,10 +61,7 @@ void sample_bias(const T* mu, const T* rho, T* b, int64_t S, int64_t N, uint32_t
 // bfloat16/float16 inputs: the weights are sampled and the gradients reduced in float32 from
 // float32 copies of mu and rho, and only the GEMM operands are in the input dtype (the GEMMs
 // accumulate in float32); the results are rounded to the input dtype once.
-bool reduced(const at::Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-}
-at::Tensor work(const at::Tensor& t) { return reduced(t) ? t.to(at::kFloat) : t; }
+at::Tensor work(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
 OptTensor work(const OptTensor& t) {
   return t.has_value() ? OptTensor(work(*t)) : OptTensor();
 }
@@ -92,7 +89,7 @@ at::Tensor bayes_linear_fwd(const at::Tensor& x, const at::Tensor& w_mu_in,
                             b->data_ptr<scalar_t>(), d.S, d.N, kb);
     }
   });
-  if (reduced(x)) {
+  if (is_reduced(x)) {
     W = W.to(x.scalar_type());
     if (b.has_value()) b = b->to(x.scalar_type());
   }
@@ -108,7 +105,7 @@ std::vector<at::Tensor> bayes_linear_bwd(const at::Tensor& grad_y, const at::Ten
   const LinearDims d = check_bayes_linear(t, x, w_mu_in, w_rho_in, b_mu_in, b_rho_in, samples);
   const at::Tensor w_mu = work(w_mu_in), w_rho = work(w_rho_in);
   const OptTensor b_mu = work(b_mu_in), b_rho = work(b_rho_in);
-  const bool red = reduced(x);
+  const bool red = is_reduced(x);
   check_float(t, grad_y, "grad_y", {3});
   check_like(t, grad_y, "grad_y", x, "x");
   TORCH_CHECK(grad_y.size(0) == d.S && grad_y.size(1) == d.B && grad_y.size(2) == d.N, t.fn,

@@ -32,11 +32,9 @@ inline void check_label(const Target& t, int64_t label, int64_t b, int64_t C) {
 
 }  // namespace
 
-// bfloat16/float16 logits are computed in float32 (one conversion pass): the loss is float32
-// (acc dtype) for them anyway, and the gradient is rounded to the logits' dtype once.
-static bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
+// bfloat16/float16 logits (is_reduced, csrc/common.h) are computed in float32 (one conversion
+// pass): the loss is float32 (acc dtype) for them anyway, and the gradient is rounded to the
+// logits' dtype once.
 static at::Tensor to_float_if(bool soft, const at::Tensor& target) {
   return soft ? target.to(at::kFloat) : target;
 }

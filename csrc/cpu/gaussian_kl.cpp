@@ -12,13 +12,11 @@ namespace {
 
 constexpr int64_t kKlChunk = 1 << 13;  // elements per partial sum
 
-// bfloat16/float16 inputs are computed in float32 (one conversion pass; these ops read each
-// element once, so the conversion costs as much as the op) and results follow the contract.
-inline bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
-
 }  // namespace
+
+// bfloat16/float16 inputs (is_reduced, csrc/common.h) are computed in float32 (one conversion
+// pass; these ops read each element once, so the conversion costs as much as the op) and
+// results follow the contract.
 
 at::Tensor gaussian_kl_fwd(const at::Tensor& mu, const at::Tensor& rho, double prior_sigma) {
   const Target t = cpu_target("gaussian_kl_fwd_cpu");

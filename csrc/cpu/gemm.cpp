@@ -43,6 +43,7 @@
 #include <atomic>
 #include <string>
 
+#include "../common.h"
 #include "../ops.h"
 
 namespace faststeal {
@@ -157,15 +158,13 @@ at::Tensor mm_linear(const at::Tensor& a, const at::Tensor& b, const OptTensor& 
   return out;
 }
 
-bool reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
 // The thread's path, or without one (no tuning) the default rule: oneDNN for float32 with a
 // reduction of at least kMinReduction; upcast for a bfloat16/float16 GEMM that this CPU's
 // oneDNN cannot multiply (no bfloat16 arithmetic under it: ATen's fallback); else at::bmm.
 GemmPath resolved_path(at::ScalarType t, int64_t reduction) {
   if (g_path != GemmPath::kDefault) return g_path;
   if (t == at::kFloat && reduction >= kMinReduction) return GemmPath::kOneDNN;
-  if (reduced(t) && !onednn_dtype(t)) return GemmPath::kUpcast;
+  if (is_reduced(t) && !onednn_dtype(t)) return GemmPath::kUpcast;
   return GemmPath::kBmm;
 }
 
@@ -193,7 +192,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
        g_onednn_failed.load(std::memory_order_relaxed))) {
     path = GemmPath::kBmm;  // oneDNN cannot run this call: the documented fallback
   }
-  if (path == GemmPath::kUpcast && !reduced(a.scalar_type())) path = GemmPath::kBmm;
+  if (path == GemmPath::kUpcast && !is_reduced(a.scalar_type())) path = GemmPath::kBmm;
   std::optional<at::Tensor> out;
   if (path == GemmPath::kOneDNN) out = onednn_linear_all(a, b, bias, shared);
   if (path == GemmPath::kUpcast) {
@@ -214,7 +213,7 @@ at::Tensor stacked_linear(const at::Tensor& a, const at::Tensor& b, const OptTen
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (resolved_path(a.scalar_type(), a.size(-1)) == GemmPath::kUpcast &&
-      reduced(a.scalar_type())) {
+      is_reduced(a.scalar_type())) {
     return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
   }
   return at::mm(a, b);

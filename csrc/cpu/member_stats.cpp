@@ -135,7 +135,7 @@ std::vector<at::Tensor> member_stats_fwd(const at::Tensor& logits, const OptTens
   const Target t = cpu_target("member_stats_fwd_cpu");
   check_member_stats(t, logits, targets);
   // bfloat16/float16 logits: computed in float32 (the outputs are float32 for every dtype)
-  if (logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kHalf) {
+  if (is_reduced(logits)) {
     return member_stats_fwd(logits.to(at::kFloat), targets);
   }
   const int64_t S = logits.size(0), B = logits.size(1), C = logits.size(2);
